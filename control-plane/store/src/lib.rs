@@ -46,7 +46,10 @@ pub struct KeyValue {
 pub enum WatchEvent {
     Put(KeyValue),
     /// The key was deleted (explicitly or by lease expiry) at `revision`.
-    Delete { key: String, revision: Revision },
+    Delete {
+        key: String,
+        revision: Revision,
+    },
 }
 
 impl WatchEvent {
@@ -91,7 +94,10 @@ pub enum StoreError {
     #[error("lease {0} not found (expired or revoked)")]
     LeaseNotFound(LeaseId),
     #[error("revision {requested} has been compacted (oldest kept: {oldest})")]
-    Compacted { requested: Revision, oldest: Revision },
+    Compacted {
+        requested: Revision,
+        oldest: Revision,
+    },
     #[error("revision {0} is in the future")]
     FutureRevision(Revision),
     #[error("store error: {0}")]
