@@ -5,5 +5,6 @@
 //! endpoints registered).
 
 pub mod balance;
+pub mod control;
 pub mod discovery;
 pub mod registration;
