@@ -1,1 +1,131 @@
-fn main() {}
+//! `ferrule`: the command-line tool of the Ferrule service mesh.
+//!
+//! It talks to `ferrule-controller` only through the `ferrule.v1` gRPC API, never to the store.
+//! This file holds the top-level flags and dispatch; each verb group has its own module
+//! ([`get`], [`register`], [`version`]), [`client`] connects to the controller and turns its
+//! failures into one readable line, [`output`] renders tables, JSON and YAML, and [`parse`] holds
+//! the argument parsers that refuse bad input before anything is sent.
+
+mod client;
+mod get;
+mod output;
+mod parse;
+mod register;
+mod version;
+
+use std::process::ExitCode;
+
+use clap::{CommandFactory, Parser, Subcommand};
+
+use crate::client::ControllerAddr;
+use crate::output::Format;
+
+/// The ferrule service mesh's command-line tool.
+#[derive(Debug, Parser)]
+#[command(name = "ferrule", version, propagate_version = true)]
+struct Cli {
+    /// Address of ferrule-controller's gRPC API: HOST:PORT or http://HOST:PORT.
+    #[arg(
+        long,
+        global = true,
+        env = "FERRULE_CONTROLLER",
+        value_name = "ADDR",
+        default_value = "127.0.0.1:8086",
+        value_parser = ControllerAddr::parse
+    )]
+    controller: ControllerAddr,
+
+    /// Output format.
+    #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Format::Table)]
+    output: Format,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// List what the controller knows: services, endpoints or proxies.
+    Get(get::GetArgs),
+    /// Register an endpoint that runs without a ferrule proxy (a database, say) and keep it
+    /// registered until interrupted.
+    Register(register::RegisterArgs),
+    /// Print the version of this client.
+    Version,
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Get(args) => get::run(args, &cli.controller, cli.output).await,
+        Command::Register(args) => {
+            if let Err(conflict) = args.check() {
+                let mut cmd = Cli::command();
+                cmd.build();
+                cmd.find_subcommand_mut("register")
+                    .expect("`register` is a subcommand of Cli")
+                    .error(clap::error::ErrorKind::ArgumentConflict, conflict)
+                    .exit();
+            }
+            register::run(args, &cli.controller).await
+        }
+        Command::Version => version::run(cli.output),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn controller_defaults_and_global_output() {
+        let cli = Cli::try_parse_from(["ferrule", "get", "services", "-o", "json"]).unwrap();
+        assert_eq!(cli.output, Format::Json);
+        assert_eq!(cli.controller.to_string(), "127.0.0.1:8086");
+    }
+
+    #[test]
+    fn bad_input_is_a_usage_error_naming_the_argument() {
+        let cases: &[(&[&str], &str)] = &[
+            (&["register", "user", "127.0.0.1"], "<ADDR:PORT>"),
+            (
+                &["register", "user", "127.0.0.1:9001", "--ttl", "3x"],
+                "--ttl",
+            ),
+            (
+                &["register", "user", "127.0.0.1:9001", "--ttl", "0s"],
+                "--ttl",
+            ),
+            (
+                &["register", "user", "127.0.0.1:9001", "--label", "novalue"],
+                "--label",
+            ),
+            (&["register", "User", "127.0.0.1:9001"], "<SERVICE>"),
+            (&["get", "endpoints", "a/b"], "<SERVICE>"),
+            (
+                &["--controller", "127.0.0.1", "get", "services"],
+                "--controller",
+            ),
+        ];
+        for (args, named) in cases {
+            let err = Cli::try_parse_from(std::iter::once("ferrule").chain(args.iter().copied()))
+                .expect_err(&format!("{args:?} should be refused"));
+            assert_eq!(err.exit_code(), 2, "{args:?}");
+            let text = err.to_string();
+            assert!(text.contains(named), "{args:?}: {text}");
+        }
+    }
+}
