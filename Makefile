@@ -1,0 +1,92 @@
+# Ferrule's developer entry points (POSIX make). `make help` lists them.
+#
+# Binaries are built into $CARGO_TARGET_DIR when it is set, ./target otherwise; the end-to-end
+# tests spawn them from its debug/ folder.
+
+.POSIX:
+.SUFFIXES:
+
+CARGO = cargo
+# command:Debian-package pairs that `make deps` installs when the command is missing.
+DEPS = protoc:protobuf-compiler etcd:etcd-server iptables:iptables wrk:wrk h2load:nghttp2-client
+
+help:
+	@echo 'Ferrule make targets:'
+	@echo '  make demo    build release binaries and run a local controller (embedded store),'
+	@echo '               printing what to try from another shell'
+	@echo '  make test    deps, then fmt check, clippy -D warnings, build, and every test'
+	@echo '               (cargo-nextest profile "ci" when installed, cargo test otherwise)'
+	@echo '  make build   debug build of every binary'
+	@echo '  make release release build of every binary'
+	@echo '  make bench   deps, release build, then bench/run.sh (writes bench/results/latest.md)'
+	@echo '  make deps    apt-get install what is missing of: protobuf-compiler, etcd-server,'
+	@echo '               iptables, wrk, nghttp2-client (root; otherwise prints the sudo command)'
+	@echo '  make clean   remove build output'
+	@echo '  make help    this list'
+
+deps:
+	@command -v $(CARGO) >/dev/null 2>&1 || { \
+	  echo 'make deps: cargo is not installed; install Rust (https://rustup.rs) first' >&2; exit 1; }
+	@missing=''; \
+	for pair in $(DEPS); do \
+	  cmd=$${pair%%:*}; pkg=$${pair#*:}; \
+	  command -v "$$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$$cmd" ] || [ -x "/sbin/$$cmd" ] \
+	    || missing="$$missing $$pkg"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" -ne 0 ]; then \
+	    echo "make deps: missing Debian packages:$$missing" >&2; \
+	    echo "make deps: run: sudo apt-get update && sudo apt-get install -y$$missing" >&2; \
+	    exit 1; \
+	  fi; \
+	  echo "make deps: installing$$missing"; \
+	  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $$missing; \
+	fi
+	@$(CARGO) nextest --version >/dev/null 2>&1 \
+	  || echo 'make deps: cargo-nextest is not installed; make test falls back to cargo test'
+
+build:
+	$(CARGO) build --workspace --bins
+
+test: deps
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) build --workspace --bins
+	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
+	  echo '$(CARGO) nextest run --workspace --profile ci'; \
+	  $(CARGO) nextest run --workspace --profile ci; \
+	else \
+	  echo '$(CARGO) test --workspace'; \
+	  $(CARGO) test --workspace; \
+	fi
+
+release: deps
+	$(CARGO) build --workspace --release --bins
+
+# The demo is a controller on the embedded store until the sample apps and `ferrule dev up`
+# exist; then this recipe becomes `ferrule dev up`.
+demo: release
+	@bin="$${CARGO_TARGET_DIR:-target}/release"; \
+	echo; \
+	echo 'Ferrule demo: a controller with the embedded store, gRPC on 127.0.0.1:8086,'; \
+	echo 'admin (/live /ready /metrics) on http://127.0.0.1:9990. Ctrl-C stops it.'; \
+	echo 'In another shell, try:'; \
+	echo "  $$bin/ferrule register user 127.0.0.1:9001"; \
+	echo "  $$bin/ferrule get endpoints user -o json"; \
+	echo "  $$bin/ferrule get services"; \
+	echo; \
+	exec "$$bin/ferrule-controller" --store memory
+
+bench: release
+	@if [ ! -f bench/run.sh ]; then \
+	  echo 'make bench: bench/run.sh does not exist yet: there is no benchmark to run' >&2; \
+	  exit 1; \
+	fi
+	mkdir -p bench/results
+	bash bench/run.sh
+	@echo 'make bench: results in bench/results/latest.md'
+
+clean:
+	$(CARGO) clean
+
+.PHONY: help deps build test release demo bench clean
