@@ -4,6 +4,7 @@
 //! guard is dropped, also when the test panics. Waits are event-driven (a port answers, a line
 //! is printed) and always bounded.
 
+mod controller;
 mod etcd;
 mod process;
 
@@ -13,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
+pub use controller::Controller;
 pub use etcd::Etcd;
 pub use process::Process;
 

@@ -1,1 +1,73 @@
-fn main() {}
+//! The `ferrule-controller` binary: parses its configuration, opens the store, serves.
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use clap::Parser;
+use ferrule_store::StoreUrl;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+/// Ferrule's controller: registrations, discovery and administration over gRPC, with all
+/// state in the store.
+#[derive(Debug, Parser)]
+#[command(name = "ferrule-controller", version)]
+struct Config {
+    /// Where state lives: `memory` (embedded, single process) or `etcd://host:port[,host:port...]`.
+    #[arg(long, env = "FERRULE_STORE", default_value = "memory")]
+    store: StoreUrl,
+
+    /// gRPC listener for proxies and the CLI.
+    #[arg(long, env = "FERRULE_GRPC_ADDR", default_value = "127.0.0.1:8086")]
+    grpc_addr: SocketAddr,
+
+    /// HTTP listener for /live, /ready and /metrics.
+    #[arg(long, env = "FERRULE_ADMIN_ADDR", default_value = "127.0.0.1:9990")]
+    admin_addr: SocketAddr,
+
+    /// Log format.
+    #[arg(long, env = "FERRULE_LOG_FORMAT", default_value = "plain", value_parser = ["plain", "json"])]
+    log_format: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Config::parse();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    if config.log_format == "json" {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .json()
+            .init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+
+    let store = ferrule_store::connect(&config.store)
+        .await
+        .with_context(|| format!("opening the store {}", config.store))?;
+    let grpc = tokio::net::TcpListener::bind(config.grpc_addr)
+        .await
+        .with_context(|| format!("binding the gRPC listener on {}", config.grpc_addr))?;
+    let admin = tokio::net::TcpListener::bind(config.admin_addr)
+        .await
+        .with_context(|| format!("binding the admin listener on {}", config.admin_addr))?;
+
+    let shutdown = CancellationToken::new();
+    tokio::spawn(signal_shutdown(shutdown.clone()));
+    ferrule_controller::serve(store, grpc, admin, shutdown).await?;
+    tracing::info!("controller stopped");
+    Ok(())
+}
+
+/// Cancels `shutdown` on SIGINT or SIGTERM.
+async fn signal_shutdown(shutdown: CancellationToken) {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+    shutdown.cancel();
+}

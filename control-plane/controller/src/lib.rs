@@ -1,0 +1,58 @@
+//! ferrule-controller: a stateless gRPC server over the store.
+//!
+//! Everything the controller knows lives in the store ([`keys`] says where), so any number of
+//! replicas on one etcd give the same answers and a proxy may reconnect to any of them.
+//! [`registry`] writes registrations under leases, [`discovery`] fans one store watch per
+//! service out to every subscriber, [`admin`] answers the CLI, [`http`] serves `/live`,
+//! `/ready` and `/metrics`.
+
+pub mod admin;
+pub mod discovery;
+pub mod http;
+pub mod keys;
+pub mod metrics;
+pub mod registry;
+mod stubs;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use ferrule_proto::v1::{
+    admin_server::AdminServer, config_server::ConfigServer, discovery_server::DiscoveryServer,
+    identity_server::IdentityServer, registry_server::RegistryServer,
+};
+use ferrule_store::Store;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Runs the controller on already-bound listeners until `shutdown` is cancelled.
+pub async fn serve(
+    store: Arc<dyn Store>,
+    grpc: TcpListener,
+    admin: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let metrics = Arc::new(metrics::Metrics::default());
+    let hub = discovery::Hub::new(store.clone(), metrics.clone());
+    let grpc_addr: SocketAddr = grpc.local_addr()?;
+    let admin_addr: SocketAddr = admin.local_addr()?;
+    tracing::info!(grpc = %grpc_addr, admin = %admin_addr, store = %store.describe(), "controller serving");
+
+    let router = tonic::transport::Server::builder()
+        .add_service(RegistryServer::new(registry::RegistryService::new(
+            store.clone(),
+            metrics.clone(),
+        )))
+        .add_service(DiscoveryServer::new(discovery::DiscoveryService::new(hub)))
+        .add_service(AdminServer::new(admin::AdminService::new(store.clone())))
+        .add_service(ConfigServer::new(stubs::ConfigStub))
+        .add_service(IdentityServer::new(stubs::IdentityStub));
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
+    let grpc_shutdown = shutdown.clone();
+    let grpc_task = router.serve_with_incoming_shutdown(incoming, grpc_shutdown.cancelled_owned());
+    let http_task = http::serve(admin, store, metrics, shutdown);
+    let (grpc_result, http_result) = tokio::join!(grpc_task, http_task);
+    grpc_result?;
+    http_result?;
+    Ok(())
+}

@@ -1,0 +1,272 @@
+//! `ferrule.v1.Registry`: endpoint registrations and proxy announcements under leases.
+//!
+//! A registration is a key under the registrant's lease: it lives while the registrant keeps
+//! the lease alive (through any replica, since leases live in the store) and disappears when
+//! the lease expires or is revoked.
+
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ferrule_proto::names::{validate_label, validate_service};
+use ferrule_proto::v1::{
+    AnnounceProxyRequest, DeregisterRequest, DeregisterResponse, Endpoint, KeepAliveRequest,
+    KeepAliveResponse, ProxyStatus, RegisterRequest, RegisterResponse, registry_server::Registry,
+};
+use ferrule_store::{Store, StoreError};
+use futures::{Stream, StreamExt};
+use prost::Message;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::keys;
+use crate::metrics::Metrics;
+
+pub const MIN_TTL_SECONDS: u32 = 2;
+pub const MAX_TTL_SECONDS: u32 = 3600;
+pub const DEFAULT_TTL_SECONDS: u32 = 30;
+
+pub struct RegistryService {
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+}
+
+impl RegistryService {
+    pub fn new(store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Self {
+        Self { store, metrics }
+    }
+
+    /// Grants a lease, writes `key` under it, and gives the lease back if the write fails.
+    async fn put_leased(
+        &self,
+        key: String,
+        value: Vec<u8>,
+        ttl: u32,
+    ) -> Result<RegisterResponse, Status> {
+        let lease = self
+            .store
+            .grant_lease(Duration::from_secs(ttl.into()))
+            .await
+            .map_err(store_status)?;
+        match self.store.put(&key, value, Some(lease)).await {
+            Ok(revision) => Ok(RegisterResponse {
+                lease_id: lease,
+                ttl_seconds: ttl,
+                revision,
+            }),
+            Err(e) => {
+                let _ = self.store.revoke_lease(lease).await;
+                Err(store_status(e))
+            }
+        }
+    }
+}
+
+/// Maps a store failure to the status a client can act on.
+pub fn store_status(e: StoreError) -> Status {
+    match e {
+        StoreError::Unavailable(m) => Status::unavailable(format!("store unavailable: {m}")),
+        StoreError::LeaseNotFound(id) => Status::not_found(format!("lease {id} not found")),
+        other => Status::internal(other.to_string()),
+    }
+}
+
+fn clamp_ttl(ttl: u32) -> u32 {
+    if ttl == 0 {
+        DEFAULT_TTL_SECONDS
+    } else {
+        ttl.clamp(MIN_TTL_SECONDS, MAX_TTL_SECONDS)
+    }
+}
+
+/// Refuses an endpoint that could not be dialled or keyed, naming the field.
+pub fn validate_endpoint(ep: &Endpoint) -> Result<(), Status> {
+    validate_service(&ep.service)
+        .map_err(|e| Status::invalid_argument(format!("endpoint.service: {e}")))?;
+    if !ep.port_name.is_empty() {
+        validate_label("port name", &ep.port_name)
+            .map_err(|e| Status::invalid_argument(format!("endpoint.port_name: {e}")))?;
+    }
+    ep.address.parse::<IpAddr>().map_err(|_| {
+        Status::invalid_argument(format!(
+            "endpoint.address: {:?} is not an IP address",
+            ep.address
+        ))
+    })?;
+    if ep.port == 0 || ep.port > u32::from(u16::MAX) {
+        return Err(Status::invalid_argument(format!(
+            "endpoint.port: {} is not a port number (1-65535)",
+            ep.port
+        )));
+    }
+    Ok(())
+}
+
+fn now_unix() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+type KeepAliveStream = Pin<Box<dyn Stream<Item = Result<KeepAliveResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Registry for RegistryService {
+    async fn register(
+        &self,
+        request: Request<RegisterRequest>,
+    ) -> Result<Response<RegisterResponse>, Status> {
+        let req = request.into_inner();
+        let ep = req
+            .endpoint
+            .ok_or_else(|| Status::invalid_argument("endpoint: missing"))?;
+        validate_endpoint(&ep)?;
+        let ttl = clamp_ttl(req.ttl_seconds);
+        let resp = self
+            .put_leased(keys::endpoint(&ep), ep.encode_to_vec(), ttl)
+            .await?;
+        self.metrics.registrations.inc();
+        tracing::info!(
+            service = %ep.service,
+            port_name = %ep.port_name,
+            address = %ep.address,
+            port = ep.port,
+            lease = resp.lease_id,
+            ttl,
+            "endpoint registered"
+        );
+        Ok(Response::new(resp))
+    }
+
+    type KeepAliveStream = KeepAliveStream;
+
+    async fn keep_alive(
+        &self,
+        request: Request<Streaming<KeepAliveRequest>>,
+    ) -> Result<Response<Self::KeepAliveStream>, Status> {
+        let store = self.store.clone();
+        let responses = request.into_inner().then(move |req| {
+            let store = store.clone();
+            async move {
+                let lease_id = req?.lease_id;
+                match store.keep_alive(lease_id).await {
+                    Ok(ttl) => Ok(KeepAliveResponse {
+                        lease_id,
+                        found: true,
+                        ttl_seconds: ttl.as_secs() as u32,
+                    }),
+                    Err(StoreError::LeaseNotFound(_)) => Ok(KeepAliveResponse {
+                        lease_id,
+                        found: false,
+                        ttl_seconds: 0,
+                    }),
+                    Err(e) => Err(store_status(e)),
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(responses)))
+    }
+
+    async fn deregister(
+        &self,
+        request: Request<DeregisterRequest>,
+    ) -> Result<Response<DeregisterResponse>, Status> {
+        let lease = request.into_inner().lease_id;
+        match self.store.revoke_lease(lease).await {
+            // Deregistering twice, or after expiry, is not an error: the endpoint is gone.
+            Ok(()) | Err(StoreError::LeaseNotFound(_)) => {
+                tracing::info!(lease, "registration revoked");
+                Ok(Response::new(DeregisterResponse {}))
+            }
+            Err(e) => Err(store_status(e)),
+        }
+    }
+
+    async fn announce_proxy(
+        &self,
+        request: Request<AnnounceProxyRequest>,
+    ) -> Result<Response<RegisterResponse>, Status> {
+        let req = request.into_inner();
+        let proxy = req
+            .proxy
+            .ok_or_else(|| Status::invalid_argument("proxy: missing"))?;
+        if proxy.proxy_id.is_empty() || proxy.proxy_id.contains('/') || proxy.proxy_id.len() > 253 {
+            return Err(Status::invalid_argument(
+                "proxy.proxy_id: must be 1-253 characters without '/'",
+            ));
+        }
+        let key = keys::proxy(&proxy.proxy_id);
+        let status = ProxyStatus {
+            proxy: Some(proxy),
+            last_seen: now_unix(),
+            ..Default::default()
+        };
+        let resp = self
+            .put_leased(key, status.encode_to_vec(), clamp_ttl(req.ttl_seconds))
+            .await?;
+        Ok(Response::new(resp))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep() -> Endpoint {
+        Endpoint {
+            service: "user".into(),
+            address: "127.0.0.1".into(),
+            port: 4143,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn validates_endpoints_naming_the_field() {
+        assert!(validate_endpoint(&ep()).is_ok());
+        let cases = [
+            (
+                Endpoint {
+                    service: "User".into(),
+                    ..ep()
+                },
+                "endpoint.service",
+            ),
+            (
+                Endpoint {
+                    address: "localhost".into(),
+                    ..ep()
+                },
+                "endpoint.address",
+            ),
+            (Endpoint { port: 0, ..ep() }, "endpoint.port"),
+            (
+                Endpoint {
+                    port: 70000,
+                    ..ep()
+                },
+                "endpoint.port",
+            ),
+            (
+                Endpoint {
+                    port_name: "Grpc".into(),
+                    ..ep()
+                },
+                "endpoint.port_name",
+            ),
+        ];
+        for (bad, field) in cases {
+            let status = validate_endpoint(&bad).unwrap_err();
+            assert_eq!(status.code(), tonic::Code::InvalidArgument);
+            assert!(status.message().starts_with(field), "{}", status.message());
+        }
+    }
+
+    #[test]
+    fn ttls_are_clamped() {
+        assert_eq!(clamp_ttl(0), DEFAULT_TTL_SECONDS);
+        assert_eq!(clamp_ttl(1), MIN_TTL_SECONDS);
+        assert_eq!(clamp_ttl(10), 10);
+        assert_eq!(clamp_ttl(100_000), MAX_TTL_SECONDS);
+    }
+}
