@@ -1,1 +1,47 @@
-fn main() {}
+//! `ferrule-proxy`: parses the configuration, sets up logging, starts the proxy and shuts it
+//! down gracefully on SIGTERM, SIGINT or the admin `/shutdown` endpoint.
+
+use anyhow::Context as _;
+use clap::Parser;
+use ferrule_proto::v1::ProxyInfo;
+use ferrule_proxy::app::Proxy;
+use ferrule_proxy::config::Config;
+use ferrule_proxy::control::Controllers;
+use ferrule_proxy::discovery::Discovery;
+use tokio::signal::unix::{SignalKind, signal};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Config::parse();
+    ferrule_proxy::logging::init(config.log_format)
+        .map_err(|e| anyhow::anyhow!("setting up logging: {e}"))?;
+    if !config.controllers.is_empty() {
+        Controllers::parse(&config.controllers).context("--controller")?;
+    }
+    let discovery = Discovery::new(
+        config.controllers.clone(),
+        ProxyInfo {
+            proxy_id: config.proxy_id(),
+            service: config.service.clone().unwrap_or_default(),
+            namespace: config.namespace.clone(),
+            address: config.advertise_ip.to_string(),
+            mode: "sidecar".to_string(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        },
+    );
+    let proxy = Proxy::start(config, discovery)
+        .await
+        .context("starting the proxy")?;
+    let shutdown = proxy.shutdown_token();
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+            () = shutdown.cancelled() => return,
+        }
+        shutdown.cancel();
+    });
+    proxy.wait().await;
+    Ok(())
+}

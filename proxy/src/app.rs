@@ -1,0 +1,309 @@
+//! Assembles a running proxy from its configuration: binds every listener, starts discovery
+//! users, registration and the admin server, and owns the shutdown sequence.
+//!
+//! Shutdown (SIGTERM, `/shutdown`, or [`Proxy::shutdown`]): deregister the app's endpoints at
+//! once, stop accepting, let in-flight requests and connections finish for up to the grace
+//! period, then stop the admin listener. Peers that still send to this proxy see their
+//! connection close before the request leaves and retry another endpoint.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use ferrule_proto::v1::{ProtocolHint, ProxyInfo};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::admin::{self, AdminState};
+use crate::client::Clients;
+use crate::config::{Config, ConfigError};
+use crate::discovery::Discovery;
+use crate::inbound::{Inbound, InboundConfig, InboundPort};
+use crate::metrics::Metrics;
+use crate::outbound::target::Fixed;
+use crate::outbound::{Outbound, OutboundConfig};
+use crate::registration::{
+    HealthCheck, HealthCheckKind, RegisteredPort, Registration, RegistrationConfig,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("binding the {what} listener on {addr}: {source}")]
+    Bind {
+        what: String,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Where each listener is bound (useful when configured with port 0).
+#[derive(Debug, Clone, Serialize)]
+pub struct BoundAddrs {
+    pub admin: SocketAddr,
+    /// App port name ("" for `--app-addr`) → inbound listener.
+    pub inbound: Vec<(String, SocketAddr)>,
+    /// Upstream service (`name[:port]`) → local listener.
+    pub upstreams: Vec<(String, SocketAddr)>,
+}
+
+impl BoundAddrs {
+    /// The local listener of an upstream service.
+    pub fn upstream(&self, service: &str) -> Option<SocketAddr> {
+        self.upstreams
+            .iter()
+            .find(|(s, _)| s == service)
+            .map(|(_, a)| *a)
+    }
+
+    /// The inbound listener of an app port ("" for `--app-addr`).
+    pub fn inbound_port(&self, name: &str) -> Option<SocketAddr> {
+        self.inbound
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, a)| *a)
+    }
+}
+
+/// A running proxy.
+pub struct Proxy {
+    pub addrs: BoundAddrs,
+    pub metrics: Metrics,
+    shutdown: CancellationToken,
+    done: JoinHandle<()>,
+}
+
+async fn bind(what: impl Into<String>, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    let what = what.into();
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind {
+            what: what.clone(),
+            addr,
+            source,
+        })?;
+    let bound = listener.local_addr().map_err(|source| StartError::Bind {
+        what: what.clone(),
+        addr,
+        source,
+    })?;
+    tracing::info!(listener = %what, addr = %bound, "listening");
+    Ok(listener)
+}
+
+impl Proxy {
+    /// Binds every listener and starts serving. The binary passes discovery from the
+    /// controllers; tests pass [`Discovery::fixed`].
+    pub async fn start(config: Config, discovery: Discovery) -> Result<Proxy, StartError> {
+        let app_ports = config.app_ports()?;
+        let proxy_id = config.proxy_id();
+        let shutdown = CancellationToken::new();
+        // Listeners and connections stop on `serving`; the admin server outlives them.
+        let serving = CancellationToken::new();
+        let admin_stop = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let metrics = Metrics::new();
+        let clients = Clients::new(config.connect_timeout);
+
+        let admin_listener = bind("admin", config.admin_addr).await?;
+        let mut inbound_listeners = Vec::new();
+        for port in &app_ports {
+            let what = if port.name.is_empty() {
+                "inbound".to_string()
+            } else {
+                format!("inbound {}", port.name)
+            };
+            inbound_listeners.push((port.clone(), bind(what, port.listen).await?));
+        }
+        let mut upstream_listeners = Vec::new();
+        for upstream in &config.upstreams {
+            let listener = bind(format!("upstream {}", upstream.service), upstream.listen).await?;
+            upstream_listeners.push((upstream.clone(), listener));
+        }
+
+        let local = |l: &TcpListener, addr: SocketAddr| l.local_addr().unwrap_or(addr);
+        let addrs = BoundAddrs {
+            admin: local(&admin_listener, config.admin_addr),
+            inbound: inbound_listeners
+                .iter()
+                .map(|(p, l)| (p.name.clone(), local(l, p.listen)))
+                .collect(),
+            upstreams: upstream_listeners
+                .iter()
+                .map(|(u, l)| (u.service.to_string(), local(l, u.listen)))
+                .collect(),
+        };
+
+        let outbound = Outbound::new(
+            OutboundConfig {
+                algorithm: config.balancer,
+                detect_timeout: config.detect_timeout,
+                endpoint_wait: config.endpoint_wait,
+                access_log: config.access_log,
+            },
+            discovery.clone(),
+            clients.clone(),
+            &proxy_id,
+            metrics.clone(),
+            serving.clone(),
+            tracker.clone(),
+        );
+        for (upstream, listener) in upstream_listeners {
+            // Subscribe now, so discovery (and `/ready`) does not wait for the first request.
+            outbound.logical(&upstream.service);
+            let opaque = config.opaque_ports.contains(&upstream.listen.port());
+            let target = Arc::new(Fixed(upstream.service));
+            tokio::spawn(outbound.clone().serve(listener, target, opaque));
+        }
+
+        let inbound = Inbound::new(
+            InboundConfig {
+                detect_timeout: config.detect_timeout,
+                access_log: config.access_log,
+            },
+            clients,
+            metrics.clone(),
+            serving.clone(),
+            tracker.clone(),
+        );
+        let service = config.service.clone().unwrap_or_default();
+        let mut registered_ports = Vec::new();
+        for (port, listener) in inbound_listeners {
+            let opaque = config.opaque_ports.contains(&port.app_addr.port());
+            let name = if port.name.is_empty() {
+                service.clone()
+            } else {
+                format!("{service}:{}", port.name)
+            };
+            let listen = local(&listener, port.listen);
+            let advertise = if listen.ip().is_unspecified() {
+                SocketAddr::new(config.advertise_ip, listen.port())
+            } else {
+                listen
+            };
+            registered_ports.push(RegisteredPort {
+                port_name: port.name.clone(),
+                app_addr: port.app_addr,
+                advertise,
+                protocol_hint: if opaque {
+                    ProtocolHint::Opaque
+                } else {
+                    ProtocolHint::Unspecified
+                },
+            });
+            let inbound_port = InboundPort {
+                name: name.into(),
+                app_addr: port.app_addr,
+                opaque,
+            };
+            tokio::spawn(inbound.clone().serve(listener, inbound_port));
+        }
+
+        let proxy_info = ProxyInfo {
+            proxy_id: proxy_id.clone(),
+            service: service.clone(),
+            namespace: config.namespace.clone(),
+            address: config.advertise_ip.to_string(),
+            mode: "sidecar".to_string(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        let registration =
+            (!registered_ports.is_empty() && !config.controllers.is_empty()).then(|| {
+                let health = HealthCheck {
+                    kind: match &config.health_path {
+                        Some(path) => HealthCheckKind::Http { path: path.clone() },
+                        None => HealthCheckKind::Tcp,
+                    },
+                    interval: config.health_interval,
+                    timeout: config.health_timeout,
+                    healthy_threshold: config.healthy_threshold,
+                    unhealthy_threshold: config.unhealthy_threshold,
+                };
+                Arc::new(Registration::spawn(
+                    RegistrationConfig {
+                        proxy: proxy_info.clone(),
+                        ports: registered_ports,
+                        labels: config.labels.clone(),
+                        zone: config.zone.clone(),
+                        ttl: config.register_ttl,
+                        health,
+                    },
+                    config.controllers.clone(),
+                    shutdown.child_token(),
+                ))
+            });
+
+        let config_json = serde_json::json!({
+            "proxy_id": proxy_id,
+            "version": env!("CARGO_PKG_VERSION"),
+            "config": config,
+            "listeners": addrs,
+        });
+        let admin_state = Arc::new(AdminState {
+            metrics: metrics.clone(),
+            discovery,
+            needs_discovery: !config.upstreams.is_empty() && !config.controllers.is_empty(),
+            registration: registration.clone(),
+            config: config_json,
+            shutdown: shutdown.clone(),
+        });
+        let admin_tracker = TaskTracker::new();
+        let admin_task = tokio::spawn(admin::serve(
+            admin_listener,
+            admin_state,
+            admin_stop.clone(),
+            admin_tracker.clone(),
+        ));
+
+        let grace = config.shutdown_grace;
+        let signal = shutdown.clone();
+        let done = tokio::spawn(async move {
+            signal.cancelled().await;
+            tracing::info!("shutting down: deregistering");
+            if let Some(registration) = &registration {
+                registration.deregister().await;
+            }
+            tracing::info!(?grace, "shutting down: draining connections");
+            serving.cancel();
+            tracker.close();
+            if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+                tracing::warn!(?grace, "connections still open after the grace period");
+            }
+            admin_stop.cancel();
+            admin_tracker.close();
+            admin_tracker.wait().await;
+            if let Err(error) = admin_task.await {
+                tracing::warn!(%error, "admin server task failed");
+            }
+            tracing::info!("shut down");
+        });
+        tracing::info!(%proxy_id, "proxy started");
+        Ok(Proxy {
+            addrs,
+            metrics,
+            shutdown,
+            done,
+        })
+    }
+
+    /// Cancelling this token starts the graceful shutdown.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Waits until the proxy has shut down (after a shutdown was started).
+    pub async fn wait(self) {
+        if let Err(error) = self.done.await {
+            tracing::warn!(%error, "shutdown task failed");
+        }
+    }
+
+    /// Starts the graceful shutdown and waits for it.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        self.wait().await;
+    }
+}

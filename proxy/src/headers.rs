@@ -1,0 +1,112 @@
+//! Header rules of a proxy hop: hop-by-hop headers, upgrades, and the mesh's own headers.
+//!
+//! Between two ferrule proxies an HTTP/1 request travels as HTTP/2 with
+//! [`ORIG_PROTO`] naming its original version (linkerd's `l5d-orig-proto`), and every
+//! proxy-to-proxy request carries [`MESHED`] so the inbound side knows it came from a meshed
+//! peer. The inbound proxy strips both before the app sees the request.
+
+use http::header::{self, HeaderMap, HeaderName};
+use http::{Method, Request, Version};
+
+/// Set by the outbound proxy on requests to a meshed endpoint; the value is the sending
+/// proxy's id.
+pub const MESHED: &str = "ferrule-meshed";
+/// The HTTP version a request had before the outbound proxy upgraded it to HTTP/2.
+pub const ORIG_PROTO: &str = "ferrule-orig-proto";
+/// The only value of [`ORIG_PROTO`] this proxy writes.
+pub const ORIG_PROTO_HTTP1: &str = "HTTP/1.1";
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [HeaderName; 6] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TRANSFER_ENCODING,
+    header::TRAILER,
+    header::UPGRADE,
+];
+
+/// True for an HTTP/1 request that asks to switch protocols (WebSocket) or to tunnel
+/// (`CONNECT`): both end as a byte stream spliced between the two connections.
+pub fn is_upgrade<B>(req: &Request<B>) -> bool {
+    if req.method() == Method::CONNECT {
+        return true;
+    }
+    req.version() <= Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && connection_has(req.headers(), "upgrade")
+}
+
+fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Removes hop-by-hop headers, including those the `Connection` header names. `TE: trailers`
+/// stays (gRPC needs it). When `keep_upgrade` is set, `Connection` and `Upgrade` stay so the
+/// next hop sees the upgrade request or its `101` answer.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        if keep_upgrade && (name == header::CONNECTION || name == header::UPGRADE) {
+            continue;
+        }
+        headers.remove(name);
+    }
+    let te_trailers = headers
+        .get(header::TE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        });
+    headers.remove(header::TE);
+    if te_trailers {
+        headers.insert(header::TE, http::HeaderValue::from_static("trailers"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_hop_by_hop_and_named_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, "keep-alive, x-private".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("x-private", "1".parse().unwrap());
+        h.insert(header::TE, "trailers, deflate".parse().unwrap());
+        h.insert("x-end-to-end", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h, false);
+        assert!(!h.contains_key(header::CONNECTION));
+        assert!(!h.contains_key("keep-alive"));
+        assert!(!h.contains_key("x-private"));
+        assert_eq!(h[header::TE], "trailers");
+        assert!(h.contains_key("x-end-to-end"));
+    }
+
+    #[test]
+    fn detects_upgrades() {
+        let ws = Request::get("/")
+            .header(header::CONNECTION, "keep-alive, Upgrade")
+            .header(header::UPGRADE, "websocket")
+            .body(())
+            .unwrap();
+        assert!(is_upgrade(&ws));
+        let connect = Request::connect("db:5432").body(()).unwrap();
+        assert!(is_upgrade(&connect));
+        let plain = Request::get("/").body(()).unwrap();
+        assert!(!is_upgrade(&plain));
+    }
+}

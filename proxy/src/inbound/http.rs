@@ -1,0 +1,126 @@
+//! The inbound HTTP stack of one app port, built in [`stack`]: observe → respond → forward to
+//! the app on loopback.
+//!
+//! Requests from a meshed peer lose the mesh headers here: `ferrule-orig-proto` turns an
+//! HTTP/2-carried HTTP/1 request back into HTTP/1, and `ferrule-meshed` (already noted in the
+//! request context) is removed. The app is spoken to in the version the request now has;
+//! authorization will be a layer before forwarding.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures::future::BoxFuture;
+use http::{Request, Response, Version};
+use tower::util::BoxCloneSyncService;
+use tower::{Service, ServiceBuilder};
+
+use crate::body::BoxBody;
+use crate::client::{Clients, Protocol};
+use crate::errors::{ProxyError, Reason, RespondLayer};
+use crate::headers;
+use crate::metrics::{Direction, Metrics};
+use crate::observe::ObserveLayer;
+use crate::server::HttpStack;
+
+/// Builds the HTTP path of one inbound port.
+pub fn stack(
+    name: Arc<str>,
+    app_addr: SocketAddr,
+    clients: Clients,
+    metrics: &Metrics,
+    access_log: bool,
+) -> HttpStack {
+    let observe = ObserveLayer::new(
+        metrics.clone(),
+        Direction::Inbound,
+        name.clone(),
+        access_log,
+    );
+    BoxCloneSyncService::new(
+        ServiceBuilder::new()
+            .layer(observe)
+            .layer(RespondLayer::new(metrics.clone(), Direction::Inbound))
+            .service(ForwardToApp {
+                name,
+                app_addr,
+                clients,
+            }),
+    )
+}
+
+#[derive(Clone)]
+struct ForwardToApp {
+    name: Arc<str>,
+    app_addr: SocketAddr,
+    clients: Clients,
+}
+
+/// Undoes what the outbound proxy of a meshed peer did to the request.
+fn strip_mesh_headers(req: &mut Request<BoxBody>) {
+    req.headers_mut().remove(headers::MESHED);
+    if let Some(orig) = req.headers_mut().remove(headers::ORIG_PROTO) {
+        if orig == headers::ORIG_PROTO_HTTP1 {
+            *req.version_mut() = Version::HTTP_11;
+        } else {
+            tracing::debug!(?orig, "unknown original protocol; forwarding as received");
+        }
+    }
+}
+
+impl Service<Request<BoxBody>> for ForwardToApp {
+    type Response = Response<BoxBody>;
+    type Error = ProxyError;
+    type Future = BoxFuture<'static, Result<Response<BoxBody>, ProxyError>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: Request<BoxBody>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            strip_mesh_headers(&mut req);
+            let protocol = Protocol::of(&req);
+            let conn = this
+                .clients
+                .connect(this.app_addr, protocol)
+                .await
+                .map_err(|error| {
+                    ProxyError::new(
+                        Reason::UpstreamConnectFailure,
+                        this.name.to_string(),
+                        format!("could not connect to the app: {error}"),
+                    )
+                })?;
+            conn.send(req).await.map_err(|e| {
+                ProxyError::new(
+                    Reason::UpstreamFailure,
+                    this.name.to_string(),
+                    e.error.to_string(),
+                )
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::body;
+
+    #[test]
+    fn orig_proto_restores_http1() {
+        let mut req = Request::get("http://user/x")
+            .version(Version::HTTP_2)
+            .header(headers::MESHED, "order-1")
+            .header(headers::ORIG_PROTO, headers::ORIG_PROTO_HTTP1)
+            .body(body::empty())
+            .unwrap();
+        strip_mesh_headers(&mut req);
+        assert_eq!(req.version(), Version::HTTP_11);
+        assert!(!req.headers().contains_key(headers::MESHED));
+        assert!(!req.headers().contains_key(headers::ORIG_PROTO));
+        assert_eq!(Protocol::of(&req), Protocol::Http1);
+    }
+}

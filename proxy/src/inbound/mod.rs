@@ -1,0 +1,158 @@
+//! The inbound side: traffic from peers and clients to the app this proxy fronts.
+//!
+//! One listener per app port. Each accepted connection is detected (unless the port is
+//! opaque): HTTP goes through the port's stack ([`http`]), anything else is copied to the app
+//! as bytes. mTLS termination will happen here, before detection.
+
+pub mod http;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::client::{Clients, connect_tcp};
+use crate::detect::detect;
+use crate::errors::{ProxyError, Reason};
+use crate::metrics::{DetectResult, Direction, Metrics};
+use crate::server::{self, ConnMeta, HttpStack, HttpVersion};
+
+/// One app port this proxy fronts.
+#[derive(Debug, Clone)]
+pub struct InboundPort {
+    /// What requests are counted under: `service` or `service:port-name`.
+    pub name: Arc<str>,
+    pub app_addr: SocketAddr,
+    /// Skip detection: the app speaks first or is not HTTP.
+    pub opaque: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct InboundConfig {
+    pub detect_timeout: Duration,
+    pub access_log: bool,
+}
+
+pub struct Inbound {
+    config: InboundConfig,
+    clients: Clients,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+struct Port {
+    port: InboundPort,
+    http: HttpStack,
+}
+
+impl Inbound {
+    pub fn new(
+        config: InboundConfig,
+        clients: Clients,
+        metrics: Metrics,
+        shutdown: CancellationToken,
+        tracker: TaskTracker,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            config,
+            clients,
+            metrics,
+            shutdown,
+            tracker,
+        })
+    }
+
+    /// Serves one app port on `listener` until shutdown.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, port: InboundPort) {
+        let http = http::stack(
+            port.name.clone(),
+            port.app_addr,
+            self.clients.clone(),
+            &self.metrics,
+            self.config.access_log,
+        );
+        let port = Arc::new(Port { port, http });
+        let this = self.clone();
+        server::accept_loop(
+            listener,
+            self.shutdown.clone(),
+            self.tracker.clone(),
+            move |stream, peer| Box::pin(this.clone().handle(stream, peer, port.clone())),
+        )
+        .await;
+    }
+
+    async fn handle(self: Arc<Self>, stream: TcpStream, peer: SocketAddr, port: Arc<Port>) {
+        let name = port.port.name.clone();
+        let io = self
+            .metrics
+            .count_io(&Metrics::tcp_labels(Direction::Inbound, &name), stream);
+        if port.port.opaque {
+            self.metrics
+                .detected(Direction::Inbound, DetectResult::OpaquePort);
+            self.forward_opaque(io, &port.port).await;
+            return;
+        }
+        let (result, mut io) = match detect(io, self.config.detect_timeout).await {
+            Ok(detected) => detected,
+            Err(error) => {
+                tracing::debug!(%peer, %error, "connection failed during detection");
+                return;
+            }
+        };
+        self.metrics.detected(Direction::Inbound, result);
+        let version = match result {
+            DetectResult::Http1 => HttpVersion::Http1,
+            DetectResult::Http2 => HttpVersion::Http2,
+            DetectResult::MalformedHttp => {
+                let error = ProxyError::new(
+                    Reason::BadRequest,
+                    name.to_string(),
+                    "malformed HTTP/1 request line",
+                );
+                self.metrics
+                    .proxy_error(Direction::Inbound, Reason::BadRequest);
+                self.metrics.response(
+                    Direction::Inbound,
+                    &name,
+                    Reason::BadRequest.status(),
+                    true,
+                    Duration::ZERO,
+                );
+                if let Err(error) = io.write_all(&error.to_http1_bytes()).await {
+                    tracing::debug!(%peer, %error, "could not answer a malformed request");
+                }
+                return;
+            }
+            DetectResult::Opaque | DetectResult::Timeout | DetectResult::OpaquePort => {
+                self.forward_opaque(io, &port.port).await;
+                return;
+            }
+        };
+        let meta = ConnMeta {
+            direction: Direction::Inbound,
+            target: name,
+            client: peer,
+        };
+        server::serve_http(io, version, port.http.clone(), meta, self.shutdown.clone()).await;
+    }
+
+    async fn forward_opaque<I>(&self, io: I, port: &InboundPort)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        match connect_tcp(port.app_addr, self.clients.connect_timeout()).await {
+            Ok(app) => server::splice_tcp(io, app, port.app_addr).await,
+            Err(error) => {
+                tracing::info!(service = %port.name, %error, "opaque connection: app unreachable");
+                self.metrics
+                    .proxy_error(Direction::Inbound, Reason::UpstreamConnectFailure);
+            }
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! The outermost layer of every HTTP stack: counts each response and writes the access log.
+//!
+//! It sees the final response, whether the app made it or the proxy did (the error layer
+//! below it has already turned proxy errors into responses), so `request_total` and the access
+//! log agree with what the client received.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use futures::future::BoxFuture;
+use http::{Request, Response};
+use tower::{Layer, Service};
+
+use crate::body::BoxBody;
+use crate::context::RequestContext;
+use crate::errors::ERROR_HEADER;
+use crate::metrics::{Direction, Metrics};
+
+#[derive(Clone)]
+pub struct ObserveLayer {
+    metrics: Metrics,
+    direction: Direction,
+    target: Arc<str>,
+    access_log: bool,
+}
+
+impl ObserveLayer {
+    pub fn new(metrics: Metrics, direction: Direction, target: Arc<str>, access_log: bool) -> Self {
+        Self {
+            metrics,
+            direction,
+            target,
+            access_log,
+        }
+    }
+}
+
+impl<S> Layer<S> for ObserveLayer {
+    type Service = Observe<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        Observe {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Observe<S> {
+    inner: S,
+    layer: ObserveLayer,
+}
+
+/// gRPC reports failures in `grpc-status`; a trailers-only response carries it in the head.
+fn is_success(rsp: &Response<BoxBody>) -> bool {
+    let grpc_ok = rsp
+        .headers()
+        .get("grpc-status")
+        .is_none_or(|s| s.as_bytes() == b"0");
+    !rsp.status().is_server_error() && grpc_ok
+}
+
+impl<S> Service<Request<BoxBody>> for Observe<S>
+where
+    S: Service<Request<BoxBody>, Response = Response<BoxBody>, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<BoxBody>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response<BoxBody>, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<BoxBody>) -> Self::Future {
+        let ctx = req.extensions().get::<RequestContext>().cloned();
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let version = req.version();
+        let layer = self.layer.clone();
+        // Boxed before the async block: a projection type held across an await trips
+        // rustc's Send inference (rust-lang/rust#64552).
+        let fut: BoxFuture<'static, _> = Box::pin(self.inner.call(req));
+        Box::pin(async move {
+            let rsp = fut.await?;
+            let start = ctx.as_ref().map_or_else(Instant::now, |c| c.start);
+            let elapsed = start.elapsed();
+            let success = is_success(&rsp);
+            layer.metrics.response(
+                layer.direction,
+                &layer.target,
+                rsp.status(),
+                success,
+                elapsed,
+            );
+            if layer.access_log {
+                let error = rsp
+                    .headers()
+                    .get(ERROR_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                tracing::info!(
+                    target: "access",
+                    direction = %layer.direction,
+                    target_service = %layer.target,
+                    request_id = ctx.as_ref().map_or("", |c| c.id.as_str()),
+                    client = %ctx.as_ref().map_or_else(String::new, |c| c.client.to_string()),
+                    meshed_peer = ctx.as_ref().is_some_and(|c| c.meshed_peer),
+                    %method,
+                    path,
+                    version = ?version,
+                    status = rsp.status().as_u16(),
+                    latency_ms = elapsed.as_secs_f64() * 1000.0,
+                    error,
+                    "request"
+                );
+            }
+            Ok(rsp)
+        })
+    }
+}
