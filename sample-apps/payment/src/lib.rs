@@ -1,0 +1,118 @@
+//! The shop's payment service: charges orders, exactly once per idempotency key.
+//!
+//! It serves gRPC `shop.payment.v1.PaymentService` (`CreatePayment`, `GetPayment`) and an HTTP
+//! `GET /health`. Payments live in the service's own SQLite file, created and migrated on start.
+//! For resilience demos it can be told to fail a share of its charges (`PAYMENT_FAIL_RATE`), so
+//! the mesh's retries and circuit breakers have something to do.
+//!
+//! It is a plain application: nothing in it knows about the mesh around it.
+
+mod config;
+mod grpc;
+mod http;
+mod store;
+mod trace;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use shop_proto::payment::v1::payment_service_server::PaymentServiceServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tower_http::trace::TraceLayer;
+
+pub use config::{Config, FailRate};
+pub use grpc::PaymentApi;
+
+use store::Store;
+
+/// Why the payment service could not start or stopped serving.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("opening payment database {path}: {source}")]
+    Database {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("binding {what} listener on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("serving HTTP: {0}")]
+    Http(std::io::Error),
+    #[error("serving gRPC: {0}")]
+    Grpc(tonic::transport::Error),
+}
+
+/// The payment service: its database and its injected failure rate. Cheap to clone.
+#[derive(Clone)]
+pub struct PaymentApp {
+    store: Store,
+    fail_rate: FailRate,
+}
+
+impl PaymentApp {
+    /// Opens (creating and migrating as needed) the database at `db`; `fail_rate` of the
+    /// `CreatePayment` calls will fail with UNAVAILABLE.
+    pub fn open(db: &Path, fail_rate: FailRate) -> Result<Self, Error> {
+        let store = Store::open(db).map_err(|source| Error::Database {
+            path: db.to_owned(),
+            source,
+        })?;
+        Ok(Self { store, fail_rate })
+    }
+
+    /// The gRPC `PaymentService`, for callers that build their own tonic server around it.
+    pub fn grpc_service(&self) -> PaymentServiceServer<PaymentApi> {
+        PaymentServiceServer::new(PaymentApi::new(self.store.clone(), self.fail_rate))
+    }
+
+    /// The HTTP routes (`/health`).
+    pub fn router(&self) -> axum::Router {
+        http::router(self.store.clone())
+    }
+
+    /// Serves HTTP on `http` and gRPC on `grpc` until `shutdown` is cancelled, then lets
+    /// in-flight requests finish.
+    pub async fn serve(
+        &self,
+        http: TcpListener,
+        grpc: TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), Error> {
+        let http_server = axum::serve(http, self.router())
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        let grpc_server = tonic::transport::Server::builder()
+            .layer(TraceLayer::new_for_grpc().make_span_with(trace::request_span))
+            .add_service(self.grpc_service())
+            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), shutdown.cancelled_owned());
+        tokio::try_join!(async { http_server.await.map_err(Error::Http) }, async {
+            grpc_server.await.map_err(Error::Grpc)
+        },)?;
+        Ok(())
+    }
+}
+
+/// Runs the payment service as `config` says until `shutdown` is cancelled.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
+    let app = PaymentApp::open(&config.db, config.fail_rate)?;
+    let http = bind("HTTP", config.http_addr).await?;
+    let grpc = bind("gRPC", config.grpc_addr).await?;
+    tracing::info!(
+        http = %config.http_addr,
+        grpc = %config.grpc_addr,
+        db = %config.db.display(),
+        fail_rate = config.fail_rate.get(),
+        "payment service listening"
+    );
+    app.serve(http, grpc, shutdown).await
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Error> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Bind { what, addr, source })
+}
