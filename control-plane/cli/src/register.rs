@@ -307,24 +307,39 @@ impl Registrar {
 
     /// Revokes the lease. A lease the controller no longer has counts as revoked.
     async fn deregister(&mut self, lease: &Lease) -> anyhow::Result<()> {
-        let call = self
-            .client
-            .deregister(DeregisterRequest { lease_id: lease.id });
-        match timeout(CALL_TIMEOUT, call).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(status)) if status.code() == Code::NotFound => Ok(()),
-            Ok(Err(status)) => Err(client::explain_status(
-                &self.addr,
-                "Registry/Deregister",
-                &status,
-            )),
-            Err(_) => Err(anyhow::anyhow!(
-                "the controller at {} did not answer Registry/Deregister within {}s",
-                self.addr,
-                CALL_TIMEOUT.as_secs()
-            )),
-        }
-        .with_context(|| {
+        let mut first_attempt = true;
+        let outcome = loop {
+            let call = self
+                .client
+                .deregister(DeregisterRequest { lease_id: lease.id });
+            match timeout(CALL_TIMEOUT, call).await {
+                Ok(Ok(_)) => break Ok(()),
+                Ok(Err(status)) if status.code() == Code::NotFound => break Ok(()),
+                // The connection broke under the call (a controller restarting, say); the
+                // channel reconnects on the next call, so one more try is worth it.
+                Ok(Err(status))
+                    if first_attempt
+                        && matches!(status.code(), Code::Unavailable | Code::Cancelled) =>
+                {
+                    first_attempt = false;
+                }
+                Ok(Err(status)) => {
+                    break Err(client::explain_status(
+                        &self.addr,
+                        "Registry/Deregister",
+                        &status,
+                    ));
+                }
+                Err(_) => {
+                    break Err(anyhow::anyhow!(
+                        "the controller at {} did not answer Registry/Deregister within {}s",
+                        self.addr,
+                        CALL_TIMEOUT.as_secs()
+                    ));
+                }
+            }
+        };
+        outcome.with_context(|| {
             format!(
                 "lease {} was not revoked, so the endpoint stays registered for up to {}s",
                 lease.id,
