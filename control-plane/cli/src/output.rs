@@ -30,14 +30,18 @@ pub trait Render: Serialize {
 
 /// Writes `doc` to `out` in `format`.
 pub fn render(doc: &impl Render, format: Format, out: &mut impl Write) -> anyhow::Result<()> {
+    // Encode first, then write: an encoding failure is a bug, a write failure (a closed
+    // pipe) is an io::Error the caller can recognise.
+    let mut text = Vec::new();
     match format {
-        Format::Table => doc.write_human(out)?,
+        Format::Table => doc.write_human(&mut text)?,
         Format::Json => {
-            serde_json::to_writer_pretty(&mut *out, doc).context("cannot encode JSON")?;
-            writeln!(out)?;
+            serde_json::to_writer_pretty(&mut text, doc).context("cannot encode JSON")?;
+            text.push(b'\n');
         }
-        Format::Yaml => serde_yaml::to_writer(&mut *out, doc).context("cannot encode YAML")?,
+        Format::Yaml => serde_yaml::to_writer(&mut text, doc).context("cannot encode YAML")?,
     }
+    out.write_all(&text)?;
     out.flush()?;
     Ok(())
 }

@@ -174,7 +174,7 @@ impl Registrar {
         out: &mut impl Write,
     ) -> anyhow::Result<()> {
         let mut lease = self.register().await?;
-        self.announce(out, "registered", &lease)?;
+        self.announce(out, "registered", &lease);
         loop {
             let lapse = tokio::select! {
                 () = shutdown.cancelled() => break,
@@ -191,7 +191,7 @@ impl Registrar {
                         return Ok(());
                     };
                     lease = renewed;
-                    self.announce(out, "registered", &lease)?;
+                    self.announce(out, "registered", &lease);
                 }
                 Lapse::Broken(reason) => {
                     eprintln!(
@@ -207,20 +207,26 @@ impl Registrar {
             }
         }
         self.deregister(&lease).await?;
-        self.announce(out, "deregistered", &lease)
+        self.announce(out, "deregistered", &lease);
+        Ok(())
     }
 
-    fn announce(&self, out: &mut impl Write, what: &str, lease: &Lease) -> anyhow::Result<()> {
-        writeln!(
+    /// Prints one line about the registration. A stdout that cannot be written (a closed
+    /// pipe) must not stop the registration from being kept alive and revoked, so that is
+    /// only a warning.
+    fn announce(&self, out: &mut impl Write, what: &str, lease: &Lease) {
+        let written = writeln!(
             out,
             "{what} {} {} lease={} ttl={}s",
             self.endpoint.service,
             socket_string(&self.endpoint.address, self.endpoint.port),
             lease.id,
             lease.ttl.as_secs()
-        )?;
-        out.flush()?;
-        Ok(())
+        )
+        .and_then(|()| out.flush());
+        if let Err(err) = written {
+            eprintln!("warning: cannot write to stdout ({err})");
+        }
     }
 
     async fn register(&mut self) -> anyhow::Result<Lease> {
