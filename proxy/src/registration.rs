@@ -1,10 +1,50 @@
-//! Self-registration (interface stub; the implementation is being written).
+//! Self-registration: health-check the app and keep its ports registered only while healthy.
+//!
+//! Two tasks per proxy. The health checker probes the app every `interval` (an HTTP GET of a
+//! path, 2xx/3xx healthy; or a TCP connect to every port) and flips its verdict after
+//! `healthy_threshold` consecutive successes or `unhealthy_threshold` consecutive failures.
+//! The registrar follows that verdict: it announces the proxy (`Registry/AnnounceProxy`),
+//! registers every port (`Registry/Register`) while the app is healthy, keeps all leases alive
+//! over one `KeepAlive` stream (a request per lease every `ttl / 3`; `found = false` means the
+//! lease is gone, so it registers again), and deregisters the ports at once when the app turns
+//! unhealthy. When a controller call fails it reconnects with backoff, to the next controller
+//! if need be: leases live in the shared store, so they stay valid across replicas. On
+//! shutdown every lease is revoked, bounded by 2 s.
+//!
+//! The HTTP check goes to the port named `http`, else the first port hinted HTTP/1, else the
+//! first port.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use ferrule_proto::v1::{ProtocolHint, ProxyInfo};
-use tokio_util::sync::CancellationToken;
+use bytes::Bytes;
+use ferrule_proto::v1::registry_client::RegistryClient;
+use ferrule_proto::v1::{
+    AnnounceProxyRequest, DeregisterRequest, Endpoint, KeepAliveRequest, KeepAliveResponse,
+    ProtocolHint, ProxyInfo, RegisterRequest, RegisterResponse,
+};
+use http_body_util::Empty;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tonic::Streaming;
+use tonic::transport::Channel;
+
+use crate::control::{Backoff, ControlError, Controllers};
+
+/// Bound on each unary call to the controller.
+const RPC_TIMEOUT: Duration = Duration::from_secs(2);
+/// Bound on revoking every lease at shutdown (connecting included).
+const DEREGISTER_TIMEOUT: Duration = Duration::from_secs(2);
+const BACKOFF_BASE: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Keep-alives are never sent more often than this, whatever the TTL.
+const MIN_KEEPALIVE_PERIOD: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Clone)]
 pub enum HealthCheckKind {
@@ -47,32 +87,582 @@ pub struct RegistrationConfig {
     pub health: HealthCheck,
 }
 
+/// What `/ready` and metrics read; see [`Registration::status`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RegistrationStatus {
+    /// The app passes its health check.
+    pub healthy: bool,
+    /// Every port holds a lease the controller confirmed within its TTL.
+    pub registered: bool,
+}
+
 /// Runs health checks and keeps registrations alive while healthy.
-pub struct Registration {}
+pub struct Registration {
+    status: watch::Receiver<RegistrationStatus>,
+    deregister: mpsc::Sender<oneshot::Sender<()>>,
+    /// Dropping the handle stops (and deregisters) like a shutdown.
+    _stop: DropGuard,
+}
 
 impl Registration {
     /// Starts health checking and registration in the background; stops (and deregisters at
-    /// once) when `shutdown` is cancelled.
+    /// once) when `shutdown` is cancelled. Must be called within a Tokio runtime.
+    ///
+    /// Controller addresses that do not parse are reported at error level and nothing gets
+    /// registered; validate flags early with [`Controllers::parse`] to refuse them instead.
     pub fn spawn(
-        _config: RegistrationConfig,
-        _controllers: Vec<String>,
-        _shutdown: CancellationToken,
+        config: RegistrationConfig,
+        controllers: Vec<String>,
+        shutdown: CancellationToken,
     ) -> Self {
-        unimplemented!()
+        let stop = shutdown.child_token();
+        let controllers = Controllers::parse(&controllers)
+            .inspect_err(|e| tracing::error!(error = %e, "registration has no usable controller"))
+            .ok();
+        let (health_tx, health_rx) = watch::channel(false);
+        let (status_tx, status_rx) = watch::channel(RegistrationStatus::default());
+        let (deregister_tx, deregister_rx) = mpsc::channel(1);
+        tokio::spawn(check_health(
+            HealthProbe::new(&config),
+            config.health.clone(),
+            health_tx,
+            stop.clone(),
+        ));
+        let registrar = Registrar {
+            leases: vec![None; config.ports.len()],
+            config,
+            controllers,
+            session: None,
+            announce: None,
+            healthy: false,
+            backoff: Backoff::new(BACKOFF_BASE, BACKOFF_MAX),
+            retry_at: None,
+            status: status_tx,
+        };
+        tokio::spawn(registrar.run(health_rx, deregister_rx, stop.clone()));
+        Self {
+            status: status_rx,
+            deregister: deregister_tx,
+            _stop: stop.drop_guard(),
+        }
     }
 
     /// True while every port is registered (the app is healthy and the controller took it).
     pub fn registered(&self) -> bool {
-        unimplemented!()
+        self.status.borrow().registered
     }
 
     /// True while the app passes its health check.
     pub fn healthy(&self) -> bool {
-        unimplemented!()
+        self.status.borrow().healthy
+    }
+
+    /// Health and registration as they change, for callers that wait on them.
+    pub fn status(&self) -> watch::Receiver<RegistrationStatus> {
+        self.status.clone()
     }
 
     /// Deregisters every port at once and waits (bounded) for the controller to confirm.
+    /// Registration stops for good: this is the first step of a graceful shutdown.
     pub async fn deregister(&self) {
-        unimplemented!()
+        let (done_tx, done_rx) = oneshot::channel();
+        if self.deregister.send(done_tx).await.is_err() {
+            return; // Already stopped, and deregistered on the way out.
+        }
+        // The registrar bounds its own work; this bound only guards against a stuck task.
+        let _ = tokio::time::timeout(DEREGISTER_TIMEOUT * 2, done_rx).await;
+    }
+}
+
+/// How the app is probed.
+enum HealthProbe {
+    Http {
+        client: Box<Client<HttpConnector, Empty<Bytes>>>,
+        uri: String,
+    },
+    Tcp(Vec<SocketAddr>),
+}
+
+impl HealthProbe {
+    fn new(config: &RegistrationConfig) -> Self {
+        match &config.health.kind {
+            HealthCheckKind::Tcp => Self::Tcp(config.ports.iter().map(|p| p.app_addr).collect()),
+            HealthCheckKind::Http { path } => {
+                let ports = &config.ports;
+                let target = ports
+                    .iter()
+                    .find(|p| p.port_name == "http")
+                    .or_else(|| {
+                        ports
+                            .iter()
+                            .find(|p| p.protocol_hint == ProtocolHint::Http1)
+                    })
+                    .or(ports.first());
+                match target {
+                    Some(port) => Self::Http {
+                        client: Box::new(Client::builder(TokioExecutor::new()).build_http()),
+                        uri: format!("http://{}{path}", port.app_addr),
+                    },
+                    // Nothing to check and nothing to register.
+                    None => Self::Tcp(Vec::new()),
+                }
+            }
+        }
+    }
+
+    /// `Err` says why the app failed the check.
+    async fn probe(&self) -> Result<(), String> {
+        match self {
+            Self::Http { client, uri } => {
+                let uri: http::Uri = uri.parse().map_err(|e| format!("bad URI {uri}: {e}"))?;
+                let response = client.get(uri).await.map_err(|e| e.to_string())?;
+                let status = response.status();
+                if status.is_success() || status.is_redirection() {
+                    Ok(())
+                } else {
+                    Err(format!("status {status}"))
+                }
+            }
+            Self::Tcp(addrs) => {
+                for addr in addrs {
+                    tokio::net::TcpStream::connect(addr)
+                        .await
+                        .map_err(|e| format!("connect {addr}: {e}"))?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Probes the app until `stop`, publishing healthy/unhealthy as the thresholds are crossed.
+async fn check_health(
+    probe: HealthProbe,
+    config: HealthCheck,
+    verdict: watch::Sender<bool>,
+    stop: CancellationToken,
+) {
+    let mut interval = tokio::time::interval(config.interval);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (mut successes, mut failures) = (0u32, 0u32);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = interval.tick() => {}
+        }
+        let outcome = tokio::time::timeout(config.timeout, probe.probe())
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {:?}", config.timeout)));
+        let healthy = *verdict.borrow();
+        match outcome {
+            Ok(()) => {
+                tracing::debug!("health check passed");
+                successes = successes.saturating_add(1);
+                failures = 0;
+                if !healthy && successes >= config.healthy_threshold.max(1) {
+                    tracing::info!(checks = successes, "app is healthy");
+                    verdict.send_replace(true);
+                }
+            }
+            Err(reason) => {
+                tracing::debug!(%reason, "health check failed");
+                failures = failures.saturating_add(1);
+                successes = 0;
+                if healthy && failures >= config.unhealthy_threshold.max(1) {
+                    tracing::warn!(checks = failures, %reason, "app is unhealthy");
+                    verdict.send_replace(false);
+                }
+            }
+        }
+    }
+}
+
+/// Why a controller call failed.
+#[derive(Debug, thiserror::Error)]
+enum CallError {
+    #[error("no usable controller address")]
+    NoControllers,
+    #[error(transparent)]
+    Connect(#[from] ControlError),
+    #[error("controller {controller}: {call} failed: {status}")]
+    Status {
+        controller: String,
+        call: &'static str,
+        status: tonic::Status,
+    },
+    #[error("controller {controller}: {call} got no answer within {RPC_TIMEOUT:?}")]
+    Timeout {
+        controller: String,
+        call: &'static str,
+    },
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Lease {
+    id: i64,
+    /// When the lease runs out unless a keep-alive is answered before.
+    valid_until: Instant,
+}
+
+impl Lease {
+    fn granted(response: &RegisterResponse, now: Instant) -> Self {
+        Self {
+            id: response.lease_id,
+            valid_until: now + Duration::from_secs(response.ttl_seconds.into()),
+        }
+    }
+}
+
+/// A connection to one controller with its open KeepAlive stream.
+struct Session {
+    controller: String,
+    client: RegistryClient<Channel>,
+    keepalives: mpsc::Sender<KeepAliveRequest>,
+    responses: Streaming<KeepAliveResponse>,
+}
+
+impl Session {
+    async fn unary<T>(
+        &self,
+        call: &'static str,
+        response: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    ) -> Result<T, CallError> {
+        match tokio::time::timeout(RPC_TIMEOUT, response).await {
+            Ok(Ok(response)) => Ok(response.into_inner()),
+            Ok(Err(status)) => Err(CallError::Status {
+                controller: self.controller.clone(),
+                call,
+                status,
+            }),
+            Err(_) => Err(CallError::Timeout {
+                controller: self.controller.clone(),
+                call,
+            }),
+        }
+    }
+}
+
+/// Owns the leases; the only task that talks to the Registry.
+struct Registrar {
+    config: RegistrationConfig,
+    controllers: Option<Controllers>,
+    session: Option<Session>,
+    /// One per configured port, in order.
+    leases: Vec<Option<Lease>>,
+    announce: Option<Lease>,
+    healthy: bool,
+    backoff: Backoff,
+    retry_at: Option<Instant>,
+    status: watch::Sender<RegistrationStatus>,
+}
+
+impl Registrar {
+    async fn run(
+        mut self,
+        mut health: watch::Receiver<bool>,
+        mut deregister: mpsc::Receiver<oneshot::Sender<()>>,
+        stop: CancellationToken,
+    ) {
+        let period = (self.config.ttl / 3).max(MIN_KEEPALIVE_PERIOD);
+        let mut keepalive = tokio::time::interval_at(Instant::now() + period, period);
+        keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut health_open = true;
+        self.reconcile().await;
+        loop {
+            self.publish();
+            let retry_at = self.retry_at;
+            let responses = self.session.as_mut().map(|s| &mut s.responses);
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                request = deregister.recv() => {
+                    self.revoke_all().await;
+                    if let Some(done) = request {
+                        let _ = done.send(());
+                    }
+                    return;
+                }
+                changed = health.changed(), if health_open => {
+                    health_open = changed.is_ok();
+                    self.healthy = *health.borrow_and_update();
+                    self.reconcile().await;
+                }
+                _ = keepalive.tick() => self.send_keepalives().await,
+                response = next_response(responses) => self.on_keepalive(response).await,
+                _ = sleep_until_some(retry_at) => {
+                    self.retry_at = None;
+                    self.reconcile().await;
+                }
+            }
+        }
+        self.revoke_all().await;
+    }
+
+    fn publish(&self) {
+        let now = Instant::now();
+        let registered = self.healthy
+            && self
+                .leases
+                .iter()
+                .all(|l| l.is_some_and(|l| l.valid_until > now));
+        let status = RegistrationStatus {
+            healthy: self.healthy,
+            registered,
+        };
+        self.status.send_if_modified(|old| {
+            let changed = *old != status;
+            *old = status;
+            changed
+        });
+    }
+
+    /// Brings the controller in line with what should be registered; on failure drops the
+    /// session and schedules a retry.
+    async fn reconcile(&mut self) {
+        match self.try_reconcile().await {
+            Ok(()) => self.backoff.reset(),
+            Err(error) => {
+                let delay = self.backoff.next_delay();
+                tracing::warn!(%error, ?delay, "registration: controller call failed; retrying");
+                self.session = None;
+                self.retry_at = Some(Instant::now() + delay);
+            }
+        }
+    }
+
+    async fn try_reconcile(&mut self) -> Result<(), CallError> {
+        if !self.healthy {
+            let ids: Vec<i64> = self
+                .leases
+                .iter_mut()
+                .filter_map(Option::take)
+                .map(|l| l.id)
+                .collect();
+            if !ids.is_empty() {
+                tracing::info!("app unhealthy: deregistering its ports");
+                self.revoke(ids).await;
+            }
+        }
+        self.ensure_session().await?;
+        let session = self.session.as_ref().ok_or(CallError::NoControllers)?;
+        if self.announce.is_none() {
+            let request = AnnounceProxyRequest {
+                proxy: Some(self.config.proxy.clone()),
+                ttl_seconds: ttl_seconds(self.config.ttl),
+            };
+            let response = session
+                .unary(
+                    "AnnounceProxy",
+                    session.client.clone().announce_proxy(request),
+                )
+                .await?;
+            tracing::info!(lease = response.lease_id, controller = %session.controller, "proxy announced");
+            self.announce = Some(Lease::granted(&response, Instant::now()));
+        }
+        if self.healthy {
+            for (i, port) in self.config.ports.iter().enumerate() {
+                if self.leases[i].is_some() {
+                    continue;
+                }
+                let request = RegisterRequest {
+                    endpoint: Some(endpoint(&self.config, port)),
+                    ttl_seconds: ttl_seconds(self.config.ttl),
+                };
+                let response = session
+                    .unary("Register", session.client.clone().register(request))
+                    .await?;
+                tracing::info!(
+                    port = %port.port_name,
+                    advertise = %port.advertise,
+                    lease = response.lease_id,
+                    controller = %session.controller,
+                    "registered"
+                );
+                self.leases[i] = Some(Lease::granted(&response, Instant::now()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Connects and opens the KeepAlive stream if there is no session; then refreshes every
+    /// lease held, so leases lost while disconnected are noticed at once.
+    async fn ensure_session(&mut self) -> Result<(), CallError> {
+        if self.session.is_some() {
+            return Ok(());
+        }
+        let controllers = self.controllers.as_ref().ok_or(CallError::NoControllers)?;
+        let (controller, channel) = controllers.connect().await?;
+        let mut client = RegistryClient::new(channel);
+        let (tx, rx) = mpsc::channel(64);
+        let opened = tokio::time::timeout(RPC_TIMEOUT, client.keep_alive(ReceiverStream::new(rx)));
+        let responses = match opened.await {
+            Ok(Ok(response)) => response.into_inner(),
+            Ok(Err(status)) => {
+                return Err(CallError::Status {
+                    controller,
+                    call: "KeepAlive",
+                    status,
+                });
+            }
+            Err(_) => {
+                return Err(CallError::Timeout {
+                    controller,
+                    call: "KeepAlive",
+                });
+            }
+        };
+        tracing::info!(%controller, "registration: connected to controller");
+        self.session = Some(Session {
+            controller,
+            client,
+            keepalives: tx,
+            responses,
+        });
+        self.send_keepalives().await;
+        Ok(())
+    }
+
+    fn lease_ids(&self) -> impl Iterator<Item = i64> + '_ {
+        self.announce
+            .iter()
+            .chain(self.leases.iter().flatten())
+            .map(|l| l.id)
+    }
+
+    async fn send_keepalives(&mut self) {
+        let Some(session) = &self.session else {
+            return;
+        };
+        for lease_id in self.lease_ids() {
+            tracing::debug!(lease = lease_id, "keep-alive");
+            if session
+                .keepalives
+                .send(KeepAliveRequest { lease_id })
+                .await
+                .is_err()
+            {
+                // The stream is gone; its end shows up as a response error and reconnects.
+                break;
+            }
+        }
+    }
+
+    async fn on_keepalive(&mut self, response: Result<Option<KeepAliveResponse>, tonic::Status>) {
+        let response = match response {
+            Ok(Some(response)) => response,
+            outcome => {
+                let delay = self.backoff.next_delay();
+                let error = outcome.err().map(|s| s.to_string()).unwrap_or_default();
+                tracing::warn!(%error, ?delay, "registration: keep-alive stream ended; reconnecting");
+                self.session = None;
+                self.retry_at = Some(Instant::now() + delay);
+                return;
+            }
+        };
+        let now = Instant::now();
+        let lease = self
+            .announce
+            .iter_mut()
+            .chain(self.leases.iter_mut().flatten())
+            .find(|l| l.id == response.lease_id);
+        let Some(lease) = lease else {
+            return; // A lease given up on since (deregistered).
+        };
+        if response.found {
+            lease.valid_until = now + Duration::from_secs(response.ttl_seconds.into());
+            return;
+        }
+        tracing::info!(
+            lease = response.lease_id,
+            "lease expired at the controller; registering again"
+        );
+        if self.announce.is_some_and(|l| l.id == response.lease_id) {
+            self.announce = None;
+        }
+        for slot in &mut self.leases {
+            if slot.is_some_and(|l| l.id == response.lease_id) {
+                *slot = None;
+            }
+        }
+        self.reconcile().await;
+    }
+
+    /// Revokes every lease, ports and proxy announcement alike.
+    async fn revoke_all(&mut self) {
+        let ids: Vec<i64> = self.lease_ids().collect();
+        self.announce = None;
+        self.leases.iter_mut().for_each(|l| *l = None);
+        self.healthy = false;
+        self.publish();
+        if !ids.is_empty() {
+            tracing::info!(leases = ids.len(), "deregistering");
+            self.revoke(ids).await;
+        }
+    }
+
+    /// Deregisters `ids` concurrently, bounded by [`DEREGISTER_TIMEOUT`]; failures are only
+    /// logged, since a lease no longer kept alive expires on its own.
+    async fn revoke(&mut self, ids: Vec<i64>) {
+        let work = async {
+            if let Err(error) = self.ensure_session().await {
+                tracing::warn!(%error, "cannot deregister; leases expire after their TTL");
+                return;
+            }
+            let Some(session) = &self.session else {
+                return;
+            };
+            let calls = ids.iter().map(|&lease_id| async move {
+                let mut client = session.client.clone();
+                let call = client.deregister(DeregisterRequest { lease_id });
+                if let Err(error) = session.unary("Deregister", call).await {
+                    tracing::warn!(lease = lease_id, %error, "deregister failed; lease expires after its TTL");
+                } else {
+                    tracing::debug!(lease = lease_id, "deregistered");
+                }
+            });
+            futures::future::join_all(calls).await;
+        };
+        if tokio::time::timeout(DEREGISTER_TIMEOUT, work)
+            .await
+            .is_err()
+        {
+            tracing::warn!("deregistering timed out; leases expire after their TTL");
+        }
+    }
+}
+
+async fn next_response(
+    responses: Option<&mut Streaming<KeepAliveResponse>>,
+) -> Result<Option<KeepAliveResponse>, tonic::Status> {
+    match responses {
+        Some(responses) => responses.message().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Whole seconds, rounded up, at least 1.
+fn ttl_seconds(ttl: Duration) -> u32 {
+    (ttl.as_secs_f64().ceil() as u32).max(1)
+}
+
+fn endpoint(config: &RegistrationConfig, port: &RegisteredPort) -> Endpoint {
+    Endpoint {
+        service: config.proxy.service.clone(),
+        port_name: port.port_name.clone(),
+        address: port.advertise.ip().to_string(),
+        port: port.advertise.port().into(),
+        identity: String::new(),
+        labels: config.labels.iter().cloned().collect::<HashMap<_, _>>(),
+        zone: config.zone.clone(),
+        protocol_hint: port.protocol_hint.into(),
+        weight: 1,
+        meshed: true,
+        proxy_id: config.proxy.proxy_id.clone(),
     }
 }
