@@ -666,3 +666,377 @@ fn endpoint(config: &RegistrationConfig, port: &RegisteredPort) -> Endpoint {
         proxy_id: config.proxy.proxy_id.clone(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+    use std::convert::Infallible;
+    use std::pin::Pin;
+    use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    use ferrule_proto::v1::registry_server::{self, RegistryServer};
+    use ferrule_proto::v1::{DeregisterResponse, KeepAliveResponse};
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+    use tokio::net::TcpListener;
+    use tokio_stream::Stream;
+    use tokio_stream::wrappers::TcpListenerStream;
+    use tonic::{Request, Response, Status};
+
+    use super::*;
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    #[derive(Debug)]
+    enum Event {
+        Announce(ProxyInfo, i64),
+        Register(Endpoint, i64),
+        KeepAlive(i64, bool),
+        Deregister(i64),
+    }
+
+    /// A real Registry server that keeps leases in memory and reports every call.
+    #[derive(Clone)]
+    struct FakeRegistry {
+        leases: Arc<Mutex<HashSet<i64>>>,
+        next_lease: Arc<AtomicUsize>,
+        events: mpsc::UnboundedSender<Event>,
+    }
+
+    impl FakeRegistry {
+        fn grant(&self, ttl_seconds: u32) -> RegisterResponse {
+            let lease_id = 100 + self.next_lease.fetch_add(1, Ordering::Relaxed) as i64;
+            self.leases.lock().unwrap().insert(lease_id);
+            RegisterResponse {
+                lease_id,
+                ttl_seconds,
+                revision: lease_id,
+            }
+        }
+    }
+
+    #[tonic::async_trait]
+    impl registry_server::Registry for FakeRegistry {
+        type KeepAliveStream =
+            Pin<Box<dyn Stream<Item = Result<KeepAliveResponse, Status>> + Send>>;
+
+        async fn register(
+            &self,
+            request: Request<RegisterRequest>,
+        ) -> Result<Response<RegisterResponse>, Status> {
+            let request = request.into_inner();
+            let response = self.grant(request.ttl_seconds);
+            let _ = self.events.send(Event::Register(
+                request.endpoint.unwrap_or_default(),
+                response.lease_id,
+            ));
+            Ok(Response::new(response))
+        }
+
+        async fn keep_alive(
+            &self,
+            request: Request<Streaming<KeepAliveRequest>>,
+        ) -> Result<Response<Self::KeepAliveStream>, Status> {
+            let mut requests = request.into_inner();
+            let (tx, rx) = mpsc::channel(16);
+            let this = self.clone();
+            tokio::spawn(async move {
+                while let Ok(Some(request)) = requests.message().await {
+                    let found = this.leases.lock().unwrap().contains(&request.lease_id);
+                    let _ = this.events.send(Event::KeepAlive(request.lease_id, found));
+                    let response = KeepAliveResponse {
+                        lease_id: request.lease_id,
+                        found,
+                        ttl_seconds: 1,
+                    };
+                    if tx.send(Ok(response)).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        }
+
+        async fn deregister(
+            &self,
+            request: Request<DeregisterRequest>,
+        ) -> Result<Response<DeregisterResponse>, Status> {
+            let lease_id = request.into_inner().lease_id;
+            self.leases.lock().unwrap().remove(&lease_id);
+            let _ = self.events.send(Event::Deregister(lease_id));
+            Ok(Response::new(DeregisterResponse {}))
+        }
+
+        async fn announce_proxy(
+            &self,
+            request: Request<AnnounceProxyRequest>,
+        ) -> Result<Response<RegisterResponse>, Status> {
+            let request = request.into_inner();
+            let response = self.grant(request.ttl_seconds);
+            let _ = self.events.send(Event::Announce(
+                request.proxy.unwrap_or_default(),
+                response.lease_id,
+            ));
+            Ok(Response::new(response))
+        }
+    }
+
+    struct Controller {
+        addr: String,
+        registry: FakeRegistry,
+        events: mpsc::UnboundedReceiver<Event>,
+        _stop: DropGuard,
+    }
+
+    async fn start_controller() -> Controller {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (tx, events) = mpsc::unbounded_channel();
+        let registry = FakeRegistry {
+            leases: Arc::default(),
+            next_lease: Arc::default(),
+            events: tx,
+        };
+        let stop = CancellationToken::new();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(RegistryServer::new(registry.clone()))
+                .serve_with_incoming_shutdown(
+                    TcpListenerStream::new(listener),
+                    stop.clone().cancelled_owned(),
+                ),
+        );
+        Controller {
+            addr,
+            registry,
+            events,
+            _stop: stop.drop_guard(),
+        }
+    }
+
+    impl Controller {
+        /// The next event `f` accepts (others, such as keep-alives, are skipped).
+        async fn expect<T>(&mut self, what: &str, mut f: impl FnMut(Event) -> Option<T>) -> T {
+            let find = async {
+                loop {
+                    let event = self.events.recv().await.expect("controller gone");
+                    if let Some(found) = f(event) {
+                        return found;
+                    }
+                }
+            };
+            tokio::time::timeout(WAIT, find)
+                .await
+                .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+        }
+
+        async fn registered(&mut self) -> (Endpoint, i64) {
+            self.expect("Register", |e| match e {
+                Event::Register(ep, lease) => Some((ep, lease)),
+                _ => None,
+            })
+            .await
+        }
+
+        async fn deregistered(&mut self) -> i64 {
+            self.expect("Deregister", |e| match e {
+                Event::Deregister(lease) => Some(lease),
+                _ => None,
+            })
+            .await
+        }
+    }
+
+    /// An app answering every request with the status in `status`; counts requests.
+    async fn start_app() -> (SocketAddr, Arc<AtomicU16>, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let status = Arc::new(AtomicU16::new(200));
+        let hits = Arc::new(AtomicUsize::new(0));
+        let (s, h) = (status.clone(), hits.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let (status, hits) = (s.clone(), h.clone());
+                let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                    assert_eq!(request.uri().path(), "/health");
+                    hits.fetch_add(1, Ordering::SeqCst);
+                    let code = status.load(Ordering::SeqCst);
+                    async move {
+                        Ok::<_, Infallible>(
+                            http::Response::builder()
+                                .status(code)
+                                .body(Empty::<Bytes>::new())
+                                .unwrap(),
+                        )
+                    }
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service),
+                );
+            }
+        });
+        (addr, status, hits)
+    }
+
+    fn config(app: SocketAddr, kind: HealthCheckKind, ttl: Duration) -> RegistrationConfig {
+        RegistrationConfig {
+            proxy: ProxyInfo {
+                proxy_id: "user-1".into(),
+                service: "user".into(),
+                ..Default::default()
+            },
+            ports: vec![RegisteredPort {
+                port_name: "http".into(),
+                app_addr: app,
+                advertise: "127.0.0.1:4143".parse().unwrap(),
+                protocol_hint: ProtocolHint::Http1,
+            }],
+            labels: vec![("version".into(), "v1".into())],
+            zone: "z1".into(),
+            ttl,
+            health: HealthCheck {
+                kind,
+                interval: Duration::from_millis(20),
+                timeout: Duration::from_millis(500),
+                healthy_threshold: 2,
+                unhealthy_threshold: 3,
+            },
+        }
+    }
+
+    async fn wait_status(
+        registration: &Registration,
+        what: &str,
+        f: impl FnMut(&RegistrationStatus) -> bool,
+    ) {
+        let mut status = registration.status();
+        tokio::time::timeout(WAIT, status.wait_for(f))
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+            .expect("registrar gone");
+    }
+
+    #[tokio::test]
+    async fn registers_while_healthy_and_deregisters_on_shutdown() {
+        let mut controller = start_controller().await;
+        let (app, app_status, hits) = start_app().await;
+        let shutdown = CancellationToken::new();
+        let cfg = config(
+            app,
+            HealthCheckKind::Http {
+                path: "/health".into(),
+            },
+            Duration::from_secs(30),
+        );
+        let registration =
+            Registration::spawn(cfg, vec![controller.addr.clone()], shutdown.clone());
+
+        let announce = controller
+            .expect("AnnounceProxy", |e| match e {
+                Event::Announce(proxy, lease) => Some((proxy, lease)),
+                _ => None,
+            })
+            .await;
+        assert_eq!(announce.0.proxy_id, "user-1");
+        let (endpoint, lease) = controller.registered().await;
+        assert!(
+            hits.load(Ordering::SeqCst) >= 2,
+            "registered before the healthy threshold"
+        );
+        assert_eq!(endpoint.service, "user");
+        assert_eq!(endpoint.port_name, "http");
+        assert_eq!(
+            (endpoint.address.as_str(), endpoint.port),
+            ("127.0.0.1", 4143)
+        );
+        assert_eq!(
+            endpoint.labels.get("version").map(String::as_str),
+            Some("v1")
+        );
+        assert_eq!(endpoint.zone, "z1");
+        assert_eq!(endpoint.protocol_hint(), ProtocolHint::Http1);
+        assert!(endpoint.meshed);
+        assert_eq!((endpoint.proxy_id.as_str(), endpoint.weight), ("user-1", 1));
+        wait_status(&registration, "registered", |s| s.healthy && s.registered).await;
+
+        // The app starts failing: deregistered once the unhealthy threshold is crossed.
+        let before = hits.load(Ordering::SeqCst);
+        app_status.store(500, Ordering::SeqCst);
+        assert_eq!(controller.deregistered().await, lease);
+        assert!(
+            hits.load(Ordering::SeqCst) - before >= 3,
+            "deregistered before the threshold"
+        );
+        wait_status(&registration, "unhealthy", |s| !s.healthy && !s.registered).await;
+
+        // It recovers: registered again under a new lease.
+        app_status.store(200, Ordering::SeqCst);
+        let (_, lease) = controller.registered().await;
+        wait_status(&registration, "registered again", |s| s.registered).await;
+
+        // Shutdown revokes the port's lease and the proxy announcement.
+        shutdown.cancel();
+        let mut revoked = HashSet::new();
+        revoked.insert(controller.deregistered().await);
+        revoked.insert(controller.deregistered().await);
+        assert_eq!(revoked, HashSet::from([lease, announce.1]));
+        wait_status(&registration, "stopped", |s| !s.registered).await;
+        assert!(controller.registry.leases.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn keeps_alive_re_registers_and_fails_over() {
+        let dead = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dead_addr = dead.local_addr().unwrap().to_string();
+        drop(dead);
+        let mut controller = start_controller().await;
+        // The app only needs to accept connections for a TCP check.
+        let app = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let cfg = config(
+            app.local_addr().unwrap(),
+            HealthCheckKind::Tcp,
+            Duration::from_millis(300),
+        );
+        let registration = Registration::spawn(
+            cfg,
+            vec![dead_addr, controller.addr.clone()],
+            CancellationToken::new(),
+        );
+        let (_, lease) = controller.registered().await;
+        controller
+            .expect("keep-alive", |e| {
+                matches!(e, Event::KeepAlive(l, true) if l == lease).then_some(())
+            })
+            .await;
+
+        // The lease disappears from the store: the next keep-alive says so, and the port is
+        // registered again.
+        controller.registry.leases.lock().unwrap().remove(&lease);
+        controller
+            .expect("lost lease noticed", |e| {
+                matches!(e, Event::KeepAlive(l, false) if l == lease).then_some(())
+            })
+            .await;
+        let (_, new_lease) = controller.registered().await;
+        assert_ne!(new_lease, lease);
+        wait_status(&registration, "registered", |s| s.registered).await;
+
+        // deregister() revokes everything and returns once the controller confirmed.
+        registration.deregister().await;
+        assert!(controller.registry.leases.lock().unwrap().is_empty());
+        assert!(!registration.registered());
+        drop(app);
+    }
+
+    #[test]
+    fn ttl_rounds_up_to_whole_seconds() {
+        assert_eq!(ttl_seconds(Duration::from_millis(300)), 1);
+        assert_eq!(ttl_seconds(Duration::from_millis(2500)), 3);
+        assert_eq!(ttl_seconds(Duration::from_secs(10)), 10);
+    }
+}
