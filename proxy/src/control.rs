@@ -32,6 +32,22 @@ pub enum ControlError {
     Unreachable { tried: String, last: String },
 }
 
+/// [`Controllers::parse`] for components that may run without a controller: logs why there is
+/// none (at info when none was configured, at error when an address is bad).
+pub(crate) fn parse_or_log(addresses: &[String], component: &str) -> Option<Controllers> {
+    match Controllers::parse(addresses) {
+        Ok(controllers) => Some(controllers),
+        Err(ControlError::NoControllers) => {
+            tracing::info!(component, "no controller configured");
+            None
+        }
+        Err(error) => {
+            tracing::error!(component, %error, "no usable controller");
+            None
+        }
+    }
+}
+
 /// The controller replicas, parsed once. Cheap to clone; clones share the rotation.
 #[derive(Clone, Debug)]
 pub struct Controllers {

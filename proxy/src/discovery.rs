@@ -176,9 +176,7 @@ impl Discovery {
     /// controller (every service stays unsynced); validate flags early with
     /// [`Controllers::parse`] to refuse them at startup instead.
     pub fn new(controllers: Vec<String>, proxy: ProxyInfo) -> Self {
-        let controllers = Controllers::parse(&controllers)
-            .inspect_err(|e| tracing::error!(error = %e, "discovery has no usable controller"))
-            .ok();
+        let controllers = crate::control::parse_or_log(&controllers, "discovery");
         Self {
             inner: Arc::new(Inner {
                 source: Some(Source {

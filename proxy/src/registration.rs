@@ -116,9 +116,7 @@ impl Registration {
         shutdown: CancellationToken,
     ) -> Self {
         let stop = shutdown.child_token();
-        let controllers = Controllers::parse(&controllers)
-            .inspect_err(|e| tracing::error!(error = %e, "registration has no usable controller"))
-            .ok();
+        let controllers = crate::control::parse_or_log(&controllers, "registration");
         let (health_tx, health_rx) = watch::channel(false);
         let (status_tx, status_rx) = watch::channel(RegistrationStatus::default());
         let (deregister_tx, deregister_rx) = mpsc::channel(1);
