@@ -1,0 +1,27 @@
+//! Ferrule's config resources: the model, parsing and validation that the controller (which
+//! validates and stores them), the CLI (which reads users' files) and the proxy (which applies
+//! them) share.
+//!
+//! A resource is a Kubernetes-style document (`apiVersion: ferrule.io/v1`, `kind`,
+//! `metadata`, `spec`) read into a [`Resource`] by [`Resource::parse_documents`] or, from the
+//! store, by [`Resource::from_parts`]. Parsing refuses malformed input (unknown fields, wrong
+//! types, bad durations or gRPC codes) with the field's path; [`validate`] then checks what
+//! parsing cannot (ranges, regexes, weights, names, references, duplicates across a batch).
+//! Kinds: [`ServicePolicySpec`] (`ServicePolicy`) and [`HttpRouteSpec`] (`HTTPRoute`); the
+//! proxy reads a policy through [`ServicePolicySpec::effective`], where defaults are filled in.
+//! `docs/config.md` documents every field.
+
+mod duration;
+mod grpc;
+mod policy;
+mod resource;
+mod route;
+mod validate;
+
+pub use grpc::{GrpcCode, GrpcCodeError};
+pub use policy::*;
+pub use resource::{
+    API_VERSION, ConfigError, DEFAULT_NAMESPACE, Kind, Metadata, Resource, ResourceId, Spec,
+};
+pub use route::*;
+pub use validate::{FieldError, ValidationErrors, validate};
