@@ -1,5 +1,5 @@
-//! `ferrule.v1.Admin`: what the CLI reads (services, endpoints, proxies). Config writes arrive
-//! with the configuration centre (issue #5) and answer UNIMPLEMENTED until then.
+//! `ferrule.v1.Admin`: what the CLI needs: reads of services, endpoints and proxies, and the
+//! config writes, history and rollback of the configuration centre ([`crate::config`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -16,23 +16,22 @@ use ferrule_store::Store;
 use prost::Message;
 use tonic::{Request, Response, Status};
 
+use crate::config::ConfigStore;
 use crate::keys;
 use crate::registry::store_status;
 
 pub struct AdminService {
     store: Arc<dyn Store>,
+    config: ConfigStore,
 }
 
 impl AdminService {
     pub fn new(store: Arc<dyn Store>) -> Self {
-        Self { store }
+        Self {
+            config: ConfigStore::new(store.clone()),
+            store,
+        }
     }
-}
-
-fn config_unimplemented() -> Status {
-    Status::unimplemented(
-        "config resources are not implemented yet (configuration centre: issue #5)",
-    )
 }
 
 #[tonic::async_trait]
@@ -111,36 +110,60 @@ impl Admin for AdminService {
 
     async fn apply_config(
         &self,
-        _: Request<ApplyConfigRequest>,
+        request: Request<ApplyConfigRequest>,
     ) -> Result<Response<ApplyConfigResponse>, Status> {
-        Err(config_unimplemented())
+        let req = request.into_inner();
+        Ok(Response::new(
+            self.config.apply(req.resources, req.dry_run).await?,
+        ))
     }
 
     async fn get_config(
         &self,
-        _: Request<GetConfigRequest>,
+        request: Request<GetConfigRequest>,
     ) -> Result<Response<GetConfigResponse>, Status> {
-        Err(config_unimplemented())
+        let req = request.into_inner();
+        let (resources, version) = self
+            .config
+            .get(&req.kind, &req.namespace, &req.name)
+            .await?;
+        Ok(Response::new(GetConfigResponse { resources, version }))
     }
 
     async fn delete_config(
         &self,
-        _: Request<DeleteConfigRequest>,
+        request: Request<DeleteConfigRequest>,
     ) -> Result<Response<DeleteConfigResponse>, Status> {
-        Err(config_unimplemented())
+        let req = request.into_inner();
+        let version = self
+            .config
+            .delete(&req.kind, &req.namespace, &req.name)
+            .await?;
+        Ok(Response::new(DeleteConfigResponse { version }))
     }
 
     async fn config_history(
         &self,
-        _: Request<ConfigHistoryRequest>,
+        request: Request<ConfigHistoryRequest>,
     ) -> Result<Response<ConfigHistoryResponse>, Status> {
-        Err(config_unimplemented())
+        let req = request.into_inner();
+        let changes = self
+            .config
+            .history(&req.kind, &req.namespace, &req.name)
+            .await?;
+        Ok(Response::new(ConfigHistoryResponse { changes }))
     }
 
     async fn rollback_config(
         &self,
-        _: Request<RollbackConfigRequest>,
+        request: Request<RollbackConfigRequest>,
     ) -> Result<Response<ApplyConfigResponse>, Status> {
-        Err(config_unimplemented())
+        let to = request.into_inner().to_version;
+        if to <= 0 {
+            return Err(Status::invalid_argument(
+                "to_version: must be a config version (> 0)",
+            ));
+        }
+        Ok(Response::new(self.config.rollback(to).await?))
     }
 }

@@ -3,13 +3,19 @@
 //! * `/ferrule/registry/<service>/<port-name>/<address>:<port>`: a registered endpoint
 //!   (protobuf `Endpoint`), attached to the registrant's lease.
 //! * `/ferrule/proxies/<proxy-id>`: an announced proxy (protobuf `ProxyStatus`), under a lease.
-//! * `/ferrule/config/<kind>/<namespace>/<name>`: config resources (issue #5).
+//! * `/ferrule/config/<kind>/<namespace>/<name>`: a config resource's spec as JSON.
+//! * `/ferrule/config/_version`: rewritten by every config commit; its revision is the config
+//!   version.
 
+use ferrule_config::{Kind, Resource};
 use ferrule_proto::names::endpoint_key;
 use ferrule_proto::v1::Endpoint;
 
 pub const REGISTRY: &str = "/ferrule/registry/";
 pub const PROXIES: &str = "/ferrule/proxies/";
+pub const CONFIG: &str = "/ferrule/config/";
+/// Rewritten by every config commit: its revision is the config version.
+pub const CONFIG_VERSION: &str = "/ferrule/config/_version";
 
 /// Prefix of every endpoint of one service. The trailing slash keeps `user` from matching
 /// `user-v2`.
@@ -24,6 +30,45 @@ pub fn endpoint(ep: &Endpoint) -> String {
 /// The service an endpoint key belongs to, and the endpoint's key within it.
 pub fn split_endpoint(key: &str) -> Option<(&str, &str)> {
     key.strip_prefix(REGISTRY)?.split_once('/')
+}
+
+pub fn config_key(kind: Kind, namespace: &str, name: &str) -> String {
+    format!("{CONFIG}{kind}/{namespace}/{name}")
+}
+
+pub fn config(resource: &Resource) -> String {
+    config_key(
+        resource.kind,
+        &resource.metadata.namespace,
+        &resource.metadata.name,
+    )
+}
+
+/// The prefix selecting one kind, one namespace of it, or one resource; `None` for every kind.
+/// A namespace or name without the level above it is refused.
+pub fn config_prefix(
+    kind: &Option<Kind>,
+    namespace: &str,
+    name: &str,
+) -> Result<String, tonic::Status> {
+    match (kind, namespace.is_empty(), name.is_empty()) {
+        (None, true, true) => Ok(CONFIG.to_string()),
+        (None, _, _) => Err(tonic::Status::invalid_argument(
+            "kind: required when a namespace or name is given",
+        )),
+        (Some(kind), true, true) => Ok(format!("{CONFIG}{kind}/")),
+        (Some(kind), false, true) => Ok(format!("{CONFIG}{kind}/{namespace}/")),
+        (Some(kind), ns_empty, false) => {
+            let namespace = if ns_empty { "default" } else { namespace };
+            Ok(config_key(*kind, namespace, name))
+        }
+    }
+}
+
+/// `(kind, namespace, name)` of a config key.
+pub fn split_config(key: &str) -> Option<(&str, &str, &str)> {
+    let mut parts = key.strip_prefix(CONFIG)?.splitn(3, '/');
+    Some((parts.next()?, parts.next()?, parts.next()?))
 }
 
 pub fn proxy(proxy_id: &str) -> String {

@@ -3,10 +3,12 @@
 //! Everything the controller knows lives in the store ([`keys`] says where), so any number of
 //! replicas on one etcd give the same answers and a proxy may reconnect to any of them.
 //! [`registry`] writes registrations under leases, [`discovery`] fans one store watch per
-//! service out to every subscriber, [`admin`] answers the CLI, [`http`] serves `/live`,
+//! service out to every subscriber, [`config`] is the configuration centre, [`admin`] answers
+//! the CLI, [`http`] serves `/live`,
 //! `/ready` and `/metrics`.
 
 pub mod admin;
+pub mod config;
 pub mod discovery;
 pub mod http;
 pub mod keys;
@@ -45,7 +47,9 @@ pub async fn serve(
         )))
         .add_service(DiscoveryServer::new(discovery::DiscoveryService::new(hub)))
         .add_service(AdminServer::new(admin::AdminService::new(store.clone())))
-        .add_service(ConfigServer::new(stubs::ConfigStub))
+        .add_service(ConfigServer::new(config::ConfigService::new(
+            config::ConfigHub::spawn(store.clone()),
+        )))
         .add_service(IdentityServer::new(stubs::IdentityStub));
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
     let grpc_shutdown = shutdown.clone();

@@ -1,0 +1,619 @@
+//! The configuration centre: validated, versioned config resources in the store.
+//!
+//! Writes come through `Admin` (apply, delete, rollback), are validated with `ferrule-config`
+//! (a bad resource is refused naming the field, and nothing is stored) and land in one store
+//! commit, all or nothing. Every config commit also rewrites [`keys::CONFIG_VERSION`], so that
+//! key's revision is the config version: unrelated writes (registrations) never change it, and
+//! history and rollback read the store at that revision.
+//!
+//! `Config/Watch` streams each proxy the resources that apply to it (those of its own service
+//! and of the services it calls, and of the backends their routes split to) as versioned
+//! snapshots, and records each ack or nack on the proxy's record for `ferrule status`. One store
+//! watch on the config prefix is shared by every stream ([`ConfigHub`]).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferrule_config::{Kind, Resource, Spec};
+use ferrule_proto::v1::{
+    self as pb, ApplyConfigResponse, ConfigChange, ConfigRequest, ConfigSnapshot, ProxyInfo,
+    ProxyStatus, config_request,
+};
+use ferrule_store::{Listing, Op, Revision, Store, StoreError, WatchEvent};
+use futures::{Stream, StreamExt};
+use prost::Message;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Status, Streaming};
+
+use crate::keys;
+use crate::registry::store_status;
+
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// Every stored resource, as of one config version.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigState {
+    pub synced: bool,
+    /// The config version: the revision of the last config commit (0: never configured).
+    pub version: Revision,
+    /// Keyed by store key.
+    pub resources: BTreeMap<String, Stored>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stored {
+    pub resource: Resource,
+    pub revision: Revision,
+}
+
+impl Stored {
+    pub fn to_proto(&self) -> pb::Resource {
+        pb::Resource {
+            kind: self.resource.kind.to_string(),
+            namespace: self.resource.metadata.namespace.clone(),
+            name: self.resource.metadata.name.clone(),
+            spec_json: self.resource.spec_json(),
+            revision: self.revision,
+        }
+    }
+}
+
+/// The service a resource configures.
+fn target_service(resource: &Resource) -> &str {
+    match &resource.spec {
+        Spec::ServicePolicy(p) => &p.service,
+        Spec::HttpRoute(r) => &r.service,
+    }
+}
+
+fn backend_services(resource: &Resource) -> Vec<&str> {
+    match &resource.spec {
+        Spec::HttpRoute(r) => r
+            .rules
+            .iter()
+            .flat_map(|rule| rule.backends.iter().map(|b| b.service.as_str()))
+            .collect(),
+        Spec::ServicePolicy(_) => Vec::new(),
+    }
+}
+
+/// Decodes a listing of the config prefix into resources and the config version.
+fn decode_listing(listing: &Listing) -> ConfigState {
+    let mut state = ConfigState {
+        synced: true,
+        ..ConfigState::default()
+    };
+    for kv in &listing.kvs {
+        if kv.key == keys::CONFIG_VERSION {
+            state.version = kv.mod_revision;
+        } else if let Some(stored) = decode(&kv.key, &kv.value, kv.mod_revision) {
+            state.resources.insert(kv.key.clone(), stored);
+        }
+    }
+    state
+}
+
+fn decode(key: &str, value: &[u8], revision: Revision) -> Option<Stored> {
+    let (kind, namespace, name) = keys::split_config(key)?;
+    let spec = String::from_utf8_lossy(value);
+    match Resource::from_parts(kind, namespace, name, &spec) {
+        Ok(resource) => Some(Stored { resource, revision }),
+        Err(e) => {
+            tracing::warn!(%key, error = %e, "skipping a stored resource that no longer parses");
+            None
+        }
+    }
+}
+
+/// Applies, deletes and rolls back config; answers reads and history.
+#[derive(Clone)]
+pub struct ConfigStore {
+    store: Arc<dyn Store>,
+}
+
+/// How one resource of an apply changes what is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Created,
+    Configured,
+    Unchanged,
+}
+
+impl Outcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Created => "created",
+            Outcome::Configured => "configured",
+            Outcome::Unchanged => "unchanged",
+        }
+    }
+}
+
+impl ConfigStore {
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Self { store }
+    }
+
+    async fn current(&self) -> Result<ConfigState, Status> {
+        let listing = self
+            .store
+            .list(keys::CONFIG, None)
+            .await
+            .map_err(store_status)?;
+        Ok(decode_listing(&listing))
+    }
+
+    /// Services a route may send to: those with registered endpoints, and those any stored or
+    /// applied resource configures.
+    async fn known_services(
+        &self,
+        state: &ConfigState,
+        batch: &[Resource],
+    ) -> Result<BTreeSet<String>, Status> {
+        let registry = self
+            .store
+            .list(keys::REGISTRY, None)
+            .await
+            .map_err(store_status)?;
+        let mut known: BTreeSet<String> = registry
+            .kvs
+            .iter()
+            .filter_map(|kv| keys::split_endpoint(&kv.key).map(|(svc, _)| svc.to_string()))
+            .collect();
+        known.extend(
+            state
+                .resources
+                .values()
+                .map(|s| target_service(&s.resource).to_string()),
+        );
+        known.extend(batch.iter().map(|r| target_service(r).to_string()));
+        Ok(known)
+    }
+
+    /// Validates and stores `resources` atomically. With `dry_run`, validates and reports the
+    /// outcomes without storing.
+    pub async fn apply(
+        &self,
+        resources: Vec<pb::Resource>,
+        dry_run: bool,
+    ) -> Result<ApplyConfigResponse, Status> {
+        if resources.is_empty() {
+            return Err(Status::invalid_argument("resources: nothing to apply"));
+        }
+        let mut batch = Vec::with_capacity(resources.len());
+        for (i, r) in resources.iter().enumerate() {
+            let parsed = Resource::from_parts(&r.kind, &r.namespace, &r.name, &r.spec_json)
+                .map_err(|e| {
+                    Status::invalid_argument(format!(
+                        "resource {i} ({}/{}/{}): {e}",
+                        r.kind, r.namespace, r.name
+                    ))
+                })?;
+            batch.push(parsed);
+        }
+        let state = self.current().await?;
+        let known = self.known_services(&state, &batch).await?;
+        ferrule_config::validate(&batch, Some(&known))
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+
+        let mut ops = Vec::new();
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for resource in &batch {
+            let key = keys::config(resource);
+            let outcome = match state.resources.get(&key) {
+                Some(stored) if stored.resource == *resource => Outcome::Unchanged,
+                Some(_) => Outcome::Configured,
+                None => Outcome::Created,
+            };
+            if outcome != Outcome::Unchanged {
+                ops.push(Op::Put {
+                    key,
+                    value: resource.spec_json().into_bytes(),
+                });
+            }
+            outcomes.push(outcome.as_str().to_string());
+        }
+        let version = if dry_run || ops.is_empty() {
+            state.version
+        } else {
+            self.commit(ops).await?
+        };
+        if !dry_run {
+            tracing::info!(version, resources = batch.len(), "config applied");
+        }
+        Ok(ApplyConfigResponse { version, outcomes })
+    }
+
+    /// Commits config ops together with the version marker; returns the new version.
+    async fn commit(&self, mut ops: Vec<Op>) -> Result<Revision, Status> {
+        ops.push(Op::Put {
+            key: keys::CONFIG_VERSION.to_string(),
+            value: Vec::new(),
+        });
+        self.store.commit(ops).await.map_err(store_status)
+    }
+
+    /// Resources under `kind[/namespace[/name]]`, current or at `at`.
+    pub async fn get(
+        &self,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Result<(Vec<pb::Resource>, Revision), Status> {
+        let prefix = keys::config_prefix(&parse_kind(kind)?, namespace, name)?;
+        let state = self.current().await?;
+        let resources = state
+            .resources
+            .iter()
+            .filter(|(k, _)| k.starts_with(&prefix))
+            .map(|(_, s)| s.to_proto())
+            .collect();
+        Ok((resources, state.version))
+    }
+
+    pub async fn delete(
+        &self,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Revision, Status> {
+        let kind = parse_kind(kind)?.ok_or_else(|| Status::invalid_argument("kind: required"))?;
+        if name.is_empty() {
+            return Err(Status::invalid_argument("name: required"));
+        }
+        let namespace = if namespace.is_empty() {
+            "default"
+        } else {
+            namespace
+        };
+        let key = keys::config_key(kind, namespace, name);
+        if self.store.get(&key).await.map_err(store_status)?.is_none() {
+            return Err(Status::not_found(format!(
+                "{kind}/{namespace}/{name} not found"
+            )));
+        }
+        let version = self.commit(vec![Op::Delete { key }]).await?;
+        tracing::info!(version, %kind, %namespace, %name, "config deleted");
+        Ok(version)
+    }
+
+    /// Every config change still in the store's history, oldest first, optionally for one
+    /// resource or kind.
+    pub async fn history(
+        &self,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Vec<ConfigChange>, Status> {
+        let prefix = keys::config_prefix(&parse_kind(kind)?, namespace, name)?;
+        let Some(marker) = self
+            .store
+            .get(keys::CONFIG_VERSION)
+            .await
+            .map_err(store_status)?
+        else {
+            return Ok(Vec::new());
+        };
+        // Replay the whole config prefix from the start of history: every commit ends with the
+        // version marker, so the marker at the current version ends the replay.
+        let mut events = self
+            .store
+            .watch(keys::CONFIG, 0)
+            .await
+            .map_err(store_status)?;
+        let mut changes = Vec::new();
+        loop {
+            let event = match tokio::time::timeout(Duration::from_secs(10), events.next()).await {
+                Ok(Some(Ok(e))) => e,
+                Ok(Some(Err(StoreError::Compacted { oldest, .. }))) => {
+                    return Err(Status::failed_precondition(format!(
+                        "the store's history before revision {oldest} was compacted"
+                    )));
+                }
+                Ok(Some(Err(e))) => return Err(store_status(e)),
+                Ok(None) => break,
+                Err(_) => return Err(Status::unavailable("replaying config history timed out")),
+            };
+            if event.key() == keys::CONFIG_VERSION {
+                if event.revision() >= marker.mod_revision {
+                    break;
+                }
+                continue;
+            }
+            if !event.key().starts_with(&prefix) {
+                continue;
+            }
+            let (resource, deleted) = match &event {
+                WatchEvent::Put(kv) => (
+                    decode(&kv.key, &kv.value, kv.mod_revision).map(|s| s.to_proto()),
+                    false,
+                ),
+                WatchEvent::Delete { key, revision } => (
+                    keys::split_config(key).map(|(kind, namespace, name)| pb::Resource {
+                        kind: kind.to_string(),
+                        namespace: namespace.to_string(),
+                        name: name.to_string(),
+                        spec_json: String::new(),
+                        revision: *revision,
+                    }),
+                    true,
+                ),
+            };
+            changes.push(ConfigChange {
+                version: event.revision(),
+                resource,
+                deleted,
+            });
+        }
+        Ok(changes)
+    }
+
+    /// Makes the stored config what it was at version `to`: one commit, so proxies see a single
+    /// new version.
+    pub async fn rollback(&self, to: Revision) -> Result<ApplyConfigResponse, Status> {
+        let target = match self.store.list(keys::CONFIG, Some(to)).await {
+            Ok(l) => decode_listing(&l),
+            Err(StoreError::Compacted { .. }) => {
+                return Err(Status::failed_precondition(format!(
+                    "version {to} has been compacted"
+                )));
+            }
+            Err(StoreError::FutureRevision(_)) => {
+                return Err(Status::invalid_argument(format!(
+                    "version {to} does not exist yet"
+                )));
+            }
+            Err(e) => return Err(store_status(e)),
+        };
+        let current = self.current().await?;
+        let mut ops = Vec::new();
+        let mut outcomes = Vec::new();
+        for (key, stored) in &target.resources {
+            match current.resources.get(key) {
+                Some(now) if now.resource == stored.resource => {}
+                Some(_) => outcomes.push(format!("{} configured", stored.resource.id())),
+                None => outcomes.push(format!("{} created", stored.resource.id())),
+            }
+            if current.resources.get(key).map(|s| &s.resource) != Some(&stored.resource) {
+                ops.push(Op::Put {
+                    key: key.clone(),
+                    value: stored.resource.spec_json().into_bytes(),
+                });
+            }
+        }
+        for (key, stored) in &current.resources {
+            if !target.resources.contains_key(key) {
+                ops.push(Op::Delete { key: key.clone() });
+                outcomes.push(format!("{} deleted", stored.resource.id()));
+            }
+        }
+        if ops.is_empty() {
+            return Ok(ApplyConfigResponse {
+                version: current.version,
+                outcomes,
+            });
+        }
+        let version = self.commit(ops).await?;
+        tracing::info!(version, to, "config rolled back");
+        Ok(ApplyConfigResponse { version, outcomes })
+    }
+}
+
+/// An empty kind means every kind.
+fn parse_kind(kind: &str) -> Result<Option<Kind>, Status> {
+    if kind.is_empty() {
+        return Ok(None);
+    }
+    kind.parse::<Kind>()
+        .map(Some)
+        .map_err(|e| Status::invalid_argument(format!("kind: {e}")))
+}
+
+/// Shares one store watch on the config prefix among every `Config/Watch` stream.
+#[derive(Clone)]
+pub struct ConfigHub {
+    store: Arc<dyn Store>,
+    state: watch::Receiver<Arc<ConfigState>>,
+}
+
+impl ConfigHub {
+    /// Starts following the config prefix; the task lives as long as the controller.
+    pub fn spawn(store: Arc<dyn Store>) -> Self {
+        let (tx, rx) = watch::channel(Arc::new(ConfigState::default()));
+        tokio::spawn(follow_config(store.clone(), tx));
+        Self { store, state: rx }
+    }
+
+    /// Serves one proxy's `Config/Watch` stream.
+    pub async fn serve(
+        &self,
+        mut requests: Streaming<ConfigRequest>,
+    ) -> Result<SnapshotStream, Status> {
+        let first = tokio::time::timeout(Duration::from_secs(10), requests.next())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no subscribe request within 10s"))?
+            .ok_or_else(|| Status::invalid_argument("stream closed before subscribing"))??;
+        let Some(config_request::Kind::Subscribe(subscribe)) = first.kind else {
+            return Err(Status::invalid_argument(
+                "the first request must be `subscribe`",
+            ));
+        };
+        let proxy = subscribe.proxy.unwrap_or_default();
+        let mut services: BTreeSet<String> = subscribe.upstreams.into_iter().collect();
+        if !proxy.service.is_empty() {
+            services.insert(proxy.service.clone());
+        }
+        tracing::debug!(proxy = %proxy.proxy_id, ?services, "config watch");
+        let (tx, rx) = mpsc::channel(4);
+        let state = self.state.clone();
+        tokio::spawn(send_snapshots(state, services, tx.clone()));
+        tokio::spawn(record_acks(self.store.clone(), proxy, requests));
+        Ok(Box::pin(ReceiverStream::new(rx)))
+    }
+}
+
+async fn follow_config(store: Arc<dyn Store>, tx: watch::Sender<Arc<ConfigState>>) {
+    let mut backoff = RETRY_MIN;
+    loop {
+        let listing = match store.list(keys::CONFIG, None).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "listing config failed; keeping the last known config");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(RETRY_MAX);
+                continue;
+            }
+        };
+        backoff = RETRY_MIN;
+        let mut state = decode_listing(&listing);
+        tx.send_replace(Arc::new(state.clone()));
+        let mut events = match store.watch(keys::CONFIG, listing.revision).await {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(error = %e, "watching config failed; retrying");
+                tokio::time::sleep(backoff).await;
+                continue;
+            }
+        };
+        while let Some(event) = events.next().await {
+            let event = match event {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::info!(error = %e, "config watch restarts from a fresh listing");
+                    break;
+                }
+            };
+            match &event {
+                WatchEvent::Put(kv) if kv.key == keys::CONFIG_VERSION => {
+                    // The marker is written last in each commit's op list, but a commit's
+                    // events share one revision, so publish once the marker arrives.
+                    state.version = kv.mod_revision;
+                    tx.send_replace(Arc::new(state.clone()));
+                }
+                WatchEvent::Put(kv) => {
+                    if let Some(stored) = decode(&kv.key, &kv.value, kv.mod_revision) {
+                        state.resources.insert(kv.key.clone(), stored);
+                    }
+                }
+                WatchEvent::Delete { key, .. } => {
+                    state.resources.remove(key);
+                }
+            }
+        }
+    }
+}
+
+/// The resources a proxy needs: those configuring `services`, and those configuring the
+/// backends their routes send to.
+fn select(state: &ConfigState, services: &BTreeSet<String>) -> Vec<pb::Resource> {
+    let mut wanted = services.clone();
+    for stored in state.resources.values() {
+        if services.contains(target_service(&stored.resource)) {
+            wanted.extend(
+                backend_services(&stored.resource)
+                    .into_iter()
+                    .map(String::from),
+            );
+        }
+    }
+    state
+        .resources
+        .values()
+        .filter(|s| wanted.contains(target_service(&s.resource)))
+        .map(Stored::to_proto)
+        .collect()
+}
+
+async fn send_snapshots(
+    mut state: watch::Receiver<Arc<ConfigState>>,
+    services: BTreeSet<String>,
+    tx: mpsc::Sender<Result<ConfigSnapshot, Status>>,
+) {
+    let mut sent_version = None;
+    loop {
+        let current = state.borrow_and_update().clone();
+        if current.synced && sent_version != Some(current.version) {
+            let snapshot = ConfigSnapshot {
+                version: current.version,
+                resources: select(&current, &services),
+            };
+            if tx.send(Ok(snapshot)).await.is_err() {
+                return;
+            }
+            sent_version = Some(current.version);
+        }
+        tokio::select! {
+            _ = tx.closed() => return,
+            changed = state.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+/// Records acks and nacks on the proxy's announced record (keeping its lease), so any replica
+/// can show them.
+async fn record_acks(
+    store: Arc<dyn Store>,
+    proxy: ProxyInfo,
+    mut requests: Streaming<ConfigRequest>,
+) {
+    while let Some(Ok(request)) = requests.next().await {
+        let (acked, nacked) = match request.kind {
+            Some(config_request::Kind::Ack(a)) => (Some(a.version), None),
+            Some(config_request::Kind::Nack(n)) => {
+                tracing::warn!(proxy = %proxy.proxy_id, version = n.version, reason = %n.reason, "proxy refused config");
+                (None, Some((n.version, n.reason)))
+            }
+            _ => continue,
+        };
+        if proxy.proxy_id.is_empty() {
+            continue;
+        }
+        let key = keys::proxy(&proxy.proxy_id);
+        let Ok(Some(kv)) = store.get(&key).await else {
+            tracing::debug!(proxy = %proxy.proxy_id, "ack from a proxy that has not announced itself");
+            continue;
+        };
+        let mut status = ProxyStatus::decode(kv.value.as_slice()).unwrap_or_default();
+        if let Some(v) = acked {
+            status.acked_version = v;
+        }
+        if let Some((v, reason)) = nacked {
+            status.nacked_version = v;
+            status.nack_reason = reason;
+        }
+        if let Err(e) = store.put(&key, status.encode_to_vec(), kv.lease).await {
+            tracing::warn!(proxy = %proxy.proxy_id, error = %e, "recording a config ack failed");
+        }
+    }
+}
+
+/// `ferrule.v1.Config`.
+pub struct ConfigService {
+    hub: ConfigHub,
+}
+
+impl ConfigService {
+    pub fn new(hub: ConfigHub) -> Self {
+        Self { hub }
+    }
+}
+
+type SnapshotStream = Pin<Box<dyn Stream<Item = Result<ConfigSnapshot, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ferrule_proto::v1::config_server::Config for ConfigService {
+    type WatchStream = SnapshotStream;
+
+    async fn watch(
+        &self,
+        request: tonic::Request<Streaming<ConfigRequest>>,
+    ) -> Result<tonic::Response<Self::WatchStream>, Status> {
+        Ok(tonic::Response::new(
+            self.hub.serve(request.into_inner()).await?,
+        ))
+    }
+}
