@@ -384,7 +384,7 @@ impl Registrar {
                     self.healthy = *health.borrow_and_update();
                     self.reconcile().await;
                 }
-                _ = keepalive.tick() => self.send_keepalives().await,
+                _ = keepalive.tick() => self.send_keepalives(),
                 response = next_response(responses) => self.on_keepalive(response).await,
                 _ = sleep_until_some(retry_at) => {
                     self.retry_at = None;
@@ -515,7 +515,7 @@ impl Registrar {
             keepalives: tx,
             responses,
         });
-        self.send_keepalives().await;
+        self.send_keepalives();
         Ok(())
     }
 
@@ -526,20 +526,22 @@ impl Registrar {
             .map(|l| l.id)
     }
 
-    async fn send_keepalives(&mut self) {
+    /// Queues one keep-alive per lease without waiting: a stream too stalled to take them is
+    /// left to fail on its own rather than stall the registrar.
+    fn send_keepalives(&self) {
         let Some(session) = &self.session else {
             return;
         };
         for lease_id in self.lease_ids() {
             tracing::debug!(lease = lease_id, "keep-alive");
-            if session
-                .keepalives
-                .send(KeepAliveRequest { lease_id })
-                .await
-                .is_err()
-            {
+            match session.keepalives.try_send(KeepAliveRequest { lease_id }) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    tracing::debug!("keep-alive stream backed up; skipping this round");
+                    break;
+                }
                 // The stream is gone; its end shows up as a response error and reconnects.
-                break;
+                Err(mpsc::error::TrySendError::Closed(_)) => break,
             }
         }
     }
