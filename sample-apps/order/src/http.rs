@@ -9,7 +9,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use shop_proto::payment::v1::CreatePaymentRequest;
 use shop_proto::user::v1::GetUserRequest;
@@ -221,10 +221,15 @@ struct ListQuery {
     user_id: Option<String>,
 }
 
+#[derive(Serialize)]
+struct OrderList {
+    orders: Vec<Order>,
+}
+
 async fn list_orders(
     State(app): State<OrderApp>,
     query: Result<Query<ListQuery>, QueryRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<OrderList>, ApiError> {
     let Query(ListQuery { user_id }) = query?;
     let Some(user_id) = user_id.filter(|id| !id.is_empty()) else {
         return Err(ApiError::BadRequest(
@@ -232,7 +237,7 @@ async fn list_orders(
         ));
     };
     let orders = app.store.orders_of(user_id).await?;
-    Ok(Json(json!({ "orders": orders })))
+    Ok(Json(OrderList { orders }))
 }
 
 async fn health(State(app): State<OrderApp>) -> Result<Json<serde_json::Value>, ApiError> {

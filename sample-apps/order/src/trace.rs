@@ -55,7 +55,8 @@ impl<S: Sync> FromRequestParts<S> for TraceContext {
     }
 }
 
-/// One span per HTTP request, with the W3C and B3 trace ids when the caller sent them.
+/// One span per HTTP request, with the W3C and B3 trace ids when the caller sent them (a field
+/// the caller did not send is left out).
 pub(crate) fn request_span<B>(request: &http::Request<B>) -> Span {
     tracing::info_span!(
         "request",
@@ -66,12 +67,11 @@ pub(crate) fn request_span<B>(request: &http::Request<B>) -> Span {
     )
 }
 
-fn header<'a, B>(request: &'a http::Request<B>, name: &str) -> &'a str {
+fn header<'a, B>(request: &'a http::Request<B>, name: &str) -> Option<&'a str> {
     request
         .headers()
         .get(name)
         .and_then(|value| value.to_str().ok())
-        .unwrap_or_default()
 }
 
 #[cfg(test)]

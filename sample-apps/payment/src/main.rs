@@ -1,6 +1,8 @@
 //! `shop-payment`: runs the sample shop's payment service until SIGTERM or Ctrl-C. Settings come from
 //! flags or `PAYMENT_*` environment variables (see `--help`).
 
+use std::io::IsTerminal;
+
 use anyhow::Context;
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
@@ -12,6 +14,8 @@ async fn main() -> anyhow::Result<()> {
     let config = shop_payment::Config::parse();
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let shutdown = CancellationToken::new();
     let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;

@@ -6,10 +6,13 @@
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use shop_proto::payment::v1::{CreatePaymentRequest, Payment, PaymentStatus};
+
+/// How long a statement waits for another connection's write lock.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Schema changes in order; `PRAGMA user_version` records how many have been applied.
 const MIGRATIONS: &[&str] = &["CREATE TABLE payments (
@@ -52,6 +55,8 @@ impl Store {
     /// Opens the database file and applies pending migrations.
     pub fn open(path: &Path) -> rusqlite::Result<Self> {
         let mut conn = Connection::open(path)?;
+        // Replicas may share the file: wait for another process's write instead of failing.
+        conn.busy_timeout(BUSY_TIMEOUT)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         migrate(&mut conn)?;
         Ok(Self {
@@ -150,8 +155,10 @@ fn payment_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Payment> {
     })
 }
 
+/// Applies the migrations not applied yet. The transaction takes the write lock before reading
+/// the version, so two processes starting on one file migrate it once.
 fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
-    let tx = conn.transaction()?;
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let applied: i64 = tx.pragma_query_value(None, "user_version", |row| row.get(0))?;
     for migration in MIGRATIONS.iter().skip(applied.try_into().unwrap_or(0)) {
         tx.execute_batch(migration)?;

@@ -32,7 +32,7 @@ pub struct Config {
     pub jwt_secret_file: Option<PathBuf>,
     /// How long a login token is valid, e.g. "1h" or "15m".
     #[arg(long, env = "USER_JWT_TTL", default_value = "1h", value_parser = humantime::parse_duration)]
-    pub token_ttl: Duration,
+    pub jwt_ttl: Duration,
 }
 
 impl Config {

@@ -111,7 +111,7 @@ impl UserApp {
 /// Runs the user service as `config` says until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
     let key = config.signing_key()?;
-    let app = UserApp::open(&config.db, &key, config.token_ttl)?;
+    let app = UserApp::open(&config.db, &key, config.jwt_ttl)?;
     let http = bind("HTTP", config.http_addr).await?;
     let grpc = bind("gRPC", config.grpc_addr).await?;
     tracing::info!(http = %config.http_addr, grpc = %config.grpc_addr, db = %config.db.display(), "user service listening");

@@ -5,9 +5,13 @@
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde::Serialize;
+
+/// How long a statement waits for another connection's write lock.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Schema changes in order; `PRAGMA user_version` records how many have been applied.
 const MIGRATIONS: &[&str] = &["CREATE TABLE users (
@@ -87,6 +91,8 @@ impl Store {
     /// Opens the database file, applies pending migrations and adds missing demo users.
     pub fn open(path: &Path) -> rusqlite::Result<Self> {
         let mut conn = Connection::open(path)?;
+        // Replicas may share the file: wait for another process's write instead of failing.
+        conn.busy_timeout(BUSY_TIMEOUT)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         migrate(&mut conn)?;
         seed(&conn)?;
@@ -169,8 +175,10 @@ fn user_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<User> {
     })
 }
 
+/// Applies the migrations not applied yet. The transaction takes the write lock before reading
+/// the version, so two processes starting on one file migrate it once.
 fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
-    let tx = conn.transaction()?;
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let applied: i64 = tx.pragma_query_value(None, "user_version", |row| row.get(0))?;
     for migration in MIGRATIONS.iter().skip(applied.try_into().unwrap_or(0)) {
         tx.execute_batch(migration)?;

@@ -257,10 +257,23 @@ async fn grpc_list_users_pages_through_everyone_once() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
-async fn reopening_the_database_keeps_it_as_it_was() -> anyhow::Result<()> {
+async fn replicas_sharing_a_database_migrate_and_seed_it_once() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("user.db");
-    UserApp::open(&path, SECRET, Duration::from_secs(60))?;
+    // Two replicas starting at once, then a restart.
+    let starts: Vec<_> = (0..2)
+        .map(|_| {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                UserApp::open(&path, SECRET, Duration::from_secs(60)).map(drop)
+            })
+        })
+        .collect();
+    for start in starts {
+        start
+            .join()
+            .map_err(|_| anyhow::anyhow!("opening thread panicked"))??;
+    }
     UserApp::open(&path, SECRET, Duration::from_secs(60))?;
     let conn = rusqlite::Connection::open(&path)?;
     let users: i64 = conn.query_row("SELECT COUNT(*) FROM users", [], |row| row.get(0))?;
