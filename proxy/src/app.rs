@@ -9,7 +9,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use ferrule_proto::v1::{ProtocolHint, ProxyInfo};
+use ferrule_proto::v1::ProtocolHint;
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -202,14 +202,7 @@ impl Proxy {
             tokio::spawn(inbound.clone().serve(listener, inbound_port));
         }
 
-        let proxy_info = ProxyInfo {
-            proxy_id: proxy_id.clone(),
-            service: service.clone(),
-            namespace: config.namespace.clone(),
-            address: config.advertise_ip.to_string(),
-            mode: "sidecar".to_string(),
-            version: env!("CARGO_PKG_VERSION").to_string(),
-        };
+        let proxy_info = config.proxy_info(&proxy_id);
         let registration =
             (!registered_ports.is_empty() && !config.controllers.is_empty()).then(|| {
                 let health = HealthCheck {

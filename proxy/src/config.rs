@@ -7,7 +7,8 @@
 //! `--inbound-port NAME=ADDR` if given, else on `--inbound-addr`'s IP with a port the system
 //! picks (shown in the log and on `/config`). Upstreams (explicit mode):
 //! `--upstream NAME[:PORT]=ADDR` opens a local listener at ADDR for service NAME (port name
-//! PORT). Every listener may bind port 0.
+//! PORT). Every listener may bind port 0. Discovery comes from `--controller`s, or, without
+//! a controller (benchmarks, static setups), from `--static-endpoint`s.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
@@ -15,6 +16,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use ferrule_proto::names::{ServiceRef, validate_label, validate_service};
 use ferrule_proto::ports;
+use ferrule_proto::v1::{Endpoint, ProxyInfo};
 use serde::Serialize;
 
 use crate::balance::Algorithm;
@@ -82,6 +84,35 @@ fn parse_upstream(s: &str) -> Result<Upstream, String> {
     Ok(Upstream { service, listen })
 }
 
+/// `SERVICE[:PORT]=ADDR[/meshed]`: an endpoint known without a controller.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StaticEndpoint {
+    #[serde(serialize_with = "display")]
+    pub service: ServiceRef,
+    pub addr: SocketAddr,
+    /// A ferrule proxy's inbound listener: spoken to with the mesh protocol.
+    pub meshed: bool,
+}
+
+fn parse_static_endpoint(s: &str) -> Result<StaticEndpoint, String> {
+    let (service, addr) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not SERVICE[:PORT]=ADDR[/meshed]"))?;
+    let service = ServiceRef::parse(service).map_err(|e| e.to_string())?;
+    let (addr, meshed) = match addr.strip_suffix("/meshed") {
+        Some(addr) => (addr, true),
+        None => (addr, false),
+    };
+    let addr = addr
+        .parse()
+        .map_err(|e| format!("{addr:?} is not an IP:PORT address: {e}"))?;
+    Ok(StaticEndpoint {
+        service,
+        addr,
+        meshed,
+    })
+}
+
 fn parse_label(s: &str) -> Result<(String, String), String> {
     let (k, v) = s
         .split_once('=')
@@ -118,6 +149,12 @@ pub struct Config {
     /// A local listener for an upstream service, SERVICE[:PORT]=ADDR (repeatable).
     #[arg(long = "upstream", env = "FERRULE_PROXY_UPSTREAMS", value_delimiter = ',', value_parser = parse_upstream)]
     pub upstreams: Vec<Upstream>,
+
+    /// An endpoint of an upstream service known without a controller,
+    /// SERVICE[:PORT]=ADDR[/meshed] (repeatable). With any of these, discovery is static and
+    /// no controller is used for it.
+    #[arg(long = "static-endpoint", env = "FERRULE_PROXY_STATIC_ENDPOINTS", value_delimiter = ',', value_parser = parse_static_endpoint, conflicts_with = "controllers")]
+    pub static_endpoints: Vec<StaticEndpoint>,
 
     /// Outbound listener of transparent mode (not bound in explicit mode, which is all this
     /// build has).
@@ -272,7 +309,41 @@ impl Config {
         Ok(ports)
     }
 
-    /// This proxy's id: `--proxy-id`, else the service (or "proxy") and the process id.
+    /// `--static-endpoint`s grouped by service, as [`crate::discovery::Discovery::fixed`]
+    /// takes them.
+    pub fn static_discovery(&self) -> Vec<(ServiceRef, Vec<Endpoint>)> {
+        let mut grouped: Vec<(ServiceRef, Vec<Endpoint>)> = Vec::new();
+        for ep in &self.static_endpoints {
+            let endpoint = Endpoint {
+                service: ep.service.service.clone(),
+                port_name: ep.service.port_name.clone(),
+                address: ep.addr.ip().to_string(),
+                port: u32::from(ep.addr.port()),
+                meshed: ep.meshed,
+                ..Default::default()
+            };
+            match grouped.iter_mut().find(|(s, _)| *s == ep.service) {
+                Some((_, eps)) => eps.push(endpoint),
+                None => grouped.push((ep.service.clone(), vec![endpoint])),
+            }
+        }
+        grouped
+    }
+
+    /// Who this proxy is, as told to the controller.
+    pub fn proxy_info(&self, proxy_id: &str) -> ProxyInfo {
+        ProxyInfo {
+            proxy_id: proxy_id.to_string(),
+            service: self.service.clone().unwrap_or_default(),
+            namespace: self.namespace.clone(),
+            address: self.advertise_ip.to_string(),
+            mode: "sidecar".to_string(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        }
+    }
+
+    /// This proxy's id: `--proxy-id`, else the service (or "proxy"), the process id and a
+    /// random suffix (a new one per call: call once and keep it).
     pub fn proxy_id(&self) -> String {
         self.proxy_id.clone().unwrap_or_else(|| {
             format!(
@@ -325,6 +396,28 @@ mod tests {
         assert_eq!(c.upstreams[1].listen.port(), 7002);
         assert_eq!(c.opaque_ports, vec![5432, 6379]);
         assert_eq!(c.detect_timeout, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn static_endpoints_group_by_service() {
+        let c = parse(&[
+            "--static-endpoint=user=127.0.0.1:4143/meshed",
+            "--static-endpoint=user=127.0.0.1:4144",
+            "--static-endpoint=db:sql=10.0.0.1:5432",
+        ]);
+        let d = c.static_discovery();
+        assert_eq!(d.len(), 2);
+        assert_eq!(d[0].1.len(), 2);
+        assert!(d[0].1[0].meshed && !d[0].1[1].meshed);
+        assert_eq!(d[1].1[0].port_name, "sql");
+        assert!(
+            Config::try_parse_from([
+                "ferrule-proxy",
+                "--controller=127.0.0.1:8086",
+                "--static-endpoint=user=127.0.0.1:1"
+            ])
+            .is_err()
+        );
     }
 
     #[test]

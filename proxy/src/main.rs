@@ -3,7 +3,6 @@
 
 use anyhow::Context as _;
 use clap::Parser;
-use ferrule_proto::v1::ProxyInfo;
 use ferrule_proxy::app::Proxy;
 use ferrule_proxy::config::Config;
 use ferrule_proxy::control::Controllers;
@@ -12,23 +11,21 @@ use tokio::signal::unix::{SignalKind, signal};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config = Config::parse();
+    let mut config = Config::parse();
+    config.proxy_id = Some(config.proxy_id());
     ferrule_proxy::logging::init(config.log_format)
         .map_err(|e| anyhow::anyhow!("setting up logging: {e}"))?;
     if !config.controllers.is_empty() {
         Controllers::parse(&config.controllers).context("--controller")?;
     }
-    let discovery = Discovery::new(
-        config.controllers.clone(),
-        ProxyInfo {
-            proxy_id: config.proxy_id(),
-            service: config.service.clone().unwrap_or_default(),
-            namespace: config.namespace.clone(),
-            address: config.advertise_ip.to_string(),
-            mode: "sidecar".to_string(),
-            version: env!("CARGO_PKG_VERSION").to_string(),
-        },
-    );
+    let discovery = if config.static_endpoints.is_empty() {
+        Discovery::new(
+            config.controllers.clone(),
+            config.proxy_info(&config.proxy_id()),
+        )
+    } else {
+        Discovery::fixed(config.static_discovery())
+    };
     let proxy = Proxy::start(config, discovery)
         .await
         .context("starting the proxy")?;

@@ -17,7 +17,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -26,7 +26,8 @@ use tower::util::BoxCloneSyncService;
 
 use crate::body::{self, BoxBody};
 use crate::context::RequestContext;
-use crate::metrics::Direction;
+use crate::errors::{ProxyError, Reason};
+use crate::metrics::{Direction, Metrics};
 
 /// A listener's whole HTTP request path, errors already rendered as responses.
 pub type HttpStack = BoxCloneSyncService<Request<BoxBody>, Response<BoxBody>, Infallible>;
@@ -146,5 +147,33 @@ where
             tracing::debug!(%upstream_addr, sent, received, "TCP connection closed");
         }
         Err(error) => tracing::debug!(%upstream_addr, %error, "TCP connection failed"),
+    }
+}
+
+/// Answers a connection whose first line looked like an HTTP request but was not one: a 400
+/// that explains itself, counted like any other response.
+pub async fn refuse_malformed<I>(mut io: I, meta: &ConnMeta, metrics: &Metrics)
+where
+    I: AsyncWrite + Unpin,
+{
+    let error = ProxyError::new(
+        Reason::BadRequest,
+        meta.target.to_string(),
+        "malformed HTTP/1 request line",
+    );
+    metrics.proxy_error(meta.direction, Reason::BadRequest);
+    metrics.response(
+        meta.direction,
+        &meta.target,
+        Reason::BadRequest.status(),
+        true,
+        Duration::ZERO,
+    );
+    let written = async {
+        io.write_all(&error.to_http1_bytes()).await?;
+        io.shutdown().await
+    };
+    if let Err(error) = written.await {
+        tracing::debug!(client = %meta.client, %error, "could not answer a malformed request");
     }
 }

@@ -10,14 +10,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::client::{Clients, connect_tcp};
 use crate::detect::detect;
-use crate::errors::{ProxyError, Reason};
+use crate::errors::Reason;
 use crate::metrics::{DetectResult, Direction, Metrics};
 use crate::server::{self, ConnMeta, HttpStack, HttpVersion};
 
@@ -98,7 +97,7 @@ impl Inbound {
             self.forward_opaque(io, &port.port).await;
             return;
         }
-        let (result, mut io) = match detect(io, self.config.detect_timeout).await {
+        let (result, io) = match detect(io, self.config.detect_timeout).await {
             Ok(detected) => detected,
             Err(error) => {
                 tracing::debug!(%peer, %error, "connection failed during detection");
@@ -106,38 +105,22 @@ impl Inbound {
             }
         };
         self.metrics.detected(Direction::Inbound, result);
+        let meta = ConnMeta {
+            direction: Direction::Inbound,
+            target: name,
+            client: peer,
+        };
         let version = match result {
             DetectResult::Http1 => HttpVersion::Http1,
             DetectResult::Http2 => HttpVersion::Http2,
             DetectResult::MalformedHttp => {
-                let error = ProxyError::new(
-                    Reason::BadRequest,
-                    name.to_string(),
-                    "malformed HTTP/1 request line",
-                );
-                self.metrics
-                    .proxy_error(Direction::Inbound, Reason::BadRequest);
-                self.metrics.response(
-                    Direction::Inbound,
-                    &name,
-                    Reason::BadRequest.status(),
-                    true,
-                    Duration::ZERO,
-                );
-                if let Err(error) = io.write_all(&error.to_http1_bytes()).await {
-                    tracing::debug!(%peer, %error, "could not answer a malformed request");
-                }
+                server::refuse_malformed(io, &meta, &self.metrics).await;
                 return;
             }
             DetectResult::Opaque | DetectResult::Timeout | DetectResult::OpaquePort => {
                 self.forward_opaque(io, &port.port).await;
                 return;
             }
-        };
-        let meta = ConnMeta {
-            direction: Direction::Inbound,
-            target: name,
-            client: peer,
         };
         server::serve_http(io, version, port.http.clone(), meta, self.shutdown.clone()).await;
     }

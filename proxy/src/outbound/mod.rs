@@ -17,7 +17,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferrule_proto::names::ServiceRef;
-use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -26,7 +25,6 @@ use crate::balance::{Algorithm, Balancer};
 use crate::client::Clients;
 use crate::detect::detect;
 use crate::discovery::Discovery;
-use crate::errors::{ProxyError, Reason};
 use crate::metrics::{DetectResult, Direction, Metrics};
 use crate::server::{self, ConnMeta, HttpStack, HttpVersion};
 use endpoint::EndpointConnector;
@@ -153,7 +151,7 @@ impl Outbound {
             opaque::forward(io, &logical.balance, connect_timeout, &self.metrics).await;
             return;
         }
-        let (result, mut io) = match detect(io, self.config.detect_timeout).await {
+        let (result, io) = match detect(io, self.config.detect_timeout).await {
             Ok(detected) => detected,
             Err(error) => {
                 tracing::debug!(%peer, %error, "connection failed during detection");
@@ -170,23 +168,7 @@ impl Outbound {
             DetectResult::Http1 => HttpVersion::Http1,
             DetectResult::Http2 => HttpVersion::Http2,
             DetectResult::MalformedHttp => {
-                let error = ProxyError::new(
-                    Reason::BadRequest,
-                    name.to_string(),
-                    "malformed HTTP/1 request line",
-                );
-                self.metrics
-                    .proxy_error(Direction::Outbound, Reason::BadRequest);
-                self.metrics.response(
-                    Direction::Outbound,
-                    &name,
-                    Reason::BadRequest.status(),
-                    true,
-                    Duration::ZERO,
-                );
-                if let Err(error) = io.write_all(&error.to_http1_bytes()).await {
-                    tracing::debug!(%peer, %error, "could not answer a malformed request");
-                }
+                server::refuse_malformed(io, &meta, &self.metrics).await;
                 return;
             }
             DetectResult::Opaque | DetectResult::Timeout | DetectResult::OpaquePort => {
