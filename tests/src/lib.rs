@@ -1,12 +1,16 @@
 //! Test harness: real etcd and real Ferrule processes on loopback, torn down on drop.
 //!
 //! Everything a test starts is owned by a guard ([`Etcd`], [`Process`]) that kills it when the
-//! guard is dropped, also when the test panics. Waits are event-driven (a port answers, a line
+//! guard is dropped, also when the test panics. [`backend`] has the test backends proxies sit in
+//! front of. Waits are event-driven (a port answers, a line
 //! is printed) and always bounded.
 
+pub mod backend;
+mod client;
 mod controller;
 mod etcd;
 mod process;
+mod proxy;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -14,9 +18,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
+pub use client::{REQUEST_TIMEOUT, Reply, get, http_get, http1, http2};
 pub use controller::Controller;
 pub use etcd::Etcd;
 pub use process::Process;
+pub use proxy::{Proxy, ProxyBuilder};
 
 /// A loopback port that was free a moment ago (bound to port 0 and released).
 pub fn free_port() -> u16 {
