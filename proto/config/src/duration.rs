@@ -47,9 +47,13 @@ pub(crate) mod option {
         }
     }
 
-    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Duration>, D::Error> {
         match Option::<Text>::deserialize(d)? {
-            Some(Text(text)) => super::parse(&text).map(Some).map_err(serde::de::Error::custom),
+            Some(Text(text)) => super::parse(&text)
+                .map(Some)
+                .map_err(serde::de::Error::custom),
             None => Ok(None),
         }
     }

@@ -56,7 +56,9 @@ impl GrpcCode {
     }
 
     pub fn from_number(n: u64) -> Option<Self> {
-        ALL.iter().find(|(c, _)| u64::from(c.number()) == n).map(|(c, _)| *c)
+        ALL.iter()
+            .find(|(c, _)| u64::from(c.number()) == n)
+            .map(|(c, _)| *c)
     }
 
     /// The canonical upper-case name (`"UNAVAILABLE"`).
@@ -133,7 +135,10 @@ mod tests {
             assert_eq!(name.parse::<GrpcCode>().unwrap(), *code);
             assert_eq!(i.to_string().parse::<GrpcCode>().unwrap(), *code);
         }
-        assert_eq!("unavailable".parse::<GrpcCode>().unwrap(), GrpcCode::Unavailable);
+        assert_eq!(
+            "unavailable".parse::<GrpcCode>().unwrap(),
+            GrpcCode::Unavailable
+        );
         assert!("17".parse::<GrpcCode>().is_err());
         assert!("UNAVAILIBLE".parse::<GrpcCode>().is_err());
     }
@@ -143,9 +148,16 @@ mod tests {
         let codes: Vec<GrpcCode> = serde_json::from_str(r#"["UNAVAILABLE", 4, "14"]"#).unwrap();
         assert_eq!(
             codes,
-            [GrpcCode::Unavailable, GrpcCode::DeadlineExceeded, GrpcCode::Unavailable]
+            [
+                GrpcCode::Unavailable,
+                GrpcCode::DeadlineExceeded,
+                GrpcCode::Unavailable
+            ]
         );
-        assert_eq!(serde_json::to_string(&codes[1]).unwrap(), r#""DEADLINE_EXCEEDED""#);
+        assert_eq!(
+            serde_json::to_string(&codes[1]).unwrap(),
+            r#""DEADLINE_EXCEEDED""#
+        );
         assert!(serde_json::from_str::<GrpcCode>("17").is_err());
         assert!(serde_json::from_str::<GrpcCode>("-1").is_err());
     }

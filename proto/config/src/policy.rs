@@ -56,13 +56,25 @@ pub struct ServicePolicySpec {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Timeouts {
     /// Whole request, retries included. Unset: no limit.
-    #[serde(default, with = "crate::duration::option", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "crate::duration::option",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub request: Option<Duration>,
     /// One attempt. Unset: no limit besides `request`.
-    #[serde(default, with = "crate::duration::option", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "crate::duration::option",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub per_try: Option<Duration>,
     /// How long an unused upstream connection stays open. Default 90s.
-    #[serde(default, with = "crate::duration::option", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "crate::duration::option",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub idle: Option<Duration>,
 }
 
@@ -105,9 +117,17 @@ pub struct RetryOn {
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Backoff {
-    #[serde(default, with = "crate::duration::option", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "crate::duration::option",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub base: Option<Duration>,
-    #[serde(default, with = "crate::duration::option", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "crate::duration::option",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub max: Option<Duration>,
     /// 0..=1, default 0.5.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -124,7 +144,11 @@ pub struct RetryBudget {
     /// Default 10.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_per_second: Option<u32>,
-    #[serde(default, with = "crate::duration::option", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "crate::duration::option",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub window: Option<Duration>,
 }
 
@@ -140,10 +164,18 @@ pub struct CircuitBreaker {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure_rate: Option<FailureRate>,
     /// First ejection; each further ejection of the same endpoint doubles it. Default 30s.
-    #[serde(default, with = "crate::duration::option", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "crate::duration::option",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub base_ejection_time: Option<Duration>,
     /// Cap on the grown ejection time. Default 300s.
-    #[serde(default, with = "crate::duration::option", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "crate::duration::option",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub max_ejection_time: Option<Duration>,
     /// Never eject more than this share of the service's endpoints. 0..=100, default 50.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -169,7 +201,11 @@ pub struct FailureRate {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_requests: Option<u32>,
     /// Default 10s.
-    #[serde(default, with = "crate::duration::option", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "crate::duration::option",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub window: Option<Duration>,
 }
 
@@ -281,8 +317,12 @@ impl ServicePolicySpec {
                     min_requests: r.min_requests.unwrap_or(DEFAULT_FAILURE_RATE_MIN_REQUESTS),
                     window: r.window.unwrap_or(DEFAULT_FAILURE_RATE_WINDOW),
                 }),
-                base_ejection_time: breaker.base_ejection_time.unwrap_or(DEFAULT_BASE_EJECTION_TIME),
-                max_ejection_time: breaker.max_ejection_time.unwrap_or(DEFAULT_MAX_EJECTION_TIME),
+                base_ejection_time: breaker
+                    .base_ejection_time
+                    .unwrap_or(DEFAULT_BASE_EJECTION_TIME),
+                max_ejection_time: breaker
+                    .max_ejection_time
+                    .unwrap_or(DEFAULT_MAX_EJECTION_TIME),
                 max_ejection_percent: breaker
                     .max_ejection_percent
                     .unwrap_or(DEFAULT_MAX_EJECTION_PERCENT),
@@ -306,7 +346,8 @@ impl Retries {
         let on = self.retry_on.clone().unwrap_or_default();
         let backoff = self.backoff.clone().unwrap_or_default();
         let budget = self.budget.clone().unwrap_or_default();
-        let or = |set: Option<f64>, base: Option<f64>, default: f64| set.or(base).unwrap_or(default);
+        let or =
+            |set: Option<f64>, base: Option<f64>, default: f64| set.or(base).unwrap_or(default);
         EffectiveRetries {
             max_attempts: self
                 .max_attempts
@@ -341,7 +382,11 @@ impl Retries {
                 base.map(|b| b.backoff_jitter),
                 DEFAULT_BACKOFF_JITTER,
             ),
-            budget_ratio: or(budget.ratio, base.map(|b| b.budget_ratio), DEFAULT_BUDGET_RATIO),
+            budget_ratio: or(
+                budget.ratio,
+                base.map(|b| b.budget_ratio),
+                DEFAULT_BUDGET_RATIO,
+            ),
             budget_min_per_second: budget
                 .min_per_second
                 .or(base.map(|b| b.budget_min_per_second))

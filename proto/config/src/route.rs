@@ -40,7 +40,11 @@ pub struct RouteRule {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub backends: Vec<Backend>,
     /// Whole-request timeout, replacing the service policy's `timeouts.request`.
-    #[serde(default, with = "crate::duration::option", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "crate::duration::option",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub timeout: Option<Duration>,
     /// Overrides of the service policy's retries, field by field.
     #[serde(default, skip_serializing_if = "Option::is_none")]

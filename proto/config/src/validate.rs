@@ -122,24 +122,40 @@ impl Check<'_> {
 
     fn percent(&mut self, field: &str, value: f64) {
         if !(0.0..=100.0).contains(&value) {
-            self.fail(field, format!("{value} is not a percentage between 0 and 100"));
+            self.fail(
+                field,
+                format!("{value} is not a percentage between 0 and 100"),
+            );
         }
     }
 
     fn regex(&mut self, field: &str, pattern: &str) {
         if let Err(e) = regex::Regex::new(pattern) {
-            self.fail(field, format!("invalid regex: {e}"));
+            // Syntax errors come as several lines drawing a caret under the pattern; the
+            // last line says what is wrong, and errors here are one line each.
+            let text = e.to_string();
+            let why = text.lines().last().unwrap_or_default();
+            let why = why.strip_prefix("error: ").unwrap_or(why);
+            self.fail(field, format!("invalid regex {pattern:?}: {why}"));
         }
     }
 }
 
 fn check_resource(check: &mut Check, resource: &Resource, known: Option<&BTreeSet<String>>) {
     check.name("metadata.name", "name", &resource.metadata.name);
-    check.name("metadata.namespace", "namespace", &resource.metadata.namespace);
+    check.name(
+        "metadata.namespace",
+        "namespace",
+        &resource.metadata.namespace,
+    );
     if resource.kind != resource.spec.kind() {
         check.fail(
             "kind",
-            format!("is {} but the spec is a {}", resource.kind, resource.spec.kind()),
+            format!(
+                "is {} but the spec is a {}",
+                resource.kind,
+                resource.spec.kind()
+            ),
         );
     }
     match &resource.spec {
@@ -241,13 +257,18 @@ fn check_breaker(check: &mut Check, b: &CircuitBreaker) {
             );
         }
         if rate.min_requests == Some(0) {
-            check.fail(format!("{at}.failureRate.minRequests"), "must be at least 1");
+            check.fail(
+                format!("{at}.failureRate.minRequests"),
+                "must be at least 1",
+            );
         }
         check.positive(&format!("{at}.failureRate.window"), rate.window);
     }
     check.positive(&format!("{at}.baseEjectionTime"), b.base_ejection_time);
     check.positive(&format!("{at}.maxEjectionTime"), b.max_ejection_time);
-    let base = b.base_ejection_time.unwrap_or(crate::policy::DEFAULT_BASE_EJECTION_TIME);
+    let base = b
+        .base_ejection_time
+        .unwrap_or(crate::policy::DEFAULT_BASE_EJECTION_TIME);
     if let Some(max) = b.max_ejection_time
         && max < base
     {
@@ -279,7 +300,10 @@ fn check_route(check: &mut Check, spec: &HttpRouteSpec, known: Option<&BTreeSet<
         if let Some(name) = &rule.name {
             check.name(&format!("{at}.name"), "rule name", name);
             if !names.insert(name) {
-                check.fail(format!("{at}.name"), format!("rule {name:?} is named twice"));
+                check.fail(
+                    format!("{at}.name"),
+                    format!("rule {name:?} is named twice"),
+                );
             }
         }
         check_rule(check, &at, rule, known);
