@@ -1,5 +1,5 @@
 //! Traffic through an outbound → inbound proxy pair on loopback, with real sockets:
-//! HTTP/1.1, HTTP/2, gRPC-style trailers and streaming, WebSocket upgrade, opaque TCP with
+//! HTTP/1.1, HTTP/2, gRPC-style trailers and streaming, WebSocket upgrade, CONNECT, opaque TCP with
 //! half-close, and the proxy's own error responses.
 
 mod support;
@@ -134,33 +134,52 @@ async fn plain_endpoint_gets_the_clients_version() -> anyhow::Result<()> {
     .await
 }
 
+/// Sends `head`, checks the response status line starts with `expect`, then checks bytes
+/// echo through the switched connection.
+async fn switch_and_echo(
+    addr: std::net::SocketAddr,
+    head: &[u8],
+    expect: &str,
+) -> anyhow::Result<()> {
+    let mut stream = TcpStream::connect(addr).await?;
+    stream.write_all(head).await?;
+    let mut rsp_head = Vec::new();
+    while !rsp_head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        stream.read_exact(&mut byte).await?;
+        rsp_head.push(byte[0]);
+    }
+    let rsp_head = String::from_utf8(rsp_head)?;
+    assert!(rsp_head.starts_with(expect), "{rsp_head}");
+    for msg in [&b"ping"[..], b"a longer message"] {
+        stream.write_all(msg).await?;
+        let mut echo = vec![0u8; msg.len()];
+        stream.read_exact(&mut echo).await?;
+        assert_eq!(echo, msg);
+    }
+    Ok(())
+}
+
 #[tokio::test]
-async fn websocket_upgrade_through_pair() -> anyhow::Result<()> {
+async fn websocket_upgrade_and_connect_through_pair() -> anyhow::Result<()> {
     bounded(async {
         let app = http_backend().await;
         let server = server_proxy("chat", app, &[]).await;
-        let client = client_proxy(vec![("chat", vec![meshed_endpoint("chat", &server)])], &[]).await;
-        let mut stream = TcpStream::connect(client.addrs.upstream("chat").unwrap()).await?;
-        stream
-            .write_all(
-                b"GET /ws HTTP/1.1\r\nhost: chat\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\r\n",
-            )
-            .await?;
-        let mut head = Vec::new();
-        while !head.ends_with(b"\r\n\r\n") {
-            let mut byte = [0u8; 1];
-            stream.read_exact(&mut byte).await?;
-            head.push(byte[0]);
-        }
-        let head = String::from_utf8(head)?;
-        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-        for msg in [&b"ping"[..], b"a longer message"] {
-            stream.write_all(msg).await?;
-            let mut echo = vec![0u8; msg.len()];
-            stream.read_exact(&mut echo).await?;
-            assert_eq!(echo, msg);
-        }
-        drop(stream);
+        let client =
+            client_proxy(vec![("chat", vec![meshed_endpoint("chat", &server)])], &[]).await;
+        let upstream = client.addrs.upstream("chat").unwrap();
+        switch_and_echo(
+            upstream,
+            b"GET /ws HTTP/1.1\r\nhost: chat\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\r\n",
+            "HTTP/1.1 101",
+        )
+        .await?;
+        switch_and_echo(
+            upstream,
+            b"CONNECT chat:443 HTTP/1.1\r\nhost: chat:443\r\n\r\n",
+            "HTTP/1.1 200",
+        )
+        .await?;
         client.shutdown().await;
         server.shutdown().await;
         Ok(())

@@ -30,7 +30,8 @@ pub const TEST_TIMEOUT: Duration = Duration::from_secs(20);
 /// * any path: echoes the request body as it streams, with `x-seen-version`,
 ///   `x-seen-meshed` (the mesh headers reached the app?) and `x-seen-path` headers;
 /// * `/trailers`: a body in three chunks followed by `grpc-status: 0` trailers;
-/// * `/ws`: answers an upgrade with 101 and echoes bytes on the upgraded connection.
+/// * `/ws`: answers an upgrade with 101 and echoes bytes on the upgraded connection;
+/// * `CONNECT`: answers 200 and echoes bytes on the tunnel.
 pub async fn http_backend() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -74,7 +75,7 @@ async fn backend_handle(mut req: Request<Incoming>) -> Result<Response<BoxBody>,
                 .insert("content-type", "application/grpc".parse().unwrap());
             rsp
         }
-        "/ws" => {
+        _ if path == "/ws" || req.method() == http::Method::CONNECT => {
             let upgrade = hyper::upgrade::on(&mut req);
             tokio::spawn(async move {
                 if let Ok(upgraded) = upgrade.await {
@@ -88,11 +89,13 @@ async fn backend_handle(mut req: Request<Incoming>) -> Result<Response<BoxBody>,
                 }
             });
             let mut rsp = Response::new(body::empty());
-            *rsp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-            rsp.headers_mut()
-                .insert("connection", "upgrade".parse().unwrap());
-            rsp.headers_mut()
-                .insert("upgrade", "websocket".parse().unwrap());
+            if req.method() != http::Method::CONNECT {
+                *rsp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+                rsp.headers_mut()
+                    .insert("connection", "upgrade".parse().unwrap());
+                rsp.headers_mut()
+                    .insert("upgrade", "websocket".parse().unwrap());
+            }
             rsp
         }
         _ => Response::new(body::boxed(req.into_body())),
