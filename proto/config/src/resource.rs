@@ -225,7 +225,11 @@ pub struct Resource {
 
 /// The document around a spec, read before the kind is known.
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(
+    rename_all = "camelCase",
+    deny_unknown_fields,
+    expecting = "a resource document (apiVersion, kind, metadata, spec)"
+)]
 struct Envelope {
     api_version: String,
     kind: String,

@@ -255,3 +255,28 @@ fn kind_names_for_the_cli() {
         Err(ConfigError::UnknownKind { .. })
     ));
 }
+
+#[test]
+fn a_document_must_be_a_mapping() {
+    let (document, field, reason) = parse_fail(&format!("{POLICY}---\njust text\n"));
+    assert_eq!((document, field.as_str()), (2, ""));
+    assert!(reason.contains("expected a resource document"), "{reason}");
+}
+
+#[test]
+fn resource_deserializes_as_strictly_from_serde() {
+    let r: Resource = serde_yaml::from_str(POLICY).unwrap();
+    assert_eq!(r, Resource::parse_documents(POLICY).unwrap()[0]);
+    let json = serde_json::to_string(&r).unwrap();
+    assert!(
+        json.starts_with(r#"{"apiVersion":"ferrule.io/v1","kind":"ServicePolicy""#),
+        "{json}"
+    );
+    assert_eq!(serde_json::from_str::<Resource>(&json).unwrap(), r);
+    let err = serde_yaml::from_str::<Resource>(&POLICY.replace("perTry", "pertry")).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("spec.timeouts.pertry: unknown field"),
+        "{err}"
+    );
+}
