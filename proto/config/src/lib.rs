@@ -8,7 +8,8 @@
 //! types, bad durations or gRPC codes) with the field's path; [`validate`] then checks what
 //! parsing cannot (ranges, regexes, weights, names, references, duplicates across a batch).
 //! Kinds: [`ServicePolicySpec`] (`ServicePolicy`) and [`HttpRouteSpec`] (`HTTPRoute`); the
-//! proxy reads a policy through [`ServicePolicySpec::effective`], where defaults are filled in.
+//! proxy reads a policy through [`ServicePolicySpec::effective`], where defaults are filled in,
+//! and a matched route rule through [`RouteRule::effective`], merged over that policy.
 //! `docs/config.md` documents every field.
 
 mod duration;

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::policy::Retries;
+use crate::policy::{EffectivePolicy, EffectiveRetries, Retries};
 
 /// Default for a fault's `percent` and a backend's `weight`.
 pub const DEFAULT_FAULT_PERCENT: f64 = 100.0;
@@ -175,4 +175,91 @@ pub struct FaultAbort {
 
 fn default_percent() -> f64 {
     DEFAULT_FAULT_PERCENT
+}
+
+/// What a matched rule does once its overrides are merged with the parent service's policy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EffectiveRule {
+    pub request_timeout: Option<Duration>,
+    pub retries: EffectiveRetries,
+    /// Never empty: a rule without backends sends everything to the parent service.
+    pub backends: Vec<Backend>,
+}
+
+impl RouteRule {
+    /// This rule over `policy`, the parent service's effective policy: the rule's `timeout`
+    /// replaces the policy's request timeout, each retry field it sets replaces the policy's,
+    /// and no backends means the parent service.
+    pub fn effective(&self, parent: &str, policy: &EffectivePolicy) -> EffectiveRule {
+        let backends = if self.backends.is_empty() {
+            vec![Backend {
+                service: parent.to_string(),
+                port: None,
+                weight: DEFAULT_BACKEND_WEIGHT,
+            }]
+        } else {
+            self.backends.clone()
+        };
+        EffectiveRule {
+            request_timeout: self.timeout.or(policy.request_timeout),
+            retries: match &self.retries {
+                Some(r) => r.apply_to(Some(&policy.retries)),
+                None => policy.retries.clone(),
+            },
+            backends,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rule_overrides_merge_over_the_policy() {
+        let policy = crate::policy::ServicePolicySpec {
+            service: "user".into(),
+            timeouts: Some(crate::policy::Timeouts {
+                request: Some(Duration::from_secs(2)),
+                ..Default::default()
+            }),
+            retries: Some(Retries {
+                max_attempts: Some(5),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+        .effective();
+
+        let plain = RouteRule::default().effective("user", &policy);
+        assert_eq!(plain.request_timeout, Some(Duration::from_secs(2)));
+        assert_eq!(plain.retries, policy.retries);
+        assert_eq!(
+            plain.backends,
+            [Backend {
+                service: "user".into(),
+                port: None,
+                weight: 1
+            }]
+        );
+
+        let rule = RouteRule {
+            timeout: Some(Duration::from_secs(10)),
+            retries: Some(Retries {
+                non_idempotent: Some(true),
+                ..Default::default()
+            }),
+            backends: vec![Backend {
+                service: "user-v2".into(),
+                port: None,
+                weight: 3,
+            }],
+            ..Default::default()
+        };
+        let eff = rule.effective("user", &policy);
+        assert_eq!(eff.request_timeout, Some(Duration::from_secs(10)));
+        assert!(eff.retries.non_idempotent);
+        assert_eq!(eff.retries.max_attempts, 5);
+        assert_eq!(eff.backends, rule.backends);
+    }
 }
