@@ -252,8 +252,11 @@ impl Resource {
     /// counted, so `document N` in an error is the Nth document of the file.
     pub fn parse_documents(text: &str) -> Result<Vec<Resource>, ConfigError> {
         let trimmed = text.trim_start();
+        // JSON is read as JSON for its precise errors; text that only looks like it (a YAML
+        // flow mapping such as `{kind: HTTPRoute, ...}`) falls back to YAML.
         let values = if trimmed.starts_with('{') || trimmed.starts_with('[') {
-            json_documents(trimmed)?
+            json_documents(trimmed)
+                .or_else(|json_err| yaml_documents(text).map_err(|_| json_err))?
         } else {
             yaml_documents(text)?
         };

@@ -153,6 +153,14 @@ fn json_input_single_array_and_stream() {
             .len(),
         2
     );
+    let flow_yaml =
+        "{apiVersion: ferrule.io/v1, kind: ServicePolicy, metadata: {name: a}, spec: {service: a}}";
+    assert_eq!(
+        Resource::parse_documents(flow_yaml).unwrap(),
+        Resource::parse_documents(json).unwrap()
+    );
+    let (_, _, reason) = parse_fail(r#"{"apiVersion": "ferrule.io/v1" "kind": 1}"#);
+    assert!(reason.contains("expected `,` or `}` at line 1"), "{reason}");
     let bad = json.replace(r#""service":"a""#, r#""service":"a","rateLimit":{"rps":1}"#);
     let (document, field, reason) = parse_fail(&format!("[{json},{bad}]"));
     assert_eq!((document, field.as_str()), (2, "spec.rateLimit.rps"));
