@@ -64,10 +64,7 @@ impl Stored {
 
 /// The service a resource configures.
 fn target_service(resource: &Resource) -> &str {
-    match &resource.spec {
-        Spec::ServicePolicy(p) => &p.service,
-        Spec::HttpRoute(r) => &r.service,
-    }
+    resource.spec.service()
 }
 
 fn backend_services(resource: &Resource) -> Vec<&str> {
@@ -197,7 +194,19 @@ impl ConfigStore {
         }
         let state = self.current().await?;
         let known = self.known_services(&state, &batch).await?;
-        ferrule_config::validate(&batch, Some(&known))
+        // Validate the configuration this apply would leave behind (the batch, then every stored
+        // resource it does not replace), so rules across resources (one policy per service)
+        // also hold against what is already stored.
+        let replaced: BTreeSet<String> = batch.iter().map(keys::config).collect();
+        let mut result = batch.clone();
+        result.extend(
+            state
+                .resources
+                .iter()
+                .filter(|(k, _)| !replaced.contains(*k))
+                .map(|(_, s)| s.resource.clone()),
+        );
+        ferrule_config::validate(&result, Some(&known))
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
 
         let mut ops = Vec::new();

@@ -133,3 +133,19 @@ async fn config_on_etcd() -> Result<()> {
     let store = EtcdStore::connect(&[etcd.client_addr().to_string()]).await?;
     scenario(Arc::new(store)).await
 }
+
+/// Rules across resources hold against what is stored: a second policy for the same service
+/// under another name is refused, and nothing changes.
+#[tokio::test]
+async fn second_policy_for_a_service_is_refused() -> Result<()> {
+    let config = ConfigStore::new(Arc::new(MemoryStore::new()));
+    let v1 = config.apply(docs(POLICY)?, false).await?;
+    let err = config
+        .apply(docs(&POLICY.replace("name: user", "name: user-2"))?, false)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    let (stored, version) = config.get("", "", "").await?;
+    assert_eq!((stored.len(), version), (1, v1.version));
+    Ok(())
+}
