@@ -363,3 +363,43 @@ async fn shutdown_drains_and_stops() -> anyhow::Result<()> {
     })
     .await
 }
+
+#[tokio::test]
+async fn shutdown_lets_in_flight_requests_finish() -> anyhow::Result<()> {
+    bounded(async {
+        let app = http_backend().await;
+        let client = client_proxy(vec![("web", vec![plain_endpoint("web", app)])], &[]).await;
+        let upstream = client.addrs.upstream("web").unwrap();
+        let stream = TcpStream::connect(upstream).await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, body::BoxError>>(1);
+        let req = Request::post("/echo")
+            .header("host", "web")
+            .body(body::boxed(StreamBody::new(
+                tokio_stream::wrappers::ReceiverStream::new(rx),
+            )))?;
+        tx.send(Ok(Frame::data(Bytes::from_static(b"first,"))))
+            .await?;
+        let rsp = sender.send_request(req).await?;
+        let mut rsp_body = rsp.into_body();
+        let first = rsp_body.frame().await.expect("first echo")?;
+        assert_eq!(first.into_data().unwrap(), "first,");
+
+        // The request is in flight: shut down, then finish it.
+        let shutdown = client.shutdown_token();
+        let stopped = tokio::spawn(client.wait());
+        shutdown.cancel();
+        tx.send(Ok(Frame::data(Bytes::from_static(b"second"))))
+            .await?;
+        drop(tx);
+        let rest = rsp_body.collect().await?.to_bytes();
+        assert_eq!(rest, "second");
+        tokio::time::timeout(Duration::from_secs(10), stopped)
+            .await
+            .map_err(|_| anyhow::anyhow!("proxy did not stop after draining"))??;
+        Ok(())
+    })
+    .await
+}
