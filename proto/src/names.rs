@@ -35,7 +35,9 @@ pub fn validate_label(what: &'static str, value: &str) -> Result<(), NameError> 
     }
     let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-';
     let ends_ok = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
-    if !value.chars().all(ok_char) || !ends_ok(value.chars().next()) || !ends_ok(value.chars().last())
+    if !value.chars().all(ok_char)
+        || !ends_ok(value.chars().next())
+        || !ends_ok(value.chars().last())
     {
         return Err(NameError::Invalid {
             what,
@@ -109,9 +111,18 @@ mod tests {
         assert!(validate_service("user").is_ok());
         assert!(validate_service("user-v2").is_ok());
         assert!(matches!(validate_service(""), Err(NameError::Empty { .. })));
-        assert!(matches!(validate_service("User"), Err(NameError::Invalid { .. })));
-        assert!(matches!(validate_service("-user"), Err(NameError::Invalid { .. })));
-        assert!(matches!(validate_service("a/b"), Err(NameError::Invalid { .. })));
+        assert!(matches!(
+            validate_service("User"),
+            Err(NameError::Invalid { .. })
+        ));
+        assert!(matches!(
+            validate_service("-user"),
+            Err(NameError::Invalid { .. })
+        ));
+        assert!(matches!(
+            validate_service("a/b"),
+            Err(NameError::Invalid { .. })
+        ));
         assert!(matches!(
             validate_service(&"a".repeat(64)),
             Err(NameError::TooLong { .. })
