@@ -26,5 +26,6 @@ pub mod logging;
 pub mod metrics;
 pub mod observe;
 pub mod outbound;
+pub mod policy;
 pub mod registration;
 pub mod server;
