@@ -23,6 +23,8 @@ use crate::headers;
 
 /// Idle HTTP/1 connections kept per address.
 const MAX_IDLE_PER_ADDR: usize = 32;
+const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -98,6 +100,10 @@ impl Clients {
                 let io = self.tcp(addr).await?;
                 let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
+                    // One connection carries every request to the address: notice a peer
+                    // that vanished without closing it.
+                    .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
+                    .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT)
                     .handshake(io)
                     .await
                     .map_err(|source| ClientError::Handshake { addr, source })?;
