@@ -4,9 +4,10 @@
 //! [`client::PolicyClient`] follows `ferrule.v1.Config/Watch` and publishes each good
 //! snapshot as an `Arc<PolicySet>` on a `watch` channel (acking it; a snapshot that does not
 //! parse or compile is nacked and the last good set stays). Stacks read the set when they are
-//! built and rebuild when it changes; the stateful pieces below (budgets, breakers, limiters)
-//! are owned by the stacks, not by the set, so they should be carried over when the part of
-//! the config they come from has not changed.
+//! built and rebuild when it changes. The stateful pieces (budgets, breakers, limiters) are
+//! not in the set: stacks own them, one [`ServiceGuards`] per service, and carry them to each
+//! new version with [`ServiceGuards::update`], so a config change never resets a breaker or a
+//! budget whose settings it did not touch, and in-flight requests keep the pieces they hold.
 //!
 //! Where each piece plugs into the outbound path, level by level (as in linkerd2-proxy):
 //! * **logical** (the service the app called): [`route::Routes::find`] picks the rule;
@@ -31,11 +32,16 @@ pub mod route;
 mod window;
 
 use std::collections::BTreeMap;
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 
-use ferrule_config::{ConfigError, EffectivePolicy, Resource, Spec, ValidationErrors};
+use ferrule_config::{
+    ConfigError, EffectiveCircuitBreaker, EffectivePolicy, Resource, Spec, ValidationErrors,
+};
 use ferrule_proto::v1::ConfigSnapshot;
 
+use breaker::{ConcurrencyLimit, FailureAccrual};
+use ratelimit::RateLimiter;
+use retry::{RetryBudget, RetryPolicy};
 use route::{RouteError, Routes};
 
 /// What a service without a `ServicePolicy` gets.
@@ -148,6 +154,78 @@ impl PolicySet {
     }
 }
 
+/// The stateful policy pieces of one service, built from its effective policy: the retry
+/// budget of requests to it, and, where it is a backend, its rate limit, concurrency limit and
+/// endpoint breakers. Stacks keep one per service and carry it to each new config version with
+/// [`ServiceGuards::update`], so breaker states, budgets and token buckets survive changes
+/// that do not touch their settings. Cheap to clone; clones share state.
+///
+/// A route rule whose `retries.budget` differs from its service's gets its own
+/// `RetryBudget::new(rule.retry().budget())`, kept per rule the same way.
+#[derive(Clone, Debug)]
+pub struct ServiceGuards {
+    pub retry_budget: Arc<RetryBudget>,
+    pub failure_accrual: FailureAccrual,
+    pub concurrency: ConcurrencyLimit,
+    /// Keyed by [`ratelimit::RateKey::Global`]; `None` without a `rateLimit`.
+    pub rate_limit: Option<Arc<RateLimiter>>,
+    policy: EffectivePolicy,
+}
+
+impl ServiceGuards {
+    pub fn new(policy: &EffectivePolicy) -> Self {
+        Self {
+            retry_budget: Arc::new(RetryBudget::new(RetryPolicy::new(&policy.retries).budget())),
+            failure_accrual: FailureAccrual::new(&policy.circuit_breaker),
+            concurrency: ConcurrencyLimit::from_config(&policy.circuit_breaker),
+            rate_limit: policy.rate_limit.map(|l| Arc::new(RateLimiter::new(l))),
+            policy: policy.clone(),
+        }
+    }
+
+    /// The guards for `policy`: each piece whose settings are unchanged is kept (state
+    /// included), the others are built afresh.
+    pub fn update(&self, policy: &EffectivePolicy) -> Self {
+        let fresh = Self::new(policy);
+        let old = &self.policy;
+        let budget = |p: &EffectivePolicy| RetryPolicy::new(&p.retries).budget();
+        let accrual = |p: &EffectivePolicy| EffectiveCircuitBreaker {
+            max_concurrent_requests: None,
+            max_pending: None,
+            ..p.circuit_breaker.clone()
+        };
+        let concurrency = |p: &EffectivePolicy| {
+            (
+                p.circuit_breaker.max_concurrent_requests,
+                p.circuit_breaker.max_pending,
+            )
+        };
+        Self {
+            retry_budget: if budget(old) == budget(policy) {
+                self.retry_budget.clone()
+            } else {
+                fresh.retry_budget
+            },
+            failure_accrual: if accrual(old) == accrual(policy) {
+                self.failure_accrual.clone()
+            } else {
+                fresh.failure_accrual
+            },
+            concurrency: if concurrency(old) == concurrency(policy) {
+                self.concurrency.clone()
+            } else {
+                fresh.concurrency
+            },
+            rate_limit: if old.rate_limit == policy.rate_limit {
+                self.rate_limit.clone()
+            } else {
+                fresh.rate_limit
+            },
+            policy: policy.clone(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -206,6 +284,44 @@ mod tests {
         assert_eq!(json["version"], 7);
         assert_eq!(json["resources"][0]["kind"], "HTTPRoute");
         assert_eq!(json["resources"][1]["spec"]["timeouts"]["request"], "3s");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn guards_keep_state_across_unrelated_changes() {
+        let spec = |timeout: u64, consecutive: u32| ferrule_config::ServicePolicySpec {
+            service: "user".into(),
+            timeouts: Some(ferrule_config::Timeouts {
+                request: Some(Duration::from_secs(timeout)),
+                ..Default::default()
+            }),
+            circuit_breaker: Some(ferrule_config::CircuitBreaker {
+                consecutive_failures: Some(consecutive),
+                max_ejection_percent: Some(100),
+                ..Default::default()
+            }),
+            rate_limit: Some(ferrule_config::RateLimit {
+                requests_per_second: 1,
+                burst: None,
+            }),
+            ..Default::default()
+        };
+        let guards = ServiceGuards::new(&spec(1, 1).effective());
+        guards.failure_accrual.set_endpoints(["ep".to_string()]);
+        guards.failure_accrual.try_acquire("ep").unwrap().failure();
+        let limit = guards.rate_limit.as_ref().unwrap();
+        limit.check(&ratelimit::RateKey::Global).unwrap();
+
+        // Only the timeout changed: the ejection and the drained bucket carry over.
+        let kept = guards.update(&spec(2, 1).effective());
+        assert!(kept.failure_accrual.try_acquire("ep").is_none());
+        assert!(Arc::ptr_eq(&kept.retry_budget, &guards.retry_budget));
+        let limit = kept.rate_limit.as_ref().unwrap();
+        assert!(limit.check(&ratelimit::RateKey::Global).is_err());
+
+        // The breaker settings changed: breakers start over.
+        let fresh = kept.update(&spec(2, 3).effective());
+        assert!(fresh.failure_accrual.try_acquire("ep").is_some());
+        assert!(fresh.rate_limit.is_some());
     }
 
     #[test]

@@ -57,6 +57,16 @@ pub struct RetryPolicy {
     backoff_base: Duration,
     backoff_max: Duration,
     backoff_jitter: f64,
+    budget: BudgetSettings,
+}
+
+/// The settings of a [`RetryBudget`]: retries may number `ratio × requests + minPerSecond ×
+/// window` over `window`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BudgetSettings {
+    pub ratio: f64,
+    pub min_per_second: u32,
+    pub window: Duration,
 }
 
 impl RetryPolicy {
@@ -70,7 +80,18 @@ impl RetryPolicy {
             backoff_base: retries.backoff_base,
             backoff_max: retries.backoff_max,
             backoff_jitter: retries.backoff_jitter.clamp(0.0, 1.0),
+            budget: BudgetSettings {
+                ratio: retries.budget_ratio,
+                min_per_second: retries.budget_min_per_second,
+                window: retries.budget_window,
+            },
         }
+    }
+
+    /// The budget this policy's retries draw from. Requests whose policies have equal
+    /// settings may share one [`RetryBudget`].
+    pub fn budget(&self) -> BudgetSettings {
+        self.budget
     }
 
     /// Attempts in all, the first included; 1 means no retries.
@@ -122,10 +143,10 @@ impl RetryPolicy {
     /// 2^(retry-1))`, of which a `jitter` share is random, so a fleet of proxies does not
     /// retry in lockstep. Production passes `rand::rng()`, tests a seeded generator.
     pub fn backoff<R: Rng + ?Sized>(&self, retry: u32, rng: &mut R) -> Duration {
-        let doublings = retry.saturating_sub(1).min(32);
+        let doublings = retry.saturating_sub(1).min(31);
         let full = self
             .backoff_base
-            .saturating_mul(1u32 << doublings.min(31))
+            .saturating_mul(1 << doublings)
             .min(self.backoff_max);
         let random_part = full.mul_f64(self.backoff_jitter);
         let fixed_part = full - random_part;
@@ -145,21 +166,12 @@ pub struct RetryBudget {
 }
 
 impl RetryBudget {
-    pub fn new(ratio: f64, min_per_second: u32, window: Duration) -> Self {
+    pub fn new(settings: BudgetSettings) -> Self {
         Self {
-            ratio: ratio.max(0.0),
-            reserve: f64::from(min_per_second) * window.as_secs_f64(),
-            window: Mutex::new(Window::new(window, Instant::now())),
+            ratio: settings.ratio.max(0.0),
+            reserve: f64::from(settings.min_per_second) * settings.window.as_secs_f64(),
+            window: Mutex::new(Window::new(settings.window, Instant::now())),
         }
-    }
-
-    /// The budget a retry policy configures.
-    pub fn from_retries(retries: &EffectiveRetries) -> Self {
-        Self::new(
-            retries.budget_ratio,
-            retries.budget_min_per_second,
-            retries.budget_window,
-        )
     }
 
     /// Records one original request (not a retry).
@@ -197,6 +209,14 @@ mod tests {
 
     use super::*;
 
+    fn settings(ratio: f64, min_per_second: u32, window_secs: u64) -> BudgetSettings {
+        BudgetSettings {
+            ratio,
+            min_per_second,
+            window: Duration::from_secs(window_secs),
+        }
+    }
+
     fn policy(yaml_retries: Retries) -> RetryPolicy {
         RetryPolicy::new(&yaml_retries.apply_to(None))
     }
@@ -215,6 +235,7 @@ mod tests {
         }
         assert!(!p.allows_method(&Method::POST));
         assert!(!p.allows_method(&Method::PATCH));
+        assert_eq!(p.budget(), settings(0.2, 10, 10), "the documented defaults");
         let p = policy(Retries {
             non_idempotent: Some(true),
             ..Default::default()
@@ -306,7 +327,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn reserve_allows_min_per_second_without_traffic() {
-        let budget = RetryBudget::new(0.2, 2, Duration::from_secs(10));
+        let budget = RetryBudget::new(settings(0.2, 2, 10));
         let granted = (0..100).filter(|_| budget.try_withdraw()).count();
         assert_eq!(granted, 20, "2 per second over a 10s window");
         // Withdrawals age out of the window and the reserve is available again.
@@ -319,7 +340,11 @@ mod tests {
         // Every request fails and asks for a retry: 200 req/s for 60 s, ratio 0.3 (a ratio
         // tower's budget would round to 1/3), 5 retries/s minimum, 10 s window.
         let (ratio, min_per_second, window) = (0.3, 5, Duration::from_secs(10));
-        let budget = RetryBudget::new(ratio, min_per_second, window);
+        let budget = RetryBudget::new(BudgetSettings {
+            ratio,
+            min_per_second,
+            window,
+        });
         let tick = Duration::from_millis(5);
         let seconds = 60;
         let (mut requests, mut retries) = (0u64, 0u64);
@@ -351,7 +376,7 @@ mod tests {
 
     #[tokio::test]
     async fn budget_is_shared_across_threads() {
-        let budget = std::sync::Arc::new(RetryBudget::new(0.0, 1, Duration::from_secs(10)));
+        let budget = std::sync::Arc::new(RetryBudget::new(settings(0.0, 1, 10)));
         let handles: Vec<_> = (0..4)
             .map(|_| {
                 let budget = budget.clone();
