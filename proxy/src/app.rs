@@ -255,8 +255,8 @@ impl Proxy {
         let signal = shutdown.clone();
         let done = tokio::spawn(async move {
             signal.cancelled().await;
-            tracing::info!("shutting down: deregistering");
             if let Some(registration) = &registration {
+                tracing::info!("shutting down: deregistering");
                 registration.deregister().await;
             }
             tracing::info!(?grace, "shutting down: draining connections");
