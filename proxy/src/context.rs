@@ -1,7 +1,8 @@
 //! The small record every request carries through a stack, in its extensions.
 //!
 //! Created when the request arrives on a listener, read by the layers that need to know which
-//! request this is (metrics, access log, errors), and the thing a tracing span will hang on.
+//! request this is (metrics, access log, errors); the request's tracing span carries the same
+//! fields.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,13 +27,14 @@ pub struct RequestContext {
 }
 
 impl RequestContext {
-    /// Builds the context of `req` and stores it in its extensions.
+    /// Builds the context of `req`, stores it in its extensions, and returns the span the
+    /// request's events belong to (at debug level: free when disabled).
     pub fn attach<B>(
         req: &mut Request<B>,
         direction: Direction,
         target: Arc<str>,
         client: SocketAddr,
-    ) {
+    ) -> tracing::Span {
         let meshed_peer =
             direction == Direction::Inbound && req.headers().contains_key(headers::MESHED);
         let ctx = RequestContext {
@@ -43,6 +45,15 @@ impl RequestContext {
             start: Instant::now(),
             meshed_peer,
         };
+        let span = tracing::debug_span!(
+            "request",
+            id = %ctx.id,
+            %direction,
+            target = %ctx.target,
+            %client,
+            meshed_peer,
+        );
         req.extensions_mut().insert(ctx);
+        span
     }
 }

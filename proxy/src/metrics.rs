@@ -30,6 +30,8 @@ use crate::errors::Reason;
 pub enum Direction {
     Inbound,
     Outbound,
+    /// The edge listener of gateway mode.
+    Gateway,
 }
 
 impl Direction {
@@ -37,6 +39,7 @@ impl Direction {
         match self {
             Direction::Inbound => "inbound",
             Direction::Outbound => "outbound",
+            Direction::Gateway => "gateway",
         }
     }
 }
@@ -234,6 +237,22 @@ impl Metrics {
         success: bool,
         latency: std::time::Duration,
     ) {
+        self.latency(direction, target, latency);
+        self.count(direction, target, status, success);
+    }
+
+    /// Observes the time to a response head.
+    pub fn latency(&self, direction: Direction, target: &str, latency: std::time::Duration) {
+        self.latency
+            .get_or_create(&LatencyLabels {
+                direction,
+                target_service: target.to_string(),
+            })
+            .observe(latency.as_secs_f64() * 1000.0);
+    }
+
+    /// Counts a response once its classification is known.
+    pub fn count(&self, direction: Direction, target: &str, status: StatusCode, success: bool) {
         self.requests
             .get_or_create(&RequestLabels {
                 direction,
@@ -242,12 +261,6 @@ impl Metrics {
                 classification: if success { "success" } else { "failure" },
             })
             .inc();
-        self.latency
-            .get_or_create(&LatencyLabels {
-                direction,
-                target_service: target.to_string(),
-            })
-            .observe(latency.as_secs_f64() * 1000.0);
     }
 
     pub fn proxy_error(&self, direction: Direction, reason: Reason) {

@@ -2,7 +2,10 @@
 //!
 //! It sees the final response, whether the app made it or the proxy did (the error layer
 //! below it has already turned proxy errors into responses), so `request_total` and the access
-//! log agree with what the client received.
+//! log agree with what the client received. A response is classified from its head (5xx, or a
+//! non-zero `grpc-status` in a trailers-only gRPC answer are failures), except a gRPC response
+//! without a status in its head: it is counted when its trailers arrive, and as a failure if
+//! the stream ends without them.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -13,7 +16,7 @@ use futures::future::BoxFuture;
 use http::{Request, Response};
 use tower::{Layer, Service};
 
-use crate::body::BoxBody;
+use crate::body::{self, BoxBody};
 use crate::context::RequestContext;
 use crate::errors::ERROR_HEADER;
 use crate::metrics::{Direction, Metrics};
@@ -53,6 +56,91 @@ pub struct Observe<S> {
     layer: ObserveLayer,
 }
 
+/// A gRPC response whose status will come in trailers.
+fn awaits_grpc_status(rsp: &Response<BoxBody>) -> bool {
+    rsp.status().is_success()
+        && !rsp.headers().contains_key("grpc-status")
+        && rsp
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .is_some_and(|ct| ct.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// How to count a response once it is classified.
+struct Verdict {
+    metrics: Metrics,
+    direction: Direction,
+    target: Arc<str>,
+    status: http::StatusCode,
+}
+
+impl Verdict {
+    fn record(self, success: bool) {
+        self.metrics
+            .count(self.direction, &self.target, self.status, success);
+    }
+}
+
+/// A verdict not given yet; dropped unrecorded, it counts the response as failed (the
+/// stream ended without a status).
+struct PendingVerdict(Option<Verdict>);
+
+impl PendingVerdict {
+    fn record(&mut self, success: bool) {
+        if let Some(verdict) = self.0.take() {
+            verdict.record(success);
+        }
+    }
+}
+
+impl Drop for PendingVerdict {
+    fn drop(&mut self) {
+        self.record(false);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A gRPC response body that classifies the response by its trailers.
+    struct GrpcStatusBody {
+        #[pin]
+        inner: BoxBody,
+        verdict: PendingVerdict,
+    }
+}
+
+impl http_body::Body for GrpcStatusBody {
+    type Data = bytes::Bytes;
+    type Error = crate::body::BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let frame = std::task::ready!(this.inner.poll_frame(cx));
+        match &frame {
+            Some(Ok(frame)) => {
+                if let Some(trailers) = frame.trailers_ref() {
+                    let ok = trailers
+                        .get("grpc-status")
+                        .is_some_and(|s| s.as_bytes() == b"0");
+                    this.verdict.record(ok);
+                }
+            }
+            Some(Err(_)) | None => this.verdict.record(false),
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// gRPC reports failures in `grpc-status`; a trailers-only response carries it in the head.
 fn is_success(rsp: &Response<BoxBody>) -> bool {
     let grpc_ok = rsp
@@ -88,14 +176,26 @@ where
             let rsp = fut.await?;
             let start = ctx.as_ref().map_or_else(Instant::now, |c| c.start);
             let elapsed = start.elapsed();
-            let success = is_success(&rsp);
-            layer.metrics.response(
-                layer.direction,
-                &layer.target,
-                rsp.status(),
-                success,
-                elapsed,
-            );
+            layer
+                .metrics
+                .latency(layer.direction, &layer.target, elapsed);
+            let verdict = Verdict {
+                metrics: layer.metrics.clone(),
+                direction: layer.direction,
+                target: layer.target.clone(),
+                status: rsp.status(),
+            };
+            let rsp = if awaits_grpc_status(&rsp) {
+                rsp.map(|body| {
+                    body::boxed(GrpcStatusBody {
+                        inner: body,
+                        verdict: PendingVerdict(Some(verdict)),
+                    })
+                })
+            } else {
+                verdict.record(is_success(&rsp));
+                rsp
+            };
             if layer.access_log {
                 let error = rsp
                     .headers()

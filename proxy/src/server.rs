@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 use tower::util::BoxCloneSyncService;
+use tracing::Instrument;
 
 use crate::body::{self, BoxBody};
 use crate::context::RequestContext;
@@ -95,9 +96,10 @@ pub async fn serve_http<I>(
 {
     let svc = service_fn(move |req: Request<Incoming>| {
         let mut req = req.map(body::boxed);
-        RequestContext::attach(&mut req, meta.direction, meta.target.clone(), meta.client);
+        let span =
+            RequestContext::attach(&mut req, meta.direction, meta.target.clone(), meta.client);
         let rsp: BoxFuture<'static, Result<Response<BoxBody>, Infallible>> =
-            Box::pin(stack.clone().oneshot(req));
+            Box::pin(stack.clone().oneshot(req).instrument(span));
         rsp
     });
     let io = TokioIo::new(io);

@@ -1,5 +1,6 @@
 //! Real gRPC (tonic client and server) through an outbound → inbound proxy pair: unary,
-//! server streaming, bidirectional streaming, and an error status carried in trailers.
+//! server streaming, bidirectional streaming, error statuses in a trailers-only answer and
+//! after data, and `request_total` classifying each call by its `grpc-status`.
 
 mod support;
 
@@ -81,12 +82,16 @@ impl DiscoveryApi for Fake {
         req: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let service = req.into_inner().service;
-        let updates = (1..=3).map(move |version| {
-            Ok(DiscoveryUpdate {
+        // "missing" streams one update, then fails in the trailers.
+        let fail = service == "missing";
+        let updates = (1..=3).map_while(move |version| match (fail, version) {
+            (true, 2) => Some(Err(Status::not_found("no such service"))),
+            (true, 3) => None,
+            _ => Some(Ok(DiscoveryUpdate {
                 service: service.clone(),
                 version,
                 kind: None,
-            })
+            })),
         });
         Ok(Response::new(Box::pin(futures::stream::iter(updates))))
     }
@@ -175,6 +180,32 @@ async fn grpc_unary_streaming_and_errors_through_pair() -> anyhow::Result<()> {
         }
         drop(tx);
         assert!(answers.message().await?.is_none());
+
+        // A stream that fails after data: the status arrives in trailers.
+        let mut failing = discovery
+            .watch(WatchRequest {
+                service: "missing".into(),
+                proxy: None,
+            })
+            .await?
+            .into_inner();
+        assert_eq!(failing.message().await?.map(|u| u.version), Some(1));
+        let status = failing.message().await.expect_err("the stream fails");
+        assert_eq!(status.code(), tonic::Code::NotFound);
+
+        // Classification follows grpc-status, in the head or in trailers.
+        let (_, metrics) = admin_get(&client, "/metrics").await?;
+        let count = |classification: &str| {
+            let series = format!(
+                r#"request_total{{direction="outbound",target_service="registry",status_code="200",classification="{classification}"}} "#
+            );
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(&series))
+                .map(|v| v.trim().to_string())
+        };
+        assert_eq!(count("success").as_deref(), Some("3"), "{metrics}");
+        assert_eq!(count("failure").as_deref(), Some("2"), "{metrics}");
 
         client.shutdown().await;
         server.shutdown().await;
