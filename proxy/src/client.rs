@@ -112,7 +112,10 @@ impl Clients {
                         tracing::debug!(%addr, %error, "HTTP/2 connection ended");
                     }
                 });
-                self.lock().h2.insert(addr, sender.clone());
+                let mut pools = self.lock();
+                // Forget connections that closed since (endpoints that went away).
+                pools.h2.retain(|_, s| !s.is_closed());
+                pools.h2.insert(addr, sender.clone());
                 Ok(Conn::new(self, addr, Kind::H2(sender)))
             }
             Protocol::Http1 => {
@@ -120,6 +123,11 @@ impl Clients {
                     return Ok(Conn::new(self, addr, Kind::H1(sender)));
                 }
                 let sender = self.h1_handshake(addr, false).await?;
+                // Forget connections that closed since (endpoints that went away).
+                self.lock().h1.retain(|_, senders| {
+                    senders.retain(|s| !s.is_closed());
+                    !senders.is_empty()
+                });
                 Ok(Conn::new(self, addr, Kind::H1(sender)))
             }
             Protocol::Upgrade => {
