@@ -1,4 +1,5 @@
-//! `ferrule get services|endpoints|proxies`: reads of the registry through the Admin API.
+//! `ferrule get services|endpoints|proxies`: reads of the registry through the Admin API
+//! (`get config` is the configuration centre's, in [`crate::config`]).
 //!
 //! Each listing is converted from the proto messages into a document of our own (stable
 //! snake_case fields, sorted rows) so that table, JSON and YAML output are deterministic and do
@@ -42,12 +43,19 @@ enum What {
     /// List the proxies connected to the controller and the config version each runs.
     #[command(alias = "proxy")]
     Proxies,
+    /// Show config resources: every kind, one kind, or one resource (`-o yaml` prints them
+    /// ready to edit and apply again).
+    Config(crate::config::GetConfigArgs),
 }
 
 pub async fn run(args: GetArgs, addr: &ControllerAddr, format: Format) -> anyhow::Result<()> {
+    let what = match args.what {
+        What::Config(config) => return crate::config::get(config, addr, format).await,
+        what => what,
+    };
     let mut admin = AdminClient::new(client::connect(addr).await?);
     let mut stdout = io::stdout().lock();
-    match args.what {
+    match what {
         What::Services => {
             let resp = client::call(
                 addr,
@@ -92,6 +100,7 @@ pub async fn run(args: GetArgs, addr: &ControllerAddr, format: Format) -> anyhow
             }
             output::render(&doc, format, &mut stdout)
         }
+        What::Config(_) => unreachable!("handled before connecting"),
     }
 }
 

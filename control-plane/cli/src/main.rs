@@ -2,11 +2,13 @@
 //!
 //! It talks to `ferrule-controller` only through the `ferrule.v1` gRPC API, never to the store.
 //! This file holds the top-level flags and dispatch; each verb group has its own module
-//! ([`get`], [`register`], [`version`]), [`client`] connects to the controller and turns its
-//! failures into one readable line, [`output`] renders tables, JSON and YAML, and [`parse`] holds
-//! the argument parsers that refuse bad input before anything is sent.
+//! ([`config`], [`dev`], [`get`], [`register`], [`version`]), [`client`] connects to the controller and
+//! turns its failures into one readable line, [`output`] renders tables, JSON and YAML, and
+//! [`parse`] holds the argument parsers that refuse bad input before anything is sent.
 
 mod client;
+mod config;
+mod dev;
 mod get;
 mod output;
 mod parse;
@@ -45,6 +47,20 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Validate config resources with the controller and store them, all or nothing.
+    Apply(config::ApplyArgs),
+    /// Delete one config resource.
+    Delete(config::DeleteArgs),
+    /// Show how config files differ from what is stored (exit status 1 when they differ).
+    Diff(config::FileArgs),
+    /// List config changes, oldest first, with the version each made.
+    History(config::HistoryArgs),
+    /// Restore the config as it was at an earlier version, as one new version.
+    Rollback(config::RollbackArgs),
+    /// Show each connected proxy and whether it runs the current config version.
+    Status,
+    /// Run the sample shop as a local mesh (`dev up`), or stop one (`dev down`).
+    Dev(dev::DevArgs),
     /// List what the controller knows: services, endpoints or proxies.
     Get(get::GetArgs),
     /// Register an endpoint that runs without a ferrule proxy (a database, say) and keep it
@@ -58,6 +74,16 @@ enum Command {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Apply(args) => config::apply(args, &cli.controller, cli.output).await,
+        Command::Delete(args) => config::delete(args, &cli.controller).await,
+        Command::Diff(args) => match config::diff(args, &cli.controller).await {
+            Ok(true) => return ExitCode::from(1),
+            other => other.map(|_| ()),
+        },
+        Command::History(args) => config::history(args, &cli.controller, cli.output).await,
+        Command::Rollback(args) => config::rollback(args, &cli.controller, cli.output).await,
+        Command::Status => config::status(&cli.controller, cli.output).await,
+        Command::Dev(args) => dev::run(args).await,
         Command::Get(args) => get::run(args, &cli.controller, cli.output).await,
         Command::Register(args) => {
             if let Err(conflict) = args.check() {

@@ -253,12 +253,12 @@ impl ConfigStore {
         namespace: &str,
         name: &str,
     ) -> Result<(Vec<pb::Resource>, Revision), Status> {
-        let prefix = keys::config_prefix(&parse_kind(kind)?, namespace, name)?;
+        let selector = keys::ConfigSelector::new(&parse_kind(kind)?, namespace, name)?;
         let state = self.current().await?;
         let resources = state
             .resources
             .iter()
-            .filter(|(k, _)| k.starts_with(&prefix))
+            .filter(|(k, _)| selector.matches(k))
             .map(|(_, s)| s.to_proto())
             .collect();
         Ok((resources, state.version))
@@ -298,7 +298,7 @@ impl ConfigStore {
         namespace: &str,
         name: &str,
     ) -> Result<Vec<ConfigChange>, Status> {
-        let prefix = keys::config_prefix(&parse_kind(kind)?, namespace, name)?;
+        let selector = keys::ConfigSelector::new(&parse_kind(kind)?, namespace, name)?;
         let Some(marker) = self
             .store
             .get(keys::CONFIG_VERSION)
@@ -333,7 +333,7 @@ impl ConfigStore {
                 }
                 continue;
             }
-            if !event.key().starts_with(&prefix) {
+            if !selector.matches(event.key()) {
                 continue;
             }
             let (resource, deleted) = match &event {

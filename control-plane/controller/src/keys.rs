@@ -44,23 +44,35 @@ pub fn config(resource: &Resource) -> String {
     )
 }
 
-/// The prefix selecting one kind, one namespace of it, or one resource; `None` for every kind.
-/// A namespace or name without the level above it is refused.
-pub fn config_prefix(
-    kind: &Option<Kind>,
-    namespace: &str,
-    name: &str,
-) -> Result<String, tonic::Status> {
-    match (kind, namespace.is_empty(), name.is_empty()) {
-        (None, true, true) => Ok(CONFIG.to_string()),
-        (None, _, _) => Err(tonic::Status::invalid_argument(
-            "kind: required when a namespace or name is given",
-        )),
-        (Some(kind), true, true) => Ok(format!("{CONFIG}{kind}/")),
-        (Some(kind), false, true) => Ok(format!("{CONFIG}{kind}/{namespace}/")),
-        (Some(kind), ns_empty, false) => {
-            let namespace = if ns_empty { "default" } else { namespace };
-            Ok(config_key(*kind, namespace, name))
+/// Which config keys a read selects: every kind, one kind, one namespace of it, or one resource.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigSelector {
+    Prefix(String),
+    /// One resource's key: a prefix would also select `web-v2` when asked for `web`.
+    Exact(String),
+}
+
+impl ConfigSelector {
+    /// `None` kind means every kind; a namespace or name without the level above it is refused.
+    pub fn new(kind: &Option<Kind>, namespace: &str, name: &str) -> Result<Self, tonic::Status> {
+        match (kind, namespace.is_empty(), name.is_empty()) {
+            (None, true, true) => Ok(Self::Prefix(CONFIG.to_string())),
+            (None, _, _) => Err(tonic::Status::invalid_argument(
+                "kind: required when a namespace or name is given",
+            )),
+            (Some(kind), true, true) => Ok(Self::Prefix(format!("{CONFIG}{kind}/"))),
+            (Some(kind), false, true) => Ok(Self::Prefix(format!("{CONFIG}{kind}/{namespace}/"))),
+            (Some(kind), ns_empty, false) => {
+                let namespace = if ns_empty { "default" } else { namespace };
+                Ok(Self::Exact(config_key(*kind, namespace, name)))
+            }
+        }
+    }
+
+    pub fn matches(&self, key: &str) -> bool {
+        match self {
+            Self::Prefix(p) => key.starts_with(p.as_str()),
+            Self::Exact(k) => key == k,
         }
     }
 }
@@ -78,6 +90,17 @@ pub fn proxy(proxy_id: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_named_resource_selects_only_itself() {
+        let one = ConfigSelector::new(&Some(Kind::ServicePolicy), "", "web").unwrap();
+        assert!(one.matches("/ferrule/config/ServicePolicy/default/web"));
+        assert!(!one.matches("/ferrule/config/ServicePolicy/default/web-v2"));
+        let kind = ConfigSelector::new(&Some(Kind::ServicePolicy), "", "").unwrap();
+        assert!(kind.matches("/ferrule/config/ServicePolicy/default/web-v2"));
+        assert!(!kind.matches("/ferrule/config/HTTPRoute/default/web"));
+        assert!(ConfigSelector::new(&None, "", "web").is_err());
+    }
 
     #[test]
     fn endpoint_keys_round_trip() {

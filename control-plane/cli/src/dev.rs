@@ -1,0 +1,304 @@
+//! `ferrule dev up` and `ferrule dev down`: the whole sample shop as a local mesh, with one
+//! command and no setup.
+//!
+//! `dev up` starts the binaries that sit next to `ferrule` (it builds nothing; `make demo`
+//! does): [`plan`] lays out the processes and their loopback ports, [`supervisor`] runs them
+//! and streams their logs, [`state`] records them in `<state dir>/dev.json`, and
+//! [`walkthrough`] is what it prints once everything is ready. It runs until Ctrl-C or SIGTERM.
+//! `dev down` stops a mesh that is still running from a state dir, through `dev.json`.
+
+mod plan;
+mod state;
+mod supervisor;
+mod walkthrough;
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use rustix::process::Signal;
+use tokio::signal::unix::{SignalKind, signal};
+
+use self::plan::{BINARIES, Options, Plan};
+use self::state::{DevState, ProcessRecord};
+use self::supervisor::{StartupError, Supervisor};
+
+/// How long each process gets to exit after SIGTERM before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+/// Lines of a failed process's log shown when start-up fails.
+const LOG_TAIL: usize = 25;
+
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    #[command(subcommand)]
+    command: DevCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum DevCommand {
+    /// Start a local mesh: a controller, the sample shop (two user replicas, order, payment)
+    /// with a sidecar proxy each, and the gateway, all on loopback. Runs until Ctrl-C.
+    Up(UpArgs),
+    /// Stop a mesh `ferrule dev up` left running.
+    Down(DownArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(
+    after_help = "The binaries are taken from the folder `ferrule` is in: build them \
+                        first (`make demo` builds and runs this)."
+)]
+struct UpArgs {
+    /// Where the gateway listens for clients.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8000")]
+    gateway_addr: SocketAddr,
+
+    /// Keep the controller's state in this etcd (e.g. http://127.0.0.1:2379) instead of the
+    /// embedded in-memory store.
+    #[arg(long, value_name = "URL")]
+    etcd: Option<String>,
+
+    /// Folder for the databases, logs/, gateway.yaml and dev.json.
+    #[arg(long, value_name = "DIR", default_value = ".ferrule/dev")]
+    state_dir: PathBuf,
+
+    /// Write the processes' output only to their log files, not also to this terminal.
+    #[arg(long, short)]
+    quiet: bool,
+
+    /// How long every process gets to become ready.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
+    ready_timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+struct DownArgs {
+    /// The state dir `ferrule dev up` ran with.
+    #[arg(long, value_name = "DIR", default_value = ".ferrule/dev")]
+    state_dir: PathBuf,
+}
+
+pub async fn run(args: DevArgs) -> anyhow::Result<()> {
+    match args.command {
+        DevCommand::Up(args) => up(args).await,
+        DevCommand::Down(args) => down(&args.state_dir).await,
+    }
+}
+
+async fn up(args: UpArgs) -> anyhow::Result<()> {
+    let me = std::env::current_exe().context("finding the ferrule executable")?;
+    let bin_dir = me
+        .parent()
+        .context("the ferrule executable has no folder")?
+        .to_path_buf();
+    for name in BINARIES {
+        if !bin_dir.join(name).is_file() {
+            bail!(
+                "{name} is not in {} next to ferrule: build the workspace binaries first \
+                 (`cargo build --workspace --bins`, or `make demo` which builds and runs this)",
+                bin_dir.display()
+            );
+        }
+    }
+    let state_dir = std::path::absolute(&args.state_dir)
+        .with_context(|| format!("--state-dir {}", args.state_dir.display()))?;
+    std::fs::create_dir_all(state_dir.join("logs"))
+        .with_context(|| format!("creating {}", state_dir.join("logs").display()))?;
+    refuse_running_mesh(&state_dir)?;
+    supervisor::check_free(args.gateway_addr).with_context(|| {
+        format!(
+            "the gateway cannot listen on {}: pass another --gateway-addr",
+            args.gateway_addr
+        )
+    })?;
+
+    let opts = Options {
+        bin_dir,
+        state_dir: state_dir.clone(),
+        gateway: args.gateway_addr,
+        etcd: args.etcd,
+        jwt_secret: random_secret(),
+    };
+    let plan = free_ports_plan(&opts)?;
+    std::fs::write(&plan.gateway_config, &plan.gateway_yaml)
+        .with_context(|| format!("writing {}", plan.gateway_config.display()))?;
+
+    // Installed before anything starts, so a Ctrl-C during start-up still stops cleanly.
+    let mut sigterm = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
+    let mut stop_signal = async move || {
+        tokio::select! {
+            _ = sigterm.recv() => "SIGTERM",
+            _ = sigint.recv() => "SIGINT",
+        }
+    };
+
+    let state = DevState {
+        supervisor: ProcessRecord {
+            name: "ferrule dev up".into(),
+            pid: std::process::id(),
+            program: me,
+            log: None,
+            admin: None,
+            database: None,
+        },
+        controller: plan.controller,
+        gateway: plan.gateway,
+        processes: Vec::new(),
+    };
+    let mut sup = Supervisor::new(
+        state,
+        &state_dir,
+        args.quiet,
+        plan.processes.iter().map(|s| s.name.as_str()),
+    );
+    println!(
+        "starting {} processes; logs in {}",
+        plan.processes.len(),
+        state_dir.join("logs").display()
+    );
+
+    let started = tokio::select! {
+        started = start(&mut sup, &plan, args.ready_timeout) => started,
+        signal = stop_signal() => {
+            println!("{signal} received during start-up: stopping");
+            sup.stop(STOP_GRACE).await;
+            return Ok(());
+        }
+    };
+    if let Err(err) = started {
+        sup.stop(STOP_GRACE).await;
+        if let Some(err) = err.downcast_ref::<StartupError>() {
+            let names = match err {
+                StartupError::Exited { name, .. } => vec![name.clone()],
+                StartupError::NotReady { names, .. } => names.clone(),
+            };
+            for name in names {
+                eprintln!(
+                    "--- last lines of {name}'s log ---\n{}",
+                    sup.log_tail(&name, LOG_TAIL)
+                );
+            }
+        }
+        return Err(err.context(format!(
+            "the mesh did not start; every log is in {}",
+            state_dir.join("logs").display()
+        )));
+    }
+
+    print!("{}", walkthrough::render(sup.state(), &state_dir));
+    sup.watch(async {
+        let signal = stop_signal().await;
+        println!("{signal} received: stopping the mesh");
+    })
+    .await;
+    sup.stop(STOP_GRACE).await;
+    println!("stopped");
+    Ok(())
+}
+
+/// Starts the controller, waits for it, then everything else, and waits for all to be ready.
+async fn start(sup: &mut Supervisor, plan: &Plan, within: Duration) -> anyhow::Result<()> {
+    let (controller, clients) = plan
+        .processes
+        .split_first()
+        .context("the plan starts nothing")?;
+    sup.spawn(controller)?;
+    // The proxies back off while the controller is unreachable: start them once it answers.
+    sup.wait_ready(within).await?;
+    for spec in clients {
+        sup.spawn(spec)?;
+    }
+    sup.wait_ready(within).await?;
+    Ok(())
+}
+
+/// A state dir serves one mesh at a time.
+fn refuse_running_mesh(state_dir: &Path) -> anyhow::Result<()> {
+    let Some(old) = DevState::load(state_dir)? else {
+        return Ok(());
+    };
+    let running: Vec<&ProcessRecord> = std::iter::once(&old.supervisor)
+        .chain(&old.processes)
+        .filter(|p| p.is_running())
+        .collect();
+    if !running.is_empty() {
+        bail!(
+            "a mesh from {} is still running ({} processes, `ferrule dev up` pid {}): stop it \
+             with `ferrule dev down --state-dir {}`, or use another --state-dir",
+            state_dir.display(),
+            running.len(),
+            old.supervisor.pid,
+            state_dir.display()
+        );
+    }
+    DevState::remove(state_dir)?;
+    Ok(())
+}
+
+/// Lays out the plan on ports the system hands out, all held until the plan is complete so no
+/// two listeners get the same one.
+fn free_ports_plan(opts: &Options) -> anyhow::Result<Plan> {
+    let mut held = Vec::new();
+    let plan = Plan::build(opts, || {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        held.push(listener);
+        Ok(port)
+    })
+    .context("finding free loopback ports")?;
+    Ok(plan)
+}
+
+/// 32 random bytes, hex: the demo's JWT signing key, new on every start.
+fn random_secret() -> String {
+    rand::random::<[u8; 32]>()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// `ferrule dev down`: asks `ferrule dev up` to stop its mesh; if it is gone (killed), stops
+/// whatever it left.
+async fn down(state_dir: &Path) -> anyhow::Result<()> {
+    let state_dir = std::path::absolute(state_dir)
+        .with_context(|| format!("--state-dir {}", state_dir.display()))?;
+    let Some(state) = DevState::load(&state_dir)? else {
+        println!("no mesh is running from {}", state_dir.display());
+        return Ok(());
+    };
+    let supervisor = &state.supervisor;
+    if supervisor.signal(Signal::TERM) {
+        println!(
+            "stopping the mesh of `ferrule dev up` (pid {})",
+            supervisor.pid
+        );
+        // dev up stops its children one grace period apart: clients, then the controller.
+        if !supervisor
+            .wait_gone(STOP_GRACE * 2 + Duration::from_secs(5))
+            .await
+        {
+            supervisor.signal(Signal::KILL);
+        }
+    }
+    let left: Vec<&ProcessRecord> = state
+        .processes
+        .iter()
+        .filter(|p| p.signal(Signal::TERM))
+        .collect();
+    for process in &left {
+        if !process.wait_gone(STOP_GRACE).await {
+            eprintln!("{} ignored SIGTERM; killing it", process.name);
+            process.signal(Signal::KILL);
+        }
+    }
+    let stopped = left.len();
+    if stopped > 0 {
+        println!("stopped {stopped} processes `ferrule dev up` left behind");
+    }
+    DevState::remove(&state_dir)?;
+    println!("the mesh from {} is stopped", state_dir.display());
+    Ok(())
+}

@@ -1,0 +1,387 @@
+//! Runs a [`Plan`]'s processes: starts them, copies their output to one log file each (and to
+//! the terminal, each line prefixed with `[name]`), waits until they are ready, notices when
+//! one exits, and stops them all.
+//!
+//! No child may outlive `ferrule dev up`. Each runs in its own process group, so a Ctrl-C in
+//! the terminal reaches only `dev up`, which then stops them in order: everything else first
+//! (sidecars deregister while the controller still answers), the controller last, each with
+//! SIGTERM, a bounded wait, then SIGKILL. If `dev up` itself is killed, the kernel sends each
+//! child SIGTERM (`PR_SET_PDEATHSIG`), and `ferrule dev down` finds whatever is left through
+//! `dev.json`.
+
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, PipeReader, Write};
+use std::net::SocketAddr;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use rustix::process::{Pid, Signal, getpid, getppid, kill_process};
+use tokio::time::{Instant, timeout, timeout_at};
+
+use super::plan::{Probe, Spec};
+use super::state::{DevState, ProcessRecord};
+
+/// How long one readiness probe may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Pause between rounds of readiness probes and exit checks.
+const POLL: Duration = Duration::from_millis(100);
+/// How long the log copiers get to write a stopped process's last lines.
+const LOG_DRAIN: Duration = Duration::from_secs(2);
+
+/// A started process.
+struct Child {
+    record: ProcessRecord,
+    probe: Option<Probe>,
+    process: tokio::process::Child,
+    /// Set once the exit has been seen, so it is reported once and never signalled again.
+    exited: Option<ExitStatus>,
+    log_copier: JoinHandle<()>,
+}
+
+/// Why start-up failed.
+#[derive(Debug)]
+pub enum StartupError {
+    /// A process exited before the mesh was ready.
+    Exited { name: String, status: ExitStatus },
+    /// These processes were not ready in time.
+    NotReady {
+        names: Vec<String>,
+        within: Duration,
+    },
+}
+
+impl std::fmt::Display for StartupError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Exited { name, status } => {
+                write!(f, "{name} exited during start-up ({})", describe(*status))
+            }
+            Self::NotReady { names, within } => write!(
+                f,
+                "not ready after {}: {}",
+                humantime::format_duration(*within),
+                names.join(", ")
+            ),
+        }
+    }
+}
+
+impl std::error::Error for StartupError {}
+
+/// Terminal output shared by the log copiers.
+struct Terminal {
+    /// Log lines are copied here unless `--quiet`.
+    echo: bool,
+    /// Width of the `[name]` column, so the lines after it align.
+    width: usize,
+}
+
+impl Terminal {
+    fn line(&self, name: &str, line: &str) {
+        if self.echo {
+            let prefix = format!("[{name}]");
+            // A closed terminal must not stop the copying to the log file.
+            let _ = writeln!(io::stdout().lock(), "{prefix:<0$} {line}", self.width);
+        }
+    }
+}
+
+/// The processes of one `ferrule dev up`, and its `dev.json`.
+pub struct Supervisor {
+    children: Vec<Child>,
+    state: DevState,
+    state_dir: PathBuf,
+    logs: PathBuf,
+    terminal: Arc<Terminal>,
+    http: Client<HttpConnector, Empty<Bytes>>,
+}
+
+impl Supervisor {
+    /// `names` are all the processes to come, for the width of the log prefix.
+    pub fn new<'a>(
+        state: DevState,
+        state_dir: &Path,
+        quiet: bool,
+        names: impl IntoIterator<Item = &'a str>,
+    ) -> Self {
+        let width = names.into_iter().map(|n| n.len() + 2).max().unwrap_or(0);
+        Self {
+            children: Vec::new(),
+            state,
+            state_dir: state_dir.to_path_buf(),
+            logs: state_dir.join("logs"),
+            terminal: Arc::new(Terminal {
+                echo: !quiet,
+                width,
+            }),
+            http: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    /// What was started, as written to `dev.json`.
+    pub fn state(&self) -> &DevState {
+        &self.state
+    }
+
+    /// Starts `spec` with its output going to `logs/<name>.log`, and records it in `dev.json`.
+    pub fn spawn(&mut self, spec: &Spec) -> anyhow::Result<()> {
+        let log_path = self.logs.join(format!("{}.log", spec.name));
+        let log =
+            File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+        // stdout and stderr share one pipe so their lines stay in order.
+        let (reader, writer) = io::pipe().context("creating a pipe")?;
+        let mut cmd = tokio::process::Command::new(&spec.program);
+        cmd.args(&spec.args)
+            .envs(spec.env.iter().map(|(k, v)| (k, v)))
+            // Log files are read with less and grep, not a terminal.
+            .env("NO_COLOR", "1")
+            // The key comes from USER_JWT_SECRET; a file from the caller's shell would clash.
+            .env_remove("USER_JWT_SECRET_FILE")
+            .stdin(Stdio::null())
+            .stdout(writer.try_clone().context("duplicating a pipe")?)
+            .stderr(writer)
+            .process_group(0)
+            .kill_on_drop(true);
+        let parent = getpid();
+        // SAFETY: the closure runs in the forked child before exec, where only
+        // async-signal-safe calls are allowed: it makes two raw system calls (prctl, getppid)
+        // and builds an io::Error from an errno, none of which allocates or takes a lock. The
+        // death signal is tied to the thread that forks: `ferrule` runs a current-thread tokio
+        // runtime, so that is the main thread, which lives as long as the process.
+        unsafe {
+            cmd.pre_exec(move || {
+                rustix::process::set_parent_process_death_signal(Some(Signal::TERM))?;
+                // Had `dev up` died between fork and prctl, the signal would never come.
+                if getppid() != Some(parent) {
+                    return Err(rustix::io::Errno::SRCH.into());
+                }
+                Ok(())
+            });
+        }
+        let process = cmd
+            .spawn()
+            .with_context(|| format!("starting {} ({})", spec.name, spec.program.display()))?;
+        // `cmd` holds our copies of the pipe's write end: without dropping it the copier
+        // would never see the end of the output.
+        drop(cmd);
+        let pid = process.id().context("a just-started process has a PID")?;
+        let log_copier = copy_log(spec.name.clone(), reader, log, Arc::clone(&self.terminal))?;
+        let record = ProcessRecord {
+            name: spec.name.clone(),
+            pid,
+            program: spec.program.clone(),
+            log: Some(log_path),
+            admin: spec.admin,
+            database: spec.database.clone(),
+        };
+        self.state.processes.push(record.clone());
+        self.state
+            .store(&self.state_dir)
+            .context("writing dev.json")?;
+        self.children.push(Child {
+            record,
+            probe: spec.probe,
+            process,
+            exited: None,
+            log_copier,
+        });
+        Ok(())
+    }
+
+    /// Probes every started process until all are ready, one exits, or `within` passes.
+    pub async fn wait_ready(&mut self, within: Duration) -> Result<(), StartupError> {
+        let deadline = Instant::now() + within;
+        let mut pending: Vec<(String, Probe)> = self
+            .children
+            .iter()
+            .filter_map(|c| c.probe.map(|p| (c.record.name.clone(), p)))
+            .collect();
+        loop {
+            if let Some((name, status)) = self.reap().into_iter().next() {
+                return Err(StartupError::Exited { name, status });
+            }
+            let mut still = Vec::new();
+            for (name, probe) in pending {
+                if !self.probe(probe).await {
+                    still.push((name, probe));
+                }
+            }
+            pending = still;
+            if pending.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(StartupError::NotReady {
+                    names: pending.into_iter().map(|(name, _)| name).collect(),
+                    within,
+                });
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    async fn probe(&self, probe: Probe) -> bool {
+        match probe {
+            Probe::Listening(addr) => matches!(
+                timeout(PROBE_TIMEOUT, tokio::net::TcpStream::connect(addr)).await,
+                Ok(Ok(_))
+            ),
+            Probe::AdminReady(addr) => {
+                let uri = format!("http://{addr}/ready")
+                    .parse()
+                    .expect("a socket address makes a valid URI");
+                matches!(
+                    timeout(PROBE_TIMEOUT, self.http.get(uri)).await,
+                    Ok(Ok(resp)) if resp.status() == hyper::StatusCode::OK
+                )
+            }
+        }
+    }
+
+    /// Processes that exited since the last call, with their status.
+    pub fn reap(&mut self) -> Vec<(String, ExitStatus)> {
+        let mut gone = Vec::new();
+        for child in &mut self.children {
+            if child.exited.is_none()
+                && let Ok(Some(status)) = child.process.try_wait()
+            {
+                child.exited = Some(status);
+                gone.push((child.record.name.clone(), status));
+            }
+        }
+        gone
+    }
+
+    /// Reports processes that exit while the mesh runs; the rest keep running (a replica that
+    /// dies is what a mesh is for). Returns when `stop` resolves.
+    pub async fn watch(&mut self, stop: impl Future<Output = ()>) {
+        let mut stop = std::pin::pin!(stop);
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tokio::select! {
+                () = &mut stop => return,
+                _ = tick.tick() => {
+                    for (name, status) in self.reap() {
+                        println!("{name} exited ({}); the rest of the mesh keeps running", describe(status));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stops everything: the controller's clients first, then the controller; each gets
+    /// SIGTERM and `grace` to exit before SIGKILL. Removes `dev.json`.
+    pub async fn stop(&mut self, grace: Duration) {
+        // The controller is started first; its clients deregister through it while stopping.
+        let split = 1.min(self.children.len());
+        let (controller, clients) = self.children.split_at_mut(split);
+        terminate(clients, grace).await;
+        terminate(controller, grace).await;
+        let deadline = std::time::Instant::now() + LOG_DRAIN;
+        for child in &self.children {
+            while !child.log_copier.is_finished() && std::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        if let Err(e) = DevState::remove(&self.state_dir) {
+            eprintln!(
+                "could not remove {}: {e}",
+                DevState::path(&self.state_dir).display()
+            );
+        }
+    }
+
+    /// The last `lines` lines of `name`'s log.
+    pub fn log_tail(&self, name: &str, lines: usize) -> String {
+        let Some(child) = self.children.iter().find(|c| c.record.name == name) else {
+            return String::new();
+        };
+        let text = child
+            .record
+            .log
+            .as_deref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+/// SIGTERM to every running process of `children`, then waits until `grace` has passed and
+/// kills what is left.
+async fn terminate(children: &mut [Child], grace: Duration) {
+    for child in children.iter() {
+        // An unreaped child keeps its PID, so this cannot hit a recycled one.
+        if child.exited.is_none()
+            && let Some(pid) = child.process.id().and_then(|p| Pid::from_raw(p as i32))
+        {
+            let _ = kill_process(pid, Signal::TERM);
+        }
+    }
+    let deadline = Instant::now() + grace;
+    for child in children.iter_mut() {
+        if child.exited.is_some() {
+            continue;
+        }
+        match timeout_at(deadline, child.process.wait()).await {
+            Ok(status) => child.exited = status.ok(),
+            Err(_) => {
+                eprintln!(
+                    "{} ignored SIGTERM for {}; killing it",
+                    child.record.name,
+                    humantime::format_duration(grace)
+                );
+                let _ = child.process.kill().await;
+            }
+        }
+    }
+}
+
+/// Copies `reader` line by line to `log` and the terminal, on a thread of its own, until the
+/// process (and so the pipe) closes.
+fn copy_log(
+    name: String,
+    reader: PipeReader,
+    mut log: File,
+    terminal: Arc<Terminal>,
+) -> io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(format!("log-{name}"))
+        .spawn(move || {
+            let mut reader = BufReader::new(reader);
+            let mut buf = Vec::new();
+            while matches!(reader.read_until(b'\n', &mut buf), Ok(n) if n > 0) {
+                let line = String::from_utf8_lossy(&buf);
+                let line = line.trim_end_matches(['\r', '\n']);
+                // Unbuffered, so the file is current when someone tails it or a test reads it.
+                let _ = writeln!(log, "{line}");
+                terminal.line(&name, line);
+                buf.clear();
+            }
+        })
+}
+
+/// "exit status 1", "killed by signal 9".
+fn describe(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit status {code}"),
+        (None, Some(signal)) => format!("killed by signal {signal}"),
+        _ => status.to_string(),
+    }
+}
+
+/// The address the mesh's gateway listens on is free now (it may still be taken before the
+/// gateway binds it, which the gateway's own error then says).
+pub fn check_free(addr: SocketAddr) -> io::Result<()> {
+    std::net::TcpListener::bind(addr).map(drop)
+}

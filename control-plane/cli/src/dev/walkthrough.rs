@@ -1,0 +1,108 @@
+//! What `ferrule dev up` prints once the mesh is ready: the `ready:` line and a short
+//! walkthrough of copy-pasteable commands against the gateway (log in, read a user, create an
+//! order, run into the rate limit), then where each proxy's metrics are.
+//!
+//! The README's walkthrough is this text; keep the two together.
+
+use std::fmt::Write;
+use std::path::Path;
+
+use super::plan::API_RATE_LIMIT;
+use super::state::DevState;
+
+/// The walkthrough for the mesh in `state`, whose files are in `state_dir`.
+pub fn render(state: &DevState, state_dir: &Path) -> String {
+    let gw = format!("http://{}", state.gateway);
+    let dir = shown(state_dir);
+    let over = API_RATE_LIMIT + 5;
+    let mut out = format!(
+        "ready: the shop is up behind the gateway at {gw} ({} processes, logs in {dir}/logs)
+
+Try it from another shell:
+
+  # log in as alice and keep the token
+  TOKEN=$(curl -s {gw}/login -H 'content-type: application/json' \\
+    -d '{{\"username\":\"alice\",\"password\":\"wonderland\"}}' | sed -E 's/.*\"token\":\"([^\"]+)\".*/\\1/')
+
+  # read a user: the gateway checks the token and picks one of the two user replicas
+  curl -s {gw}/api/users/123 -H \"authorization: Bearer $TOKEN\"
+
+  # without a token: 401 missing authorization header
+  curl -s {gw}/api/users/123
+
+  # create an order: order calls user and payment through its sidecar
+  curl -s {gw}/api/orders -H \"authorization: Bearer $TOKEN\" -H 'content-type: application/json' \\
+    -d '{{\"user_id\":\"123\",\"items\":[{{\"sku\":\"book\",\"quantity\":2,\"unit_price_cents\":1299}}]}}'
+
+  # /api allows {API_RATE_LIMIT} requests a second per client: the last of these get 429
+  for i in $(seq {over}); do curl -s -o /dev/null -w '%{{http_code}} ' {gw}/api/users/123 -H \"authorization: Bearer $TOKEN\"; done; echo
+
+Metrics (Prometheus text):
+",
+        state.processes.len()
+    );
+    let width = state
+        .processes
+        .iter()
+        .filter(|p| p.admin.is_some())
+        .map(|p| p.name.len())
+        .max()
+        .unwrap_or(0);
+    for process in &state.processes {
+        if let Some(admin) = process.admin {
+            let _ = writeln!(out, "  {:<width$}  http://{admin}/metrics", process.name);
+        }
+    }
+    let _ = write!(
+        out,
+        "
+Ctrl-C stops the mesh; so does `ferrule dev down --state-dir {dir}` from another shell.
+"
+    );
+    out
+}
+
+/// The state dir as the user gave it when it is relative to where they are, else absolute.
+fn shown(state_dir: &Path) -> String {
+    std::env::current_dir()
+        .ok()
+        .and_then(|cwd| state_dir.strip_prefix(cwd).ok().map(Path::to_path_buf))
+        .unwrap_or_else(|| state_dir.to_path_buf())
+        .display()
+        .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dev::state::ProcessRecord;
+
+    #[test]
+    fn names_the_gateway_and_every_metrics_url() {
+        let record = |name: &str, admin: Option<&str>| ProcessRecord {
+            name: name.into(),
+            pid: 1,
+            program: "/bin/x".into(),
+            log: None,
+            admin: admin.map(|a| a.parse().unwrap()),
+            database: None,
+        };
+        let state = DevState {
+            supervisor: record("dev", None),
+            controller: "127.0.0.1:1".parse().unwrap(),
+            gateway: "127.0.0.1:8000".parse().unwrap(),
+            processes: vec![
+                record("user-1", None),
+                record("user-1-proxy", Some("127.0.0.1:4191")),
+                record("gateway", Some("127.0.0.1:4192")),
+            ],
+        };
+        let text = render(&state, Path::new("/tmp/st"));
+        assert!(text.starts_with("ready: "), "{text}");
+        assert!(text.contains("curl -s http://127.0.0.1:8000/api/users/123 -H"));
+        assert!(text.contains("  user-1-proxy  http://127.0.0.1:4191/metrics\n"));
+        assert!(text.contains("  gateway       http://127.0.0.1:4192/metrics\n"));
+        assert!(text.contains("--state-dir /tmp/st`"));
+        assert!(text.contains("$(seq 15)"));
+    }
+}
