@@ -13,7 +13,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 use ferrule_proto::names::{ServiceRef, validate_label, validate_service};
 use ferrule_proto::ports;
 use ferrule_proto::v1::{Endpoint, ProxyInfo};
@@ -123,6 +123,11 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 #[derive(Debug, Clone, Parser, Serialize)]
 #[command(name = "ferrule-proxy", version, about = "Ferrule's sidecar proxy")]
 pub struct Config {
+    /// Another mode of the same binary; without one, the sidecar runs.
+    #[command(subcommand)]
+    #[serde(skip)]
+    pub mode: Option<Mode>,
+
     /// Controller gRPC addresses, tried in turn.
     #[arg(long = "controller", env = "FERRULE_CONTROLLER", value_delimiter = ',')]
     pub controllers: Vec<String>,
@@ -242,6 +247,14 @@ pub struct Config {
     #[arg(long, env = "FERRULE_PROXY_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     #[serde(serialize_with = "humantime_ser")]
     pub shutdown_grace: Duration,
+}
+
+/// The modes other than the sidecar.
+#[derive(Debug, Clone, Subcommand)]
+pub enum Mode {
+    /// The edge gateway: routes, JWT, rate limits and CORS in front of mesh services
+    /// (flags go after `gateway`; see docs/gateway.md).
+    Gateway(crate::gateway::GatewayArgs),
 }
 
 fn parse_service(s: &str) -> Result<String, String> {

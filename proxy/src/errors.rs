@@ -38,6 +38,14 @@ pub enum Reason {
     UpstreamFailure,
     /// The request is not valid HTTP or cannot be forwarded as it is.
     BadRequest,
+    /// The gateway wanted a valid JWT and got none.
+    Unauthenticated,
+    /// A rate limit's bucket is empty.
+    RateLimited,
+    /// The gateway has no route for the path.
+    NoRoute,
+    /// The request body is larger than the gateway allows.
+    PayloadTooLarge,
 }
 
 impl Reason {
@@ -49,6 +57,10 @@ impl Reason {
             Reason::UpstreamConnectFailure => "upstream_connect_failure",
             Reason::UpstreamFailure => "upstream_failure",
             Reason::BadRequest => "bad_request",
+            Reason::Unauthenticated => "unauthenticated",
+            Reason::RateLimited => "rate_limited",
+            Reason::NoRoute => "no_route",
+            Reason::PayloadTooLarge => "payload_too_large",
         }
     }
 
@@ -59,6 +71,10 @@ impl Reason {
             }
             Reason::UpstreamConnectFailure | Reason::UpstreamFailure => StatusCode::BAD_GATEWAY,
             Reason::BadRequest => StatusCode::BAD_REQUEST,
+            Reason::Unauthenticated => StatusCode::UNAUTHORIZED,
+            Reason::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            Reason::NoRoute => StatusCode::NOT_FOUND,
+            Reason::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         }
     }
 }

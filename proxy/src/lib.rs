@@ -20,6 +20,7 @@ pub mod control;
 pub mod detect;
 pub mod discovery;
 pub mod errors;
+pub mod gateway;
 pub mod headers;
 pub mod inbound;
 pub mod logging;

@@ -4,7 +4,7 @@
 use anyhow::Context as _;
 use clap::Parser;
 use ferrule_proxy::app::Proxy;
-use ferrule_proxy::config::Config;
+use ferrule_proxy::config::{Config, Mode};
 use ferrule_proxy::control::Controllers;
 use ferrule_proxy::discovery::Discovery;
 use tokio::signal::unix::{SignalKind, signal};
@@ -12,6 +12,9 @@ use tokio::signal::unix::{SignalKind, signal};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let mut config = Config::parse();
+    if let Some(Mode::Gateway(args)) = config.mode.take() {
+        return ferrule_proxy::gateway::run(args).await.context("gateway");
+    }
     config.proxy_id = Some(config.proxy_id());
     ferrule_proxy::logging::init(config.log_format)
         .map_err(|e| anyhow::anyhow!("setting up logging: {e}"))?;

@@ -46,6 +46,13 @@ pub struct Logical {
     http: HttpStack,
 }
 
+impl Logical {
+    /// The service's HTTP stack, for listeners other than the outbound ones (the gateway).
+    pub fn http(&self) -> HttpStack {
+        self.http.clone()
+    }
+}
+
 pub struct Outbound {
     config: OutboundConfig,
     discovery: Discovery,

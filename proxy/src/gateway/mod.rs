@@ -1,0 +1,376 @@
+//! Gateway mode: `ferrule-proxy gateway --config gateway.yaml`, the mesh's edge.
+//!
+//! One HTTP listener (default `:8000`) takes requests from outside the mesh, routes them by
+//! path prefix to mesh services and forwards them through the same outbound stack a sidecar
+//! uses (discovery, balancing, meshed HTTP/2 to the services' sidecars), after the edge's own
+//! checks: JWT validation, rate limits, CORS and a request size limit. [`stack`] builds the
+//! request path; [`config`] reads the file (docs/gateway.md is its reference); [`jwt`],
+//! [`auth`], [`ratelimit`], [`cors`], [`size`] and [`routes`] are the steps; [`errors`] the
+//! answers the gateway makes itself. The admin listener (`/live`, `/ready`, `/metrics`,
+//! `/config`, `/shutdown`) and graceful shutdown are the sidecar's.
+
+pub mod auth;
+pub mod config;
+pub mod cors;
+pub mod errors;
+pub mod jwt;
+pub mod ratelimit;
+pub mod routes;
+pub mod size;
+pub mod stack;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferrule_proto::ports;
+use ferrule_proto::v1::ProxyInfo;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::admin::{self, AdminState};
+use crate::balance::Algorithm;
+use crate::client::Clients;
+use crate::config::LogFormat;
+use crate::control::{ControlError, Controllers};
+use crate::detect::detect;
+use crate::discovery::Discovery;
+use crate::metrics::{DetectResult, Direction, Metrics};
+use crate::outbound::{Outbound, OutboundConfig};
+use crate::server::{self, ConnMeta, HttpStack, HttpVersion};
+use config::{ConfigError, GatewayConfig};
+
+/// Flags of `ferrule-proxy gateway`, with every default.
+#[derive(Debug, Clone, clap::Args)]
+pub struct GatewayArgs {
+    /// The gateway config file (YAML; see docs/gateway.md).
+    #[arg(long, env = "FERRULE_GATEWAY_CONFIG")]
+    pub config: PathBuf,
+
+    /// Controller gRPC addresses, tried in turn.
+    #[arg(long = "controller", env = "FERRULE_CONTROLLER", value_delimiter = ',')]
+    pub controllers: Vec<String>,
+
+    /// Overrides the file's `listen`.
+    #[arg(long, env = "FERRULE_GATEWAY_LISTEN")]
+    pub listen: Option<SocketAddr>,
+
+    #[arg(long, env = "FERRULE_PROXY_ADMIN_ADDR", default_value_t = SocketAddr::from((Ipv4Addr::UNSPECIFIED, ports::PROXY_ADMIN)))]
+    pub admin_addr: SocketAddr,
+
+    #[arg(long, env = "FERRULE_PROXY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
+    pub log_format: LogFormat,
+
+    /// One log line per request, at info, target "access".
+    #[arg(long, env = "FERRULE_PROXY_ACCESS_LOG")]
+    pub access_log: bool,
+
+    #[arg(long, env = "FERRULE_PROXY_BALANCER", default_value = "p2c-ewma")]
+    pub balancer: Algorithm,
+
+    /// How long a request waits for an available endpoint before failing with 503.
+    #[arg(long, env = "FERRULE_PROXY_ENDPOINT_WAIT", default_value = "3s", value_parser = humantime::parse_duration)]
+    pub endpoint_wait: Duration,
+
+    #[arg(long, env = "FERRULE_PROXY_CONNECT_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// How long the gateway waits for a client's first bytes to tell HTTP/1 from HTTP/2.
+    #[arg(long, env = "FERRULE_PROXY_DETECT_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub detect_timeout: Duration,
+
+    /// How long shutdown waits for in-flight requests and connections.
+    #[arg(long, env = "FERRULE_PROXY_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+
+    /// Unique id of this proxy; generated when absent.
+    #[arg(long, env = "FERRULE_PROXY_ID")]
+    pub proxy_id: Option<String>,
+}
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("--controller: {0}")]
+    Controllers(#[from] ControlError),
+    #[error("binding the {what} listener on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("setting up logging: {0}")]
+    Logging(String),
+    #[error("installing the signal handler: {0}")]
+    Signal(std::io::Error),
+}
+
+/// Where the gateway's listeners are bound (useful with port 0).
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct GatewayAddrs {
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+/// A running gateway.
+pub struct Gateway {
+    pub addrs: GatewayAddrs,
+    pub metrics: Metrics,
+    shutdown: CancellationToken,
+    done: JoinHandle<()>,
+}
+
+async fn bind(
+    what: &'static str,
+    addr: SocketAddr,
+) -> Result<(TcpListener, SocketAddr), StartError> {
+    let bind_error = |source| StartError::Bind { what, addr, source };
+    let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
+    let bound = listener.local_addr().map_err(bind_error)?;
+    tracing::info!(listener = what, addr = %bound, "listening");
+    Ok((listener, bound))
+}
+
+/// `ferrule-proxy gateway`: sets up logging, starts the gateway with discovery from the
+/// controllers, and shuts it down gracefully on SIGTERM, SIGINT or `/shutdown`.
+pub async fn run(args: GatewayArgs) -> Result<(), StartError> {
+    use tokio::signal::unix::{SignalKind, signal};
+
+    crate::logging::init(args.log_format).map_err(|e| StartError::Logging(e.to_string()))?;
+    let config = GatewayConfig::load(&args.config)?;
+    if !args.controllers.is_empty() {
+        Controllers::parse(&args.controllers)?;
+    }
+    let proxy_id = proxy_id(&args);
+    let discovery = Discovery::new(
+        args.controllers.clone(),
+        ProxyInfo {
+            proxy_id: proxy_id.clone(),
+            service: "gateway".into(),
+            namespace: "default".into(),
+            address: String::new(),
+            mode: "gateway".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        },
+    );
+    let gateway = Gateway::start(&args, config, discovery).await?;
+    let shutdown = gateway.shutdown_token();
+    let mut term = signal(SignalKind::terminate()).map_err(StartError::Signal)?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+            () = shutdown.cancelled() => return,
+        }
+        shutdown.cancel();
+    });
+    gateway.wait().await;
+    Ok(())
+}
+
+fn proxy_id(args: &GatewayArgs) -> String {
+    args.proxy_id.clone().unwrap_or_else(|| {
+        format!(
+            "gateway-{}-{:04x}",
+            std::process::id(),
+            rand::random::<u16>()
+        )
+    })
+}
+
+impl Gateway {
+    /// Binds the listeners and starts serving `config`. The binary passes discovery from the
+    /// controllers; tests may pass [`Discovery::fixed`].
+    pub async fn start(
+        args: &GatewayArgs,
+        config: GatewayConfig,
+        discovery: Discovery,
+    ) -> Result<Gateway, StartError> {
+        let proxy_id = proxy_id(args);
+        let shutdown = CancellationToken::new();
+        let serving = CancellationToken::new();
+        let admin_stop = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let metrics = Metrics::new();
+
+        let listen_addr = args.listen.unwrap_or(config.listen);
+        let (admin_listener, admin) = bind("admin", args.admin_addr).await?;
+        let (listener, listen) = bind("gateway", listen_addr).await?;
+        let addrs = GatewayAddrs { listen, admin };
+
+        let outbound = Outbound::new(
+            OutboundConfig {
+                algorithm: args.balancer,
+                detect_timeout: args.detect_timeout,
+                endpoint_wait: args.endpoint_wait,
+                // The gateway's own access log names the route's service and the client's
+                // path; a second line per request from the outbound stack adds nothing.
+                access_log: false,
+            },
+            discovery.clone(),
+            Clients::new(args.connect_timeout),
+            &proxy_id,
+            metrics.clone(),
+            serving.clone(),
+            tracker.clone(),
+        );
+        let forward = |service: &_| outbound.logical(service).http();
+        let env = |name: &str| std::env::var(name).ok();
+        let router = stack::build(
+            &config,
+            &stack::StackParts {
+                metrics: &metrics,
+                access_log: args.access_log,
+                forward: &forward,
+                env: &env,
+            },
+        )?;
+        let stack: HttpStack = tower::util::BoxCloneSyncService::new(router);
+
+        tokio::spawn(serve(
+            listener,
+            stack,
+            metrics.clone(),
+            args.detect_timeout,
+            serving.clone(),
+            tracker.clone(),
+        ));
+
+        let config_json = serde_json::json!({
+            "proxy_id": proxy_id,
+            "mode": "gateway",
+            "version": env!("CARGO_PKG_VERSION"),
+            "config_file": args.config,
+            "controllers": args.controllers,
+            "gateway": config,
+            "listeners": addrs,
+        });
+        let admin_state = Arc::new(AdminState {
+            metrics: metrics.clone(),
+            discovery,
+            needs_discovery: !args.controllers.is_empty(),
+            registration: None,
+            config: config_json,
+            shutdown: shutdown.clone(),
+        });
+        let admin_tracker = TaskTracker::new();
+        let admin_task = tokio::spawn(admin::serve(
+            admin_listener,
+            admin_state,
+            admin_stop.clone(),
+            admin_tracker.clone(),
+        ));
+
+        let grace = args.shutdown_grace;
+        let signal = shutdown.clone();
+        let done = tokio::spawn(async move {
+            signal.cancelled().await;
+            tracing::info!(?grace, "shutting down: draining connections");
+            serving.cancel();
+            tracker.close();
+            if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+                tracing::warn!(?grace, "connections still open after the grace period");
+            }
+            admin_stop.cancel();
+            admin_tracker.close();
+            admin_tracker.wait().await;
+            if let Err(error) = admin_task.await {
+                tracing::warn!(%error, "admin server task failed");
+            }
+            tracing::info!("shut down");
+        });
+        tracing::info!(%proxy_id, listen = %addrs.listen, "gateway started");
+        Ok(Gateway {
+            addrs,
+            metrics,
+            shutdown,
+            done,
+        })
+    }
+
+    /// Cancelling this token starts the graceful shutdown.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Waits until the gateway has shut down (after a shutdown was started).
+    pub async fn wait(self) {
+        if let Err(error) = self.done.await {
+            tracing::warn!(%error, "shutdown task failed");
+        }
+    }
+
+    /// Starts the graceful shutdown and waits for it.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        self.wait().await;
+    }
+}
+
+/// Serves the edge listener until shutdown: HTTP/1 or HTTP/2 (prior knowledge) per
+/// connection; anything else is not for a gateway and is closed.
+async fn serve(
+    listener: TcpListener,
+    stack: HttpStack,
+    metrics: Metrics,
+    detect_timeout: Duration,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let target: Arc<str> = "gateway".into();
+    server::accept_loop(listener, shutdown.clone(), tracker, move |stream, peer| {
+        Box::pin(handle(
+            stream,
+            peer,
+            stack.clone(),
+            metrics.clone(),
+            target.clone(),
+            detect_timeout,
+            shutdown.clone(),
+        ))
+    })
+    .await;
+}
+
+async fn handle(
+    stream: TcpStream,
+    peer: SocketAddr,
+    stack: HttpStack,
+    metrics: Metrics,
+    target: Arc<str>,
+    detect_timeout: Duration,
+    shutdown: CancellationToken,
+) {
+    let io = metrics.count_io(&Metrics::tcp_labels(Direction::Gateway, &target), stream);
+    let (result, io) = match detect(io, detect_timeout).await {
+        Ok(detected) => detected,
+        Err(error) => {
+            tracing::debug!(%peer, %error, "connection failed during detection");
+            return;
+        }
+    };
+    metrics.detected(Direction::Gateway, result);
+    let meta = ConnMeta {
+        direction: Direction::Gateway,
+        target,
+        client: peer,
+    };
+    let version = match result {
+        DetectResult::Http1 => HttpVersion::Http1,
+        DetectResult::Http2 => HttpVersion::Http2,
+        DetectResult::MalformedHttp => {
+            server::refuse_malformed(io, &meta, &metrics).await;
+            return;
+        }
+        DetectResult::Opaque | DetectResult::Timeout | DetectResult::OpaquePort => {
+            tracing::debug!(%peer, ?result, "not HTTP: connection closed");
+            return;
+        }
+    };
+    server::serve_http(io, version, stack, meta, shutdown).await;
+}
