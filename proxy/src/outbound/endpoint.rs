@@ -45,8 +45,11 @@ impl EndpointConnector {
         self.clients.connect(addr, protocol).await
     }
 
-    /// Adds the mesh headers a meshed peer expects.
+    /// Adds the mesh headers a meshed peer expects; mesh headers the app itself sent never
+    /// leave (only this proxy speaks for the mesh).
     pub fn prepare(&self, ep: &Endpoint, req: &mut Request<BoxBody>) {
+        req.headers_mut().remove(headers::MESHED);
+        req.headers_mut().remove(headers::ORIG_PROTO);
         if !ep.meshed {
             return;
         }
@@ -82,4 +85,47 @@ pub fn connect_failure(service: &Arc<str>, error: &ClientError) -> ProxyError {
         service.to_string(),
         format!("could not connect to any endpoint of {service}: {error}"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::body;
+
+    fn endpoint(meshed: bool) -> Endpoint {
+        Endpoint {
+            address: "127.0.0.1".into(),
+            port: 4143,
+            meshed,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn mesh_headers_go_only_to_meshed_peers() {
+        let connector = EndpointConnector::new(Clients::new(Duration::from_secs(1)), "order-1");
+        let mut spoofed = Request::get("/")
+            .header(headers::MESHED, "someone-else")
+            .header(headers::ORIG_PROTO, "HTTP/9")
+            .body(body::empty())
+            .unwrap();
+        connector.prepare(&endpoint(false), &mut spoofed);
+        assert!(!spoofed.headers().contains_key(headers::MESHED));
+        assert!(!spoofed.headers().contains_key(headers::ORIG_PROTO));
+
+        let mut req = Request::get("/").body(body::empty()).unwrap();
+        connector.prepare(&endpoint(true), &mut req);
+        assert_eq!(req.headers()[headers::MESHED], "order-1");
+        assert_eq!(
+            req.headers()[headers::ORIG_PROTO],
+            headers::ORIG_PROTO_HTTP1
+        );
+        *req.version_mut() = Version::HTTP_2;
+        connector.unprepare(&mut req, Version::HTTP_11);
+        assert_eq!(req.version(), Version::HTTP_11);
+        assert!(!req.headers().contains_key(headers::MESHED));
+        assert_eq!(endpoint_addr(&endpoint(true)).unwrap().port(), 4143);
+    }
 }
