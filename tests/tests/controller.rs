@@ -241,3 +241,52 @@ async fn bad_input_is_refused_clearly() -> Result<()> {
     );
     Ok(())
 }
+
+/// A stopping controller ends its streams at once (so proxies and registrants move to another
+/// replica) and exits, instead of holding them open while it drains.
+#[tokio::test]
+async fn shutdown_ends_streams() -> Result<()> {
+    let controller = Controller::start("memory")?;
+    let mut stream = watch(&controller, "user").await?;
+    next(&mut stream, WATCH_BOUND).await?;
+    let lease = register(&controller, endpoint("user", 9300), 30).await?;
+    next(&mut stream, WATCH_BOUND).await?;
+    let mut registry = RegistryClient::connect(controller.url()).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let mut acks = registry
+        .keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    tx.send(KeepAliveRequest { lease_id: lease }).await?;
+    assert!(acks.next().await.context("ack")??.found);
+
+    drop(tx);
+    // Wait for the exit off the runtime: the client connections need it to answer GOAWAY.
+    let stopping = std::time::Instant::now();
+    let (status, _controller) = tokio::task::spawn_blocking(move || {
+        let mut controller = controller;
+        (
+            controller.process.terminate(Duration::from_secs(5)),
+            controller,
+        )
+    })
+    .await?;
+    let status = status?;
+    assert!(status.success(), "{status}");
+    assert!(
+        stopping.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        stopping.elapsed()
+    );
+    let end = tokio::time::timeout(Duration::from_secs(2), stream.next()).await?;
+    assert!(
+        !matches!(end, Some(Ok(_))),
+        "the discovery stream ended: {end:?}"
+    );
+    let end = tokio::time::timeout(Duration::from_secs(2), acks.next()).await?;
+    assert!(
+        !matches!(end, Some(Ok(_))),
+        "the keep-alive stream ended: {end:?}"
+    );
+    Ok(())
+}

@@ -26,6 +26,7 @@ use futures::{Stream, StreamExt};
 use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
 
 use crate::keys;
@@ -603,11 +604,13 @@ async fn record_acks(
 /// `ferrule.v1.Config`.
 pub struct ConfigService {
     hub: ConfigHub,
+    /// Ends every stream when the controller stops, so proxies reconnect to another replica.
+    shutdown: CancellationToken,
 }
 
 impl ConfigService {
-    pub fn new(hub: ConfigHub) -> Self {
-        Self { hub }
+    pub fn new(hub: ConfigHub, shutdown: CancellationToken) -> Self {
+        Self { hub, shutdown }
     }
 }
 
@@ -621,8 +624,8 @@ impl ferrule_proto::v1::config_server::Config for ConfigService {
         &self,
         request: tonic::Request<Streaming<ConfigRequest>>,
     ) -> Result<tonic::Response<Self::WatchStream>, Status> {
-        Ok(tonic::Response::new(
-            self.hub.serve(request.into_inner()).await?,
-        ))
+        let stream = self.hub.serve(request.into_inner()).await?;
+        let stream = stream.take_until(self.shutdown.clone().cancelled_owned());
+        Ok(tonic::Response::new(Box::pin(stream)))
     }
 }

@@ -24,6 +24,7 @@ use futures::{Stream, StreamExt};
 use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::keys;
@@ -209,11 +210,13 @@ pub fn diff(old: &ServiceState, new: &ServiceState) -> Delta {
 
 pub struct DiscoveryService {
     hub: Hub,
+    /// Ends every stream when the controller stops, so proxies reconnect to another replica.
+    shutdown: CancellationToken,
 }
 
 impl DiscoveryService {
-    pub fn new(hub: Hub) -> Self {
-        Self { hub }
+    pub fn new(hub: Hub, shutdown: CancellationToken) -> Self {
+        Self { hub, shutdown }
     }
 }
 
@@ -240,7 +243,8 @@ impl Discovery for DiscoveryService {
             stream_updates(req.service, rx, tx).await;
             metrics.discovery_streams.dec();
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(out))))
+        let out = ReceiverStream::new(out).take_until(self.shutdown.clone().cancelled_owned());
+        Ok(Response::new(Box::pin(out)))
     }
 }
 

@@ -27,6 +27,9 @@ use ferrule_store::Store;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+/// How long a stopping controller waits for clients to close their connections.
+pub const DRAIN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Runs the controller on already-bound listeners until `shutdown` is cancelled.
 pub async fn serve(
     store: Arc<dyn Store>,
@@ -44,17 +47,35 @@ pub async fn serve(
         .add_service(RegistryServer::new(registry::RegistryService::new(
             store.clone(),
             metrics.clone(),
+            shutdown.clone(),
         )))
-        .add_service(DiscoveryServer::new(discovery::DiscoveryService::new(hub)))
+        .add_service(DiscoveryServer::new(discovery::DiscoveryService::new(
+            hub,
+            shutdown.clone(),
+        )))
         .add_service(AdminServer::new(admin::AdminService::new(store.clone())))
         .add_service(ConfigServer::new(config::ConfigService::new(
             config::ConfigHub::spawn(store.clone()),
+            shutdown.clone(),
         )))
         .add_service(IdentityServer::new(stubs::IdentityStub));
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
     let grpc_shutdown = shutdown.clone();
-    let grpc_task = router.serve_with_incoming_shutdown(incoming, grpc_shutdown.cancelled_owned());
-    let http_task = http::serve(admin, store, metrics, shutdown);
+    let grpc_task = async {
+        let serving =
+            router.serve_with_incoming_shutdown(incoming, grpc_shutdown.cancelled_owned());
+        tokio::pin!(serving);
+        // Streams end when shutdown starts; a client that does not close its connection in
+        // reply must not keep the controller from exiting.
+        tokio::select! {
+            result = &mut serving => result,
+            _ = async { shutdown.cancelled().await; tokio::time::sleep(DRAIN_GRACE).await } => {
+                tracing::warn!(grace = ?DRAIN_GRACE, "clients still connected after the drain grace; exiting");
+                Ok(())
+            }
+        }
+    };
+    let http_task = http::serve(admin, store, metrics, shutdown.clone());
     let (grpc_result, http_result) = tokio::join!(grpc_task, http_task);
     grpc_result?;
     http_result?;

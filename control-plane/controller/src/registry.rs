@@ -17,6 +17,7 @@ use ferrule_proto::v1::{
 use ferrule_store::{Store, StoreError};
 use futures::{Stream, StreamExt};
 use prost::Message;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::keys;
@@ -29,11 +30,18 @@ pub const DEFAULT_TTL_SECONDS: u32 = 30;
 pub struct RegistryService {
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
+    /// Ends keep-alive streams when the controller stops, so registrants move to another
+    /// replica at once instead of being answered by one that is going away.
+    shutdown: CancellationToken,
 }
 
 impl RegistryService {
-    pub fn new(store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Self {
-        Self { store, metrics }
+    pub fn new(store: Arc<dyn Store>, metrics: Arc<Metrics>, shutdown: CancellationToken) -> Self {
+        Self {
+            store,
+            metrics,
+            shutdown,
+        }
     }
 
     /// Grants a lease, writes `key` under it, and gives the lease back if the write fails.
@@ -164,6 +172,7 @@ impl Registry for RegistryService {
                 }
             }
         });
+        let responses = responses.take_until(self.shutdown.clone().cancelled_owned());
         Ok(Response::new(Box::pin(responses)))
     }
 
