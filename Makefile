@@ -12,8 +12,8 @@ DEPS = protoc:protobuf-compiler etcd:etcd-server iptables:iptables wrk:wrk h2loa
 
 help:
 	@echo 'Ferrule make targets:'
-	@echo '  make demo    build release binaries and run a local controller (embedded store),'
-	@echo '               printing what to try from another shell'
+	@echo '  make demo    build release binaries and run the sample shop as a local mesh'
+	@echo '               (ferrule dev up), printing what to try from another shell'
 	@echo '  make test    deps, then fmt check, clippy -D warnings, build, and every test'
 	@echo '               (cargo-nextest profile "ci" when installed, cargo test otherwise)'
 	@echo '  make build   debug build of every binary'
@@ -63,19 +63,11 @@ test: deps
 release: deps
 	$(CARGO) build --workspace --release --bins
 
-# The demo is a controller on the embedded store until the sample apps and `ferrule dev up`
-# exist; then this recipe becomes `ferrule dev up`.
+# The sample shop as a local mesh: controller, user (x2), order, payment, a sidecar each and
+# the gateway on 127.0.0.1:8000, until Ctrl-C. State and logs go to .ferrule/dev/.
 demo: release
 	@bin="$${CARGO_TARGET_DIR:-target}/release"; \
-	echo; \
-	echo 'Ferrule demo: a controller with the embedded store, gRPC on 127.0.0.1:8086,'; \
-	echo 'admin (/live /ready /metrics) on http://127.0.0.1:9990. Ctrl-C stops it.'; \
-	echo 'In another shell, try:'; \
-	echo "  $$bin/ferrule register user 127.0.0.1:9001"; \
-	echo "  $$bin/ferrule get endpoints user -o json"; \
-	echo "  $$bin/ferrule get services"; \
-	echo; \
-	exec "$$bin/ferrule-controller" --store memory
+	exec "$$bin/ferrule" dev up
 
 bench: release
 	@if [ ! -f bench/run.sh ]; then \
