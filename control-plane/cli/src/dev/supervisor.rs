@@ -1,6 +1,10 @@
-//! Runs a [`Plan`]'s processes: starts them, copies their output to one log file each (and to
-//! the terminal, each line prefixed with `[name]`), waits until they are ready, notices when
-//! one exits, and stops them all.
+//! Runs a [`Plan`]'s processes: starts them with their output going to one log file each,
+//! follows those files to the terminal (each line prefixed with `[name]`), waits until the
+//! processes are ready, notices when one exits, and stops them all.
+//!
+//! A child writes straight to its file, never to a pipe `dev up` reads: were `dev up` killed, a
+//! pipe would break under the child, and a process whose logger panics on a broken stdout never
+//! finishes its graceful shutdown.
 //!
 //! No child may outlive `ferrule dev up`. Each runs in its own process group, so a Ctrl-C in
 //! the terminal reaches only `dev up`, which then stops them in order: everything else first
@@ -10,12 +14,13 @@
 //! `dev.json`.
 
 use std::fs::File;
-use std::io::{self, BufRead, BufReader, PipeReader, Write};
+use std::io::{self, BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -35,8 +40,10 @@ use super::state::{DevState, ProcessRecord};
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Pause between rounds of readiness probes and exit checks.
 const POLL: Duration = Duration::from_millis(100);
-/// How long the log copiers get to write a stopped process's last lines.
+/// How long the log followers get to print a stopped process's last lines.
 const LOG_DRAIN: Duration = Duration::from_secs(2);
+/// How often a log follower looks for new lines at the end of its file.
+const FOLLOW_POLL: Duration = Duration::from_millis(50);
 
 /// A started process.
 struct Child {
@@ -45,7 +52,15 @@ struct Child {
     process: tokio::process::Child,
     /// Set once the exit has been seen, so it is reported once and never signalled again.
     exited: Option<ExitStatus>,
-    log_copier: JoinHandle<()>,
+    /// Prints the log to the terminal; `None` with `--quiet`.
+    follower: Option<Follower>,
+}
+
+/// A thread printing the lines appended to one log file.
+struct Follower {
+    thread: JoinHandle<()>,
+    /// Set once the process has exited: the thread prints what is left and ends.
+    done: Arc<AtomicBool>,
 }
 
 /// Why start-up failed.
@@ -78,31 +93,16 @@ impl std::fmt::Display for StartupError {
 
 impl std::error::Error for StartupError {}
 
-/// Terminal output shared by the log copiers.
-struct Terminal {
-    /// Log lines are copied here unless `--quiet`.
-    echo: bool,
-    /// Width of the `[name]` column, so the lines after it align.
-    width: usize,
-}
-
-impl Terminal {
-    fn line(&self, name: &str, line: &str) {
-        if self.echo {
-            let prefix = format!("[{name}]");
-            // A closed terminal must not stop the copying to the log file.
-            let _ = writeln!(io::stdout().lock(), "{prefix:<0$} {line}", self.width);
-        }
-    }
-}
-
 /// The processes of one `ferrule dev up`, and its `dev.json`.
 pub struct Supervisor {
     children: Vec<Child>,
     state: DevState,
     state_dir: PathBuf,
     logs: PathBuf,
-    terminal: Arc<Terminal>,
+    /// Log lines are followed to the terminal unless `--quiet`.
+    echo: bool,
+    /// Width of the `[name]` column, so the lines after it align.
+    width: usize,
     http: Client<HttpConnector, Empty<Bytes>>,
 }
 
@@ -120,10 +120,8 @@ impl Supervisor {
             state,
             state_dir: state_dir.to_path_buf(),
             logs: state_dir.join("logs"),
-            terminal: Arc::new(Terminal {
-                echo: !quiet,
-                width,
-            }),
+            echo: !quiet,
+            width,
             http: Client::builder(TokioExecutor::new()).build_http(),
         }
     }
@@ -136,10 +134,9 @@ impl Supervisor {
     /// Starts `spec` with its output going to `logs/<name>.log`, and records it in `dev.json`.
     pub fn spawn(&mut self, spec: &Spec) -> anyhow::Result<()> {
         let log_path = self.logs.join(format!("{}.log", spec.name));
+        // stdout and stderr share one open file, so their lines stay in order.
         let log =
             File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
-        // stdout and stderr share one pipe so their lines stay in order.
-        let (reader, writer) = io::pipe().context("creating a pipe")?;
         let mut cmd = tokio::process::Command::new(&spec.program);
         cmd.args(&spec.args)
             .envs(spec.env.iter().map(|(k, v)| (k, v)))
@@ -148,8 +145,8 @@ impl Supervisor {
             // The key comes from USER_JWT_SECRET; a file from the caller's shell would clash.
             .env_remove("USER_JWT_SECRET_FILE")
             .stdin(Stdio::null())
-            .stdout(writer.try_clone().context("duplicating a pipe")?)
-            .stderr(writer)
+            .stdout(log.try_clone().context("duplicating a file handle")?)
+            .stderr(log)
             .process_group(0)
             .kill_on_drop(true);
         let parent = getpid();
@@ -171,11 +168,12 @@ impl Supervisor {
         let process = cmd
             .spawn()
             .with_context(|| format!("starting {} ({})", spec.name, spec.program.display()))?;
-        // `cmd` holds our copies of the pipe's write end: without dropping it the copier
-        // would never see the end of the output.
-        drop(cmd);
         let pid = process.id().context("a just-started process has a PID")?;
-        let log_copier = copy_log(spec.name.clone(), reader, log, Arc::clone(&self.terminal))?;
+        let follower = if self.echo {
+            Some(follow_log(&spec.name, &log_path, self.width)?)
+        } else {
+            None
+        };
         let record = ProcessRecord {
             name: spec.name.clone(),
             pid,
@@ -193,7 +191,7 @@ impl Supervisor {
             probe: spec.probe,
             process,
             exited: None,
-            log_copier,
+            follower,
         });
         Ok(())
     }
@@ -255,7 +253,7 @@ impl Supervisor {
             if child.exited.is_none()
                 && let Ok(Some(status)) = child.process.try_wait()
             {
-                child.exited = Some(status);
+                child.exited(status);
                 gone.push((child.record.name.clone(), status));
             }
         }
@@ -288,8 +286,8 @@ impl Supervisor {
         terminate(clients, grace).await;
         terminate(controller, grace).await;
         let deadline = std::time::Instant::now() + LOG_DRAIN;
-        for child in &self.children {
-            while !child.log_copier.is_finished() && std::time::Instant::now() < deadline {
+        for follower in self.children.iter().filter_map(|c| c.follower.as_ref()) {
+            while !follower.thread.is_finished() && std::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
@@ -333,42 +331,67 @@ async fn terminate(children: &mut [Child], grace: Duration) {
         if child.exited.is_some() {
             continue;
         }
-        match timeout_at(deadline, child.process.wait()).await {
-            Ok(status) => child.exited = status.ok(),
+        let status = match timeout_at(deadline, child.process.wait()).await {
+            Ok(status) => status,
             Err(_) => {
                 eprintln!(
                     "{} ignored SIGTERM for {}; killing it",
                     child.record.name,
                     humantime::format_duration(grace)
                 );
-                let _ = child.process.kill().await;
+                let _ = child.process.start_kill();
+                child.process.wait().await
             }
+        };
+        if let Ok(status) = status {
+            child.exited(status);
         }
     }
 }
 
-/// Copies `reader` line by line to `log` and the terminal, on a thread of its own, until the
-/// process (and so the pipe) closes.
-fn copy_log(
-    name: String,
-    reader: PipeReader,
-    mut log: File,
-    terminal: Arc<Terminal>,
-) -> io::Result<JoinHandle<()>> {
-    std::thread::Builder::new()
+impl Child {
+    fn exited(&mut self, status: ExitStatus) {
+        self.exited = Some(status);
+        if let Some(follower) = &self.follower {
+            follower.done.store(true, Ordering::Release);
+        }
+    }
+}
+
+/// Prints the lines appended to `path` as `[name] line`, on a thread of its own, until the
+/// process is marked done and the end of the file is reached.
+fn follow_log(name: &str, path: &Path, width: usize) -> io::Result<Follower> {
+    let mut reader = BufReader::new(File::open(path)?);
+    let done = Arc::new(AtomicBool::new(false));
+    let prefix = format!("{:<width$}", format!("[{name}]"));
+    let finished = Arc::clone(&done);
+    let thread = std::thread::Builder::new()
         .name(format!("log-{name}"))
         .spawn(move || {
-            let mut reader = BufReader::new(reader);
             let mut buf = Vec::new();
-            while matches!(reader.read_until(b'\n', &mut buf), Ok(n) if n > 0) {
-                let line = String::from_utf8_lossy(&buf);
-                let line = line.trim_end_matches(['\r', '\n']);
-                // Unbuffered, so the file is current when someone tails it or a test reads it.
-                let _ = writeln!(log, "{line}");
-                terminal.line(&name, line);
-                buf.clear();
+            loop {
+                // Checked before reading, so the lines written before the exit all get printed.
+                let last_round = finished.load(Ordering::Acquire);
+                match reader.read_until(b'\n', &mut buf) {
+                    Ok(n) if n > 0 && buf.ends_with(b"\n") => {
+                        let line = String::from_utf8_lossy(&buf);
+                        // A closed terminal is no reason to stop: the file has everything.
+                        let _ = writeln!(io::stdout().lock(), "{prefix} {}", line.trim_end());
+                        buf.clear();
+                    }
+                    // At the end of the file, maybe mid-line: wait for more.
+                    Ok(_) if !last_round => std::thread::sleep(FOLLOW_POLL),
+                    _ => {
+                        if !buf.is_empty() {
+                            let line = String::from_utf8_lossy(&buf);
+                            let _ = writeln!(io::stdout().lock(), "{prefix} {line}");
+                        }
+                        break;
+                    }
+                }
             }
-        })
+        })?;
+    Ok(Follower { thread, done })
 }
 
 /// "exit status 1", "killed by signal 9".
