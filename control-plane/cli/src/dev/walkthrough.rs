@@ -14,6 +14,8 @@ use super::state::DevState;
 pub fn render(state: &DevState, state_dir: &Path) -> String {
     let gw = format!("http://{}", state.gateway);
     let dir = shown(state_dir);
+    let ferrule = shown(&state.supervisor.program);
+    let controller = state.controller;
     let over = API_RATE_LIMIT + 5;
     let mut out = format!(
         "ready: the shop is up behind the gateway at {gw} ({} processes, logs in {dir}/logs)
@@ -37,6 +39,9 @@ Try it from another shell:
   # /api allows {API_RATE_LIMIT} requests a second per client: the last of these get 429
   for i in $(seq {over}); do curl -s -o /dev/null -w '%{{http_code}} ' {gw}/api/users/123 -H \"authorization: Bearer $TOKEN\"; done; echo
 
+  # the registry: each user replica's sidecar registered its http and grpc ports
+  {ferrule} --controller {controller} get endpoints user
+
 Metrics (Prometheus text):
 ",
         state.processes.len()
@@ -56,7 +61,7 @@ Metrics (Prometheus text):
     let _ = write!(
         out,
         "
-Ctrl-C stops the mesh; so does `ferrule dev down --state-dir {dir}` from another shell.
+Ctrl-C stops the mesh; so does `{ferrule} dev down --state-dir {dir}` from another shell.
 "
     );
     out
@@ -88,7 +93,7 @@ mod tests {
             database: None,
         };
         let state = DevState {
-            supervisor: record("dev", None),
+            supervisor: record("ferrule dev up", None),
             controller: "127.0.0.1:1".parse().unwrap(),
             gateway: "127.0.0.1:8000".parse().unwrap(),
             processes: vec![
@@ -102,7 +107,8 @@ mod tests {
         assert!(text.contains("curl -s http://127.0.0.1:8000/api/users/123 -H"));
         assert!(text.contains("  user-1-proxy  http://127.0.0.1:4191/metrics\n"));
         assert!(text.contains("  gateway       http://127.0.0.1:4192/metrics\n"));
-        assert!(text.contains("--state-dir /tmp/st`"));
+        assert!(text.contains("`/bin/x dev down --state-dir /tmp/st`"));
+        assert!(text.contains("/bin/x --controller 127.0.0.1:1 get endpoints user\n"));
         assert!(text.contains("$(seq 15)"));
     }
 }
