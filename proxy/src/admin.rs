@@ -3,7 +3,8 @@
 //! `/ready` answers 200 once the proxy can do its job: a discovery stream is up (when it has
 //! upstreams and controllers) and every app port is registered (when it registers). `/config`
 //! shows the configuration the proxy runs with and the addresses its listeners actually bound,
-//! so tests and operators can use port 0. `POST /shutdown` starts a graceful shutdown.
+//! so tests and operators can use port 0, and the policy in force (its version and the last
+//! version refused). `POST /shutdown` starts a graceful shutdown.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -21,6 +22,7 @@ use tokio_util::task::TaskTracker;
 use crate::body::{self, BoxBody};
 use crate::discovery::Discovery;
 use crate::metrics::Metrics;
+use crate::policy::client::PolicyClient;
 use crate::registration::Registration;
 
 /// What the admin endpoints report on.
@@ -32,6 +34,9 @@ pub struct AdminState {
     pub registration: Option<Arc<Registration>>,
     /// `/config`'s body.
     pub config: serde_json::Value,
+    /// The policy in force, shown under `policy` on `/config`: `{"version", "resources",
+    /// "lastNack"}`.
+    pub policies: Option<PolicyClient>,
     /// Cancelled by `/shutdown`.
     pub shutdown: CancellationToken,
 }
@@ -71,6 +76,9 @@ impl AdminState {
                 let mut config = self.config.clone();
                 config["ready"] = self.ready().into();
                 config["controller_connected"] = self.discovery.connected().into();
+                if let Some(policies) = &self.policies {
+                    config["policy"] = policies.to_json();
+                }
                 if let Some(r) = &self.registration {
                     config["registered"] = r.registered().into();
                     config["app_healthy"] = r.healthy().into();

@@ -20,10 +20,13 @@ use crate::admin::{self, AdminState};
 use crate::client::Clients;
 use crate::config::{Config, ConfigError};
 use crate::discovery::Discovery;
+use crate::inbound::http::LocalRateLimit;
 use crate::inbound::{Inbound, InboundConfig, InboundPort};
 use crate::metrics::Metrics;
 use crate::outbound::target::Fixed;
 use crate::outbound::{Outbound, OutboundConfig};
+use crate::policy::PolicySet;
+use crate::policy::client::PolicyClient;
 use crate::registration::{
     HealthCheck, HealthCheckKind, RegisteredPort, Registration, RegistrationConfig,
 };
@@ -96,16 +99,49 @@ async fn bind(what: impl Into<String>, addr: SocketAddr) -> Result<TcpListener, 
 
 impl Proxy {
     /// Binds every listener and starts serving. The binary passes discovery from the
-    /// controllers; tests pass [`Discovery::fixed`].
+    /// controllers; tests pass [`Discovery::fixed`]. Policies come from the controllers'
+    /// `Config` stream (for the proxy's service and its upstreams), or are the defaults when
+    /// there is no controller.
     pub async fn start(config: Config, discovery: Discovery) -> Result<Proxy, StartError> {
+        Self::start_with_policies(config, discovery, None).await
+    }
+
+    /// [`Proxy::start`] with the policies given (tests pass [`PolicyClient::fixed`]) instead
+    /// of following the controllers.
+    pub async fn start_with_policies(
+        config: Config,
+        discovery: Discovery,
+        policies: Option<PolicyClient>,
+    ) -> Result<Proxy, StartError> {
         let app_ports = config.app_ports()?;
         let proxy_id = config.proxy_id();
         let shutdown = CancellationToken::new();
+        let policies = policies.unwrap_or_else(|| {
+            match crate::control::parse_or_log(&config.controllers, "config") {
+                Some(controllers) => {
+                    let mut upstreams: Vec<String> = config
+                        .upstreams
+                        .iter()
+                        .map(|u| u.service.service.clone())
+                        .collect();
+                    upstreams.sort();
+                    upstreams.dedup();
+                    PolicyClient::spawn(
+                        controllers,
+                        config.proxy_info(&proxy_id),
+                        upstreams,
+                        shutdown.child_token(),
+                    )
+                }
+                None => PolicyClient::fixed(PolicySet::default()),
+            }
+        });
         // Listeners and connections stop on `serving`; the admin server outlives them.
         let serving = CancellationToken::new();
         let admin_stop = CancellationToken::new();
         let tracker = TaskTracker::new();
         let metrics = Metrics::new();
+        metrics.watch_policies(policies.clone());
         let clients = Clients::new(config.connect_timeout);
 
         let admin_listener = bind("admin", config.admin_addr).await?;
@@ -145,6 +181,7 @@ impl Proxy {
                 access_log: config.access_log,
             },
             discovery.clone(),
+            policies.clone(),
             clients.clone(),
             &proxy_id,
             metrics.clone(),
@@ -159,17 +196,18 @@ impl Proxy {
             tokio::spawn(outbound.clone().serve(listener, target, opaque));
         }
 
+        let service = config.service.clone().unwrap_or_default();
         let inbound = Inbound::new(
             InboundConfig {
                 detect_timeout: config.detect_timeout,
                 access_log: config.access_log,
             },
             clients,
+            LocalRateLimit::new(&policies, &service),
             metrics.clone(),
             serving.clone(),
             tracker.clone(),
         );
-        let service = config.service.clone().unwrap_or_default();
         let mut registered_ports = Vec::new();
         for (port, listener) in inbound_listeners {
             let opaque = config.opaque_ports.contains(&port.app_addr.port());
@@ -241,6 +279,7 @@ impl Proxy {
             needs_discovery: !config.upstreams.is_empty() && !config.controllers.is_empty(),
             registration: registration.clone(),
             config: config_json,
+            policies: Some(policies),
             shutdown: shutdown.clone(),
         });
         let admin_tracker = TaskTracker::new();

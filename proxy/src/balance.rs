@@ -88,6 +88,10 @@ pub enum BalanceError {
     /// Endpoints exist but all are taken out after connect failures (after waiting).
     #[error("all endpoints unavailable")]
     Unavailable,
+    /// Every endpoint that could take the request is refused by the caller's filter (its
+    /// circuit breaker ejected them): returned at once, without waiting.
+    #[error("all endpoints ejected")]
+    Ejected,
 }
 
 /// Picks endpoints for one service port. Cheap to clone; clones share state.
@@ -211,6 +215,8 @@ fn decay_weight(elapsed: Duration) -> f64 {
 struct Blocked {
     /// No endpoint known at all (rather than all taken out).
     empty: bool,
+    /// Endpoints are up but the caller's filter refused every one.
+    ejected: bool,
     /// When the first taken-out endpoint comes back.
     retry_at: Option<Instant>,
 }
@@ -251,13 +257,24 @@ impl State {
         self.applied = Some(endpoints.clone());
     }
 
-    fn choose(&mut self, algorithm: Algorithm, now: Instant) -> Result<usize, Blocked> {
-        let available: Vec<usize> = (0..self.slots.len())
+    fn choose(
+        &mut self,
+        algorithm: Algorithm,
+        now: Instant,
+        admit: &dyn Fn(&str) -> bool,
+    ) -> Result<usize, Blocked> {
+        let up: Vec<usize> = (0..self.slots.len())
             .filter(|&i| self.slots[i].load.available(now))
+            .collect();
+        let available: Vec<usize> = up
+            .iter()
+            .copied()
+            .filter(|&i| admit(&self.slots[i].key))
             .collect();
         if available.is_empty() {
             return Err(Blocked {
                 empty: self.slots.is_empty(),
+                ejected: !up.is_empty(),
                 retry_at: self.slots.iter().filter_map(|s| s.load.down_until()).min(),
             });
         }
@@ -322,15 +339,29 @@ impl Balancer {
 
     /// Waits up to `wait` for an available endpoint and picks one.
     pub async fn pick(&self, wait: Duration) -> Result<Pick, BalanceError> {
+        self.pick_admitted(wait, &|_| true).await
+    }
+
+    /// Like [`Balancer::pick`], among the endpoints (by [`endpoint_key`]) that `admit`
+    /// accepts; fails at once with [`BalanceError::Ejected`] when it accepts none of those
+    /// that are up.
+    pub async fn pick_admitted(
+        &self,
+        wait: Duration,
+        admit: &(dyn Fn(&str) -> bool + Sync),
+    ) -> Result<Pick, BalanceError> {
         let deadline = Instant::now() + wait;
         let mut rx = self.shared.endpoints.clone();
         let mut discovery_open = true;
         loop {
             let endpoints = rx.borrow_and_update().endpoints.clone();
-            let blocked = match self.try_pick(&endpoints) {
+            let blocked = match self.try_pick(&endpoints, admit) {
                 Ok(pick) => return Ok(pick),
                 Err(blocked) => blocked,
             };
+            if blocked.ejected {
+                return Err(BalanceError::Ejected);
+            }
             if Instant::now() >= deadline {
                 return Err(if blocked.empty {
                     BalanceError::NoEndpoints
@@ -346,14 +377,19 @@ impl Balancer {
         }
     }
 
-    fn try_pick(&self, endpoints: &Arc<[Endpoint]>) -> Result<Pick, Blocked> {
+    fn try_pick(
+        &self,
+        endpoints: &Arc<[Endpoint]>,
+        admit: &dyn Fn(&str) -> bool,
+    ) -> Result<Pick, Blocked> {
         let now = Instant::now();
         let mut state = lock(&self.shared.state);
         state.sync(endpoints, now);
-        let i = state.choose(self.shared.algorithm, now)?;
+        let i = state.choose(self.shared.algorithm, now, admit)?;
         let slot = &state.slots[i];
         slot.load.in_flight.fetch_add(1, Ordering::Relaxed);
         Ok(Pick {
+            key: slot.key.clone(),
             endpoint: slot.endpoint.clone(),
             load: slot.load.clone(),
             started: now,
@@ -374,6 +410,7 @@ impl Balancer {
 /// One chosen endpoint for one request. Dropping it without recording counts it as cancelled
 /// (in-flight released, no latency sample).
 pub struct Pick {
+    key: String,
     endpoint: Arc<Endpoint>,
     load: Arc<Load>,
     started: Instant,
@@ -382,6 +419,11 @@ pub struct Pick {
 impl Pick {
     pub fn endpoint(&self) -> &Endpoint {
         &self.endpoint
+    }
+
+    /// The endpoint's [`endpoint_key`].
+    pub fn key(&self) -> &str {
+        &self.key
     }
 
     /// The response head arrived: feeds the latency estimate.

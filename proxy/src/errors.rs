@@ -9,6 +9,7 @@
 use std::convert::Infallible;
 use std::fmt;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -21,6 +22,11 @@ use crate::metrics::{Direction, Metrics};
 
 /// Response header naming the reason of an error made by the proxy.
 pub const ERROR_HEADER: &str = "ferrule-error";
+
+/// Response header set when a failure goes back to the app because the retry budget refused
+/// another attempt; its value is [`RETRY_BUDGET_EXHAUSTED`].
+pub const RETRY_HEADER: &str = "ferrule-retry";
+pub const RETRY_BUDGET_EXHAUSTED: &str = "budget_exhausted";
 
 /// Why the proxy answered a request itself. The string form is the header value and the
 /// metrics label.
@@ -46,6 +52,14 @@ pub enum Reason {
     NoRoute,
     /// The request body is larger than the gateway allows.
     PayloadTooLarge,
+    /// The request timeout, or the last attempt's per-try timeout, ran out.
+    Timeout,
+    /// The service's concurrency limit and pending queue are full.
+    Overloaded,
+    /// Every endpoint of the service is ejected by its circuit breaker.
+    BreakerOpen,
+    /// A route's fault injection answered instead of the service.
+    FaultInjected,
 }
 
 impl Reason {
@@ -61,6 +75,10 @@ impl Reason {
             Reason::RateLimited => "rate_limited",
             Reason::NoRoute => "no_route",
             Reason::PayloadTooLarge => "payload_too_large",
+            Reason::Timeout => "timeout",
+            Reason::Overloaded => "overloaded",
+            Reason::BreakerOpen => "breaker_open",
+            Reason::FaultInjected => "fault_injected",
         }
     }
 
@@ -75,6 +93,10 @@ impl Reason {
             Reason::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Reason::NoRoute => StatusCode::NOT_FOUND,
             Reason::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Reason::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            Reason::Overloaded | Reason::BreakerOpen => StatusCode::SERVICE_UNAVAILABLE,
+            // The fault's own status replaces this one (see `ProxyError::with_status`).
+            Reason::FaultInjected => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 }
@@ -99,6 +121,12 @@ pub struct ProxyError {
     pub reason: Reason,
     pub service: String,
     pub message: String,
+    /// Replaces the reason's status (an injected fault answers with the configured one).
+    status: Option<StatusCode>,
+    /// Sent as `Retry-After` (whole seconds, rounded up) with a 429.
+    retry_after: Option<Duration>,
+    /// Retries were refused by the retry budget: sets [`RETRY_HEADER`].
+    budget_exhausted: bool,
 }
 
 impl ProxyError {
@@ -107,7 +135,33 @@ impl ProxyError {
             reason,
             service: service.into(),
             message: message.into(),
+            status: None,
+            retry_after: None,
+            budget_exhausted: false,
         }
+    }
+
+    /// Answers with `status` instead of the reason's.
+    pub fn with_status(mut self, status: StatusCode) -> Self {
+        self.status = Some(status);
+        self
+    }
+
+    /// Tells the client when to try again.
+    pub fn with_retry_after(mut self, retry_after: Duration) -> Self {
+        self.retry_after = Some(retry_after);
+        self
+    }
+
+    /// Marks the error as returned because the retry budget refused another attempt.
+    pub fn budget_exhausted(mut self) -> Self {
+        self.budget_exhausted = true;
+        self
+    }
+
+    /// The status of the response.
+    pub fn status(&self) -> StatusCode {
+        self.status.unwrap_or_else(|| self.reason.status())
     }
 
     /// The response the client sees.
@@ -118,9 +172,19 @@ impl ProxyError {
             "service": self.service,
         });
         let mut rsp = Response::new(body::full(Bytes::from(json.to_string())));
-        *rsp.status_mut() = self.reason.status();
+        *rsp.status_mut() = self.status();
         let headers = rsp.headers_mut();
         headers.insert(ERROR_HEADER, HeaderValue::from_static(self.reason.as_str()));
+        if let Some(after) = self.retry_after {
+            let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        }
+        if self.budget_exhausted {
+            headers.insert(
+                RETRY_HEADER,
+                HeaderValue::from_static(RETRY_BUDGET_EXHAUSTED),
+            );
+        }
         headers.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
@@ -137,7 +201,7 @@ impl ProxyError {
             "service": self.service,
         })
         .to_string();
-        let status = self.reason.status();
+        let status = self.status();
         format!(
             "HTTP/1.1 {} {}\r\n{ERROR_HEADER}: {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{json}",
             status.as_u16(),

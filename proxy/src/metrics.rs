@@ -5,6 +5,13 @@
 //! classification}`, `response_latency_ms` (time to the response head), `tcp_open_connections`,
 //! `tcp_read_bytes_total`, `tcp_write_bytes_total`, `protocol_detect_total{result}`,
 //! `proxy_errors_total{reason}` and the balancer gauges `balancer_endpoints{state}`.
+//!
+//! Policy families: `retries_total{target_service,reason}`,
+//! `retry_budget_exhausted_total{target_service}`, `timeouts_total{target_service,kind}`
+//! (`request` or `per_try`), `rate_limited_total{direction,target_service}`,
+//! `faults_total{target_service,kind}` (`delay` or `abort`), `breaker_state{target_service,
+//! endpoint,state}` (1 for the endpoint's current state — `closed`, `open` or `half_open` —
+//! 0 for the others) and `config_version` (the policy version in force).
 
 use std::fmt;
 use std::io;
@@ -24,6 +31,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use crate::balance::Balancer;
 use crate::discovery::Discovery;
 use crate::errors::Reason;
+use crate::policy::breaker::EndpointState;
+use crate::policy::client::PolicyClient;
 
 /// Which listener a request or connection came through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -117,6 +126,33 @@ struct ErrorLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ServiceLabels {
+    target_service: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RetryLabels {
+    target_service: String,
+    reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct KindLabels {
+    target_service: String,
+    kind: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct BreakerLabels {
+    target_service: String,
+    endpoint: String,
+    state: &'static str,
+}
+
+/// Reads the breaker state of each endpoint of a service, at scrape time.
+pub type BreakerStates = Arc<dyn Fn() -> Vec<(String, EndpointState)> + Send + Sync>;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct BalancerLabels {
     target_service: String,
     state: &'static str,
@@ -143,8 +179,19 @@ pub struct Metrics {
     errors: Family<ErrorLabels, Counter>,
     balancer_endpoints: Family<BalancerLabels, Gauge>,
     controller_connected: Gauge,
+    retries: Family<RetryLabels, Counter>,
+    retry_budget_exhausted: Family<ServiceLabels, Counter>,
+    timeouts: Family<KindLabels, Counter>,
+    rate_limited: Family<TcpLabels, Counter>,
+    faults: Family<KindLabels, Counter>,
+    breaker_state: Family<BreakerLabels, Gauge>,
+    config_version: Gauge,
     /// Balancers whose endpoint counts are copied into gauges at each scrape.
     balancers: Arc<Mutex<Vec<(String, Balancer)>>>,
+    /// Services whose breaker states are copied into gauges at each scrape.
+    breakers: Arc<Mutex<Vec<(String, BreakerStates)>>>,
+    /// The policy client whose version `config_version` shows.
+    policies: Arc<Mutex<Option<PolicyClient>>>,
 }
 
 impl Default for Metrics {
@@ -167,6 +214,13 @@ impl Metrics {
         let errors = Family::<ErrorLabels, Counter>::default();
         let balancer_endpoints = Family::<BalancerLabels, Gauge>::default();
         let controller_connected = Gauge::default();
+        let retries = Family::<RetryLabels, Counter>::default();
+        let retry_budget_exhausted = Family::<ServiceLabels, Counter>::default();
+        let timeouts = Family::<KindLabels, Counter>::default();
+        let rate_limited = Family::<TcpLabels, Counter>::default();
+        let faults = Family::<KindLabels, Counter>::default();
+        let breaker_state = Family::<BreakerLabels, Gauge>::default();
+        let config_version = Gauge::default();
         // prometheus-client appends `_total` to counter names.
         registry.register(
             "request",
@@ -213,8 +267,52 @@ impl Metrics {
             "1 while a discovery stream to a controller is established",
             controller_connected.clone(),
         );
+        registry.register(
+            "retries",
+            "Retried attempts, by the reason the previous attempt failed",
+            retries.clone(),
+        );
+        registry.register(
+            "retry_budget_exhausted",
+            "Failures returned without a retry because the retry budget was spent",
+            retry_budget_exhausted.clone(),
+        );
+        registry.register(
+            "timeouts",
+            "Request (kind=request) and attempt (kind=per_try) timeouts that fired",
+            timeouts.clone(),
+        );
+        registry.register(
+            "rate_limited",
+            "Requests refused by a local rate limit",
+            rate_limited.clone(),
+        );
+        registry.register(
+            "faults",
+            "Faults injected by routes, by kind (delay, abort)",
+            faults.clone(),
+        );
+        registry.register(
+            "breaker_state",
+            "Circuit breaker state per endpoint: 1 for the current state, 0 for the others",
+            breaker_state.clone(),
+        );
+        registry.register(
+            "config_version",
+            "The configuration version (store revision) in force; 0 before any",
+            config_version.clone(),
+        );
         Self {
             registry: Arc::new(registry),
+            retries,
+            retry_budget_exhausted,
+            timeouts,
+            rate_limited,
+            faults,
+            breaker_state,
+            config_version,
+            breakers: Arc::default(),
+            policies: Arc::default(),
             requests,
             latency,
             tcp_open,
@@ -304,8 +402,92 @@ impl Metrics {
             .push((target, balancer));
     }
 
+    /// Counts one retry of a request to `target`.
+    pub fn retry(&self, target: &str, reason: &str) {
+        self.retries
+            .get_or_create(&RetryLabels {
+                target_service: target.to_string(),
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn retry_budget_exhausted(&self, target: &str) {
+        self.retry_budget_exhausted
+            .get_or_create(&ServiceLabels {
+                target_service: target.to_string(),
+            })
+            .inc();
+    }
+
+    /// Counts a timeout of `kind` ("request" or "per_try").
+    pub fn timeout(&self, target: &str, kind: &'static str) {
+        self.timeouts
+            .get_or_create(&KindLabels {
+                target_service: target.to_string(),
+                kind,
+            })
+            .inc();
+    }
+
+    pub fn rate_limited(&self, direction: Direction, target: &str) {
+        self.rate_limited
+            .get_or_create(&Self::tcp_labels(direction, target))
+            .inc();
+    }
+
+    /// Counts an injected fault of `kind` ("delay" or "abort").
+    pub fn fault(&self, target: &str, kind: &'static str) {
+        self.faults
+            .get_or_create(&KindLabels {
+                target_service: target.to_string(),
+                kind,
+            })
+            .inc();
+    }
+
+    /// Reports the breaker states `states` reads under `target` at every scrape.
+    pub fn watch_breakers(&self, target: String, states: BreakerStates) {
+        self.breakers
+            .lock()
+            .expect("breaker list lock poisoned")
+            .push((target, states));
+    }
+
+    /// Reports `client`'s version as `config_version` at every scrape.
+    pub fn watch_policies(&self, client: PolicyClient) {
+        *self.policies.lock().expect("policy client lock poisoned") = Some(client);
+    }
+
     /// The Prometheus text exposition, with gauges refreshed from their sources first.
     pub fn encode(&self, discovery: Option<&Discovery>) -> Result<String, fmt::Error> {
+        // Endpoints leave discovery: start from nothing so their gauges go too.
+        self.breaker_state.clear();
+        for (target, states) in self
+            .breakers
+            .lock()
+            .expect("breaker list lock poisoned")
+            .iter()
+        {
+            for (endpoint, current) in states() {
+                for state in [
+                    EndpointState::Closed,
+                    EndpointState::Open,
+                    EndpointState::HalfOpen,
+                ] {
+                    self.breaker_state
+                        .get_or_create(&BreakerLabels {
+                            target_service: target.clone(),
+                            endpoint: endpoint.clone(),
+                            state: state.as_str(),
+                        })
+                        .set(i64::from(state == current));
+                }
+            }
+        }
+        if let Some(client) = &*self.policies.lock().expect("policy client lock poisoned") {
+            self.config_version.set(client.version());
+        }
         for (target, balancer) in self
             .balancers
             .lock()

@@ -40,6 +40,8 @@ use crate::detect::detect;
 use crate::discovery::Discovery;
 use crate::metrics::{DetectResult, Direction, Metrics};
 use crate::outbound::{Outbound, OutboundConfig};
+use crate::policy::PolicySet;
+use crate::policy::client::PolicyClient;
 use crate::server::{self, ConnMeta, HttpStack, HttpVersion};
 use config::{ConfigError, GatewayConfig};
 
@@ -213,6 +215,9 @@ impl Gateway {
                 access_log: false,
             },
             discovery.clone(),
+            // The gateway does not follow the Config stream yet: its services get the
+            // default policy.
+            PolicyClient::fixed(PolicySet::default()),
             Clients::new(args.connect_timeout),
             &proxy_id,
             metrics.clone(),
@@ -256,6 +261,7 @@ impl Gateway {
             needs_discovery: !args.controllers.is_empty(),
             registration: None,
             config: config_json,
+            policies: None,
             shutdown: shutdown.clone(),
         });
         let admin_tracker = TaskTracker::new();

@@ -5,6 +5,10 @@
 //! HTTP/2-carried HTTP/1 request back into HTTP/1, and `ferrule-meshed` (already noted in the
 //! request context) is removed. The app is spoken to in the version the request now has;
 //! authorization will be a layer before forwarding.
+//!
+//! The proxy's own service's `ServicePolicy.rateLimit`, if any, is checked first
+//! ([`LocalRateLimit`]): a request over it is answered 429 with `Retry-After` and never
+//! reaches the app.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,19 +19,53 @@ use http::{Request, Response, Version};
 use tower::util::BoxCloneSyncService;
 use tower::{Service, ServiceBuilder};
 
+use tokio::sync::watch;
+
 use crate::body::BoxBody;
 use crate::client::{Clients, Protocol};
 use crate::errors::{ProxyError, Reason, RespondLayer};
 use crate::headers;
 use crate::metrics::{Direction, Metrics};
 use crate::observe::ObserveLayer;
+use crate::policy::client::PolicyClient;
+use crate::policy::ratelimit::RateKey;
+use crate::policy::{GuardsCell, PolicySet};
 use crate::server::HttpStack;
+
+/// The local rate limit of the proxy's own service, following the policy in force.
+pub struct LocalRateLimit {
+    policies: watch::Receiver<Arc<PolicySet>>,
+    guards: GuardsCell,
+}
+
+impl LocalRateLimit {
+    /// The limit `service`'s policy in `policies` sets (none without a policy).
+    pub fn new(policies: &PolicyClient, service: &str) -> Self {
+        Self {
+            policies: policies.watch(),
+            guards: GuardsCell::new(service),
+        }
+    }
+
+    /// Takes a token for one request to `name`, or the 429 to answer.
+    fn check(&self, name: &str) -> Result<(), ProxyError> {
+        let set = self.policies.borrow().clone();
+        match &self.guards.get(&set).rate_limit {
+            Some(limit) => limit.check(&RateKey::Global).map_err(|limited| {
+                ProxyError::new(Reason::RateLimited, name, limited.to_string())
+                    .with_retry_after(limited.retry_after)
+            }),
+            None => Ok(()),
+        }
+    }
+}
 
 /// Builds the HTTP path of one inbound port.
 pub fn stack(
     name: Arc<str>,
     app_addr: SocketAddr,
     clients: Clients,
+    limit: Arc<LocalRateLimit>,
     metrics: &Metrics,
     access_log: bool,
 ) -> HttpStack {
@@ -45,6 +83,8 @@ pub fn stack(
                 name,
                 app_addr,
                 clients,
+                limit,
+                metrics: metrics.clone(),
             }),
     )
 }
@@ -54,6 +94,8 @@ struct ForwardToApp {
     name: Arc<str>,
     app_addr: SocketAddr,
     clients: Clients,
+    limit: Arc<LocalRateLimit>,
+    metrics: Metrics,
 }
 
 /// Undoes what the outbound proxy of a meshed peer did to the request.
@@ -80,6 +122,10 @@ impl Service<Request<BoxBody>> for ForwardToApp {
     fn call(&mut self, mut req: Request<BoxBody>) -> Self::Future {
         let this = self.clone();
         Box::pin(async move {
+            if let Err(error) = this.limit.check(&this.name) {
+                this.metrics.rate_limited(Direction::Inbound, &this.name);
+                return Err(error);
+            }
             strip_mesh_headers(&mut req);
             let protocol = Protocol::of(&req);
             let conn = this

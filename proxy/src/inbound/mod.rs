@@ -39,6 +39,7 @@ pub struct InboundConfig {
 pub struct Inbound {
     config: InboundConfig,
     clients: Clients,
+    limit: Arc<http::LocalRateLimit>,
     metrics: Metrics,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -53,6 +54,7 @@ impl Inbound {
     pub fn new(
         config: InboundConfig,
         clients: Clients,
+        limit: http::LocalRateLimit,
         metrics: Metrics,
         shutdown: CancellationToken,
         tracker: TaskTracker,
@@ -60,6 +62,7 @@ impl Inbound {
         Arc::new(Self {
             config,
             clients,
+            limit: Arc::new(limit),
             metrics,
             shutdown,
             tracker,
@@ -72,6 +75,7 @@ impl Inbound {
             port.name.clone(),
             port.app_addr,
             self.clients.clone(),
+            self.limit.clone(),
             &self.metrics,
             self.config.access_log,
         );

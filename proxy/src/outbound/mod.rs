@@ -1,13 +1,17 @@
 //! The outbound side: traffic the app sends to other services.
 //!
 //! Levels as in linkerd: [`target`] says which logical service a connection is for; the
-//! logical service owns a balancer fed by discovery and an HTTP stack ([`http`]); the endpoint
-//! level ([`endpoint`]) connects to the address the balancer picked. Connections that are not
-//! HTTP go through [`opaque`]. One [`Logical`] is built per service on first use and shared by
-//! every connection for it.
+//! logical level ([`logical`]) applies the service's routes and policy and chooses a concrete
+//! backend service; the concrete level ([`concrete`]) owns a balancer fed by discovery and the
+//! service's limits and breakers; the endpoint level ([`endpoint`]) connects to the address the
+//! balancer picked. [`http`] assembles the HTTP stack; connections that are not HTTP go
+//! through [`opaque`] straight to the concrete service's balancer. One [`LogicalService`] is
+//! built per service on first use and shared by every connection for it.
 
+pub mod concrete;
 pub mod endpoint;
 pub mod http;
+pub mod logical;
 pub mod opaque;
 pub mod target;
 
@@ -21,14 +25,16 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::balance::{Algorithm, Balancer};
+use crate::balance::Algorithm;
 use crate::client::Clients;
 use crate::detect::detect;
 use crate::discovery::Discovery;
 use crate::metrics::{DetectResult, Direction, Metrics};
+use crate::policy::client::PolicyClient;
 use crate::server::{self, ConnMeta, HttpStack, HttpVersion};
+use concrete::{Concrete, ConcreteConfig, Concretes};
 use endpoint::EndpointConnector;
-use http::BalanceTarget;
+use logical::Logical;
 use target::Target;
 
 /// Settings of the outbound side.
@@ -40,13 +46,13 @@ pub struct OutboundConfig {
     pub access_log: bool,
 }
 
-/// A logical service: its balancer and HTTP stack.
-pub struct Logical {
-    balance: BalanceTarget,
+/// A logical service: the concrete service of the same name and its HTTP stack.
+pub struct LogicalService {
+    concrete: Arc<Concrete>,
     http: HttpStack,
 }
 
-impl Logical {
+impl LogicalService {
     /// The service's HTTP stack, for listeners other than the outbound ones (the gateway).
     pub fn http(&self) -> HttpStack {
         self.http.clone()
@@ -55,30 +61,41 @@ impl Logical {
 
 pub struct Outbound {
     config: OutboundConfig,
-    discovery: Discovery,
     clients: Clients,
-    connector: EndpointConnector,
+    concretes: Arc<Concretes>,
+    policies: PolicyClient,
     metrics: Metrics,
-    logical: Mutex<HashMap<ServiceRef, Arc<Logical>>>,
+    logical: Mutex<HashMap<ServiceRef, Arc<LogicalService>>>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 }
 
 impl Outbound {
+    #[allow(clippy::too_many_arguments)] // The parts a proxy mode assembles; none has a default.
     pub fn new(
         config: OutboundConfig,
         discovery: Discovery,
+        policies: PolicyClient,
         clients: Clients,
         proxy_id: &str,
         metrics: Metrics,
         shutdown: CancellationToken,
         tracker: TaskTracker,
     ) -> Arc<Self> {
+        let concretes = Concretes::new(
+            ConcreteConfig {
+                algorithm: config.algorithm,
+                endpoint_wait: config.endpoint_wait,
+            },
+            discovery,
+            EndpointConnector::new(clients.clone(), proxy_id),
+            metrics.clone(),
+        );
         Arc::new(Self {
             config,
-            discovery,
-            connector: EndpointConnector::new(clients.clone(), proxy_id),
             clients,
+            concretes: Arc::new(concretes),
+            policies,
             metrics,
             logical: Mutex::default(),
             shutdown,
@@ -87,30 +104,25 @@ impl Outbound {
     }
 
     /// The logical service `target`, subscribing to its endpoints on first use.
-    pub fn logical(&self, target: &ServiceRef) -> Arc<Logical> {
+    pub fn logical(&self, target: &ServiceRef) -> Arc<LogicalService> {
         let mut logical = self.logical.lock().expect("logical cache lock poisoned");
         if let Some(l) = logical.get(target) {
             return l.clone();
         }
-        let endpoints = self.discovery.resolve(target);
-        let balancer = Balancer::new(endpoints.clone(), self.config.algorithm);
-        let name: Arc<str> = target.to_string().into();
-        self.metrics
-            .watch_balancer(name.to_string(), balancer.clone());
-        let balance = BalanceTarget {
-            service: target.clone(),
-            name,
-            endpoints,
-            balancer,
-            wait: self.config.endpoint_wait,
-        };
+        let concrete = self.concretes.get(target);
         let http = http::stack(
-            balance.clone(),
-            self.connector.clone(),
+            Logical {
+                service: target.clone(),
+                name: concrete.balance.name.clone(),
+                policies: self.policies.watch(),
+                parent: concrete.clone(),
+                concretes: self.concretes.clone(),
+                metrics: self.metrics.clone(),
+            },
             &self.metrics,
             self.config.access_log,
         );
-        let l = Arc::new(Logical { balance, http });
+        let l = Arc::new(LogicalService { concrete, http });
         logical.insert(target.clone(), l.clone());
         l
     }
@@ -147,7 +159,7 @@ impl Outbound {
             }
         };
         let logical = self.logical(&service);
-        let name = logical.balance.name.clone();
+        let name = logical.concrete.balance.name.clone();
         let io = self
             .metrics
             .count_io(&Metrics::tcp_labels(Direction::Outbound, &name), stream);
@@ -155,7 +167,13 @@ impl Outbound {
         if opaque {
             self.metrics
                 .detected(Direction::Outbound, DetectResult::OpaquePort);
-            opaque::forward(io, &logical.balance, connect_timeout, &self.metrics).await;
+            opaque::forward(
+                io,
+                &logical.concrete.balance,
+                connect_timeout,
+                &self.metrics,
+            )
+            .await;
             return;
         }
         let (result, io) = match detect(io, self.config.detect_timeout).await {
@@ -179,7 +197,13 @@ impl Outbound {
                 return;
             }
             DetectResult::Opaque | DetectResult::Timeout | DetectResult::OpaquePort => {
-                opaque::forward(io, &logical.balance, connect_timeout, &self.metrics).await;
+                opaque::forward(
+                    io,
+                    &logical.concrete.balance,
+                    connect_timeout,
+                    &self.metrics,
+                )
+                .await;
                 return;
             }
         };

@@ -3,8 +3,8 @@
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use super::concrete::{BalanceTarget, CONNECT_ATTEMPTS};
 use super::endpoint::endpoint_addr;
-use super::http::{BalanceTarget, CONNECT_ATTEMPTS};
 use crate::client::connect_tcp;
 use crate::metrics::{Direction, Metrics};
 use crate::server::splice_tcp;

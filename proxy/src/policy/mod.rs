@@ -32,7 +32,7 @@ pub mod route;
 mod window;
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 
 use ferrule_config::{
     ConfigError, EffectiveCircuitBreaker, EffectivePolicy, Resource, Spec, ValidationErrors,
@@ -223,6 +223,46 @@ impl ServiceGuards {
             },
             policy: policy.clone(),
         }
+    }
+}
+
+/// The [`ServiceGuards`] of one service, brought up to date with each config version the
+/// first time a request of that version asks for them. Requests keep the guards they got, so a
+/// new version never takes a slot or a probe away from one in flight.
+#[derive(Debug)]
+pub struct GuardsCell {
+    service: String,
+    state: Mutex<(i64, ServiceGuards)>,
+}
+
+impl GuardsCell {
+    /// Guards for `service` under the defaults, until a set says otherwise.
+    pub fn new(service: impl Into<String>) -> Self {
+        Self {
+            service: service.into(),
+            state: Mutex::new((0, ServiceGuards::new(&DEFAULT_POLICY))),
+        }
+    }
+
+    /// The guards for `set`: updated (see [`ServiceGuards::update`]) when `set` is of another
+    /// version than the last one asked for.
+    pub fn get(&self, set: &PolicySet) -> ServiceGuards {
+        // A poisoned lock still holds a whole (version, guards) pair.
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if state.0 != set.version() {
+            let guards = state.1.update(set.policy(&self.service));
+            *state = (set.version(), guards);
+        }
+        state.1.clone()
+    }
+
+    /// The guards as of the last version asked for, for metrics.
+    pub fn current(&self) -> ServiceGuards {
+        self.state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .1
+            .clone()
     }
 }
 
