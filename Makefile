@@ -19,6 +19,7 @@ help:
 	@echo '  make build   debug build of every binary'
 	@echo '  make release release build of every binary'
 	@echo '  make bench   deps, release build, then bench/run.sh (writes bench/results/latest.md)'
+	@echo '               and bench/config.sh (config propagation: bench/results/config.md)'
 	@echo '  make deps    apt-get install what is missing of: protobuf-compiler, etcd-server,'
 	@echo '               iptables, wrk, nghttp2-client (root; otherwise prints the sudo command)'
 	@echo '  make clean   remove build output'
@@ -76,7 +77,8 @@ bench: release
 	fi
 	mkdir -p bench/results
 	bash bench/run.sh
-	@echo 'make bench: results in bench/results/latest.md'
+	bash bench/config.sh
+	@echo 'make bench: results in bench/results/latest.md and bench/results/config.md'
 
 clean:
 	$(CARGO) clean
