@@ -488,8 +488,10 @@ async fn limits_answer_429_and_503() {
         let mut first = Client::connect(&proxy, "order").await;
         let mut second = Client::connect(&proxy, "order").await;
         let (a, b) = tokio::join!(first.get(), async {
-            // The first request holds the only slot for 500 ms.
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            // Once the first request reached the backend it holds the only slot for 500 ms.
+            while slow.requests() == 0 {
+                tokio::task::yield_now().await;
+            }
             second.get().await
         });
         assert_eq!(a.status, StatusCode::OK);
