@@ -2,7 +2,8 @@
 //! fixed policy set, in front of backends on 127.0.0.1 that fail or stall on command. Covers
 //! retries and their budget, non-idempotent methods, failure accrual (ejection, a single probe,
 //! recovery), per-try and request timeouts, traffic split, fault injection, rate and
-//! concurrency limits, and the admin `/config` and `/metrics` views.
+//! concurrency limits, the admin `/config` and `/metrics` views, and a new config version
+//! from a real (in-process) `Config` server applying without touching requests in flight.
 
 mod support;
 
@@ -20,6 +21,7 @@ use ferrule_proxy::body::{self, BoxBody};
 use ferrule_proxy::discovery::Discovery;
 use ferrule_proxy::policy::PolicySet;
 use ferrule_proxy::policy::client::PolicyClient;
+use futures::StreamExt;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -503,6 +505,116 @@ async fn limits_answer_429_and_503() {
         assert_eq!(config["policy"]["version"], 42);
         let (_, metrics) = admin_get(&proxy, "/metrics").await.unwrap();
         assert!(metrics.contains("config_version 42"), "{metrics}");
+    })
+    .await;
+}
+
+/// A `Config` server that sends each proxy the snapshots the test pushes.
+struct ConfigServer {
+    snapshots: tokio::sync::watch::Receiver<Option<ferrule_proto::v1::ConfigSnapshot>>,
+}
+
+#[tonic::async_trait]
+impl ferrule_proto::v1::config_server::Config for ConfigServer {
+    type WatchStream = std::pin::Pin<
+        Box<
+            dyn futures::Stream<Item = Result<ferrule_proto::v1::ConfigSnapshot, tonic::Status>>
+                + Send,
+        >,
+    >;
+
+    async fn watch(
+        &self,
+        _request: tonic::Request<tonic::Streaming<ferrule_proto::v1::ConfigRequest>>,
+    ) -> Result<tonic::Response<Self::WatchStream>, tonic::Status> {
+        let stream = tokio_stream::wrappers::WatchStream::new(self.snapshots.clone())
+            .filter_map(|s| async move { s.map(Ok) });
+        Ok(tonic::Response::new(Box::pin(stream)))
+    }
+}
+
+fn snapshot(version: i64, request_timeout: &str) -> ferrule_proto::v1::ConfigSnapshot {
+    ferrule_proto::v1::ConfigSnapshot {
+        version,
+        resources: vec![ferrule_proto::v1::Resource {
+            kind: "ServicePolicy".into(),
+            namespace: "default".into(),
+            name: "user".into(),
+            spec_json: serde_json::json!({"service": "user",
+                                          "timeouts": {"request": request_timeout}})
+            .to_string(),
+            revision: version,
+        }],
+    }
+}
+
+async fn wait_config_version(proxy: &Proxy, version: i64) {
+    loop {
+        let (_, body) = admin_get(proxy, "/config").await.unwrap();
+        let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if doc["policy"]["version"] == version {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_new_version_applies_to_new_requests_only() {
+    bounded(async {
+        let (push, snapshots) = tokio::sync::watch::channel(Some(snapshot(1, "5s")));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let controller = listener.local_addr().unwrap().to_string();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(ferrule_proto::v1::config_server::ConfigServer::new(
+                    ConfigServer { snapshots },
+                ))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let slow = Backend::start("slow").await;
+        slow.delay(Duration::from_millis(600));
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let policies = PolicyClient::spawn(
+            ferrule_proxy::control::Controllers::parse(&[controller]).unwrap(),
+            ferrule_proto::v1::ProxyInfo {
+                proxy_id: "client-1".into(),
+                ..Default::default()
+            },
+            vec!["user".into()],
+            shutdown.clone(),
+        );
+        let args = ["--upstream=user=127.0.0.1:0", "--endpoint-wait=300ms"];
+        let fixed = vec![(
+            ServiceRef::parse("user").unwrap(),
+            vec![slow.endpoint("user")],
+        )];
+        let proxy =
+            Proxy::start_with_policies(config(&args), Discovery::fixed(fixed), Some(policies))
+                .await
+                .unwrap();
+        wait_config_version(&proxy, 1).await;
+
+        // A request under version 1 (5 s timeout) is in flight when version 2 (100 ms) lands.
+        let mut old = Client::connect(&proxy, "user").await;
+        let in_flight = tokio::spawn(async move { old.get().await.status });
+        while slow.requests() == 0 {
+            tokio::task::yield_now().await;
+        }
+        push.send_replace(Some(snapshot(2, "100ms")));
+        wait_config_version(&proxy, 2).await;
+        let reply = Client::connect(&proxy, "user").await.get().await;
+        assert_eq!(
+            reply.status,
+            StatusCode::GATEWAY_TIMEOUT,
+            "new requests get version 2"
+        );
+        assert_eq!(
+            in_flight.await.unwrap(),
+            StatusCode::OK,
+            "the request in flight keeps version 1"
+        );
+        shutdown.cancel();
     })
     .await;
 }
