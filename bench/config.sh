@@ -20,6 +20,7 @@ LATEST="$ROOT/bench/results/latest.md"
 
 echo "building (release)..." >&2
 cargo build --quiet --release -p ferrule-controller -p ferrule-proxy -p ferrule-harness --bins
+cargo build --quiet --release -p ferrule-cli --bin ferrule
 
 # 1,000 streams are 1,000 connections on each side, plus the proxies' sockets.
 ulimit -n 8192 2>/dev/null || ulimit -n "$(ulimit -Hn)"

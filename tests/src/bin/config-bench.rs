@@ -9,8 +9,9 @@
 //!   returning to the snapshot arriving on that stream (the stream acks it at once); per round,
 //!   the time until every stream had it and until `Admin/ListProxies` showed every ack.
 //! * **Real proxies**: `--proxies` `ferrule-proxy` sidecars (`--controller`, `--service`, a
-//!   shared in-process app) and the same rounds, polling `Admin/ListProxies` until every proxy
-//!   acked. A build whose proxies do not subscribe to config is reported as skipped.
+//!   shared in-process app) and the same rounds, each applied with the real `ferrule apply -f`
+//!   and timed from that command exiting, polling `Admin/ListProxies` until every proxy acked.
+//!   A build whose proxies do not subscribe to config is reported as skipped.
 //!
 //! The controller's resident memory (`VmRSS`, peak `VmHWM` from `/proc/PID/status`) is sampled
 //! around the load test. Results go to `--out` as markdown and to stdout. Every process started
@@ -19,7 +20,7 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -192,6 +193,47 @@ async fn apply_round(
         .with_context(|| format!("Admin/ApplyConfig, round {round}"))?
         .into_inner();
     Ok((response.version, Instant::now()))
+}
+
+/// The same change as [`apply_round`], made the way a user does: `ferrule apply -f FILE`.
+/// Returns the version it printed and when the command exited.
+async fn cli_apply(
+    cli: &Path,
+    controller: SocketAddr,
+    dir: &Path,
+    round: usize,
+) -> anyhow::Result<(i64, Instant)> {
+    let file = dir.join(format!("policy-{round}.yaml"));
+    let yaml = format!(
+        "apiVersion: ferrule.io/v1\nkind: ServicePolicy\nmetadata:\n  name: svc-0\nspec:\n  \
+         service: svc-0\n  timeouts:\n    request: {}ms\n",
+        1000 + round
+    );
+    std::fs::write(&file, yaml).with_context(|| format!("write {}", file.display()))?;
+    let output = tokio::process::Command::new(cli)
+        .arg("--controller")
+        .arg(controller.to_string())
+        .arg("apply")
+        .arg("-f")
+        .arg(&file)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .with_context(|| format!("run {}", cli.display()))?;
+    let returned = Instant::now();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    ensure!(
+        output.status.success(),
+        "ferrule apply, round {round}: {}: {stdout}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let version = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("config version "))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("no 'config version N' in ferrule apply's output: {stdout}"))?;
+    Ok((version, returned))
 }
 
 /// Acked versions of the listed proxies, by proxy id.
@@ -460,6 +502,10 @@ enum ProxiesResult {
 async fn real_proxies(args: &Args) -> anyhow::Result<ProxiesResult> {
     eprintln!("config-bench: {} real proxies", args.proxies);
     let controller = BenchController::start()?;
+    let cli = binary("ferrule")?;
+    let files = tempfile::Builder::new()
+        .prefix("ferrule-config-bench-")
+        .tempdir()?;
     let app = HttpBackend::start("config-bench-app").await?;
     let mut proxies = Vec::with_capacity(args.proxies);
     let ids: Vec<String> = (0..args.proxies)
@@ -495,7 +541,7 @@ async fn real_proxies(args: &Args) -> anyhow::Result<ProxiesResult> {
 
     // Does this build's proxy subscribe to config at all? One probe version, waited for a while.
     let probe_wait = Duration::from_secs(5);
-    let (version, returned) = apply_round(&mut admin, 0).await?;
+    let (version, returned) = cli_apply(&cli, controller.grpc, files.path(), 0).await?;
     let probe = wait_for_acks(&mut admin, &ids, version, returned, probe_wait).await;
     if probe.is_err() {
         let acked = acked_versions(&mut admin).await?;
@@ -508,7 +554,7 @@ async fn real_proxies(args: &Args) -> anyhow::Result<ProxiesResult> {
     let mut per_proxy = Vec::with_capacity(args.proxies * args.rounds);
     let mut all_acked = Vec::with_capacity(args.rounds);
     for round in 1..=args.rounds {
-        let (version, returned) = apply_round(&mut admin, round).await?;
+        let (version, returned) = cli_apply(&cli, controller.grpc, files.path(), round).await?;
         let acks = wait_for_acks(&mut admin, &ids, version, returned, args.round_timeout)
             .await
             .with_context(|| format!("round {round} (version {version})"))?;
@@ -569,9 +615,10 @@ fn markdown(
     )?;
     writeln!(
         w,
-        "Each round applies a changed `ServicePolicy` through `Admin/ApplyConfig` (what `ferrule \
-         apply` calls) and measures from the moment that call returned. Times are p50 / p99 / \
-         max.\n"
+        "Each round applies a changed `ServicePolicy` and measures from the moment the apply \
+         returned: for the load test, the `Admin/ApplyConfig` call (the RPC `ferrule apply` \
+         makes); for the real proxies, the `ferrule apply -f` command exiting. Times are p50 / \
+         p99 / max.\n"
     )?;
     writeln!(
         w,
