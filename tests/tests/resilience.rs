@@ -373,9 +373,9 @@ spec:
     let aborted = replies.iter().filter(|r| r.status == 500).count() as f64 / 2000.0;
     assert!((0.45..=0.55).contains(&aborted), "{aborted} aborted");
 
-    // Every proxy acks the version in force, and `ferrule status` says so; a rollback is a
-    // new version that every proxy acks too. (`status` lists the proxies that registered an
-    // app — the four server proxies; the client proxy's version is read on its `/config`.)
+    // Every proxy acks the version in force, and `ferrule status` says so: the four server
+    // proxies and the client proxy, which registers no app and is known by its config stream.
+    // A rollback is a new version that every proxy acks too.
     let in_sync = |version: i64| {
         let controller = &mesh.controller;
         move || async move {
@@ -383,7 +383,7 @@ spec:
                 serde_json::from_str(&ferrule(controller, &["status", "-o", "json"]).ok()?).ok()?;
             let proxies = doc["proxies"].as_array()?;
             (doc["config_version"].as_i64() == Some(version)
-                && proxies.len() == 4
+                && proxies.len() == 5
                 && proxies
                     .iter()
                     .all(|p| p["acked_version"].as_i64() == Some(version)))

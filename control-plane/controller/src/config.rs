@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
 
 use crate::keys;
-use crate::registry::store_status;
+use crate::registry::{now_unix, store_status};
 
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(2);
@@ -563,14 +563,65 @@ async fn send_snapshots(
     }
 }
 
-/// Records acks and nacks on the proxy's announced record (keeping its lease), so any replica
-/// can show them.
+/// How long the record of a proxy that is known only by its config stream outlives the stream.
+const PRESENCE_TTL: Duration = Duration::from_secs(15);
+
+/// Records acks and nacks on the proxy's record, so any replica can show them. A proxy that
+/// announced itself (it registers an app) has a record under its own lease, which is kept; a
+/// proxy that did not (a client-only sidecar, a gateway) gets a record under a lease this stream
+/// keeps alive, so `ferrule status` lists every proxy with a config stream.
 async fn record_acks(
     store: Arc<dyn Store>,
     proxy: ProxyInfo,
     mut requests: Streaming<ConfigRequest>,
 ) {
-    while let Some(Ok(request)) = requests.next().await {
+    if proxy.proxy_id.is_empty() {
+        // Nothing to key a record on; still drain the stream so acks do not back up.
+        while let Some(Ok(_)) = requests.next().await {}
+        return;
+    }
+    let key = keys::proxy(&proxy.proxy_id);
+    let own_lease = match store.get(&key).await {
+        Ok(None) => match store.grant_lease(PRESENCE_TTL).await {
+            Ok(lease) => {
+                let status = ProxyStatus {
+                    proxy: Some(proxy.clone()),
+                    last_seen: now_unix(),
+                    ..Default::default()
+                };
+                match store.put(&key, status.encode_to_vec(), Some(lease)).await {
+                    Ok(_) => Some(lease),
+                    Err(e) => {
+                        tracing::warn!(proxy = %proxy.proxy_id, error = %e, "recording a proxy failed");
+                        let _ = store.revoke_lease(lease).await;
+                        None
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(proxy = %proxy.proxy_id, error = %e, "recording a proxy failed");
+                None
+            }
+        },
+        _ => None,
+    };
+    let mut keep_alive = tokio::time::interval(PRESENCE_TTL / 3);
+    keep_alive.tick().await;
+    loop {
+        let request = tokio::select! {
+            r = requests.next() => match r {
+                Some(Ok(request)) => request,
+                _ => break,
+            },
+            _ = keep_alive.tick(), if own_lease.is_some() => {
+                if let Some(lease) = own_lease
+                    && let Err(e) = store.keep_alive(lease).await
+                {
+                    tracing::debug!(proxy = %proxy.proxy_id, error = %e, "keeping a proxy record alive failed");
+                }
+                continue;
+            }
+        };
         let (acked, nacked) = match request.kind {
             Some(config_request::Kind::Ack(a)) => (Some(a.version), None),
             Some(config_request::Kind::Nack(n)) => {
@@ -579,12 +630,8 @@ async fn record_acks(
             }
             _ => continue,
         };
-        if proxy.proxy_id.is_empty() {
-            continue;
-        }
-        let key = keys::proxy(&proxy.proxy_id);
         let Ok(Some(kv)) = store.get(&key).await else {
-            tracing::debug!(proxy = %proxy.proxy_id, "ack from a proxy that has not announced itself");
+            tracing::debug!(proxy = %proxy.proxy_id, "ack from a proxy with no record");
             continue;
         };
         let mut status = ProxyStatus::decode(kv.value.as_slice()).unwrap_or_default();
@@ -595,9 +642,13 @@ async fn record_acks(
             status.nacked_version = v;
             status.nack_reason = reason;
         }
+        status.last_seen = now_unix();
         if let Err(e) = store.put(&key, status.encode_to_vec(), kv.lease).await {
             tracing::warn!(proxy = %proxy.proxy_id, error = %e, "recording a config ack failed");
         }
+    }
+    if let Some(lease) = own_lease {
+        let _ = store.revoke_lease(lease).await;
     }
 }
 

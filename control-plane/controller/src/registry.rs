@@ -110,7 +110,8 @@ pub fn validate_endpoint(ep: &Endpoint) -> Result<(), Status> {
     Ok(())
 }
 
-fn now_unix() -> i64 {
+/// Seconds since the Unix epoch, for `last_seen` fields.
+pub fn now_unix() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
