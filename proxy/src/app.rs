@@ -12,16 +12,16 @@ use std::sync::Arc;
 use ferrule_proto::v1::ProtocolHint;
 use serde::Serialize;
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::admin::{self, AdminState};
+use crate::admin::AdminState;
 use crate::client::Clients;
 use crate::config::{Config, ConfigError};
 use crate::discovery::Discovery;
 use crate::inbound::http::LocalRateLimit;
 use crate::inbound::{Inbound, InboundConfig, InboundPort};
+use crate::lifecycle::{Drain, Lifecycle};
 use crate::metrics::Metrics;
 use crate::outbound::target::Fixed;
 use crate::outbound::{Outbound, OutboundConfig};
@@ -75,8 +75,7 @@ impl BoundAddrs {
 pub struct Proxy {
     pub addrs: BoundAddrs,
     pub metrics: Metrics,
-    shutdown: CancellationToken,
-    done: JoinHandle<()>,
+    lifecycle: Lifecycle,
 }
 
 async fn bind(what: impl Into<String>, addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -138,7 +137,6 @@ impl Proxy {
         });
         // Listeners and connections stop on `serving`; the admin server outlives them.
         let serving = CancellationToken::new();
-        let admin_stop = CancellationToken::new();
         let tracker = TaskTracker::new();
         let metrics = Metrics::new();
         metrics.watch_policies(policies.clone());
@@ -282,60 +280,42 @@ impl Proxy {
             policies: Some(policies),
             shutdown: shutdown.clone(),
         });
-        let admin_tracker = TaskTracker::new();
-        let admin_task = tokio::spawn(admin::serve(
+        let lifecycle = Lifecycle::start(
+            shutdown,
             admin_listener,
             admin_state,
-            admin_stop.clone(),
-            admin_tracker.clone(),
-        ));
-
-        let grace = config.shutdown_grace;
-        let signal = shutdown.clone();
-        let done = tokio::spawn(async move {
-            signal.cancelled().await;
-            if let Some(registration) = &registration {
-                tracing::info!("shutting down: deregistering");
-                registration.deregister().await;
-            }
-            tracing::info!(?grace, "shutting down: draining connections");
-            serving.cancel();
-            tracker.close();
-            if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-                tracing::warn!(?grace, "connections still open after the grace period");
-            }
-            admin_stop.cancel();
-            admin_tracker.close();
-            admin_tracker.wait().await;
-            if let Err(error) = admin_task.await {
-                tracing::warn!(%error, "admin server task failed");
-            }
-            tracing::info!("shut down");
-        });
+            Drain {
+                serving,
+                tracker,
+                grace: config.shutdown_grace,
+            },
+            async move {
+                if let Some(registration) = &registration {
+                    tracing::info!("shutting down: deregistering");
+                    registration.deregister().await;
+                }
+            },
+        );
         tracing::info!(%proxy_id, "proxy started");
         Ok(Proxy {
             addrs,
             metrics,
-            shutdown,
-            done,
+            lifecycle,
         })
     }
 
     /// Cancelling this token starts the graceful shutdown.
     pub fn shutdown_token(&self) -> CancellationToken {
-        self.shutdown.clone()
+        self.lifecycle.shutdown_token()
     }
 
-    /// Waits until the proxy has shut down (after a shutdown was started).
+    /// Waits until shutdown has finished (after it was started).
     pub async fn wait(self) {
-        if let Err(error) = self.done.await {
-            tracing::warn!(%error, "shutdown task failed");
-        }
+        self.lifecycle.wait().await;
     }
 
     /// Starts the graceful shutdown and waits for it.
     pub async fn shutdown(self) {
-        self.shutdown.cancel();
-        self.wait().await;
+        self.lifecycle.shutdown().await;
     }
 }

@@ -23,6 +23,7 @@ pub mod errors;
 pub mod gateway;
 pub mod headers;
 pub mod inbound;
+pub mod lifecycle;
 pub mod logging;
 pub mod metrics;
 pub mod observe;

@@ -27,17 +27,17 @@ use std::time::Duration;
 use ferrule_proto::ports;
 use ferrule_proto::v1::ProxyInfo;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::admin::{self, AdminState};
+use crate::admin::AdminState;
 use crate::balance::Algorithm;
 use crate::client::Clients;
 use crate::config::LogFormat;
 use crate::control::{ControlError, Controllers};
 use crate::detect::detect;
 use crate::discovery::Discovery;
+use crate::lifecycle::{Drain, Lifecycle};
 use crate::metrics::{DetectResult, Direction, Metrics};
 use crate::outbound::{Outbound, OutboundConfig};
 use crate::policy::PolicySet;
@@ -123,8 +123,7 @@ pub struct GatewayAddrs {
 pub struct Gateway {
     pub addrs: GatewayAddrs,
     pub metrics: Metrics,
-    shutdown: CancellationToken,
-    done: JoinHandle<()>,
+    lifecycle: Lifecycle,
 }
 
 async fn bind(
@@ -196,7 +195,6 @@ impl Gateway {
         let proxy_id = proxy_id(args);
         let shutdown = CancellationToken::new();
         let serving = CancellationToken::new();
-        let admin_stop = CancellationToken::new();
         let tracker = TaskTracker::new();
         let metrics = Metrics::new();
 
@@ -264,57 +262,38 @@ impl Gateway {
             policies: None,
             shutdown: shutdown.clone(),
         });
-        let admin_tracker = TaskTracker::new();
-        let admin_task = tokio::spawn(admin::serve(
+        let lifecycle = Lifecycle::start(
+            shutdown,
             admin_listener,
             admin_state,
-            admin_stop.clone(),
-            admin_tracker.clone(),
-        ));
-
-        let grace = args.shutdown_grace;
-        let signal = shutdown.clone();
-        let done = tokio::spawn(async move {
-            signal.cancelled().await;
-            tracing::info!(?grace, "shutting down: draining connections");
-            serving.cancel();
-            tracker.close();
-            if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-                tracing::warn!(?grace, "connections still open after the grace period");
-            }
-            admin_stop.cancel();
-            admin_tracker.close();
-            admin_tracker.wait().await;
-            if let Err(error) = admin_task.await {
-                tracing::warn!(%error, "admin server task failed");
-            }
-            tracing::info!("shut down");
-        });
+            Drain {
+                serving,
+                tracker,
+                grace: args.shutdown_grace,
+            },
+            async {},
+        );
         tracing::info!(%proxy_id, listen = %addrs.listen, "gateway started");
         Ok(Gateway {
             addrs,
             metrics,
-            shutdown,
-            done,
+            lifecycle,
         })
     }
 
     /// Cancelling this token starts the graceful shutdown.
     pub fn shutdown_token(&self) -> CancellationToken {
-        self.shutdown.clone()
+        self.lifecycle.shutdown_token()
     }
 
-    /// Waits until the gateway has shut down (after a shutdown was started).
+    /// Waits until shutdown has finished (after it was started).
     pub async fn wait(self) {
-        if let Err(error) = self.done.await {
-            tracing::warn!(%error, "shutdown task failed");
-        }
+        self.lifecycle.wait().await;
     }
 
     /// Starts the graceful shutdown and waits for it.
     pub async fn shutdown(self) {
-        self.shutdown.cancel();
-        self.wait().await;
+        self.lifecycle.shutdown().await;
     }
 }
 
