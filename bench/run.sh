@@ -2,7 +2,7 @@
 # Benchmarks ferrule-proxy on loopback and writes bench/results/latest.md.
 #
 # Load generators: wrk (HTTP/1.1) and h2load (HTTP/2, unary gRPC), both from Debian.
-# Backend: proxy/examples/bench_backend.rs (hyper; "ok" for HTTP/1.1, an empty unary gRPC
+# Backend: proxy/app/examples/bench_backend.rs (hyper; "ok" for HTTP/1.1, an empty unary gRPC
 # answer with grpc-status trailers for application/grpc).
 # Paths measured: direct to the backend, through one proxy (client proxy -> backend, plain
 # endpoint), and through a proxy pair (client proxy -> server proxy over the mesh's h2 -> backend).
@@ -140,7 +140,7 @@ mkdir -p "$(dirname "$OUT")"
     echo
     echo "$(date -u '+%Y-%m-%d %H:%M UTC') on $(nproc) CPUs ($(uname -m)), loopback, ${DURATION}s per run."
     echo "Load generators: $(wrk --version 2>&1 | head -1 | cut -d' ' -f1-2) (HTTP/1.1) and $(h2load --version | head -1) (unary gRPC over HTTP/2)."
-    echo "Backend: proxy/examples/bench_backend.rs (hyper). Proxies: release build, static discovery."
+    echo "Backend: proxy/app/examples/bench_backend.rs (hyper). Proxies: release build, static discovery."
     echo "The load generator, the backend and the proxies share the same CPUs, so saturation numbers"
     echo "are lower bounds of what the proxy alone could do."
     echo

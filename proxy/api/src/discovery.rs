@@ -1,0 +1,603 @@
+//! Discovery client: the endpoints of the services this proxy's app calls.
+//!
+//! The first [`Discovery::resolve`] of a service spawns one task that holds a
+//! `ferrule.v1.Discovery/Watch` stream to one of the controllers (tried in turn, reconnecting
+//! with jittered exponential backoff capped at 5 s) and applies its updates: a snapshot
+//! replaces everything known about the service, a delta upserts endpoints by
+//! [`endpoint_key`] and removes the keys it names. Each [`ServiceRef`] resolved gets its own
+//! `watch` channel holding the endpoints of its port, so balancers follow changes without
+//! polling. A lost controller never clears endpoints: the last known set keeps serving until a
+//! new stream delivers a fresh snapshot.
+//!
+//! Port selection for a [`ServiceRef`] without a port name (the service's default port):
+//! endpoints registered with an empty port name if there are any; otherwise, when the service
+//! has exactly one port name, that port; otherwise the port named `http`; otherwise none (the
+//! caller must name the port, and sees "no endpoints" until it does).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use ferrule_proto::names::{ServiceRef, endpoint_key};
+use ferrule_proto::v1::discovery_client::DiscoveryClient;
+use ferrule_proto::v1::discovery_update::Kind;
+use ferrule_proto::v1::{DiscoveryUpdate, Endpoint, ProxyInfo, WatchRequest};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+pub use ferrule_proxy_policy::balance::Endpoints;
+
+use crate::control::{Backoff, Controllers};
+
+const BACKOFF_BASE: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// The port a [`ServiceRef`] without a port name means when the service has several.
+const DEFAULT_PORT_NAME: &str = "http";
+
+/// Subscribes to the controller's `Discovery` stream per service on first use. Cheap to clone.
+#[derive(Clone)]
+pub struct Discovery {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// `None` for [`Discovery::fixed`].
+    source: Option<Source>,
+    state: Arc<Shared>,
+}
+
+struct Source {
+    controllers: Option<Controllers>,
+    proxy: ProxyInfo,
+    /// Stops every watch task when the last `Discovery` clone is dropped.
+    stop: CancellationToken,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(source) = &self.source {
+            source.stop.cancel();
+        }
+    }
+}
+
+/// What the watch tasks and `resolve` share.
+#[derive(Default)]
+struct Shared {
+    services: Mutex<HashMap<String, ServiceState>>,
+    /// Watch streams currently established.
+    streams_up: AtomicUsize,
+}
+
+impl Shared {
+    fn services(&self) -> MutexGuard<'_, HashMap<String, ServiceState>> {
+        // A panic while holding the lock cannot leave the map half-updated in a way that
+        // matters more than losing every endpoint would, so keep serving.
+        self.services.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Everything known about one service, and the channels of the targets resolved on it.
+#[derive(Default)]
+struct ServiceState {
+    version: i64,
+    synced: bool,
+    /// By endpoint key, so deltas apply in place and the order is stable.
+    endpoints: BTreeMap<String, Endpoint>,
+    /// By port name as the caller gave it (empty for the default port).
+    targets: HashMap<String, watch::Sender<Endpoints>>,
+}
+
+impl ServiceState {
+    fn view(&self, port_name: &str) -> Endpoints {
+        let port = self.resolve_port(port_name);
+        let endpoints = match port {
+            Some(port) => self
+                .endpoints
+                .values()
+                .filter(|ep| ep.port_name == port)
+                .cloned()
+                .collect(),
+            None => Arc::from([]),
+        };
+        Endpoints {
+            version: self.version,
+            endpoints,
+            synced: self.synced,
+        }
+    }
+
+    /// The port name that `requested` means (see the module docs).
+    fn resolve_port<'a>(&'a self, requested: &'a str) -> Option<&'a str> {
+        if !requested.is_empty() {
+            return Some(requested);
+        }
+        let names: BTreeSet<&str> = self
+            .endpoints
+            .values()
+            .map(|ep| ep.port_name.as_str())
+            .collect();
+        if names.contains("") {
+            Some("")
+        } else if names.len() == 1 {
+            names.into_iter().next()
+        } else if names.contains(DEFAULT_PORT_NAME) {
+            Some(DEFAULT_PORT_NAME)
+        } else {
+            None
+        }
+    }
+
+    fn apply(&mut self, update: DiscoveryUpdate) {
+        match update.kind {
+            Some(Kind::Snapshot(snapshot)) => {
+                self.endpoints = snapshot
+                    .endpoints
+                    .into_iter()
+                    .map(|ep| (endpoint_key(&ep), ep))
+                    .collect();
+                self.synced = true;
+            }
+            Some(Kind::Delta(delta)) => {
+                for key in &delta.removed {
+                    self.endpoints.remove(key);
+                }
+                for ep in delta.added {
+                    self.endpoints.insert(endpoint_key(&ep), ep);
+                }
+            }
+            None => return,
+        }
+        self.version = update.version;
+        self.publish();
+    }
+
+    fn publish(&self) {
+        for (port_name, tx) in &self.targets {
+            tx.send_replace(self.view(port_name));
+        }
+    }
+}
+
+impl Discovery {
+    /// `controllers`: gRPC addresses ("127.0.0.1:8086" or "http://..."), tried in turn.
+    ///
+    /// Addresses that do not parse are reported at error level and leave discovery without a
+    /// controller (every service stays unsynced); validate flags early with
+    /// [`Controllers::parse`] to refuse them at startup instead.
+    pub fn new(controllers: Vec<String>, proxy: ProxyInfo) -> Self {
+        let controllers = crate::control::parse_or_log(&controllers, "discovery");
+        Self {
+            inner: Arc::new(Inner {
+                source: Some(Source {
+                    controllers,
+                    proxy,
+                    stop: CancellationToken::new(),
+                }),
+                state: Arc::default(),
+            }),
+        }
+    }
+
+    /// Fixed endpoints, no controller: for tests and for static upstreams.
+    ///
+    /// Each [`ServiceRef`] resolves to exactly the endpoints given for it (no port filtering);
+    /// any other resolves to an empty, synced set.
+    pub fn fixed(services: Vec<(ServiceRef, Vec<Endpoint>)>) -> Self {
+        let state = Shared::default();
+        {
+            let mut map = state.services();
+            for (target, endpoints) in services {
+                let entry = map.entry(target.service).or_default();
+                entry.synced = true;
+                entry.targets.insert(
+                    target.port_name,
+                    watch::Sender::new(Endpoints {
+                        version: 0,
+                        endpoints: endpoints.into(),
+                        synced: true,
+                    }),
+                );
+            }
+        }
+        Self {
+            inner: Arc::new(Inner {
+                source: None,
+                state: Arc::new(state),
+            }),
+        }
+    }
+
+    /// The endpoints of `target`; subscribes on first call, shared afterwards.
+    ///
+    /// Must be called within a Tokio runtime (the first call per service spawns its watch).
+    pub fn resolve(&self, target: &ServiceRef) -> watch::Receiver<Endpoints> {
+        let mut services = self.inner.state.services();
+        let new_service = !services.contains_key(&target.service);
+        let state = services
+            .entry(target.service.clone())
+            .or_insert_with(|| ServiceState {
+                // Fixed discovery knows everything it will ever know from the start.
+                synced: self.inner.source.is_none(),
+                ..Default::default()
+            });
+        if let Some(tx) = state.targets.get(&target.port_name) {
+            return tx.subscribe();
+        }
+        let (tx, rx) = watch::channel(state.view(&target.port_name));
+        state.targets.insert(target.port_name.clone(), tx);
+        if let (Some(source), true) = (&self.inner.source, new_service)
+            && let Some(controllers) = &source.controllers
+        {
+            tracing::info!(service = %target.service, "discovery: watching service");
+            tokio::spawn(watch_service(
+                target.service.clone(),
+                source.proxy.clone(),
+                controllers.clone(),
+                self.inner.state.clone(),
+                source.stop.clone(),
+            ));
+        }
+        rx
+    }
+
+    /// True while a stream to some controller is established (for `/ready` and metrics).
+    /// Always true for [`Discovery::fixed`], which needs no controller.
+    pub fn connected(&self) -> bool {
+        self.inner.source.is_none() || self.inner.state.streams_up.load(Ordering::Relaxed) > 0
+    }
+}
+
+/// Counts an established stream for as long as it lives.
+struct StreamUp<'a>(&'a AtomicUsize);
+
+impl<'a> StreamUp<'a> {
+    fn new(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Self(counter)
+    }
+}
+
+impl Drop for StreamUp<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Keeps one service's watch stream up until `stop`.
+async fn watch_service(
+    service: String,
+    proxy: ProxyInfo,
+    controllers: Controllers,
+    state: Arc<Shared>,
+    stop: CancellationToken,
+) {
+    let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_MAX);
+    loop {
+        let outcome = tokio::select! {
+            _ = stop.cancelled() => return,
+            outcome = run_stream(&service, &proxy, &controllers, &state) => outcome,
+        };
+        match outcome {
+            Ok(received) => {
+                if received {
+                    backoff.reset();
+                }
+                tracing::warn!(%service, "discovery stream ended by the controller; reconnecting");
+            }
+            Err(error) => {
+                tracing::warn!(%service, %error, "discovery stream failed; keeping last known endpoints");
+            }
+        }
+        let delay = backoff.next_delay();
+        tracing::debug!(%service, ?delay, "discovery: waiting before reconnecting");
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// Why one watch stream stopped.
+#[derive(Debug, thiserror::Error)]
+enum StreamError {
+    #[error(transparent)]
+    Connect(#[from] crate::control::ControlError),
+    #[error("controller {controller} answered {status}")]
+    Status {
+        controller: String,
+        status: tonic::Status,
+    },
+}
+
+/// One stream: connect, watch, apply updates until it ends. Returns whether any update
+/// arrived (a stream that delivered something resets the backoff).
+async fn run_stream(
+    service: &str,
+    proxy: &ProxyInfo,
+    controllers: &Controllers,
+    state: &Shared,
+) -> Result<bool, StreamError> {
+    let (controller, channel) = controllers.connect().await?;
+    let status = |status| StreamError::Status {
+        controller: controller.clone(),
+        status,
+    };
+    let request = WatchRequest {
+        service: service.to_string(),
+        proxy: Some(proxy.clone()),
+    };
+    let mut stream = DiscoveryClient::new(channel)
+        .watch(request)
+        .await
+        .map_err(status)?
+        .into_inner();
+    let _up = StreamUp::new(&state.streams_up);
+    tracing::info!(%service, %controller, "discovery stream established");
+    let mut received = false;
+    while let Some(update) = stream.message().await.map_err(status)? {
+        received = true;
+        tracing::debug!(%service, version = update.version, "discovery update");
+        if let Some(entry) = state.services().get_mut(service) {
+            entry.apply(update);
+        }
+    }
+    Ok(received)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+
+    use ferrule_proto::v1::discovery_server::{self, DiscoveryServer};
+    use ferrule_proto::v1::{Delta, Snapshot};
+    use tokio::net::TcpListener;
+    use tokio::sync::mpsc;
+    use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+    use tokio_stream::{Stream, StreamExt};
+    use tonic::{Request, Response, Status};
+
+    use super::*;
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    fn ep(port_name: &str, port: u32) -> Endpoint {
+        Endpoint {
+            service: "user".into(),
+            port_name: port_name.into(),
+            address: "127.0.0.1".into(),
+            port,
+            ..Default::default()
+        }
+    }
+
+    fn snapshot(version: i64, endpoints: Vec<Endpoint>) -> DiscoveryUpdate {
+        DiscoveryUpdate {
+            service: "user".into(),
+            version,
+            kind: Some(Kind::Snapshot(Snapshot { endpoints })),
+        }
+    }
+
+    fn ports(e: &Endpoints) -> Vec<u32> {
+        e.endpoints.iter().map(|ep| ep.port).collect()
+    }
+
+    /// A real Discovery server whose streams the test feeds: every Watch hands the test a
+    /// sender for that stream.
+    struct FakeController {
+        watches: mpsc::Sender<(WatchRequest, mpsc::Sender<Result<DiscoveryUpdate, Status>>)>,
+    }
+
+    #[tonic::async_trait]
+    impl discovery_server::Discovery for FakeController {
+        type WatchStream = Pin<Box<dyn Stream<Item = Result<DiscoveryUpdate, Status>> + Send>>;
+
+        async fn watch(
+            &self,
+            request: Request<WatchRequest>,
+        ) -> Result<Response<Self::WatchStream>, Status> {
+            let (tx, rx) = mpsc::channel(16);
+            self.watches
+                .send((request.into_inner(), tx))
+                .await
+                .map_err(|_| Status::unavailable("test over"))?;
+            Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        }
+    }
+
+    type Watches = mpsc::Receiver<(WatchRequest, mpsc::Sender<Result<DiscoveryUpdate, Status>>)>;
+
+    /// Starts a fake controller; dropping the returned token's guard stops it.
+    async fn start_controller() -> (String, Watches, CancellationToken) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (tx, rx) = mpsc::channel(16);
+        let stop = CancellationToken::new();
+        let server = tonic::transport::Server::builder()
+            .add_service(DiscoveryServer::new(FakeController { watches: tx }))
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(listener),
+                stop.clone().cancelled_owned(),
+            );
+        tokio::spawn(server);
+        (addr, rx, stop)
+    }
+
+    async fn next_watch(
+        watches: &mut Watches,
+    ) -> (WatchRequest, mpsc::Sender<Result<DiscoveryUpdate, Status>>) {
+        tokio::time::timeout(WAIT, watches.recv())
+            .await
+            .expect("no watch within bound")
+            .expect("controller gone")
+    }
+
+    async fn wait_for(
+        rx: &mut watch::Receiver<Endpoints>,
+        what: &str,
+        f: impl FnMut(&Endpoints) -> bool,
+    ) -> Endpoints {
+        tokio::time::timeout(WAIT, rx.wait_for(f))
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+            .expect("discovery dropped")
+            .clone()
+    }
+
+    #[tokio::test]
+    async fn snapshot_and_deltas_reach_resolved_targets() {
+        let (addr, mut watches, _stop) = start_controller().await;
+        let proxy = ProxyInfo {
+            proxy_id: "p1".into(),
+            ..Default::default()
+        };
+        let discovery = Discovery::new(vec![addr], proxy);
+        let mut http = discovery.resolve(&ServiceRef::parse("user:http").unwrap());
+        let mut default = discovery.resolve(&ServiceRef::parse("user").unwrap());
+        assert!(!http.borrow().synced);
+
+        let (request, stream) = next_watch(&mut watches).await;
+        assert_eq!(request.service, "user");
+        assert_eq!(request.proxy.unwrap().proxy_id, "p1");
+        wait_for_connected(&discovery, true).await;
+
+        stream
+            .send(Ok(snapshot(5, vec![ep("http", 1), ep("grpc", 2)])))
+            .await
+            .unwrap();
+        let got = wait_for(&mut http, "snapshot", |e| e.synced).await;
+        assert_eq!((got.version, ports(&got)), (5, vec![1]));
+        // Two port names, one of them "http": the default port is "http".
+        let got = wait_for(&mut default, "default port", |e| e.synced).await;
+        assert_eq!(ports(&got), vec![1]);
+
+        let delta = DiscoveryUpdate {
+            service: "user".into(),
+            version: 6,
+            kind: Some(Kind::Delta(Delta {
+                added: vec![ep("http", 3)],
+                removed: vec![endpoint_key(&ep("http", 1))],
+            })),
+        };
+        stream.send(Ok(delta)).await.unwrap();
+        let got = wait_for(&mut http, "delta", |e| e.version == 6).await;
+        assert_eq!(ports(&got), vec![3]);
+
+        // A second target on a watched service shares the stream and starts from what is known.
+        let grpc = discovery.resolve(&ServiceRef::parse("user:grpc").unwrap());
+        assert_eq!(ports(&grpc.borrow()), vec![2]);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), watches.recv())
+                .await
+                .is_err(),
+            "a second watch was opened for the same service"
+        );
+    }
+
+    async fn wait_for_connected(discovery: &Discovery, want: bool) {
+        // `connected` is a plain flag with no change notification; poll it, bounded.
+        let poll = async {
+            while discovery.connected() != want {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(WAIT, poll)
+            .await
+            .unwrap_or_else(|_| panic!("connected never became {want}"));
+    }
+
+    #[tokio::test]
+    async fn keeps_endpoints_while_controllers_are_gone_and_fails_over() {
+        let (addr_a, mut watches_a, stop_a) = start_controller().await;
+        let (addr_b, mut watches_b, _stop_b) = start_controller().await;
+        let discovery = Discovery::new(vec![addr_a, addr_b], ProxyInfo::default());
+        let mut rx = discovery.resolve(&ServiceRef::parse("user").unwrap());
+
+        let (_, stream_a) = next_watch(&mut watches_a).await;
+        stream_a
+            .send(Ok(snapshot(1, vec![ep("", 1), ep("", 2)])))
+            .await
+            .unwrap();
+        wait_for(&mut rx, "first snapshot", |e| e.synced).await;
+
+        // Controller A goes away: the stream breaks, endpoints stay.
+        stop_a.cancel();
+        drop(stream_a);
+        drop(watches_a);
+        let (_, stream_b) = next_watch(&mut watches_b).await;
+        assert_eq!(ports(&rx.borrow()), vec![1, 2]);
+
+        // B's snapshot replaces everything.
+        stream_b
+            .send(Ok(snapshot(9, vec![ep("", 7)])))
+            .await
+            .unwrap();
+        let got = wait_for(&mut rx, "snapshot from b", |e| e.version == 9).await;
+        assert_eq!(ports(&got), vec![7]);
+        wait_for_connected(&discovery, true).await;
+
+        // B fails the stream: endpoints are kept and discovery watches again.
+        stream_b
+            .send(Err(Status::unavailable("going away")))
+            .await
+            .unwrap();
+        drop(stream_b);
+        let (_, _stream_b2) = next_watch(&mut watches_b).await;
+        assert_eq!(ports(&rx.borrow()), vec![7]);
+    }
+
+    #[tokio::test]
+    async fn fixed_serves_static_endpoints() {
+        let target = ServiceRef::parse("user:grpc").unwrap();
+        let discovery = Discovery::fixed(vec![(target.clone(), vec![ep("grpc", 4)])]);
+        let rx = discovery.resolve(&target);
+        assert!(rx.borrow().synced);
+        assert_eq!(ports(&rx.borrow()), vec![4]);
+        let other = discovery.resolve(&ServiceRef::parse("order").unwrap());
+        assert!(other.borrow().synced && other.borrow().endpoints.is_empty());
+        assert!(discovery.connected());
+    }
+
+    #[test]
+    fn default_port_rule() {
+        let mut s = ServiceState::default();
+        let with = |s: &mut ServiceState, eps: Vec<Endpoint>| {
+            s.endpoints = eps.into_iter().map(|e| (endpoint_key(&e), e)).collect();
+        };
+        with(&mut s, vec![ep("", 1), ep("http", 2)]);
+        assert_eq!(ports(&s.view("")), vec![1]);
+        with(&mut s, vec![ep("grpc", 1)]);
+        assert_eq!(ports(&s.view("")), vec![1]);
+        with(&mut s, vec![ep("grpc", 1), ep("admin", 2)]);
+        assert!(s.view("").endpoints.is_empty());
+        assert_eq!(ports(&s.view("admin")), vec![2]);
+    }
+
+    #[tokio::test]
+    async fn stream_of_updates_is_applied_in_order() {
+        // Many deltas in a burst: the receiver sees the final state.
+        let (addr, mut watches, _stop) = start_controller().await;
+        let discovery = Discovery::new(vec![addr], ProxyInfo::default());
+        let mut rx = discovery.resolve(&ServiceRef::parse("user").unwrap());
+        let (_, stream) = next_watch(&mut watches).await;
+        stream.send(Ok(snapshot(1, vec![]))).await.unwrap();
+        let updates = tokio_stream::iter(2..=40).map(|v| {
+            Ok(DiscoveryUpdate {
+                service: "user".into(),
+                version: v,
+                kind: Some(Kind::Delta(Delta {
+                    added: vec![ep("", v as u32)],
+                    removed: vec![endpoint_key(&ep("", v as u32 - 1))],
+                })),
+            })
+        });
+        tokio::pin!(updates);
+        while let Some(u) = updates.next().await {
+            stream.send(u).await.unwrap();
+        }
+        let got = wait_for(&mut rx, "last delta", |e| e.version == 40).await;
+        assert_eq!(ports(&got), vec![40]);
+    }
+}

@@ -1,0 +1,434 @@
+//! The config client: follows `ferrule.v1.Config/Watch` and publishes the [`PolicySet`] this
+//! proxy applies.
+//!
+//! [`PolicyClient::spawn`] starts one task that subscribes (its proxy and the upstream
+//! services it calls) on one of the controllers, tried in turn and reconnected with jittered
+//! exponential backoff capped at 5 s. Each snapshot is parsed, validated and compiled: a good
+//! one is published on the `watch` channel and acked with its version; a bad one is nacked
+//! with the reason and the last good set stays in force. A snapshot of the version already in
+//! force (sent again after a reconnect) is acked without being republished, so stacks do not
+//! rebuild for nothing. While no controller is reachable the last good set stays too: the
+//! proxy never drops its config because the control plane is away.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use ferrule_proto::v1::config_client::ConfigClient;
+use ferrule_proto::v1::{
+    Ack, ConfigRequest, ConfigSnapshot, Nack, ProxyInfo, Subscribe, config_request,
+};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::control::{Backoff, ControlError, Controllers};
+use ferrule_proxy_policy::PolicySet;
+
+const BACKOFF_BASE: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// A version this proxy refused, and why.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Nacked {
+    pub version: i64,
+    pub reason: String,
+}
+
+/// The policy in force, kept up to date from the controllers. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct PolicyClient {
+    policies: watch::Receiver<Arc<PolicySet>>,
+    last_nack: Arc<Mutex<Option<Nacked>>>,
+}
+
+impl PolicyClient {
+    /// Subscribes for `proxy` and the services in `upstreams` until `shutdown`. Until the first
+    /// snapshot arrives the set is empty (version 0: every service gets the defaults).
+    ///
+    /// Must be called within a Tokio runtime.
+    pub fn spawn(
+        controllers: Controllers,
+        proxy: ProxyInfo,
+        upstreams: Vec<String>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let (tx, policies) = watch::channel(Arc::new(PolicySet::default()));
+        let last_nack = Arc::new(Mutex::new(None));
+        let task = Task {
+            controllers,
+            subscribe: Subscribe {
+                proxy: Some(proxy),
+                upstreams,
+            },
+            tx,
+            last_nack: last_nack.clone(),
+        };
+        tokio::spawn(task.run(shutdown));
+        Self {
+            policies,
+            last_nack,
+        }
+    }
+
+    /// A fixed set, no controller: for tests and proxies run without a control plane.
+    pub fn fixed(set: PolicySet) -> Self {
+        let (_, policies) = watch::channel(Arc::new(set));
+        Self {
+            policies,
+            last_nack: Arc::default(),
+        }
+    }
+
+    /// A receiver that sees every new set; for stacks that rebuild on change.
+    pub fn watch(&self) -> watch::Receiver<Arc<PolicySet>> {
+        self.policies.clone()
+    }
+
+    /// The set in force now.
+    pub fn current(&self) -> Arc<PolicySet> {
+        self.policies.borrow().clone()
+    }
+
+    /// The config version in force.
+    pub fn version(&self) -> i64 {
+        self.policies.borrow().version()
+    }
+
+    /// The last version refused, if the one in force is older than it.
+    pub fn last_nack(&self) -> Option<Nacked> {
+        self.last_nack
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The admin `/config` view: `{"version", "resources", "lastNack"}`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut json = self.current().to_json();
+        json["lastNack"] = serde_json::to_value(self.last_nack()).unwrap_or_default();
+        json
+    }
+}
+
+/// Why one stream stopped.
+#[derive(Debug, thiserror::Error)]
+enum StreamError {
+    #[error(transparent)]
+    Connect(#[from] ControlError),
+    #[error("controller {controller} answered {status}")]
+    Status {
+        controller: String,
+        status: tonic::Status,
+    },
+}
+
+struct Task {
+    controllers: Controllers,
+    subscribe: Subscribe,
+    tx: watch::Sender<Arc<PolicySet>>,
+    last_nack: Arc<Mutex<Option<Nacked>>>,
+}
+
+impl Task {
+    async fn run(self, shutdown: CancellationToken) {
+        let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_MAX);
+        loop {
+            let outcome = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                outcome = self.stream() => outcome,
+            };
+            match outcome {
+                Ok(received) => {
+                    if received {
+                        backoff.reset();
+                    }
+                    tracing::warn!("config stream ended by the controller; reconnecting");
+                }
+                Err(error) => {
+                    tracing::warn!(%error, version = self.tx.borrow().version(), "config stream failed; keeping the config in force");
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
+            }
+        }
+    }
+
+    /// One stream: subscribe, then apply and answer snapshots until it ends. Returns whether
+    /// any snapshot arrived.
+    async fn stream(&self) -> Result<bool, StreamError> {
+        let (controller, channel) = self.controllers.connect().await?;
+        let status = |status| StreamError::Status {
+            controller: controller.clone(),
+            status,
+        };
+        let (requests, rx) = mpsc::channel(4);
+        let subscribe = request(config_request::Kind::Subscribe(self.subscribe.clone()));
+        // The receiver is right here and the channel empty: this cannot fail.
+        let _ = requests.send(subscribe).await;
+        let mut snapshots = ConfigClient::new(channel)
+            .watch(ReceiverStream::new(rx))
+            .await
+            .map_err(status)?
+            .into_inner();
+        tracing::info!(%controller, "config stream established");
+        let mut received = false;
+        while let Some(snapshot) = snapshots.message().await.map_err(status)? {
+            received = true;
+            let answer = self.apply(snapshot);
+            if requests.send(answer).await.is_err() {
+                // The request side closed: the call is over.
+                break;
+            }
+        }
+        Ok(received)
+    }
+
+    /// Publishes a good snapshot; returns its ack or nack.
+    fn apply(&self, snapshot: ConfigSnapshot) -> ConfigRequest {
+        let version = snapshot.version;
+        match PolicySet::from_snapshot(&snapshot) {
+            Ok(set) => {
+                let published = self.tx.send_if_modified(|current| {
+                    if current.version() == version {
+                        return false;
+                    }
+                    *current = Arc::new(set);
+                    true
+                });
+                if published {
+                    tracing::info!(version, "config applied");
+                    let mut last = self
+                        .last_nack
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner);
+                    if last.as_ref().is_some_and(|n| n.version <= version) {
+                        *last = None;
+                    }
+                }
+                request(config_request::Kind::Ack(Ack { version }))
+            }
+            Err(error) => {
+                let reason = error.to_string();
+                tracing::warn!(version, %reason, "config refused; keeping the config in force");
+                *self
+                    .last_nack
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = Some(Nacked {
+                    version,
+                    reason: reason.clone(),
+                });
+                request(config_request::Kind::Nack(Nack { version, reason }))
+            }
+        }
+    }
+}
+
+fn request(kind: config_request::Kind) -> ConfigRequest {
+    ConfigRequest { kind: Some(kind) }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+
+    use ferrule_proto::v1::config_server::{self, ConfigServer};
+    use tokio::net::TcpListener;
+    use tokio_stream::Stream;
+    use tokio_stream::wrappers::TcpListenerStream;
+    use tonic::{Request, Response, Status, Streaming};
+
+    use super::*;
+
+    fn resource(kind: &str, name: &str, spec: serde_json::Value) -> ferrule_proto::v1::Resource {
+        ferrule_proto::v1::Resource {
+            kind: kind.into(),
+            namespace: "default".into(),
+            name: name.into(),
+            spec_json: spec.to_string(),
+            revision: 1,
+        }
+    }
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    type Snapshots = mpsc::Sender<Result<ConfigSnapshot, Status>>;
+    type Calls = mpsc::Receiver<(Streaming<ConfigRequest>, Snapshots)>;
+
+    /// A real Config server whose streams the test drives: each Watch hands the test the
+    /// proxy's request stream and a sender for snapshots.
+    struct FakeController {
+        calls: mpsc::Sender<(Streaming<ConfigRequest>, Snapshots)>,
+    }
+
+    #[tonic::async_trait]
+    impl config_server::Config for FakeController {
+        type WatchStream = Pin<Box<dyn Stream<Item = Result<ConfigSnapshot, Status>> + Send>>;
+
+        async fn watch(
+            &self,
+            request: Request<Streaming<ConfigRequest>>,
+        ) -> Result<Response<Self::WatchStream>, Status> {
+            let (tx, rx) = mpsc::channel(4);
+            self.calls
+                .send((request.into_inner(), tx))
+                .await
+                .map_err(|_| Status::unavailable("test over"))?;
+            Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        }
+    }
+
+    async fn start_controller() -> (String, Calls, CancellationToken) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (tx, rx) = mpsc::channel(4);
+        let stop = CancellationToken::new();
+        let server = tonic::transport::Server::builder()
+            .add_service(ConfigServer::new(FakeController { calls: tx }))
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(listener),
+                stop.clone().cancelled_owned(),
+            );
+        tokio::spawn(server);
+        (addr, rx, stop)
+    }
+
+    async fn next_call(calls: &mut Calls) -> (Streaming<ConfigRequest>, Snapshots) {
+        tokio::time::timeout(WAIT, calls.recv())
+            .await
+            .expect("no Watch call within bound")
+            .expect("controller gone")
+    }
+
+    async fn next_request(requests: &mut Streaming<ConfigRequest>) -> config_request::Kind {
+        tokio::time::timeout(WAIT, requests.message())
+            .await
+            .expect("no request within bound")
+            .expect("request stream failed")
+            .expect("request stream ended")
+            .kind
+            .expect("request without kind")
+    }
+
+    fn policy_snapshot(version: i64, request_timeout: &str) -> ConfigSnapshot {
+        ConfigSnapshot {
+            version,
+            resources: vec![resource(
+                "ServicePolicy",
+                "user",
+                serde_json::json!({"service": "user", "timeouts": {"request": request_timeout}}),
+            )],
+        }
+    }
+
+    async fn wait_version(rx: &mut watch::Receiver<Arc<PolicySet>>, version: i64) {
+        tokio::time::timeout(WAIT, rx.wait_for(|set| set.version() == version))
+            .await
+            .unwrap_or_else(|_| panic!("version {version} never applied"))
+            .expect("client gone");
+    }
+
+    #[tokio::test]
+    async fn applies_acks_nacks_and_keeps_the_last_good_set() {
+        let (addr_a, mut calls_a, stop_a) = start_controller().await;
+        let (addr_b, mut calls_b, _stop_b) = start_controller().await;
+        let controllers = Controllers::parse(&[addr_a, addr_b]).unwrap();
+        let proxy = ProxyInfo {
+            proxy_id: "order-1".into(),
+            service: "order".into(),
+            ..Default::default()
+        };
+        let shutdown = CancellationToken::new();
+        let client = PolicyClient::spawn(controllers, proxy, vec!["user".into()], shutdown.clone());
+        let mut rx = client.watch();
+        assert_eq!(client.version(), 0);
+
+        let (mut requests, snapshots) = next_call(&mut calls_a).await;
+        let config_request::Kind::Subscribe(subscribe) = next_request(&mut requests).await else {
+            panic!("the first request must subscribe")
+        };
+        assert_eq!(subscribe.proxy.unwrap().proxy_id, "order-1");
+        assert_eq!(subscribe.upstreams, ["user"]);
+
+        // A good snapshot is applied and acked.
+        snapshots.send(Ok(policy_snapshot(5, "2s"))).await.unwrap();
+        wait_version(&mut rx, 5).await;
+        assert_eq!(
+            client.current().policy("user").request_timeout,
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(
+            next_request(&mut requests).await,
+            config_request::Kind::Ack(Ack { version: 5 })
+        );
+
+        // A bad one is nacked with the field, and version 5 stays.
+        let mut bad = policy_snapshot(6, "2s");
+        bad.resources[0].spec_json = r#"{"service":"user","timeouts":{"request":"-1s"}}"#.into();
+        snapshots.send(Ok(bad)).await.unwrap();
+        let config_request::Kind::Nack(nack) = next_request(&mut requests).await else {
+            panic!("a bad snapshot must be nacked")
+        };
+        assert_eq!(nack.version, 6);
+        assert!(
+            nack.reason.contains("spec.timeouts.request"),
+            "{}",
+            nack.reason
+        );
+        assert_eq!(client.version(), 5);
+        assert_eq!(client.last_nack().unwrap().version, 6);
+        let json = client.to_json();
+        assert_eq!(
+            (
+                json["version"].as_i64(),
+                json["lastNack"]["version"].as_i64()
+            ),
+            (Some(5), Some(6))
+        );
+
+        // Controller A goes away: the set stays while the client fails over to B.
+        stop_a.cancel();
+        drop((requests, snapshots, calls_a));
+        let (mut requests, snapshots) = next_call(&mut calls_b).await;
+        assert!(matches!(
+            next_request(&mut requests).await,
+            config_request::Kind::Subscribe(_)
+        ));
+        assert_eq!(client.version(), 5);
+
+        // The same version again (after a reconnect) is acked but not republished.
+        rx.mark_unchanged();
+        snapshots.send(Ok(policy_snapshot(5, "2s"))).await.unwrap();
+        assert_eq!(
+            next_request(&mut requests).await,
+            config_request::Kind::Ack(Ack { version: 5 })
+        );
+        assert!(!rx.has_changed().unwrap());
+
+        // A newer good version replaces it and clears the nack.
+        snapshots.send(Ok(policy_snapshot(7, "9s"))).await.unwrap();
+        wait_version(&mut rx, 7).await;
+        assert_eq!(
+            client.current().policy("user").request_timeout,
+            Some(Duration::from_secs(9))
+        );
+        assert_eq!(client.last_nack(), None);
+
+        // Shutdown ends the task; the last set stays readable.
+        shutdown.cancel();
+        tokio::time::timeout(WAIT, rx.changed())
+            .await
+            .expect("the task did not stop")
+            .expect_err("the sender is dropped when the task stops");
+        assert_eq!(client.version(), 7);
+    }
+
+    #[tokio::test]
+    async fn fixed_serves_the_given_set() {
+        let set = PolicySet::from_snapshot(&policy_snapshot(3, "1s")).unwrap();
+        let client = PolicyClient::fixed(set);
+        assert_eq!(client.version(), 3);
+        assert_eq!(client.to_json()["lastNack"], serde_json::Value::Null);
+    }
+}

@@ -1,0 +1,449 @@
+//! The proxy's configuration: one struct, parsed from flags and `FERRULE_*` environment
+//! variables, with every default written here.
+//!
+//! Listeners: `--outbound-addr` (reserved for transparent mode), `--inbound-addr`, `--admin-addr`.
+//! App ports: `--app-addr ADDR` for one unnamed port, or `--app-port NAME=ADDR` (repeatable) for
+//! named ports; the first app port listens on `--inbound-addr`, each further one on its
+//! `--inbound-port NAME=ADDR` if given, else on `--inbound-addr`'s IP with a port the system
+//! picks (shown in the log and on `/config`). Upstreams (explicit mode):
+//! `--upstream NAME[:PORT]=ADDR` opens a local listener at ADDR for service NAME (port name
+//! PORT). Every listener may bind port 0. Discovery comes from `--controller`s, or, without
+//! a controller (benchmarks, static setups), from `--static-endpoint`s.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use ferrule_proto::names::{ServiceRef, validate_label, validate_service};
+use ferrule_proto::ports;
+use ferrule_proto::v1::{Endpoint, ProxyInfo};
+use ferrule_proxy_core::logging::LogFormat;
+use serde::Serialize;
+
+use ferrule_proxy_policy::balance::Algorithm;
+
+/// `NAME=ADDR`: a named app port, inbound port or upstream listener.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NamedAddr {
+    pub name: String,
+    pub addr: SocketAddr,
+}
+
+/// `NAME[:PORT]=ADDR`: a local listener for an upstream service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Upstream {
+    #[serde(serialize_with = "display")]
+    pub service: ServiceRef,
+    pub listen: SocketAddr,
+}
+
+fn display<T: std::fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+fn humantime_ser<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_duration(*d))
+}
+
+fn algorithm_ser<S: serde::Serializer>(a: &Algorithm, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(match a {
+        Algorithm::PeakEwma => "p2c-ewma",
+        Algorithm::RoundRobin => "round-robin",
+        Algorithm::LeastRequest => "least-request",
+    })
+}
+
+fn parse_named_addr(s: &str) -> Result<NamedAddr, String> {
+    let (name, addr) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not NAME=ADDR"))?;
+    validate_label("port name", name).map_err(|e| e.to_string())?;
+    let addr = addr
+        .parse()
+        .map_err(|e| format!("{addr:?} is not an IP:PORT address: {e}"))?;
+    Ok(NamedAddr {
+        name: name.to_string(),
+        addr,
+    })
+}
+
+fn parse_upstream(s: &str) -> Result<Upstream, String> {
+    let (service, addr) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not SERVICE[:PORT]=127.0.0.1:LOCALPORT"))?;
+    let service = ServiceRef::parse(service).map_err(|e| e.to_string())?;
+    let listen = addr
+        .parse()
+        .map_err(|e| format!("{addr:?} is not an IP:PORT address: {e}"))?;
+    Ok(Upstream { service, listen })
+}
+
+/// `SERVICE[:PORT]=ADDR[/meshed]`: an endpoint known without a controller.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StaticEndpoint {
+    #[serde(serialize_with = "display")]
+    pub service: ServiceRef,
+    pub addr: SocketAddr,
+    /// A ferrule proxy's inbound listener: spoken to with the mesh protocol.
+    pub meshed: bool,
+}
+
+fn parse_static_endpoint(s: &str) -> Result<StaticEndpoint, String> {
+    let (service, addr) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not SERVICE[:PORT]=ADDR[/meshed]"))?;
+    let service = ServiceRef::parse(service).map_err(|e| e.to_string())?;
+    let (addr, meshed) = match addr.strip_suffix("/meshed") {
+        Some(addr) => (addr, true),
+        None => (addr, false),
+    };
+    let addr = addr
+        .parse()
+        .map_err(|e| format!("{addr:?} is not an IP:PORT address: {e}"))?;
+    Ok(StaticEndpoint {
+        service,
+        addr,
+        meshed,
+    })
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("label {s:?} is not KEY=VALUE"))?;
+    Ok((k.to_string(), v.to_string()))
+}
+
+#[derive(Debug, Clone, Parser, Serialize)]
+#[command(name = "ferrule-proxy", version, about = "Ferrule's sidecar proxy")]
+pub struct Config {
+    /// Another mode of the same binary; without one, the sidecar runs.
+    #[command(subcommand)]
+    #[serde(skip)]
+    pub mode: Option<Mode>,
+
+    /// Controller gRPC addresses, tried in turn.
+    #[arg(long = "controller", env = "FERRULE_CONTROLLER", value_delimiter = ',')]
+    pub controllers: Vec<String>,
+
+    /// Service this proxy fronts; with app ports it registers them under this name.
+    #[arg(long, env = "FERRULE_PROXY_SERVICE", value_parser = parse_service)]
+    pub service: Option<String>,
+
+    #[arg(long, env = "FERRULE_PROXY_NAMESPACE", default_value = "default")]
+    pub namespace: String,
+
+    /// The app's single unnamed port.
+    #[arg(long, env = "FERRULE_PROXY_APP_ADDR", conflicts_with = "app_ports")]
+    pub app_addr: Option<SocketAddr>,
+
+    /// A named app port, NAME=ADDR (repeatable).
+    #[arg(long = "app-port", env = "FERRULE_PROXY_APP_PORTS", value_delimiter = ',', value_parser = parse_named_addr)]
+    pub app_ports: Vec<NamedAddr>,
+
+    /// Where the inbound listener of a named app port (other than the first) binds.
+    #[arg(long = "inbound-port", env = "FERRULE_PROXY_INBOUND_PORTS", value_delimiter = ',', value_parser = parse_named_addr)]
+    pub inbound_ports: Vec<NamedAddr>,
+
+    /// A local listener for an upstream service, SERVICE[:PORT]=ADDR (repeatable).
+    #[arg(long = "upstream", env = "FERRULE_PROXY_UPSTREAMS", value_delimiter = ',', value_parser = parse_upstream)]
+    pub upstreams: Vec<Upstream>,
+
+    /// An endpoint of an upstream service known without a controller,
+    /// SERVICE[:PORT]=ADDR[/meshed] (repeatable). With any of these, discovery is static and
+    /// no controller is used for it.
+    #[arg(long = "static-endpoint", env = "FERRULE_PROXY_STATIC_ENDPOINTS", value_delimiter = ',', value_parser = parse_static_endpoint, conflicts_with = "controllers")]
+    pub static_endpoints: Vec<StaticEndpoint>,
+
+    /// Outbound listener of transparent mode (not bound in explicit mode, which is all this
+    /// build has).
+    #[arg(long, env = "FERRULE_PROXY_OUTBOUND_ADDR", default_value_t = SocketAddr::from((Ipv4Addr::LOCALHOST, ports::PROXY_OUTBOUND)))]
+    pub outbound_addr: SocketAddr,
+
+    #[arg(long, env = "FERRULE_PROXY_INBOUND_ADDR", default_value_t = SocketAddr::from((Ipv4Addr::UNSPECIFIED, ports::PROXY_INBOUND)))]
+    pub inbound_addr: SocketAddr,
+
+    #[arg(long, env = "FERRULE_PROXY_ADMIN_ADDR", default_value_t = SocketAddr::from((Ipv4Addr::UNSPECIFIED, ports::PROXY_ADMIN)))]
+    pub admin_addr: SocketAddr,
+
+    /// IP peers dial to reach this proxy's inbound listeners when they bind a wildcard address.
+    #[arg(long, env = "FERRULE_PROXY_ADVERTISE_IP", default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST))]
+    pub advertise_ip: IpAddr,
+
+    /// Ports whose traffic is never detected, only copied: app ports (inbound) and upstream
+    /// listener ports (outbound). Use for server-speaks-first protocols.
+    #[arg(long, env = "FERRULE_PROXY_OPAQUE_PORTS", value_delimiter = ',')]
+    pub opaque_ports: Vec<u16>,
+
+    /// How long protocol detection waits for the client's first bytes before treating the
+    /// connection as opaque.
+    #[arg(long, env = "FERRULE_PROXY_DETECT_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[serde(serialize_with = "humantime_ser")]
+    pub detect_timeout: Duration,
+
+    #[arg(long, env = "FERRULE_PROXY_BALANCER", default_value = "p2c-ewma")]
+    #[serde(serialize_with = "algorithm_ser")]
+    pub balancer: Algorithm,
+
+    /// How long a request waits for an available endpoint before failing with 503.
+    #[arg(long, env = "FERRULE_PROXY_ENDPOINT_WAIT", default_value = "3s", value_parser = humantime::parse_duration)]
+    #[serde(serialize_with = "humantime_ser")]
+    pub endpoint_wait: Duration,
+
+    #[arg(long, env = "FERRULE_PROXY_CONNECT_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
+    #[serde(serialize_with = "humantime_ser")]
+    pub connect_timeout: Duration,
+
+    /// HTTP path the app is health-checked on; without it a TCP connect is the check.
+    #[arg(long, env = "FERRULE_PROXY_HEALTH_PATH")]
+    pub health_path: Option<String>,
+
+    #[arg(long, env = "FERRULE_PROXY_HEALTH_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    #[serde(serialize_with = "humantime_ser")]
+    pub health_interval: Duration,
+
+    #[arg(long, env = "FERRULE_PROXY_HEALTH_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
+    #[serde(serialize_with = "humantime_ser")]
+    pub health_timeout: Duration,
+
+    /// Consecutive passed checks before the app counts as healthy.
+    #[arg(long, env = "FERRULE_PROXY_HEALTHY_THRESHOLD", default_value_t = 1)]
+    pub healthy_threshold: u32,
+
+    /// Consecutive failed checks before the app counts as unhealthy.
+    #[arg(long, env = "FERRULE_PROXY_UNHEALTHY_THRESHOLD", default_value_t = 2)]
+    pub unhealthy_threshold: u32,
+
+    /// Lease of each registration; kept alive while the app is healthy.
+    #[arg(long, env = "FERRULE_PROXY_REGISTER_TTL", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[serde(serialize_with = "humantime_ser")]
+    pub register_ttl: Duration,
+
+    /// Label of the registered endpoints, KEY=VALUE (repeatable).
+    #[arg(long = "label", env = "FERRULE_PROXY_LABELS", value_delimiter = ',', value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+
+    #[arg(long, env = "FERRULE_PROXY_ZONE", default_value = "")]
+    pub zone: String,
+
+    /// Unique id of this proxy; generated from the service name when absent.
+    #[arg(long, env = "FERRULE_PROXY_ID")]
+    pub proxy_id: Option<String>,
+
+    #[arg(long, env = "FERRULE_PROXY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
+    pub log_format: LogFormat,
+
+    /// One log line per request, at info, target "access".
+    #[arg(long, env = "FERRULE_PROXY_ACCESS_LOG")]
+    pub access_log: bool,
+
+    /// How long shutdown waits for in-flight requests and connections.
+    #[arg(long, env = "FERRULE_PROXY_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[serde(serialize_with = "humantime_ser")]
+    pub shutdown_grace: Duration,
+}
+
+/// The modes other than the sidecar.
+#[derive(Debug, Clone, Subcommand)]
+pub enum Mode {
+    /// The edge gateway: routes, JWT, rate limits and CORS in front of mesh services
+    /// (flags go after `gateway`; see docs/gateway.md).
+    Gateway(crate::gateway::GatewayArgs),
+}
+
+fn parse_service(s: &str) -> Result<String, String> {
+    validate_service(s).map_err(|e| e.to_string())?;
+    Ok(s.to_string())
+}
+
+/// A configuration that parses but cannot run.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("app ports need --service: the proxy registers them under a service name")]
+    AppPortsWithoutService,
+    #[error("--inbound-port {0} names no --app-port")]
+    InboundPortWithoutApp(String),
+    #[error("app port name {0:?} appears twice")]
+    DuplicateAppPort(String),
+}
+
+/// An app port with the address its inbound listener binds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppPort {
+    /// Empty for the single unnamed port of `--app-addr`.
+    pub name: String,
+    pub app_addr: SocketAddr,
+    pub listen: SocketAddr,
+}
+
+impl Config {
+    /// Every app port and where its inbound listener binds.
+    pub fn app_ports(&self) -> Result<Vec<AppPort>, ConfigError> {
+        let named = self.app_addr.map_or_else(
+            || self.app_ports.clone(),
+            |addr| {
+                vec![NamedAddr {
+                    name: String::new(),
+                    addr,
+                }]
+            },
+        );
+        if !named.is_empty() && self.service.is_none() {
+            return Err(ConfigError::AppPortsWithoutService);
+        }
+        for ip in &self.inbound_ports {
+            if !named.iter().any(|p| p.name == ip.name) {
+                return Err(ConfigError::InboundPortWithoutApp(ip.name.clone()));
+            }
+        }
+        let mut ports: Vec<AppPort> = Vec::new();
+        for (i, port) in named.into_iter().enumerate() {
+            if ports.iter().any(|p| p.name == port.name) {
+                return Err(ConfigError::DuplicateAppPort(port.name));
+            }
+            let explicit = self.inbound_ports.iter().find(|p| p.name == port.name);
+            let listen = match (i, explicit) {
+                (_, Some(p)) => p.addr,
+                (0, None) => self.inbound_addr,
+                (_, None) => SocketAddr::new(self.inbound_addr.ip(), 0),
+            };
+            ports.push(AppPort {
+                name: port.name,
+                app_addr: port.addr,
+                listen,
+            });
+        }
+        Ok(ports)
+    }
+
+    /// `--static-endpoint`s grouped by service, as [`ferrule_proxy_api::discovery::Discovery::fixed`]
+    /// takes them.
+    pub fn static_discovery(&self) -> Vec<(ServiceRef, Vec<Endpoint>)> {
+        let mut grouped: Vec<(ServiceRef, Vec<Endpoint>)> = Vec::new();
+        for ep in &self.static_endpoints {
+            let endpoint = Endpoint {
+                service: ep.service.service.clone(),
+                port_name: ep.service.port_name.clone(),
+                address: ep.addr.ip().to_string(),
+                port: u32::from(ep.addr.port()),
+                meshed: ep.meshed,
+                ..Default::default()
+            };
+            match grouped.iter_mut().find(|(s, _)| *s == ep.service) {
+                Some((_, eps)) => eps.push(endpoint),
+                None => grouped.push((ep.service.clone(), vec![endpoint])),
+            }
+        }
+        grouped
+    }
+
+    /// Who this proxy is, as told to the controller.
+    pub fn proxy_info(&self, proxy_id: &str) -> ProxyInfo {
+        ProxyInfo {
+            proxy_id: proxy_id.to_string(),
+            service: self.service.clone().unwrap_or_default(),
+            namespace: self.namespace.clone(),
+            address: self.advertise_ip.to_string(),
+            mode: "sidecar".to_string(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        }
+    }
+
+    /// This proxy's id: `--proxy-id`, else the service (or "proxy"), the process id and a
+    /// random suffix (a new one per call: call once and keep it).
+    pub fn proxy_id(&self) -> String {
+        self.proxy_id.clone().unwrap_or_else(|| {
+            format!(
+                "{}-{}-{:04x}",
+                self.service.as_deref().unwrap_or("proxy"),
+                std::process::id(),
+                rand::random::<u16>()
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Config {
+        Config::try_parse_from(std::iter::once("ferrule-proxy").chain(args.iter().copied()))
+            .unwrap()
+    }
+
+    #[test]
+    fn named_app_ports_get_listeners() {
+        let c = parse(&[
+            "--service=user",
+            "--inbound-addr=127.0.0.1:4143",
+            "--app-port=http=127.0.0.1:8001",
+            "--app-port=grpc=127.0.0.1:50051",
+            "--app-port=admin=127.0.0.1:9000",
+            "--inbound-port=admin=127.0.0.1:5000",
+        ]);
+        let ports = c.app_ports().unwrap();
+        assert_eq!(ports[0].listen, "127.0.0.1:4143".parse().unwrap());
+        assert_eq!(ports[1].listen, "127.0.0.1:0".parse().unwrap());
+        assert_eq!(ports[2].listen, "127.0.0.1:5000".parse().unwrap());
+        assert_eq!(ports[1].name, "grpc");
+    }
+
+    #[test]
+    fn upstreams_and_lists() {
+        let c = parse(&[
+            "--controller=127.0.0.1:1,127.0.0.1:2",
+            "--upstream=user:grpc=127.0.0.1:7001",
+            "--upstream=payment=127.0.0.1:7002",
+            "--opaque-ports=5432,6379",
+            "--detect-timeout=250ms",
+        ]);
+        assert_eq!(c.controllers.len(), 2);
+        assert_eq!(c.upstreams[0].service.to_string(), "user:grpc");
+        assert_eq!(c.upstreams[1].listen.port(), 7002);
+        assert_eq!(c.opaque_ports, vec![5432, 6379]);
+        assert_eq!(c.detect_timeout, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn static_endpoints_group_by_service() {
+        let c = parse(&[
+            "--static-endpoint=user=127.0.0.1:4143/meshed",
+            "--static-endpoint=user=127.0.0.1:4144",
+            "--static-endpoint=db:sql=10.0.0.1:5432",
+        ]);
+        let d = c.static_discovery();
+        assert_eq!(d.len(), 2);
+        assert_eq!(d[0].1.len(), 2);
+        assert!(d[0].1[0].meshed && !d[0].1[1].meshed);
+        assert_eq!(d[1].1[0].port_name, "sql");
+        assert!(
+            Config::try_parse_from([
+                "ferrule-proxy",
+                "--controller=127.0.0.1:8086",
+                "--static-endpoint=user=127.0.0.1:1"
+            ])
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn refuses_bad_input() {
+        let bad = |args: &[&str]| {
+            Config::try_parse_from(std::iter::once("ferrule-proxy").chain(args.iter().copied()))
+                .is_err()
+        };
+        assert!(bad(&["--upstream=User=127.0.0.1:1"]));
+        assert!(bad(&["--upstream=user"]));
+        assert!(bad(&["--app-port=http"]));
+        assert!(bad(&[
+            "--app-addr=127.0.0.1:1",
+            "--app-port=http=127.0.0.1:2"
+        ]));
+        let no_service = parse(&["--app-addr=127.0.0.1:1"]);
+        assert!(matches!(
+            no_service.app_ports(),
+            Err(ConfigError::AppPortsWithoutService)
+        ));
+    }
+}

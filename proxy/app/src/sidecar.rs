@@ -1,0 +1,323 @@
+//! Assembles a running proxy from its configuration: binds every listener, starts discovery
+//! users, registration and the admin server, and owns the shutdown sequence.
+//!
+//! Shutdown (SIGTERM, `/shutdown`, or [`Proxy::shutdown`]): deregister the app's endpoints at
+//! once, stop accepting, let in-flight requests and connections finish for up to the grace
+//! period, then stop the admin listener. Peers that still send to this proxy see their
+//! connection close before the request leaves and retry another endpoint.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use ferrule_proto::v1::ProtocolHint;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::admin::{self, AdminState};
+use crate::config::{Config, ConfigError};
+use ferrule_proxy_api::discovery::Discovery;
+use ferrule_proxy_api::policy::PolicyClient;
+use ferrule_proxy_api::registration::{
+    HealthCheck, HealthCheckKind, RegisteredPort, Registration, RegistrationConfig,
+};
+use ferrule_proxy_core::lifecycle::{Drain, Lifecycle};
+use ferrule_proxy_core::metrics::Metrics;
+use ferrule_proxy_inbound::http::LocalRateLimit;
+use ferrule_proxy_inbound::{Inbound, InboundConfig, InboundPort};
+use ferrule_proxy_outbound::target::Fixed;
+use ferrule_proxy_outbound::{Outbound, OutboundConfig};
+use ferrule_proxy_policy::PolicySet;
+use ferrule_proxy_policy::metrics::PolicyMetrics;
+use ferrule_proxy_transport::client::Clients;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("binding the {what} listener on {addr}: {source}")]
+    Bind {
+        what: String,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Where each listener is bound (useful when configured with port 0).
+#[derive(Debug, Clone, Serialize)]
+pub struct BoundAddrs {
+    pub admin: SocketAddr,
+    /// App port name ("" for `--app-addr`) → inbound listener.
+    pub inbound: Vec<(String, SocketAddr)>,
+    /// Upstream service (`name[:port]`) → local listener.
+    pub upstreams: Vec<(String, SocketAddr)>,
+}
+
+impl BoundAddrs {
+    /// The local listener of an upstream service.
+    pub fn upstream(&self, service: &str) -> Option<SocketAddr> {
+        self.upstreams
+            .iter()
+            .find(|(s, _)| s == service)
+            .map(|(_, a)| *a)
+    }
+
+    /// The inbound listener of an app port ("" for `--app-addr`).
+    pub fn inbound_port(&self, name: &str) -> Option<SocketAddr> {
+        self.inbound
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, a)| *a)
+    }
+}
+
+/// A running proxy.
+pub struct Proxy {
+    pub addrs: BoundAddrs,
+    pub metrics: Metrics,
+    lifecycle: Lifecycle,
+}
+
+async fn bind(what: impl Into<String>, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    let what = what.into();
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind {
+            what: what.clone(),
+            addr,
+            source,
+        })?;
+    let bound = listener.local_addr().map_err(|source| StartError::Bind {
+        what: what.clone(),
+        addr,
+        source,
+    })?;
+    tracing::info!(listener = %what, addr = %bound, "listening");
+    Ok(listener)
+}
+
+impl Proxy {
+    /// Binds every listener and starts serving. The binary passes discovery from the
+    /// controllers; tests pass [`Discovery::fixed`]. Policies come from the controllers'
+    /// `Config` stream (for the proxy's service and its upstreams), or are the defaults when
+    /// there is no controller.
+    pub async fn start(config: Config, discovery: Discovery) -> Result<Proxy, StartError> {
+        Self::start_with_policies(config, discovery, None).await
+    }
+
+    /// [`Proxy::start`] with the policies given (tests pass [`PolicyClient::fixed`]) instead
+    /// of following the controllers.
+    pub async fn start_with_policies(
+        config: Config,
+        discovery: Discovery,
+        policies: Option<PolicyClient>,
+    ) -> Result<Proxy, StartError> {
+        let app_ports = config.app_ports()?;
+        let proxy_id = config.proxy_id();
+        let shutdown = CancellationToken::new();
+        let policies = policies.unwrap_or_else(|| {
+            match ferrule_proxy_api::control::parse_or_log(&config.controllers, "config") {
+                Some(controllers) => {
+                    let mut upstreams: Vec<String> = config
+                        .upstreams
+                        .iter()
+                        .map(|u| u.service.service.clone())
+                        .collect();
+                    upstreams.sort();
+                    upstreams.dedup();
+                    PolicyClient::spawn(
+                        controllers,
+                        config.proxy_info(&proxy_id),
+                        upstreams,
+                        shutdown.child_token(),
+                    )
+                }
+                None => PolicyClient::fixed(PolicySet::default()),
+            }
+        });
+        // Listeners and connections stop on `serving`; the admin server outlives them.
+        let serving = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let metrics = Metrics::new();
+        let policy_metrics = PolicyMetrics::register(&metrics);
+        ferrule_proxy_api::metrics::register(&metrics, discovery.clone(), Some(policies.clone()));
+        let clients = Clients::new(config.connect_timeout);
+
+        let admin_listener = bind("admin", config.admin_addr).await?;
+        let mut inbound_listeners = Vec::new();
+        for port in &app_ports {
+            let what = if port.name.is_empty() {
+                "inbound".to_string()
+            } else {
+                format!("inbound {}", port.name)
+            };
+            inbound_listeners.push((port.clone(), bind(what, port.listen).await?));
+        }
+        let mut upstream_listeners = Vec::new();
+        for upstream in &config.upstreams {
+            let listener = bind(format!("upstream {}", upstream.service), upstream.listen).await?;
+            upstream_listeners.push((upstream.clone(), listener));
+        }
+
+        let local = |l: &TcpListener, addr: SocketAddr| l.local_addr().unwrap_or(addr);
+        let addrs = BoundAddrs {
+            admin: local(&admin_listener, config.admin_addr),
+            inbound: inbound_listeners
+                .iter()
+                .map(|(p, l)| (p.name.clone(), local(l, p.listen)))
+                .collect(),
+            upstreams: upstream_listeners
+                .iter()
+                .map(|(u, l)| (u.service.to_string(), local(l, u.listen)))
+                .collect(),
+        };
+
+        let outbound = Outbound::new(
+            OutboundConfig {
+                algorithm: config.balancer,
+                detect_timeout: config.detect_timeout,
+                endpoint_wait: config.endpoint_wait,
+                access_log: config.access_log,
+            },
+            discovery.clone(),
+            policies.clone(),
+            clients.clone(),
+            &proxy_id,
+            metrics.clone(),
+            policy_metrics.clone(),
+            serving.clone(),
+            tracker.clone(),
+        );
+        for (upstream, listener) in upstream_listeners {
+            // Subscribe now, so discovery (and `/ready`) does not wait for the first request.
+            outbound.logical(&upstream.service);
+            let opaque = config.opaque_ports.contains(&upstream.listen.port());
+            let target = Arc::new(Fixed(upstream.service));
+            tokio::spawn(outbound.clone().serve(listener, target, opaque));
+        }
+
+        let service = config.service.clone().unwrap_or_default();
+        let inbound = Inbound::new(
+            InboundConfig {
+                detect_timeout: config.detect_timeout,
+                access_log: config.access_log,
+            },
+            clients,
+            LocalRateLimit::new(policies.watch(), &service, policy_metrics),
+            metrics.clone(),
+            serving.clone(),
+            tracker.clone(),
+        );
+        let mut registered_ports = Vec::new();
+        for (port, listener) in inbound_listeners {
+            let opaque = config.opaque_ports.contains(&port.app_addr.port());
+            let name = if port.name.is_empty() {
+                service.clone()
+            } else {
+                format!("{service}:{}", port.name)
+            };
+            let listen = local(&listener, port.listen);
+            let advertise = if listen.ip().is_unspecified() {
+                SocketAddr::new(config.advertise_ip, listen.port())
+            } else {
+                listen
+            };
+            registered_ports.push(RegisteredPort {
+                port_name: port.name.clone(),
+                app_addr: port.app_addr,
+                advertise,
+                protocol_hint: if opaque {
+                    ProtocolHint::Opaque
+                } else {
+                    ProtocolHint::Unspecified
+                },
+            });
+            let inbound_port = InboundPort {
+                name: name.into(),
+                app_addr: port.app_addr,
+                opaque,
+            };
+            tokio::spawn(inbound.clone().serve(listener, inbound_port));
+        }
+
+        let proxy_info = config.proxy_info(&proxy_id);
+        let registration =
+            (!registered_ports.is_empty() && !config.controllers.is_empty()).then(|| {
+                let health = HealthCheck {
+                    kind: match &config.health_path {
+                        Some(path) => HealthCheckKind::Http { path: path.clone() },
+                        None => HealthCheckKind::Tcp,
+                    },
+                    interval: config.health_interval,
+                    timeout: config.health_timeout,
+                    healthy_threshold: config.healthy_threshold,
+                    unhealthy_threshold: config.unhealthy_threshold,
+                };
+                Arc::new(Registration::spawn(
+                    RegistrationConfig {
+                        proxy: proxy_info.clone(),
+                        ports: registered_ports,
+                        labels: config.labels.clone(),
+                        zone: config.zone.clone(),
+                        ttl: config.register_ttl,
+                        health,
+                    },
+                    config.controllers.clone(),
+                    shutdown.child_token(),
+                ))
+            });
+
+        let config_json = serde_json::json!({
+            "proxy_id": proxy_id,
+            "version": env!("CARGO_PKG_VERSION"),
+            "config": config,
+            "listeners": addrs,
+        });
+        let admin_state = Arc::new(AdminState {
+            metrics: metrics.clone(),
+            discovery,
+            needs_discovery: !config.upstreams.is_empty() && !config.controllers.is_empty(),
+            registration: registration.clone(),
+            config: config_json,
+            policies: Some(policies),
+            shutdown: shutdown.clone(),
+        });
+        let lifecycle = Lifecycle::start(
+            shutdown,
+            admin::spawn(admin_listener, admin_state),
+            Drain {
+                serving,
+                tracker,
+                grace: config.shutdown_grace,
+            },
+            async move {
+                if let Some(registration) = &registration {
+                    tracing::info!("shutting down: deregistering");
+                    registration.deregister().await;
+                }
+            },
+        );
+        tracing::info!(%proxy_id, "proxy started");
+        Ok(Proxy {
+            addrs,
+            metrics,
+            lifecycle,
+        })
+    }
+
+    /// Cancelling this token starts the graceful shutdown.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.lifecycle.shutdown_token()
+    }
+
+    /// Waits until shutdown has finished (after it was started).
+    pub async fn wait(self) {
+        self.lifecycle.wait().await;
+    }
+
+    /// Starts the graceful shutdown and waits for it.
+    pub async fn shutdown(self) {
+        self.lifecycle.shutdown().await;
+    }
+}

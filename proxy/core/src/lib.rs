@@ -1,0 +1,20 @@
+//! The proxy's core: what every listener and every stack share.
+//!
+//! [`body`] and [`headers`] are the HTTP vocabulary; [`context`] is what a request carries
+//! through the stack; [`errors`] the reasons the proxy answers a request itself and how such
+//! an answer looks; [`server`] accepts connections and serves HTTP on them after protocol
+//! [`detect`]ion; [`observe`] is the first layer of every HTTP stack (metrics, access log);
+//! [`metrics`] the core's own families and the registry other crates add theirs to;
+//! [`lifecycle`] the shutdown order; [`logging`] the subscriber.
+
+pub mod body;
+pub mod context;
+pub mod detect;
+pub mod errors;
+pub mod headers;
+pub mod lifecycle;
+pub mod logging;
+pub mod metrics;
+pub mod observe;
+pub mod reason;
+pub mod server;

@@ -1,0 +1,174 @@
+//! The inbound HTTP stack of one app port, built in [`stack`]: observe → respond → forward to
+//! the app on loopback.
+//!
+//! Requests from a meshed peer lose the mesh headers here: `ferrule-orig-proto` turns an
+//! HTTP/2-carried HTTP/1 request back into HTTP/1, and `ferrule-meshed` (already noted in the
+//! request context) is removed. The app is spoken to in the version the request now has;
+//! authorization will be a layer before forwarding.
+//!
+//! The proxy's own service's `ServicePolicy.rateLimit`, if any, is checked first
+//! ([`LocalRateLimit`]): a request over it is answered 429 with `Retry-After` and never
+//! reaches the app.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures::future::BoxFuture;
+use http::{Request, Response, Version};
+use tower::util::BoxCloneSyncService;
+use tower::{Service, ServiceBuilder};
+
+use tokio::sync::watch;
+
+use ferrule_proxy_core::body::BoxBody;
+use ferrule_proxy_core::errors::{ProxyError, Reason, RespondLayer};
+use ferrule_proxy_core::headers;
+use ferrule_proxy_core::metrics::{Direction, Metrics};
+use ferrule_proxy_core::observe::ObserveLayer;
+use ferrule_proxy_core::server::HttpStack;
+use ferrule_proxy_policy::metrics::PolicyMetrics;
+use ferrule_proxy_policy::ratelimit::RateKey;
+use ferrule_proxy_policy::{GuardsCell, PolicySet};
+use ferrule_proxy_transport::client::{Clients, Protocol};
+
+/// The local rate limit of the proxy's own service, following the policy in force.
+pub struct LocalRateLimit {
+    policies: watch::Receiver<Arc<PolicySet>>,
+    guards: GuardsCell,
+    metrics: PolicyMetrics,
+}
+
+impl LocalRateLimit {
+    /// The limit `service`'s policy in `policies` sets (none without a policy).
+    pub fn new(
+        policies: watch::Receiver<Arc<PolicySet>>,
+        service: &str,
+        metrics: PolicyMetrics,
+    ) -> Self {
+        Self {
+            policies,
+            guards: GuardsCell::new(service),
+            metrics,
+        }
+    }
+
+    /// Takes a token for one request to `name`, or the 429 to answer.
+    fn check(&self, name: &str) -> Result<(), ProxyError> {
+        let set = self.policies.borrow().clone();
+        match &self.guards.get(&set).rate_limit {
+            Some(limit) => limit.check(&RateKey::Global).map_err(|limited| {
+                self.metrics.rate_limited(Direction::Inbound, name);
+                ProxyError::new(Reason::RateLimited, name, limited.to_string())
+                    .with_retry_after(limited.retry_after)
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Builds the HTTP path of one inbound port.
+pub fn stack(
+    name: Arc<str>,
+    app_addr: SocketAddr,
+    clients: Clients,
+    limit: Arc<LocalRateLimit>,
+    metrics: &Metrics,
+    access_log: bool,
+) -> HttpStack {
+    let observe = ObserveLayer::new(
+        metrics.clone(),
+        Direction::Inbound,
+        name.clone(),
+        access_log,
+    );
+    BoxCloneSyncService::new(
+        ServiceBuilder::new()
+            .layer(observe)
+            .layer(RespondLayer::new(metrics.clone(), Direction::Inbound))
+            .service(ForwardToApp {
+                name,
+                app_addr,
+                clients,
+                limit,
+            }),
+    )
+}
+
+#[derive(Clone)]
+struct ForwardToApp {
+    name: Arc<str>,
+    app_addr: SocketAddr,
+    clients: Clients,
+    limit: Arc<LocalRateLimit>,
+}
+
+/// Undoes what the outbound proxy of a meshed peer did to the request.
+fn strip_mesh_headers(req: &mut Request<BoxBody>) {
+    req.headers_mut().remove(headers::MESHED);
+    if let Some(orig) = req.headers_mut().remove(headers::ORIG_PROTO) {
+        if orig == headers::ORIG_PROTO_HTTP1 {
+            *req.version_mut() = Version::HTTP_11;
+        } else {
+            tracing::debug!(?orig, "unknown original protocol; forwarding as received");
+        }
+    }
+}
+
+impl Service<Request<BoxBody>> for ForwardToApp {
+    type Response = Response<BoxBody>;
+    type Error = ProxyError;
+    type Future = BoxFuture<'static, Result<Response<BoxBody>, ProxyError>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: Request<BoxBody>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            this.limit.check(&this.name)?;
+            strip_mesh_headers(&mut req);
+            let protocol = Protocol::of(&req);
+            let conn = this
+                .clients
+                .connect(this.app_addr, protocol)
+                .await
+                .map_err(|error| {
+                    ProxyError::new(
+                        Reason::UpstreamConnectFailure,
+                        this.name.to_string(),
+                        format!("could not connect to the app: {error}"),
+                    )
+                })?;
+            conn.send(req).await.map_err(|e| {
+                ProxyError::new(
+                    Reason::UpstreamFailure,
+                    this.name.to_string(),
+                    e.error.to_string(),
+                )
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferrule_proxy_core::body;
+
+    #[test]
+    fn orig_proto_restores_http1() {
+        let mut req = Request::get("http://user/x")
+            .version(Version::HTTP_2)
+            .header(headers::MESHED, "order-1")
+            .header(headers::ORIG_PROTO, headers::ORIG_PROTO_HTTP1)
+            .body(body::empty())
+            .unwrap();
+        strip_mesh_headers(&mut req);
+        assert_eq!(req.version(), Version::HTTP_11);
+        assert!(!req.headers().contains_key(headers::MESHED));
+        assert!(!req.headers().contains_key(headers::ORIG_PROTO));
+        assert_eq!(Protocol::of(&req), Protocol::Http1);
+    }
+}

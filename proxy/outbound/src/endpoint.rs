@@ -1,0 +1,131 @@
+//! One endpoint: how a request reaches the address the balancer picked.
+//!
+//! A meshed endpoint (another ferrule proxy's inbound listener) gets one multiplexed HTTP/2
+//! connection that carries every request, HTTP/1 ones included: they are marked with
+//! `ferrule-orig-proto` and the peer turns them back into HTTP/1 for its app. Upgrades stay on
+//! HTTP/1 connections of their own. A plain endpoint gets the request in the version the client
+//! spoke. This is where mTLS to meshed peers will be added.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use ferrule_proto::names::socket_string;
+use ferrule_proto::v1::Endpoint;
+use http::{HeaderValue, Request, Version};
+
+use ferrule_proxy_core::body::BoxBody;
+use ferrule_proxy_core::errors::{ProxyError, Reason};
+use ferrule_proxy_core::headers;
+use ferrule_proxy_transport::client::{ClientError, Clients, Conn, Protocol};
+
+#[derive(Clone)]
+pub struct EndpointConnector {
+    clients: Clients,
+    /// Sent to meshed peers in `ferrule-meshed`.
+    proxy_id: HeaderValue,
+}
+
+impl EndpointConnector {
+    pub fn new(clients: Clients, proxy_id: &str) -> Self {
+        Self {
+            clients,
+            proxy_id: HeaderValue::from_str(proxy_id)
+                .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
+        }
+    }
+
+    /// Connects to `ep` for a request that needs `protocol` (see [`Protocol::of`]); nothing
+    /// is sent yet.
+    pub async fn connect(&self, ep: &Endpoint, protocol: Protocol) -> Result<Conn, ClientError> {
+        let addr = endpoint_addr(ep)?;
+        let protocol = match protocol {
+            Protocol::Http1 if ep.meshed => Protocol::Http2,
+            protocol => protocol,
+        };
+        self.clients.connect(addr, protocol).await
+    }
+
+    /// Adds the mesh headers a meshed peer expects; mesh headers the app itself sent never
+    /// leave (only this proxy speaks for the mesh).
+    pub fn prepare(&self, ep: &Endpoint, req: &mut Request<BoxBody>) {
+        req.headers_mut().remove(headers::MESHED);
+        req.headers_mut().remove(headers::ORIG_PROTO);
+        if !ep.meshed {
+            return;
+        }
+        req.headers_mut()
+            .insert(headers::MESHED, self.proxy_id.clone());
+        if !headers::is_upgrade(req) && req.version() != Version::HTTP_2 {
+            req.headers_mut().insert(
+                headers::ORIG_PROTO,
+                HeaderValue::from_static(headers::ORIG_PROTO_HTTP1),
+            );
+        }
+    }
+
+    /// Undoes [`Self::prepare`] and the connection's fitting, before the request goes to
+    /// another endpoint.
+    pub fn unprepare(&self, req: &mut Request<BoxBody>, version: Version) {
+        req.headers_mut().remove(headers::MESHED);
+        req.headers_mut().remove(headers::ORIG_PROTO);
+        *req.version_mut() = version;
+    }
+}
+
+/// The socket address of an endpoint as discovery announced it.
+pub fn endpoint_addr(ep: &Endpoint) -> Result<SocketAddr, ClientError> {
+    let addr = socket_string(&ep.address, ep.port);
+    addr.parse().map_err(|_| ClientError::BadAddress(addr))
+}
+
+/// The error a request sees when no endpoint could be connected.
+pub fn connect_failure(service: &Arc<str>, error: &ClientError) -> ProxyError {
+    ProxyError::new(
+        Reason::UpstreamConnectFailure,
+        service.to_string(),
+        format!("could not connect to any endpoint of {service}: {error}"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use ferrule_proxy_core::body;
+
+    fn endpoint(meshed: bool) -> Endpoint {
+        Endpoint {
+            address: "127.0.0.1".into(),
+            port: 4143,
+            meshed,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn mesh_headers_go_only_to_meshed_peers() {
+        let connector = EndpointConnector::new(Clients::new(Duration::from_secs(1)), "order-1");
+        let mut spoofed = Request::get("/")
+            .header(headers::MESHED, "someone-else")
+            .header(headers::ORIG_PROTO, "HTTP/9")
+            .body(body::empty())
+            .unwrap();
+        connector.prepare(&endpoint(false), &mut spoofed);
+        assert!(!spoofed.headers().contains_key(headers::MESHED));
+        assert!(!spoofed.headers().contains_key(headers::ORIG_PROTO));
+
+        let mut req = Request::get("/").body(body::empty()).unwrap();
+        connector.prepare(&endpoint(true), &mut req);
+        assert_eq!(req.headers()[headers::MESHED], "order-1");
+        assert_eq!(
+            req.headers()[headers::ORIG_PROTO],
+            headers::ORIG_PROTO_HTTP1
+        );
+        *req.version_mut() = Version::HTTP_2;
+        connector.unprepare(&mut req, Version::HTTP_11);
+        assert_eq!(req.version(), Version::HTTP_11);
+        assert!(!req.headers().contains_key(headers::MESHED));
+        assert_eq!(endpoint_addr(&endpoint(true)).unwrap().port(), 4143);
+    }
+}

@@ -1,0 +1,53 @@
+//! Opaque TCP to a logical service: pick an endpoint, connect (another endpoint if that
+//! fails), then copy bytes both ways with half-close passed through.
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::concrete::{BalanceTarget, CONNECT_ATTEMPTS};
+use super::endpoint::endpoint_addr;
+use ferrule_proxy_core::metrics::{Direction, Metrics};
+use ferrule_proxy_core::server::splice_tcp;
+use ferrule_proxy_transport::client::connect_tcp;
+
+/// Forwards the connection `io` to an endpoint of `target`.
+pub async fn forward<I>(
+    io: I,
+    target: &BalanceTarget,
+    connect_timeout: std::time::Duration,
+    metrics: &Metrics,
+) where
+    I: AsyncRead + AsyncWrite + Unpin,
+{
+    for _ in 0..CONNECT_ATTEMPTS {
+        let pick = match target.balancer.pick(target.wait).await {
+            Ok(pick) => pick,
+            Err(error) => {
+                let error = target.unavailable(&error);
+                tracing::info!(%error, "opaque connection refused");
+                metrics.proxy_error(Direction::Outbound, error.reason);
+                return;
+            }
+        };
+        let connected = match endpoint_addr(pick.endpoint()) {
+            Ok(addr) => connect_tcp(addr, connect_timeout).await.map(|s| (addr, s)),
+            Err(error) => Err(error),
+        };
+        match connected {
+            Ok((addr, upstream)) => {
+                // The pick is held for the connection's life so least-request counts it.
+                splice_tcp(io, upstream, addr).await;
+                drop(pick);
+                return;
+            }
+            Err(error) => {
+                tracing::debug!(service = %target.name, %error, "connect failed");
+                pick.record_connect_failure();
+            }
+        }
+    }
+    tracing::info!(service = %target.name, "opaque connection: no endpoint could be connected");
+    metrics.proxy_error(
+        Direction::Outbound,
+        ferrule_proxy_core::errors::Reason::UpstreamConnectFailure,
+    );
+}
