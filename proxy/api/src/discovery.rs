@@ -87,6 +87,10 @@ struct ServiceState {
     endpoints: BTreeMap<String, Endpoint>,
     /// By port name as the caller gave it (empty for the default port).
     targets: HashMap<String, watch::Sender<Endpoints>>,
+    /// Given to [`Discovery::fixed`]: kept whether or not anyone reads it.
+    pinned: bool,
+    /// Stops the service's watch stream when the service is released.
+    stop: Option<CancellationToken>,
 }
 
 impl ServiceState {
@@ -191,6 +195,7 @@ impl Discovery {
             for (target, endpoints) in services {
                 let entry = map.entry(target.service).or_default();
                 entry.synced = true;
+                entry.pinned = true;
                 entry.targets.insert(
                     target.port_name,
                     watch::Sender::new(Endpoints {
@@ -231,15 +236,46 @@ impl Discovery {
             && let Some(controllers) = &source.controllers
         {
             tracing::info!(service = %target.service, "discovery: watching service");
+            let stop = source.stop.child_token();
+            state.stop = Some(stop.clone());
             tokio::spawn(watch_service(
                 target.service.clone(),
                 source.proxy.clone(),
                 controllers.clone(),
                 self.inner.state.clone(),
-                source.stop.clone(),
+                stop,
             ));
         }
         rx
+    }
+
+    /// Forgets the targets nobody reads any more (every receiver [`Discovery::resolve`] gave
+    /// out was dropped) and stops the watch stream of each service left without targets.
+    /// Returns how many services were released.
+    pub fn release_unused(&self) -> usize {
+        let mut services = self.inner.state.services();
+        let mut released = 0;
+        services.retain(|service, state| {
+            if state.pinned {
+                return true;
+            }
+            state.targets.retain(|_, tx| tx.receiver_count() > 0);
+            if !state.targets.is_empty() {
+                return true;
+            }
+            if let Some(stop) = &state.stop {
+                stop.cancel();
+            }
+            tracing::info!(%service, "discovery: no longer watching service");
+            released += 1;
+            false
+        });
+        released
+    }
+
+    /// How many services discovery holds state for (for tests).
+    pub fn services(&self) -> usize {
+        self.inner.state.services().len()
     }
 
     /// True while a stream to some controller is established (for `/ready` and metrics).
@@ -546,6 +582,31 @@ mod tests {
         drop(stream_b);
         let (_, _stream_b2) = next_watch(&mut watches_b).await;
         assert_eq!(ports(&rx.borrow()), vec![7]);
+    }
+
+    #[tokio::test]
+    async fn a_service_nobody_reads_is_released_and_its_stream_closed() {
+        let (addr, mut watches, _stop) = start_controller().await;
+        let discovery = Discovery::new(vec![addr], ProxyInfo::default());
+        let target = ServiceRef::parse("user").unwrap();
+        let mut rx = discovery.resolve(&target);
+        let (_, stream) = next_watch(&mut watches).await;
+        stream.send(Ok(snapshot(1, vec![ep("", 1)]))).await.unwrap();
+        wait_for(&mut rx, "the snapshot", |e| e.synced).await;
+
+        assert_eq!(discovery.release_unused(), 0, "still read");
+        assert_eq!(discovery.services(), 1);
+        drop(rx);
+        assert_eq!(discovery.release_unused(), 1);
+        assert_eq!(discovery.services(), 0);
+        // The proxy ended its stream: the controller's side sees it closed.
+        tokio::time::timeout(WAIT, stream.closed())
+            .await
+            .expect("the watch stream was not closed after the release");
+
+        // Resolving it again opens a new stream.
+        let _rx = discovery.resolve(&target);
+        next_watch(&mut watches).await;
     }
 
     #[tokio::test]

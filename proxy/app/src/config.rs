@@ -190,6 +190,12 @@ pub struct Config {
     #[serde(serialize_with = "humantime_ser")]
     pub endpoint_wait: Duration,
 
+    /// How long a target (a service this proxy calls) may go unused before its stacks,
+    /// discovery watch and metric series are dropped.
+    #[arg(long, env = "FERRULE_PROXY_TARGET_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    #[serde(serialize_with = "humantime_ser")]
+    pub target_idle_timeout: Duration,
+
     #[arg(long, env = "FERRULE_PROXY_CONNECT_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
     #[serde(serialize_with = "humantime_ser")]
     pub connect_timeout: Duration,

@@ -63,6 +63,11 @@ pub struct GatewayArgs {
     #[arg(long, env = "FERRULE_PROXY_ENDPOINT_WAIT", default_value = "3s", value_parser = humantime::parse_duration)]
     pub endpoint_wait: Duration,
 
+    /// How long a target (a service this proxy calls) may go unused before its stacks,
+    /// discovery watch and metric series are dropped.
+    #[arg(long, env = "FERRULE_PROXY_TARGET_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub target_idle_timeout: Duration,
+
     #[arg(long, env = "FERRULE_PROXY_CONNECT_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
     pub connect_timeout: Duration,
 
@@ -197,6 +202,7 @@ impl Gateway {
                 algorithm: args.balancer,
                 detect_timeout: args.detect_timeout,
                 endpoint_wait: args.endpoint_wait,
+                target_idle: args.target_idle_timeout,
                 // The gateway's own access log names the route's service and the client's
                 // path; a second line per request from the outbound stack adds nothing.
                 access_log: false,
@@ -296,20 +302,20 @@ async fn serve(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
+    let series = metrics.target(Direction::Gateway, "gateway".into());
     let dispatcher = Arc::new(Dispatcher {
         direction: Direction::Gateway,
         metrics,
         detect_timeout,
         shutdown: shutdown.clone(),
     });
-    let target: Arc<str> = "gateway".into();
     server::accept_loop(listener, shutdown, tracker, move |stream, peer| {
         let dispatcher = dispatcher.clone();
         let stack = stack.clone();
-        let target = target.clone();
+        let series = series.clone();
         Box::pin(async move {
             dispatcher
-                .dispatch(stream, peer, target, false, stack, None::<NoOpaque>)
+                .dispatch(stream, peer, &series, false, stack, None::<NoOpaque>)
                 .await;
         })
     })

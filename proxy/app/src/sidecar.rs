@@ -178,6 +178,7 @@ impl Proxy {
                 algorithm: config.balancer,
                 detect_timeout: config.detect_timeout,
                 endpoint_wait: config.endpoint_wait,
+                target_idle: config.target_idle_timeout,
                 access_log: config.access_log,
             },
             discovery.clone(),

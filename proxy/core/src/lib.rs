@@ -12,6 +12,7 @@ pub mod context;
 pub mod detect;
 pub mod errors;
 pub mod headers;
+pub mod idle_cache;
 pub mod lifecycle;
 pub mod logging;
 pub mod metrics;

@@ -230,43 +230,6 @@ impl Metrics {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Counts one response (made by the app or by the proxy) and its latency.
-    pub fn response(
-        &self,
-        direction: Direction,
-        target: &str,
-        status: StatusCode,
-        success: bool,
-        latency: std::time::Duration,
-    ) {
-        self.latency(direction, target, latency);
-        self.count(direction, target, status, success);
-    }
-
-    /// Observes the time to a response head.
-    pub fn latency(&self, direction: Direction, target: &str, latency: std::time::Duration) {
-        self.inner
-            .latency
-            .get_or_create(&LatencyLabels {
-                direction,
-                target_service: target.to_string(),
-            })
-            .observe(latency.as_secs_f64() * 1000.0);
-    }
-
-    /// Counts a response once its classification is known.
-    pub fn count(&self, direction: Direction, target: &str, status: StatusCode, success: bool) {
-        self.inner
-            .requests
-            .get_or_create(&RequestLabels {
-                direction,
-                target_service: target.to_string(),
-                status_code: status.as_u16(),
-                classification: if success { "success" } else { "failure" },
-            })
-            .inc();
-    }
-
     pub fn proxy_error(&self, direction: Direction, reason: Reason) {
         self.inner
             .errors
@@ -289,17 +252,22 @@ impl Metrics {
         }
     }
 
-    /// Wraps an accepted connection so its bytes are counted and it shows as open until
-    /// dropped.
-    pub fn count_io<T>(&self, labels: &TcpLabels, io: T) -> CountingIo<T> {
-        let open = self.inner.tcp_open.get_or_create(labels).clone();
-        open.inc();
-        CountingIo {
-            inner: io,
-            read: self.inner.tcp_read.get_or_create(labels).clone(),
-            written: self.inner.tcp_write.get_or_create(labels).clone(),
-            _open: OpenGuard(open),
-        }
+    /// The series of one target, removed from every family when the returned handle (and
+    /// every connection it counts) is dropped: a target the proxy forgot leaves nothing
+    /// behind in `/metrics`.
+    pub fn target(&self, direction: Direction, target: Arc<str>) -> Arc<TargetMetrics> {
+        let latency = self.inner.latency.get_or_create_owned(&LatencyLabels {
+            direction,
+            target_service: target.to_string(),
+        });
+        Arc::new(TargetMetrics {
+            families: self.inner.clone(),
+            direction,
+            target,
+            latency,
+            statuses: Mutex::default(),
+            tcp: Mutex::default(),
+        })
     }
 
     /// The Prometheus text exposition of every registered metric and collector.
@@ -308,6 +276,125 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut text, &self.registry())?;
         Ok(text)
     }
+}
+
+/// The series of one (direction, target): response counts by status, latency, and the TCP
+/// counters of its connections. Recording through it needs no label allocation; dropping it
+/// removes its series.
+pub struct TargetMetrics {
+    families: Arc<Families>,
+    direction: Direction,
+    target: Arc<str>,
+    latency: Histogram,
+    /// The response counters created so far, by (status, success).
+    statuses: Mutex<Vec<(u16, bool, Counter)>>,
+    /// The TCP counters (open, read, written), once a connection was counted.
+    tcp: Mutex<Option<(Gauge, Counter, Counter)>>,
+}
+
+impl TargetMetrics {
+    pub fn direction(&self) -> Direction {
+        self.direction
+    }
+
+    pub fn target(&self) -> &Arc<str> {
+        &self.target
+    }
+
+    /// Counts one response (made by the app or by the proxy) and its latency.
+    pub fn response(&self, status: StatusCode, success: bool, latency: std::time::Duration) {
+        self.latency(latency);
+        self.count(status, success);
+    }
+
+    /// Observes the time to a response head.
+    pub fn latency(&self, latency: std::time::Duration) {
+        self.latency.observe(latency.as_secs_f64() * 1000.0);
+    }
+
+    /// Counts a response once its classification is known.
+    pub fn count(&self, status: StatusCode, success: bool) {
+        let code = status.as_u16();
+        let mut statuses = self.statuses.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, _, counter)) = statuses
+            .iter()
+            .find(|(c, s, _)| *c == code && *s == success)
+        {
+            counter.inc();
+            return;
+        }
+        let counter = self.families.requests.get_or_create_owned(&RequestLabels {
+            direction: self.direction,
+            target_service: self.target.to_string(),
+            status_code: code,
+            classification: classification(success),
+        });
+        counter.inc();
+        statuses.push((code, success, counter));
+    }
+
+    /// Wraps an accepted connection so its bytes are counted and it shows as open until
+    /// dropped; the connection keeps these series alive.
+    pub fn count_io<T>(self: &Arc<Self>, io: T) -> CountingIo<T> {
+        let (open, read, written) = self
+            .tcp
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_or_insert_with(|| {
+                let labels = Metrics::tcp_labels(self.direction, &self.target);
+                (
+                    self.families.tcp_open.get_or_create_owned(&labels),
+                    self.families.tcp_read.get_or_create_owned(&labels),
+                    self.families.tcp_write.get_or_create_owned(&labels),
+                )
+            })
+            .clone();
+        open.inc();
+        CountingIo {
+            inner: io,
+            read,
+            written,
+            _open: OpenGuard(open),
+            _series: self.clone(),
+        }
+    }
+}
+
+impl Drop for TargetMetrics {
+    fn drop(&mut self) {
+        let target_service = self.target.to_string();
+        self.families.latency.remove(&LatencyLabels {
+            direction: self.direction,
+            target_service: target_service.clone(),
+        });
+        let statuses = self
+            .statuses
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner);
+        for (status_code, success, _) in statuses.drain(..) {
+            self.families.requests.remove(&RequestLabels {
+                direction: self.direction,
+                target_service: target_service.clone(),
+                status_code,
+                classification: classification(success),
+            });
+        }
+        if self
+            .tcp
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
+        {
+            let labels = Metrics::tcp_labels(self.direction, &self.target);
+            self.families.tcp_open.remove(&labels);
+            self.families.tcp_read.remove(&labels);
+            self.families.tcp_write.remove(&labels);
+        }
+    }
+}
+
+fn classification(success: bool) -> &'static str {
+    if success { "success" } else { "failure" }
 }
 
 struct OpenGuard(Gauge);
@@ -326,6 +413,7 @@ pin_project_lite::pin_project! {
         read: Counter,
         written: Counter,
         _open: OpenGuard,
+        _series: Arc<TargetMetrics>,
     }
 }
 

@@ -19,11 +19,12 @@ use tower::{Layer, Service};
 use crate::body::{self, BoxBody};
 use crate::context::RequestContext;
 use crate::errors::ERROR_HEADER;
-use crate::metrics::{Direction, Metrics};
+use crate::metrics::{Direction, Metrics, TargetMetrics};
 
 #[derive(Clone)]
 pub struct ObserveLayer {
-    metrics: Metrics,
+    /// The target's series: they live as long as the stack this layer is part of.
+    series: Arc<TargetMetrics>,
     direction: Direction,
     target: Arc<str>,
     access_log: bool,
@@ -32,7 +33,7 @@ pub struct ObserveLayer {
 impl ObserveLayer {
     pub fn new(metrics: Metrics, direction: Direction, target: Arc<str>, access_log: bool) -> Self {
         Self {
-            metrics,
+            series: metrics.target(direction, target.clone()),
             direction,
             target,
             access_log,
@@ -68,16 +69,13 @@ fn awaits_grpc_status(rsp: &Response<BoxBody>) -> bool {
 
 /// How to count a response once it is classified.
 struct Verdict {
-    metrics: Metrics,
-    direction: Direction,
-    target: Arc<str>,
+    series: Arc<TargetMetrics>,
     status: http::StatusCode,
 }
 
 impl Verdict {
     fn record(self, success: bool) {
-        self.metrics
-            .count(self.direction, &self.target, self.status, success);
+        self.series.count(self.status, success);
     }
 }
 
@@ -176,13 +174,9 @@ where
             let rsp = fut.await?;
             let start = ctx.as_ref().map_or_else(Instant::now, |c| c.start);
             let elapsed = start.elapsed();
-            layer
-                .metrics
-                .latency(layer.direction, &layer.target, elapsed);
+            layer.series.latency(elapsed);
             let verdict = Verdict {
-                metrics: layer.metrics.clone(),
-                direction: layer.direction,
-                target: layer.target.clone(),
+                series: layer.series.clone(),
                 status: rsp.status(),
             };
             let rsp = if awaits_grpc_status(&rsp) {

@@ -29,7 +29,7 @@ use crate::body::{self, BoxBody};
 use crate::context::RequestContext;
 use crate::detect::detect;
 use crate::errors::{ProxyError, Reason};
-use crate::metrics::{DetectResult, Direction, Metrics};
+use crate::metrics::{DetectResult, Direction, Metrics, TargetMetrics};
 
 /// A listener's whole HTTP request path, errors already rendered as responses.
 pub type HttpStack = BoxCloneSyncService<Request<BoxBody>, Response<BoxBody>, Infallible>;
@@ -69,14 +69,14 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
-    /// Serves one accepted connection for `target`. Its bytes are counted under `target`;
-    /// `opaque_port` skips detection; HTTP goes to `http`; anything else to `opaque`, or is
-    /// closed when the listener has no opaque path (the gateway).
+    /// Serves one accepted connection for the target `series` count it under: its bytes
+    /// are counted there; `opaque_port` skips detection; HTTP goes to `http`; anything else
+    /// to `opaque`, or is closed when the listener has no opaque path (the gateway).
     pub async fn dispatch<F, Fut>(
         &self,
         stream: TcpStream,
         peer: SocketAddr,
-        target: Arc<str>,
+        series: &Arc<TargetMetrics>,
         opaque_port: bool,
         http: HttpStack,
         opaque: Option<F>,
@@ -84,9 +84,7 @@ impl Dispatcher {
         F: FnOnce(BoxIo) -> Fut,
         Fut: std::future::Future<Output = ()>,
     {
-        let io = self
-            .metrics
-            .count_io(&Metrics::tcp_labels(self.direction, &target), stream);
+        let io = series.count_io(stream);
         if opaque_port {
             self.metrics
                 .detected(self.direction, DetectResult::OpaquePort);
@@ -105,14 +103,14 @@ impl Dispatcher {
         self.metrics.detected(self.direction, result);
         let meta = ConnMeta {
             direction: self.direction,
-            target,
+            target: series.target().clone(),
             client: peer,
         };
         let version = match result {
             DetectResult::Http1 => HttpVersion::Http1,
             DetectResult::Http2 => HttpVersion::Http2,
             DetectResult::MalformedHttp => {
-                refuse_malformed(io, &meta, &self.metrics).await;
+                refuse_malformed(io, &meta, &self.metrics, series).await;
                 return;
             }
             DetectResult::Opaque | DetectResult::Timeout | DetectResult::OpaquePort => {
@@ -233,8 +231,12 @@ where
 
 /// Answers a connection whose first line looked like an HTTP request but was not one: a 400
 /// that explains itself, counted like any other response.
-pub async fn refuse_malformed<I>(mut io: I, meta: &ConnMeta, metrics: &Metrics)
-where
+pub async fn refuse_malformed<I>(
+    mut io: I,
+    meta: &ConnMeta,
+    metrics: &Metrics,
+    series: &TargetMetrics,
+) where
     I: AsyncWrite + Unpin,
 {
     let error = ProxyError::new(
@@ -243,13 +245,7 @@ where
         "malformed HTTP/1 request line",
     );
     metrics.proxy_error(meta.direction, Reason::BadRequest);
-    metrics.response(
-        meta.direction,
-        &meta.target,
-        Reason::BadRequest.status(),
-        true,
-        Duration::ZERO,
-    );
+    series.response(Reason::BadRequest.status(), true, Duration::ZERO);
     let written = async {
         io.write_all(&error.to_http1_bytes()).await?;
         io.shutdown().await

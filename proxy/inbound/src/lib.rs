@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use ferrule_proxy_core::errors::Reason;
-use ferrule_proxy_core::metrics::{Direction, Metrics};
+use ferrule_proxy_core::metrics::{Direction, Metrics, TargetMetrics};
 use ferrule_proxy_core::server::{self, BoxIo, Dispatcher, HttpStack};
 use ferrule_proxy_transport::client::{Clients, connect_tcp};
 
@@ -48,6 +48,7 @@ pub struct Inbound {
 struct Port {
     port: InboundPort,
     http: HttpStack,
+    series: Arc<TargetMetrics>,
 }
 
 impl Inbound {
@@ -86,7 +87,8 @@ impl Inbound {
             &self.metrics,
             self.config.access_log,
         );
-        let port = Arc::new(Port { port, http });
+        let series = self.metrics.target(Direction::Inbound, port.name.clone());
+        let port = Arc::new(Port { port, http, series });
         let this = self.clone();
         server::accept_loop(
             listener,
@@ -103,7 +105,7 @@ impl Inbound {
             .dispatch(
                 stream,
                 peer,
-                port.port.name.clone(),
+                &port.series,
                 port.port.opaque,
                 port.http.clone(),
                 Some(opaque),

@@ -9,7 +9,6 @@
 //! [`GuardsCell`]. [`Concretes`] builds one [`Concrete`] per service on first use and shares it
 //! between the logical services that route to it.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -22,6 +21,7 @@ use super::endpoint::{EndpointConnector, connect_failure};
 use ferrule_proxy_api::discovery::{Discovery, Endpoints};
 use ferrule_proxy_core::body::BoxBody;
 use ferrule_proxy_core::errors::{ProxyError, Reason};
+use ferrule_proxy_core::idle_cache::IdleCache;
 use ferrule_proxy_core::metrics::Direction;
 use ferrule_proxy_policy::balance::{Algorithm, BalanceError, Balancer};
 use ferrule_proxy_policy::breaker::FailureAccrual;
@@ -92,7 +92,7 @@ impl BalanceTarget {
 /// One backend service: its balancer and its guards.
 pub struct Concrete {
     pub balance: BalanceTarget,
-    guards: GuardsCell,
+    guards: Arc<GuardsCell>,
     /// The (config version, discovery set) the failure accrual last learnt its endpoints from.
     accrual_synced: Mutex<Option<(i64, Arc<[Endpoint]>)>>,
     connector: EndpointConnector,
@@ -237,7 +237,7 @@ pub struct Concretes {
     discovery: Discovery,
     connector: EndpointConnector,
     metrics: PolicyMetrics,
-    services: Mutex<HashMap<ServiceRef, Arc<Concrete>>>,
+    services: IdleCache<ServiceRef, Concrete>,
 }
 
 impl Concretes {
@@ -246,50 +246,70 @@ impl Concretes {
         discovery: Discovery,
         connector: EndpointConnector,
         metrics: PolicyMetrics,
+        idle: Duration,
     ) -> Self {
         Self {
             config,
             discovery,
             connector,
             metrics,
-            services: Mutex::default(),
+            services: IdleCache::new(idle),
         }
+    }
+
+    /// Drops the concrete services nobody used for the idle time.
+    pub fn evict_idle(&self) -> usize {
+        self.services.evict_idle()
+    }
+
+    pub fn len(&self) -> usize {
+        self.services.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty()
     }
 
     /// The concrete service `target`, subscribing to its endpoints on first use.
     pub fn get(&self, target: &ServiceRef) -> Arc<Concrete> {
-        let mut services = self.services.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(c) = services.get(target) {
-            return c.clone();
-        }
+        self.services
+            .get_or_insert_with(target, || self.build(target))
+    }
+
+    fn build(&self, target: &ServiceRef) -> Concrete {
         let endpoints = self.discovery.resolve(target);
         let balancer = Balancer::new(endpoints.clone(), self.config.algorithm);
         let name: Arc<str> = target.to_string().into();
         self.metrics.watch_balancer(name.to_string(), &balancer);
-        let concrete = Arc::new(Concrete {
-            balance: BalanceTarget {
-                service: target.clone(),
-                name: name.clone(),
-                endpoints,
-                balancer,
-                wait: self.config.endpoint_wait,
-            },
-            guards: GuardsCell::new(target.service.clone()),
-            accrual_synced: Mutex::default(),
-            connector: self.connector.clone(),
-            metrics: self.metrics.clone(),
-        });
+        let guards = Arc::new(GuardsCell::new(target.service.clone()));
         // Weak: the metrics must not keep the service (and its discovery watch) alive.
-        let states = Arc::downgrade(&concrete);
+        let states = Arc::downgrade(&guards);
         self.metrics.watch_breakers(
             name.to_string(),
             Box::new(move || {
                 states
                     .upgrade()
-                    .map(|c| c.guards.current().failure_accrual.states())
+                    .map(|g| g.current().failure_accrual.states())
             }),
         );
-        services.insert(target.clone(), concrete.clone());
-        concrete
+        Concrete {
+            balance: BalanceTarget {
+                service: target.clone(),
+                name,
+                endpoints,
+                balancer,
+                wait: self.config.endpoint_wait,
+            },
+            guards,
+            accrual_synced: Mutex::default(),
+            connector: self.connector.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+impl Drop for Concrete {
+    fn drop(&mut self) {
+        self.metrics.forget(&self.balance.name);
     }
 }

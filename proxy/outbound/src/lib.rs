@@ -15,9 +15,8 @@ pub mod logical;
 pub mod opaque;
 pub mod target;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ferrule_proto::names::ServiceRef;
@@ -29,7 +28,8 @@ use concrete::{Concrete, ConcreteConfig, Concretes};
 use endpoint::EndpointConnector;
 use ferrule_proxy_api::discovery::Discovery;
 use ferrule_proxy_api::policy::PolicyClient;
-use ferrule_proxy_core::metrics::{Direction, Metrics};
+use ferrule_proxy_core::idle_cache::{IdleCache, sweep_interval};
+use ferrule_proxy_core::metrics::{Direction, Metrics, TargetMetrics};
 use ferrule_proxy_core::server::{self, BoxIo, Dispatcher, HttpStack};
 use ferrule_proxy_policy::balance::Algorithm;
 use ferrule_proxy_policy::metrics::PolicyMetrics;
@@ -44,12 +44,24 @@ pub struct OutboundConfig {
     pub detect_timeout: Duration,
     pub endpoint_wait: Duration,
     pub access_log: bool,
+    /// Per-target state (stacks, discovery watches, metric series) unused for this long is
+    /// dropped.
+    pub target_idle: Duration,
 }
 
-/// A logical service: the concrete service of the same name and its HTTP stack.
+/// A logical service: the concrete service of the same name, its HTTP stack and the series
+/// its connections are counted in. Dropped (and its series with it) once idle.
 pub struct LogicalService {
     concrete: Arc<Concrete>,
     http: HttpStack,
+    tcp: Arc<TargetMetrics>,
+    policy_metrics: PolicyMetrics,
+}
+
+impl Drop for LogicalService {
+    fn drop(&mut self) {
+        self.policy_metrics.forget(&self.concrete.balance.name);
+    }
 }
 
 impl LogicalService {
@@ -67,7 +79,8 @@ pub struct Outbound {
     metrics: Metrics,
     policy_metrics: PolicyMetrics,
     dispatcher: Dispatcher,
-    logical: Mutex<HashMap<ServiceRef, Arc<LogicalService>>>,
+    logical: IdleCache<ServiceRef, LogicalService>,
+    discovery: Discovery,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 }
@@ -90,9 +103,10 @@ impl Outbound {
                 algorithm: config.algorithm,
                 endpoint_wait: config.endpoint_wait,
             },
-            discovery,
+            discovery.clone(),
             EndpointConnector::new(clients.clone(), proxy_id),
             policy_metrics.clone(),
+            config.target_idle,
         );
         let dispatcher = Dispatcher {
             direction: Direction::Outbound,
@@ -100,42 +114,65 @@ impl Outbound {
             detect_timeout: config.detect_timeout,
             shutdown: shutdown.clone(),
         };
-        Arc::new(Self {
+        let outbound = Arc::new(Self {
             dispatcher,
-            config,
             clients,
             concretes: Arc::new(concretes),
             policies,
             metrics,
             policy_metrics,
-            logical: Mutex::default(),
+            logical: IdleCache::new(config.target_idle),
+            discovery,
+            config,
             shutdown,
             tracker,
-        })
+        });
+        tokio::spawn(reaper(Arc::downgrade(&outbound)));
+        outbound
     }
 
-    /// The logical service `target`, subscribing to its endpoints on first use.
-    pub fn logical(&self, target: &ServiceRef) -> Arc<LogicalService> {
-        let mut logical = self.logical.lock().expect("logical cache lock poisoned");
-        if let Some(l) = logical.get(target) {
-            return l.clone();
+    /// Drops the per-target state nobody used for the idle time, outermost level first so
+    /// the levels below see their last holder go: logical stacks, then concrete services,
+    /// then the discovery watches no balancer reads any more.
+    pub fn evict_idle(&self) -> usize {
+        let logical = self.logical.evict_idle();
+        let concrete = self.concretes.evict_idle();
+        let watches = self.discovery.release_unused();
+        if logical + concrete + watches > 0 {
+            tracing::debug!(logical, concrete, watches, "idle targets forgotten");
         }
-        let concrete = self.concretes.get(target);
-        let http = http::stack(
-            Logical {
-                service: target.clone(),
-                name: concrete.balance.name.clone(),
-                policies: self.policies.watch(),
-                parent: concrete.clone(),
-                concretes: self.concretes.clone(),
-                metrics: self.policy_metrics.clone(),
-            },
-            &self.metrics,
-            self.config.access_log,
-        );
-        let l = Arc::new(LogicalService { concrete, http });
-        logical.insert(target.clone(), l.clone());
-        l
+        logical + concrete
+    }
+
+    /// How many logical and concrete services are cached (for tests and `/config`).
+    pub fn cached_targets(&self) -> (usize, usize) {
+        (self.logical.len(), self.concretes.len())
+    }
+
+    /// The logical service `target`, built (and subscribed to its endpoints) on first use.
+    pub fn logical(&self, target: &ServiceRef) -> Arc<LogicalService> {
+        self.logical.get_or_insert_with(target, || {
+            let concrete = self.concretes.get(target);
+            let name = concrete.balance.name.clone();
+            let http = http::stack(
+                Logical {
+                    service: target.clone(),
+                    name: name.clone(),
+                    policies: self.policies.watch(),
+                    parent: concrete.clone(),
+                    concretes: self.concretes.clone(),
+                    metrics: self.policy_metrics.clone(),
+                },
+                &self.metrics,
+                self.config.access_log,
+            );
+            LogicalService {
+                concrete,
+                http,
+                tcp: self.metrics.target(Direction::Outbound, name),
+                policy_metrics: self.policy_metrics.clone(),
+            }
+        })
     }
 
     /// Serves `listener` until shutdown; `opaque` skips protocol detection.
@@ -170,7 +207,7 @@ impl Outbound {
             }
         };
         let logical = self.logical(&service);
-        let name = logical.concrete.balance.name.clone();
+        let series = logical.tcp.clone();
         let connect_timeout = self.clients.connect_timeout();
         let http = logical.http.clone();
         let metrics = self.metrics.clone();
@@ -178,7 +215,26 @@ impl Outbound {
             opaque::forward(io, &logical.concrete.balance, connect_timeout, &metrics).await;
         };
         self.dispatcher
-            .dispatch(stream, peer, name, opaque_port, http, Some(opaque))
+            .dispatch(stream, peer, &series, opaque_port, http, Some(opaque))
             .await;
+    }
+}
+
+/// Evicts idle targets until the outbound side is dropped.
+async fn reaper(outbound: std::sync::Weak<Outbound>) {
+    let Some(idle) = outbound.upgrade().map(|o| o.config.target_idle) else {
+        return;
+    };
+    let mut tick = tokio::time::interval(sweep_interval(idle));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(outbound) = outbound.upgrade() else {
+            return;
+        };
+        if outbound.shutdown.is_cancelled() {
+            return;
+        }
+        outbound.evict_idle();
     }
 }

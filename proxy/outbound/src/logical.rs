@@ -199,16 +199,16 @@ impl Logical {
         loop {
             let outcome = self.attempt(run, req).await;
             let reason = match &outcome {
-                Ok(rsp) if method_ok => run
-                    .retry
-                    .classify(rsp.status(), rsp.headers())
-                    .map(|r| r.to_string()),
+                Ok(rsp) if method_ok => run.retry.classify(rsp.status(), rsp.headers()),
                 Err(Failure::Error(e))
                     if run.retry.retries_connect_errors() && is_connect_error(e) =>
                 {
-                    Some(RetryReason::ConnectError.to_string())
+                    Some(RetryReason::ConnectError)
                 }
-                Err(Failure::PerTryTimeout(_)) if method_ok => Some("per-try timeout".to_string()),
+                Err(Failure::Error(e)) if method_ok && e.reason == Reason::UpstreamFailure => {
+                    Some(RetryReason::ConnectionBroken)
+                }
+                Err(Failure::PerTryTimeout(_)) if method_ok => Some(RetryReason::PerTryTimeout),
                 _ => None,
             };
             let Some(reason) = reason else {
@@ -226,7 +226,7 @@ impl Logical {
                 return self.finish(outcome, true);
             }
             tracing::debug!(service = %self.name, %reason, attempt, "retrying");
-            self.metrics.retry(&self.name, &reason);
+            self.metrics.retry(&self.name, reason);
             let backoff = run.retry.backoff(attempt, &mut rand::rng());
             drop(outcome);
             tokio::time::sleep(backoff).await;

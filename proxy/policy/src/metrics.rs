@@ -9,6 +9,7 @@
 //! endpoint's current state — `closed`, `open` or `half_open` — 0 for the others). Sources are
 //! held weakly, so a service's stack that is dropped takes its series with it.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -21,6 +22,7 @@ use prometheus_client::metrics::gauge::Gauge;
 
 use crate::balance::{Balancer, WeakBalancer};
 use crate::breaker::EndpointState;
+use crate::retry::RetryReason;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ServiceLabels {
@@ -30,7 +32,7 @@ struct ServiceLabels {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct RetryLabels {
     target_service: String,
-    reason: String,
+    reason: RetryReason,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -65,6 +67,8 @@ pub struct PolicyMetrics {
     rate_limited: Family<TcpLabels, Counter>,
     faults: Family<KindLabels, Counter>,
     sources: Arc<ScrapeSources>,
+    /// The retry reasons counted per target, so [`PolicyMetrics::forget`] finds the series.
+    retry_reasons: Arc<Mutex<HashMap<String, Vec<RetryReason>>>>,
 }
 
 impl PolicyMetrics {
@@ -77,6 +81,7 @@ impl PolicyMetrics {
             rate_limited: Family::default(),
             faults: Family::default(),
             sources: Arc::default(),
+            retry_reasons: Arc::default(),
         };
         metrics.register(
             "retries",
@@ -108,11 +113,18 @@ impl PolicyMetrics {
     }
 
     /// Counts one retry of a request to `target`.
-    pub fn retry(&self, target: &str, reason: &str) {
+    pub fn retry(&self, target: &str, reason: RetryReason) {
+        {
+            let mut seen = lock(&self.retry_reasons);
+            let reasons = seen.entry(target.to_string()).or_default();
+            if !reasons.contains(&reason) {
+                reasons.push(reason);
+            }
+        }
         self.retries
             .get_or_create(&RetryLabels {
                 target_service: target.to_string(),
-                reason: reason.to_string(),
+                reason,
             })
             .inc();
     }
@@ -149,6 +161,37 @@ impl PolicyMetrics {
                 kind,
             })
             .inc();
+    }
+
+    /// Removes every series of `target`: the proxy forgot it (idle), so `/metrics` forgets
+    /// it too. Counting again later starts the series from zero, as after a restart.
+    pub fn forget(&self, target: &str) {
+        let target_service = target.to_string();
+        for reason in lock(&self.retry_reasons).remove(target).unwrap_or_default() {
+            self.retries.remove(&RetryLabels {
+                target_service: target_service.clone(),
+                reason,
+            });
+        }
+        self.retry_budget_exhausted.remove(&ServiceLabels {
+            target_service: target_service.clone(),
+        });
+        for kind in ["request", "per_try"] {
+            self.timeouts.remove(&KindLabels {
+                target_service: target_service.clone(),
+                kind,
+            });
+        }
+        for kind in ["delay", "abort"] {
+            self.faults.remove(&KindLabels {
+                target_service: target_service.clone(),
+                kind,
+            });
+        }
+        for direction in [Direction::Inbound, Direction::Outbound, Direction::Gateway] {
+            self.rate_limited
+                .remove(&Metrics::tcp_labels(direction, target));
+        }
     }
 
     /// Reports `balancer`'s endpoint counts under `target` at every scrape while it lives.

@@ -29,11 +29,24 @@ use super::window::Window;
 const GRPC_STATUS: &str = "grpc-status";
 
 /// Why an attempt is retried: for logs and the `reason` label of retry metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RetryReason {
     Status(StatusCode),
     Grpc(GrpcCode),
     ConnectError,
+    /// The request was written but its connection broke before any response byte: safe to
+    /// send again when the method is idempotent (or the policy allows any method).
+    ConnectionBroken,
+    PerTryTimeout,
+}
+
+impl prometheus_client::encoding::EncodeLabelValue for RetryReason {
+    fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::LabelValueEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_fmt(encoder, format_args!("{self}"))
+    }
 }
 
 impl std::fmt::Display for RetryReason {
@@ -42,6 +55,8 @@ impl std::fmt::Display for RetryReason {
             RetryReason::Status(s) => write!(f, "status {}", s.as_u16()),
             RetryReason::Grpc(c) => write!(f, "grpc-status {c}"),
             RetryReason::ConnectError => f.write_str("connect error"),
+            RetryReason::ConnectionBroken => f.write_str("connection broken"),
+            RetryReason::PerTryTimeout => f.write_str("per-try timeout"),
         }
     }
 }
