@@ -280,7 +280,8 @@ pub async fn get(args: GetConfigArgs, addr: &ControllerAddr, format: Format) -> 
                         r.kind.to_string(),
                         r.metadata.namespace.clone(),
                         r.metadata.name.clone(),
-                        r.spec.service().to_string(),
+                        // A Gateway configures the gateway its name names, not a service.
+                        r.spec.service().unwrap_or("-").to_string(),
                         rev.to_string(),
                     ]
                 })

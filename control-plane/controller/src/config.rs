@@ -63,8 +63,8 @@ impl Stored {
     }
 }
 
-/// The service a resource configures.
-fn target_service(resource: &Resource) -> &str {
+/// The service a resource configures; `None` for a `Gateway`, which configures a gateway.
+fn target_service(resource: &Resource) -> Option<&str> {
     resource.spec.service()
 }
 
@@ -75,7 +75,7 @@ fn backend_services(resource: &Resource) -> Vec<&str> {
             .iter()
             .flat_map(|rule| rule.backends.iter().map(|b| b.service.as_str()))
             .collect(),
-        Spec::ServicePolicy(_) => Vec::new(),
+        Spec::ServicePolicy(_) | Spec::Gateway(_) => Vec::new(),
     }
 }
 
@@ -166,9 +166,13 @@ impl ConfigStore {
             state
                 .resources
                 .values()
-                .map(|s| target_service(&s.resource).to_string()),
+                .filter_map(|s| target_service(&s.resource).map(String::from)),
         );
-        known.extend(batch.iter().map(|r| target_service(r).to_string()));
+        known.extend(
+            batch
+                .iter()
+                .filter_map(|r| target_service(r).map(String::from)),
+        );
         Ok(known)
     }
 
