@@ -2,6 +2,7 @@
 //! sidecar, and a real `ferrule-proxy gateway` process in front. Checks routing and prefix
 //! rewriting, JWT (missing, tampered, expired, valid with the subject reaching the backend),
 //! the rate limit's 429, the size limit's 413, CORS preflights, 404 and graceful shutdown.
+//! Its files also read as `Gateway` specs with `ferrule-config`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -363,14 +364,14 @@ async fn gateway_routes_authenticates_and_limits() -> Result<()> {
     Ok(())
 }
 
+/// A file whose route names a rate limit that does not exist.
+const BAD_CONFIG: &str = "routes:\n  - name: users\n    pathPrefix: /api/users\n    service: user:http\n    rateLimit: missing\n    public: true\n";
+
 #[tokio::test]
 async fn a_bad_config_is_refused_naming_the_field() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let config = dir.path().join("gateway.yaml");
-    std::fs::write(
-        &config,
-        "routes:\n  - name: users\n    pathPrefix: /api/users\n    service: user:http\n    rateLimit: missing\n    public: true\n",
-    )?;
+    std::fs::write(&config, BAD_CONFIG)?;
     let out = tokio::time::timeout(
         Duration::from_secs(20),
         tokio::process::Command::new(binary("ferrule-proxy")?)
@@ -388,4 +389,19 @@ async fn a_bad_config_is_refused_naming_the_field() -> Result<()> {
         "{stderr}"
     );
     Ok(())
+}
+
+/// The files here are `Gateway` specs as `ferrule-config` reads them (the model a `Gateway`
+/// resource shares with the file): [`CONFIG`] is valid, and [`BAD_CONFIG`] is refused on the
+/// field the gateway names.
+#[test]
+fn the_files_are_gateway_specs() {
+    let spec = ferrule_config::GatewaySpec::parse_file(CONFIG).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(spec.routes.len(), 3);
+    assert_eq!(spec.max_request_bytes(), 1024);
+    let errors = ferrule_config::GatewaySpec::parse_file(BAD_CONFIG).unwrap_err();
+    assert_eq!(
+        errors.to_string(),
+        "routes[0].rateLimit: no rate limit named \"missing\" in rateLimits"
+    );
 }

@@ -47,7 +47,7 @@ pub struct ApplyArgs {
 
 #[derive(Debug, Args)]
 pub struct DeleteArgs {
-    /// ServicePolicy or HTTPRoute (case-insensitive, plural accepted).
+    /// ServicePolicy, HTTPRoute or Gateway (case-insensitive, plural accepted).
     #[arg(value_parser = parse_kind)]
     kind: Kind,
     name: String,
@@ -72,7 +72,8 @@ pub struct RollbackArgs {
 /// `ferrule get config [KIND [NAME]]`.
 #[derive(Debug, Args)]
 pub struct GetConfigArgs {
-    /// ServicePolicy or HTTPRoute; every kind when omitted.
+    /// ServicePolicy, HTTPRoute or Gateway (case-insensitive, plural accepted); every kind
+    /// when omitted.
     #[arg(value_parser = parse_kind)]
     kind: Option<Kind>,
     /// One resource of that kind.
@@ -280,7 +281,8 @@ pub async fn get(args: GetConfigArgs, addr: &ControllerAddr, format: Format) -> 
                         r.kind.to_string(),
                         r.metadata.namespace.clone(),
                         r.metadata.name.clone(),
-                        r.spec.service().to_string(),
+                        // A Gateway configures the gateway its name names, not a service.
+                        r.spec.service().unwrap_or("-").to_string(),
                         rev.to_string(),
                     ]
                 })

@@ -47,7 +47,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Validate config resources with the controller and store them, all or nothing.
+    /// Validate config resources (ServicePolicy, HTTPRoute, Gateway) with the controller and
+    /// store them, all or nothing.
     Apply(config::ApplyArgs),
     /// Delete one config resource.
     Delete(config::DeleteArgs),

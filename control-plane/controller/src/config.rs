@@ -6,10 +6,9 @@
 //! key's revision is the config version: unrelated writes (registrations) never change it, and
 //! history and rollback read the store at that revision.
 //!
-//! `Config/Watch` streams each proxy the resources that apply to it (those of its own service
-//! and of the services it calls, and of the backends their routes split to) as versioned
-//! snapshots, and records each ack or nack on the proxy's record for `ferrule status`. One store
-//! watch on the config prefix is shared by every stream ([`ConfigHub`]).
+//! `Config/Watch` streams each proxy the resources that apply to it as versioned snapshots
+//! (`select` says which), and records each ack or nack on the proxy's record for `ferrule
+//! status`. One store watch on the config prefix is shared by every stream ([`ConfigHub`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::pin::Pin;
@@ -63,8 +62,8 @@ impl Stored {
     }
 }
 
-/// The service a resource configures.
-fn target_service(resource: &Resource) -> &str {
+/// The service a resource configures; `None` for a `Gateway`, which configures a gateway.
+fn target_service(resource: &Resource) -> Option<&str> {
     resource.spec.service()
 }
 
@@ -75,7 +74,7 @@ fn backend_services(resource: &Resource) -> Vec<&str> {
             .iter()
             .flat_map(|rule| rule.backends.iter().map(|b| b.service.as_str()))
             .collect(),
-        Spec::ServicePolicy(_) => Vec::new(),
+        Spec::ServicePolicy(_) | Spec::Gateway(_) => Vec::new(),
     }
 }
 
@@ -166,9 +165,13 @@ impl ConfigStore {
             state
                 .resources
                 .values()
-                .map(|s| target_service(&s.resource).to_string()),
+                .filter_map(|s| target_service(&s.resource).map(String::from)),
         );
-        known.extend(batch.iter().map(|r| target_service(r).to_string()));
+        known.extend(
+            batch
+                .iter()
+                .filter_map(|r| target_service(r).map(String::from)),
+        );
         Ok(known)
     }
 
@@ -453,14 +456,11 @@ impl ConfigHub {
             ));
         };
         let proxy = subscribe.proxy.unwrap_or_default();
-        let mut services: BTreeSet<String> = subscribe.upstreams.into_iter().collect();
-        if !proxy.service.is_empty() {
-            services.insert(proxy.service.clone());
-        }
-        tracing::debug!(proxy = %proxy.proxy_id, ?services, "config watch");
+        let subscriber = Subscriber::new(&proxy, subscribe.upstreams);
+        tracing::debug!(proxy = %proxy.proxy_id, ?subscriber, "config watch");
         let (tx, rx) = mpsc::channel(4);
         let state = self.state.clone();
-        tokio::spawn(send_snapshots(state, services, tx.clone()));
+        tokio::spawn(send_snapshots(state, subscriber, tx.clone()));
         tokio::spawn(record_acks(self.store.clone(), proxy, requests));
         Ok(Box::pin(ReceiverStream::new(rx)))
     }
@@ -517,12 +517,59 @@ async fn follow_config(store: Arc<dyn Store>, tx: watch::Sender<Arc<ConfigState>
     }
 }
 
-/// The resources a proxy needs: those configuring `services`, and those configuring the
-/// backends their routes send to.
-fn select(state: &ConfigState, services: &BTreeSet<String>) -> Vec<pb::Resource> {
-    let mut wanted = services.clone();
+/// `ProxyInfo.mode` of a gateway: the proxies that follow a `Gateway` resource.
+const GATEWAY_MODE: &str = "gateway";
+
+/// What a proxy's `subscribe` says it needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Subscriber {
+    /// Its own service and the services it calls (`upstreams`).
+    services: BTreeSet<String>,
+    /// For a gateway (`mode: "gateway"`), the store key of its `Gateway` resource: the one
+    /// named as the gateway's service, in the gateway's namespace (`default` when empty).
+    gateway: Option<String>,
+}
+
+impl Subscriber {
+    fn new(proxy: &ProxyInfo, upstreams: Vec<String>) -> Self {
+        let mut services: BTreeSet<String> = upstreams.into_iter().collect();
+        if !proxy.service.is_empty() {
+            services.insert(proxy.service.clone());
+        }
+        let gateway = (proxy.mode == GATEWAY_MODE && !proxy.service.is_empty()).then(|| {
+            let namespace = if proxy.namespace.is_empty() {
+                ferrule_config::DEFAULT_NAMESPACE
+            } else {
+                &proxy.namespace
+            };
+            keys::config_key(Kind::Gateway, namespace, &proxy.service)
+        });
+        Self { services, gateway }
+    }
+}
+
+/// The resources a proxy needs, as of `state`:
+///
+/// * the `ServicePolicy` and `HTTPRoute` of its own service and of the services it calls;
+/// * for a gateway, its `Gateway` (see [`Subscriber::gateway`]), and the services that
+///   resource's routes send to count as services it calls, so a route added by `ferrule apply`
+///   brings its service's policy along without the gateway subscribing again;
+/// * the policies and routes of the backends that the routes of the services it calls split
+///   traffic to.
+///
+/// Sidecars never receive a `Gateway`, and a gateway never receives another gateway's.
+fn select(state: &ConfigState, subscriber: &Subscriber) -> Vec<pb::Resource> {
+    let gateway = subscriber
+        .gateway
+        .as_ref()
+        .and_then(|key| state.resources.get(key));
+    let mut calls = subscriber.services.clone();
+    if let Some(Spec::Gateway(spec)) = gateway.map(|g| &g.resource.spec) {
+        calls.extend(spec.services().into_iter().map(String::from));
+    }
+    let mut wanted = calls.clone();
     for stored in state.resources.values() {
-        if services.contains(target_service(&stored.resource)) {
+        if target_service(&stored.resource).is_some_and(|s| calls.contains(s)) {
             wanted.extend(
                 backend_services(&stored.resource)
                     .into_iter()
@@ -532,15 +579,18 @@ fn select(state: &ConfigState, services: &BTreeSet<String>) -> Vec<pb::Resource>
     }
     state
         .resources
-        .values()
-        .filter(|s| wanted.contains(target_service(&s.resource)))
-        .map(Stored::to_proto)
+        .iter()
+        .filter(|(key, s)| {
+            Some(*key) == subscriber.gateway.as_ref()
+                || target_service(&s.resource).is_some_and(|t| wanted.contains(t))
+        })
+        .map(|(_, s)| s.to_proto())
         .collect()
 }
 
 async fn send_snapshots(
     mut state: watch::Receiver<Arc<ConfigState>>,
-    services: BTreeSet<String>,
+    subscriber: Subscriber,
     tx: mpsc::Sender<Result<ConfigSnapshot, Status>>,
 ) {
     let mut sent_version = None;
@@ -549,7 +599,7 @@ async fn send_snapshots(
         if current.synced && sent_version != Some(current.version) {
             let snapshot = ConfigSnapshot {
                 version: current.version,
-                resources: select(&current, &services),
+                resources: select(&current, &subscriber),
             };
             if tx.send(Ok(snapshot)).await.is_err() {
                 return;
@@ -678,5 +728,113 @@ impl ferrule_proto::v1::config_server::Config for ConfigService {
         let stream = self.hub.serve(request.into_inner()).await?;
         let stream = stream.take_until(self.shutdown.clone().cancelled_owned());
         Ok(tonic::Response::new(Box::pin(stream)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONFIG: &str = "
+apiVersion: ferrule.io/v1
+kind: Gateway
+metadata: {name: edge}
+spec:
+  routes: [{name: users, pathPrefix: /users, service: 'user:http', public: true}]
+---
+apiVersion: ferrule.io/v1
+kind: Gateway
+metadata: {name: edge, namespace: shop}
+spec:
+  routes: [{name: orders, pathPrefix: /orders, service: order, public: true}]
+---
+apiVersion: ferrule.io/v1
+kind: ServicePolicy
+metadata: {name: user}
+spec: {service: user}
+---
+apiVersion: ferrule.io/v1
+kind: HTTPRoute
+metadata: {name: user}
+spec:
+  service: user
+  rules: [{backends: [{service: user-v2}]}]
+---
+apiVersion: ferrule.io/v1
+kind: ServicePolicy
+metadata: {name: user-v2}
+spec: {service: user-v2}
+---
+apiVersion: ferrule.io/v1
+kind: ServicePolicy
+metadata: {name: order}
+spec: {service: order}
+";
+
+    fn state() -> ConfigState {
+        let resources = Resource::parse_documents(CONFIG)
+            .unwrap()
+            .into_iter()
+            .map(|resource| {
+                let key = keys::config(&resource);
+                (
+                    key,
+                    Stored {
+                        resource,
+                        revision: 1,
+                    },
+                )
+            })
+            .collect();
+        ConfigState {
+            synced: true,
+            version: 1,
+            resources,
+        }
+    }
+
+    /// `Kind/namespace/name` of what `proxy` (subscribing with `upstreams`) receives.
+    fn selected(service: &str, namespace: &str, mode: &str, upstreams: &[&str]) -> Vec<String> {
+        let proxy = ProxyInfo {
+            proxy_id: "p".into(),
+            service: service.into(),
+            namespace: namespace.into(),
+            mode: mode.into(),
+            ..Default::default()
+        };
+        let upstreams = upstreams.iter().map(|s| s.to_string()).collect();
+        select(&state(), &Subscriber::new(&proxy, upstreams))
+            .into_iter()
+            .map(|r| format!("{}/{}/{}", r.kind, r.namespace, r.name))
+            .collect()
+    }
+
+    #[test]
+    fn a_gateway_receives_the_gateway_named_as_its_service_and_what_its_routes_call() {
+        assert_eq!(
+            selected("edge", "", "gateway", &[]),
+            [
+                "Gateway/default/edge",
+                "HTTPRoute/default/user",
+                "ServicePolicy/default/user",
+                "ServicePolicy/default/user-v2",
+            ]
+        );
+        assert_eq!(
+            selected("edge", "shop", "gateway", &[]),
+            ["Gateway/shop/edge", "ServicePolicy/default/order"]
+        );
+    }
+
+    #[test]
+    fn no_other_proxy_receives_a_gateway() {
+        assert!(selected("other", "", "gateway", &[]).is_empty());
+        assert!(selected("", "", "gateway", &[]).is_empty());
+        // A sidecar whose service shares the gateway's name gets that service's config only.
+        assert!(selected("edge", "", "sidecar", &[]).is_empty());
+        assert_eq!(
+            selected("web", "", "sidecar", &["order"]),
+            ["ServicePolicy/default/order"]
+        );
     }
 }

@@ -1,6 +1,7 @@
 //! The configuration centre's store side, in process, over the embedded store and a real etcd:
 //! apply is validated and all-or-nothing, versions are revisions of config commits only,
-//! history lists every change, rollback restores an earlier version in one commit.
+//! history lists every change, rollback restores an earlier version in one commit; and a
+//! `Gateway` reaches, over the Config stream, the gateway it names and no other proxy.
 
 use std::sync::Arc;
 
@@ -147,5 +148,168 @@ async fn second_policy_for_a_service_is_refused() -> Result<()> {
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
     let (stored, version) = config.get("", "", "").await?;
     assert_eq!((stored.len(), version), (1, v1.version));
+    Ok(())
+}
+
+const GATEWAY: &str = r#"
+apiVersion: ferrule.io/v1
+kind: Gateway
+metadata: {name: edge}
+spec:
+  rateLimits:
+    api: {requestsPerSecond: 10, key: client-ip}
+  routes:
+    - {name: users, pathPrefix: /api/users, rewritePrefix: /users, service: "user:http", public: true, rateLimit: api}
+"#;
+
+/// Subscribes to `Config/Watch` as proxy `id` of `service` in `mode`; the sender keeps the
+/// request stream open.
+async fn subscribe(
+    channel: tonic::transport::Channel,
+    id: &str,
+    service: &str,
+    mode: &str,
+) -> Result<(
+    tokio::sync::mpsc::Sender<pb::ConfigRequest>,
+    tonic::Streaming<pb::ConfigSnapshot>,
+)> {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(pb::ConfigRequest {
+        kind: Some(pb::config_request::Kind::Subscribe(pb::Subscribe {
+            proxy: Some(pb::ProxyInfo {
+                proxy_id: id.into(),
+                service: service.into(),
+                namespace: "default".into(),
+                mode: mode.into(),
+                ..Default::default()
+            }),
+            upstreams: Vec::new(),
+        })),
+    })
+    .await?;
+    let snapshots = pb::config_client::ConfigClient::new(channel)
+        .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    Ok((tx, snapshots))
+}
+
+/// The next snapshot as (version, [Kind/namespace/name]), within 10 s.
+async fn next(snapshots: &mut tonic::Streaming<pb::ConfigSnapshot>) -> Result<(i64, Vec<String>)> {
+    let snapshot = tokio::time::timeout(std::time::Duration::from_secs(10), snapshots.message())
+        .await??
+        .ok_or_else(|| anyhow::anyhow!("the config stream ended"))?;
+    let ids = snapshot
+        .resources
+        .iter()
+        .map(|r| format!("{}/{}/{}", r.kind, r.namespace, r.name))
+        .collect();
+    Ok((snapshot.version, ids))
+}
+
+/// How many resources are stored, and the config version.
+async fn stored_count(
+    admin: &mut pb::admin_client::AdminClient<tonic::transport::Channel>,
+) -> Result<(usize, i64)> {
+    let all = admin
+        .get_config(pb::GetConfigRequest::default())
+        .await?
+        .into_inner();
+    Ok((all.resources.len(), all.version))
+}
+
+/// A `Gateway` through the controller's gRPC API on a real etcd: an invalid one is refused
+/// naming the field, with nothing stored; a valid one reaches the Config stream of the gateway
+/// named as its service (with the policy of the service its routes call), live, and no other
+/// proxy's.
+#[tokio::test]
+async fn gateway_reaches_only_its_gateway_on_etcd() -> Result<()> {
+    let etcd = Etcd::start()?;
+    let store = EtcdStore::connect(&[etcd.client_addr().to_string()]).await?;
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = grpc.local_addr()?;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn(ferrule_controller::serve(
+        Arc::new(store),
+        grpc,
+        http,
+        shutdown.clone(),
+    ));
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect()
+        .await?;
+    let mut admin = pb::admin_client::AdminClient::new(channel.clone());
+
+    let bad = GATEWAY.replace("rateLimit: api", "rateLimit: apii");
+    let err = admin
+        .apply_config(pb::ApplyConfigRequest {
+            resources: docs(&format!("{POLICY}---{bad}"))?,
+            dry_run: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    assert_eq!(
+        err.message(),
+        "Gateway/default/edge: spec.routes[0].rateLimit: no rate limit named \"apii\" in rateLimits"
+    );
+    assert_eq!(stored_count(&mut admin).await?, (0, 0), "nothing stored");
+
+    let v1 = admin
+        .apply_config(pb::ApplyConfigRequest {
+            resources: docs(&format!("{POLICY}---{GATEWAY}"))?,
+            dry_run: false,
+        })
+        .await?
+        .into_inner();
+    assert_eq!(v1.outcomes, ["created", "created"]);
+
+    let (gateway_tx, mut gateway) = subscribe(channel.clone(), "gw-1", "edge", "gateway").await?;
+    let (other_tx, mut other) = subscribe(channel.clone(), "gw-2", "other", "gateway").await?;
+    let (sidecar_tx, mut sidecar) = subscribe(channel.clone(), "edge-1", "edge", "sidecar").await?;
+    assert_eq!(
+        next(&mut gateway).await?,
+        (
+            v1.version,
+            vec![
+                "Gateway/default/edge".to_string(),
+                "ServicePolicy/default/user".to_string()
+            ]
+        )
+    );
+    assert_eq!(next(&mut other).await?, (v1.version, vec![]));
+    assert_eq!(next(&mut sidecar).await?, (v1.version, vec![]));
+
+    // `ferrule apply` changes it live: the gateway gets the new version.
+    let v2 = admin
+        .apply_config(pb::ApplyConfigRequest {
+            resources: docs(&GATEWAY.replace("requestsPerSecond: 10", "requestsPerSecond: 5"))?,
+            dry_run: false,
+        })
+        .await?
+        .into_inner();
+    assert_eq!(v2.outcomes, ["configured"]);
+    let snapshot = tokio::time::timeout(std::time::Duration::from_secs(10), gateway.message())
+        .await??
+        .expect("a new snapshot");
+    assert_eq!(snapshot.version, v2.version);
+    let gw = snapshot
+        .resources
+        .iter()
+        .find(|r| r.kind == "Gateway")
+        .expect("the gateway's resource");
+    assert!(
+        gw.spec_json.contains(r#""requestsPerSecond":5"#),
+        "{}",
+        gw.spec_json
+    );
+
+    // Closing every client lets the controller stop without waiting out its drain grace.
+    shutdown.cancel();
+    drop((
+        gateway, other, sidecar, gateway_tx, other_tx, sidecar_tx, admin, channel,
+    ));
+    tokio::time::timeout(std::time::Duration::from_secs(10), server).await???;
     Ok(())
 }

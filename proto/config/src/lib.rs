@@ -7,18 +7,26 @@
 //! store, by [`Resource::from_parts`]. Parsing refuses malformed input (unknown fields, wrong
 //! types, bad durations or gRPC codes) with the field's path; [`validate`] then checks what
 //! parsing cannot (ranges, regexes, weights, names, references, duplicates across a batch).
-//! Kinds: [`ServicePolicySpec`] (`ServicePolicy`) and [`HttpRouteSpec`] (`HTTPRoute`); the
-//! proxy reads a policy through [`ServicePolicySpec::effective`], where defaults are filled in,
-//! and a matched route rule through [`RouteRule::effective`], merged over that policy.
+//! Kinds: [`ServicePolicySpec`] (`ServicePolicy`), [`HttpRouteSpec`] (`HTTPRoute`) and
+//! [`GatewaySpec`] (`Gateway`); the proxy reads a policy through
+//! [`ServicePolicySpec::effective`], where defaults are filled in, and a matched route rule
+//! through [`RouteRule::effective`], merged over that policy. The gateway's own file is a
+//! `GatewaySpec` too, read with [`GatewaySpec::parse_file`].
 //! `docs/config.md` documents every field.
 
 mod duration;
+mod gateway;
 mod grpc;
 mod policy;
 mod resource;
 mod route;
 mod validate;
 
+pub use gateway::{
+    Cors, DEFAULT_GATEWAY_LISTEN, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_SUBJECT_HEADER,
+    GatewayFileError, GatewayFileErrors, GatewayRateLimit, GatewayRoute, GatewaySpec, Jwt,
+    JwtProvider, KeySource, RateLimitKey, normalize_prefix,
+};
 pub use grpc::{GrpcCode, GrpcCodeError};
 pub use policy::*;
 pub use resource::{

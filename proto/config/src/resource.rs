@@ -11,6 +11,7 @@ use std::str::FromStr;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::gateway::GatewaySpec;
 use crate::policy::ServicePolicySpec;
 use crate::route::HttpRouteSpec;
 
@@ -21,7 +22,7 @@ pub const API_VERSION: &str = "ferrule.io/v1";
 pub const DEFAULT_NAMESPACE: &str = "default";
 
 /// Kinds planned by the design but not implemented yet: refused with a message that says so.
-const PLANNED_KINDS: [&str; 2] = ["AuthorizationPolicy", "Gateway"];
+const PLANNED_KINDS: [&str; 1] = ["AuthorizationPolicy"];
 
 /// Why a document or a stored resource could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -37,14 +38,14 @@ pub enum ConfigError {
     },
     #[error("document {document}: apiVersion {found:?} is not supported; use {API_VERSION:?}")]
     BadApiVersion { document: usize, found: String },
-    /// A kind the design plans (`AuthorizationPolicy`, `Gateway`) but this version lacks.
+    /// A kind the design plans (`AuthorizationPolicy`) but this version lacks.
     #[error("{}kind {kind} is not supported yet", document_prefix(*document))]
     UnsupportedKind {
         document: Option<usize>,
         kind: String,
     },
     #[error(
-        "{}unknown kind {kind:?}; expected ServicePolicy or HTTPRoute",
+        "{}unknown kind {kind:?}; expected ServicePolicy, HTTPRoute or Gateway",
         document_prefix(*document)
     )]
     UnknownKind {
@@ -79,16 +80,18 @@ fn document_prefix(document: Option<usize>) -> String {
 pub enum Kind {
     ServicePolicy,
     HttpRoute,
+    Gateway,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 2] = [Kind::ServicePolicy, Kind::HttpRoute];
+    pub const ALL: [Kind; 3] = [Kind::ServicePolicy, Kind::HttpRoute, Kind::Gateway];
 
-    /// `"ServicePolicy"` or `"HTTPRoute"`.
+    /// `"ServicePolicy"`, `"HTTPRoute"` or `"Gateway"`.
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::ServicePolicy => "ServicePolicy",
             Kind::HttpRoute => "HTTPRoute",
+            Kind::Gateway => "Gateway",
         }
     }
 
@@ -117,17 +120,16 @@ impl FromStr for Kind {
     type Err = ConfigError;
 
     /// The canonical name, or the forms people type on a command line: `servicepolicy`,
-    /// `servicepolicies`, `httproute`, `httproutes` (any case).
+    /// `servicepolicies`, `httproute`, `httproutes`, `gateway`, `gateways` (any case).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.to_ascii_lowercase().as_str() {
             "servicepolicy" | "servicepolicies" => Ok(Kind::ServicePolicy),
             "httproute" | "httproutes" => Ok(Kind::HttpRoute),
-            "authorizationpolicy" | "authorizationpolicies" | "gateway" | "gateways" => {
-                Err(ConfigError::UnsupportedKind {
-                    document: None,
-                    kind: s.to_string(),
-                })
-            }
+            "gateway" | "gateways" => Ok(Kind::Gateway),
+            "authorizationpolicy" | "authorizationpolicies" => Err(ConfigError::UnsupportedKind {
+                document: None,
+                kind: s.to_string(),
+            }),
             _ => Err(ConfigError::UnknownKind {
                 document: None,
                 kind: s.to_string(),
@@ -172,6 +174,7 @@ fn default_namespace() -> String {
 pub enum Spec {
     ServicePolicy(ServicePolicySpec),
     HttpRoute(HttpRouteSpec),
+    Gateway(GatewaySpec),
 }
 
 impl Spec {
@@ -179,14 +182,17 @@ impl Spec {
         match self {
             Spec::ServicePolicy(_) => Kind::ServicePolicy,
             Spec::HttpRoute(_) => Kind::HttpRoute,
+            Spec::Gateway(_) => Kind::Gateway,
         }
     }
 
-    /// The service the resource is about: the policy's target or the route's parent.
-    pub fn service(&self) -> &str {
+    /// The service the resource configures: the policy's target or the route's parent. A
+    /// `Gateway` has none: it configures the gateway proxy its `metadata.name` names.
+    pub fn service(&self) -> Option<&str> {
         match self {
-            Spec::ServicePolicy(s) => &s.service,
-            Spec::HttpRoute(s) => &s.service,
+            Spec::ServicePolicy(s) => Some(&s.service),
+            Spec::HttpRoute(s) => Some(&s.service),
+            Spec::Gateway(_) => None,
         }
     }
 }
@@ -196,6 +202,7 @@ impl Serialize for Spec {
         match self {
             Spec::ServicePolicy(spec) => spec.serialize(s),
             Spec::HttpRoute(spec) => spec.serialize(s),
+            Spec::Gateway(spec) => spec.serialize(s),
         }
     }
 }
@@ -360,6 +367,7 @@ fn read_spec<'de, D: Deserializer<'de>>(kind: Kind, de: D) -> Result<Spec, (Stri
     Ok(match kind {
         Kind::ServicePolicy => Spec::ServicePolicy(read(de)?),
         Kind::HttpRoute => Spec::HttpRoute(read(de)?),
+        Kind::Gateway => Spec::Gateway(read(de)?),
     })
 }
 

@@ -54,7 +54,9 @@ impl fmt::Display for ValidationErrors {
 /// Validates one batch as it would be stored: each resource's ranges, regexes, weights and
 /// names, plus batch rules (no duplicate ids; at most one `ServicePolicy` and one `HTTPRoute`
 /// per service). `known_services` lets the caller say which services exist so a route to an
-/// unknown backend can be refused (`None` = don't check).
+/// unknown backend can be refused (`None` = don't check). A `Gateway`'s routes are not checked
+/// against it: the gateway answers 503 for a service that is not there yet, and the edge is
+/// often configured before the services behind it start.
 ///
 /// The controller should pass the whole configuration that would result from a write (stored
 /// resources with the applied ones replacing theirs), so conflicts with what is already
@@ -161,6 +163,11 @@ fn check_resource(check: &mut Check, resource: &Resource, known: Option<&BTreeSe
     match &resource.spec {
         Spec::ServicePolicy(spec) => check_policy(check, spec),
         Spec::HttpRoute(spec) => check_route(check, spec, known),
+        Spec::Gateway(spec) => {
+            let mut fail = |field: String, reason: String| check.fail(field, reason);
+            spec.check("spec.", &mut fail);
+            spec.check_resource(&mut fail);
+        }
     }
 }
 
@@ -454,7 +461,9 @@ fn check_batch(errors: &mut Vec<FieldError>, batch: &[Resource]) {
             });
             continue;
         }
-        let service = resource.spec.service();
+        let Some(service) = resource.spec.service() else {
+            continue;
+        };
         if let Some(first) = by_service.get(&(resource.kind, service)) {
             errors.push(FieldError {
                 resource: name,

@@ -132,9 +132,15 @@ fn from_parts_is_strict_and_names_the_resource() {
     assert!(reason.contains("unknown field `retires`"), "{reason}");
     assert!(Resource::from_parts("HTTPRoute", "default", "r", "{} {}").is_err());
     assert!(matches!(
-        Resource::from_parts("Gateway", "default", "g", "{}"),
+        Resource::from_parts("AuthorizationPolicy", "default", "a", "{}"),
         Err(ConfigError::UnsupportedKind { .. })
     ));
+    let err = Resource::from_parts("Gateway", "default", "g", "{}").unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("stored Gateway/default/g: spec: missing field `routes`"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -233,8 +239,12 @@ fn api_version_and_kind_are_checked() {
         err.to_string(),
         "document 1: kind AuthorizationPolicy is not supported yet"
     );
-    let err = parse_err(&POLICY.replace("kind: ServicePolicy", "kind: Gateway"));
-    assert!(matches!(err, ConfigError::UnsupportedKind { .. }));
+    let (_, field, reason) = parse_fail(&POLICY.replace("kind: ServicePolicy", "kind: Gateway"));
+    assert!(field.starts_with("spec."), "{field}");
+    assert!(
+        reason.contains("unknown field") && reason.contains("routes"),
+        "a policy's fields are not a Gateway's: {reason}"
+    );
     let err = parse_err(&POLICY.replace("kind: ServicePolicy", "kind: Policy"));
     assert!(matches!(err, ConfigError::UnknownKind { .. }), "{err:?}");
     let (_, _, reason) = parse_fail(&POLICY.replace("kind: ServicePolicy\n", ""));
@@ -250,12 +260,14 @@ fn kind_names_for_the_cli() {
         ("HTTPRoute", Kind::HttpRoute),
         ("httproute", Kind::HttpRoute),
         ("httproutes", Kind::HttpRoute),
+        ("Gateway", Kind::Gateway),
+        ("gateways", Kind::Gateway),
     ] {
         assert_eq!(text.parse::<Kind>().unwrap(), kind);
     }
     assert_eq!(Kind::HttpRoute.to_string(), "HTTPRoute");
     assert!(matches!(
-        "gateways".parse::<Kind>(),
+        "authorizationpolicies".parse::<Kind>(),
         Err(ConfigError::UnsupportedKind { .. })
     ));
     assert!(matches!(

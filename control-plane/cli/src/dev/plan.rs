@@ -483,6 +483,20 @@ mod tests {
         }
     }
 
+    /// The file is a `Gateway` spec, so the same routes can be applied as a resource.
+    #[test]
+    fn gateway_yaml_is_a_valid_gateway_spec() {
+        let spec = ferrule_config::GatewaySpec::parse_file(&plan().gateway_yaml)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(spec.listen(), "127.0.0.1:8000".parse().unwrap());
+        let names: Vec<&str> = spec.routes.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["login", "users", "orders"]);
+        assert_eq!(
+            spec.rate_limits["api"].key(),
+            ferrule_config::RateLimitKey::ClientIp
+        );
+    }
+
     #[test]
     fn etcd_urls_in_the_forms_people_type() {
         assert_eq!(
