@@ -184,7 +184,7 @@ pub struct CircuitBreaker {
     /// limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_concurrent_requests: Option<u32>,
-    /// Requests waiting for a slot; excess fails fast with 503. Unset: no limit.
+    /// Requests waiting for a slot; excess fails fast with 503. Unset: 1,000.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_pending: Option<u32>,
 }

@@ -27,6 +27,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 pub use ferrule_proxy_policy::balance::Endpoints;
+use ferrule_proxy_policy::endpoint::EndpointTarget;
 
 use crate::control::{Backoff, Controllers};
 
@@ -97,12 +98,9 @@ impl ServiceState {
     fn view(&self, port_name: &str) -> Endpoints {
         let port = self.resolve_port(port_name);
         let endpoints = match port {
-            Some(port) => self
-                .endpoints
-                .values()
-                .filter(|ep| ep.port_name == port)
-                .cloned()
-                .collect(),
+            Some(port) => EndpointTarget::resolve_all(
+                self.endpoints.values().filter(|ep| ep.port_name == port),
+            ),
             None => Arc::from([]),
         };
         Endpoints {
@@ -200,7 +198,7 @@ impl Discovery {
                     target.port_name,
                     watch::Sender::new(Endpoints {
                         version: 0,
-                        endpoints: endpoints.into(),
+                        endpoints: EndpointTarget::resolve_all(&endpoints),
                         synced: true,
                     }),
                 );
@@ -417,7 +415,7 @@ mod tests {
     }
 
     fn ports(e: &Endpoints) -> Vec<u32> {
-        e.endpoints.iter().map(|ep| ep.port).collect()
+        e.endpoints.iter().map(|ep| ep.port()).collect()
     }
 
     /// A real Discovery server whose streams the test feeds: every Watch hands the test a

@@ -12,8 +12,7 @@
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use ferrule_proto::names::{ServiceRef, endpoint_key};
-use ferrule_proto::v1::Endpoint;
+use ferrule_proto::names::ServiceRef;
 use http::{Request, Response};
 use tokio::sync::watch;
 
@@ -25,6 +24,7 @@ use ferrule_proxy_core::idle_cache::IdleCache;
 use ferrule_proxy_core::metrics::Direction;
 use ferrule_proxy_policy::balance::{Algorithm, BalanceError, Balancer};
 use ferrule_proxy_policy::breaker::FailureAccrual;
+use ferrule_proxy_policy::endpoint::EndpointTarget;
 use ferrule_proxy_policy::metrics::PolicyMetrics;
 use ferrule_proxy_policy::ratelimit::RateKey;
 use ferrule_proxy_policy::{GuardsCell, PolicySet, ServiceGuards};
@@ -85,6 +85,15 @@ impl BalanceTarget {
                     self.service
                 ),
             ),
+            BalanceError::TooManyWaiting => ProxyError::new(
+                Reason::Overloaded,
+                name,
+                format!(
+                    "{} requests already wait for an endpoint of {}",
+                    ferrule_proxy_policy::balance::MAX_WAITING,
+                    self.service
+                ),
+            ),
         }
     }
 }
@@ -94,7 +103,7 @@ pub struct Concrete {
     pub balance: BalanceTarget,
     guards: Arc<GuardsCell>,
     /// The (config version, discovery set) the failure accrual last learnt its endpoints from.
-    accrual_synced: Mutex<Option<(i64, Arc<[Endpoint]>)>>,
+    accrual_synced: Mutex<Option<(i64, Arc<[EndpointTarget]>)>>,
     connector: EndpointConnector,
     metrics: PolicyMetrics,
 }
@@ -114,7 +123,7 @@ impl Concrete {
         if !current {
             guards
                 .failure_accrual
-                .set_endpoints(endpoints.iter().map(endpoint_key));
+                .set_endpoints(endpoints.iter().map(|ep| ep.key.to_string()));
             *synced = Some((set.version(), endpoints));
         }
         guards
@@ -169,7 +178,7 @@ impl Concrete {
             let conn = match self.connector.connect(&ep, protocol).await {
                 Ok(conn) => conn,
                 Err(error) => {
-                    tracing::debug!(service = %target.name, endpoint = %ep.address, port = ep.port, %error, "connect failed");
+                    tracing::debug!(service = %target.name, endpoint = %ep.addr, %error, "connect failed");
                     pick.record_connect_failure();
                     attempt.failure();
                     last_error = Some(error);
@@ -193,7 +202,7 @@ impl Concrete {
                     error,
                     unsent: Some(unsent),
                 }) => {
-                    tracing::debug!(service = %target.name, endpoint = %ep.address, port = ep.port, %error, "request not sent");
+                    tracing::debug!(service = %target.name, endpoint = %ep.addr, %error, "request not sent");
                     pick.record_connect_failure();
                     attempt.failure();
                     req = unsent;

@@ -6,11 +6,9 @@
 //! HTTP/1 connections of their own. A plain endpoint gets the request in the version the client
 //! spoke. This is where mTLS to meshed peers will be added.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
-use ferrule_proto::names::socket_string;
-use ferrule_proto::v1::Endpoint;
+use ferrule_proxy_policy::endpoint::EndpointTarget;
 use http::{HeaderValue, Request, Version};
 
 use ferrule_proxy_core::body::BoxBody;
@@ -36,8 +34,12 @@ impl EndpointConnector {
 
     /// Connects to `ep` for a request that needs `protocol` (see [`Protocol::of`]); nothing
     /// is sent yet.
-    pub async fn connect(&self, ep: &Endpoint, protocol: Protocol) -> Result<Conn, ClientError> {
-        let addr = endpoint_addr(ep)?;
+    pub async fn connect(
+        &self,
+        ep: &EndpointTarget,
+        protocol: Protocol,
+    ) -> Result<Conn, ClientError> {
+        let addr = ep.addr;
         let protocol = match protocol {
             Protocol::Http1 if ep.meshed => Protocol::Http2,
             protocol => protocol,
@@ -47,7 +49,7 @@ impl EndpointConnector {
 
     /// Adds the mesh headers a meshed peer expects; mesh headers the app itself sent never
     /// leave (only this proxy speaks for the mesh).
-    pub fn prepare(&self, ep: &Endpoint, req: &mut Request<BoxBody>) {
+    pub fn prepare(&self, ep: &EndpointTarget, req: &mut Request<BoxBody>) {
         req.headers_mut().remove(headers::MESHED);
         req.headers_mut().remove(headers::ORIG_PROTO);
         if !ep.meshed {
@@ -72,12 +74,6 @@ impl EndpointConnector {
     }
 }
 
-/// The socket address of an endpoint as discovery announced it.
-pub fn endpoint_addr(ep: &Endpoint) -> Result<SocketAddr, ClientError> {
-    let addr = socket_string(&ep.address, ep.port);
-    addr.parse().map_err(|_| ClientError::BadAddress(addr))
-}
-
 /// The error a request sees when no endpoint could be connected.
 pub fn connect_failure(service: &Arc<str>, error: &ClientError) -> ProxyError {
     ProxyError::new(
@@ -94,13 +90,14 @@ mod tests {
     use super::*;
     use ferrule_proxy_core::body;
 
-    fn endpoint(meshed: bool) -> Endpoint {
-        Endpoint {
+    fn endpoint(meshed: bool) -> EndpointTarget {
+        EndpointTarget::resolve(&ferrule_proto::v1::Endpoint {
             address: "127.0.0.1".into(),
             port: 4143,
             meshed,
             ..Default::default()
-        }
+        })
+        .unwrap()
     }
 
     #[test]
@@ -126,6 +123,5 @@ mod tests {
         connector.unprepare(&mut req, Version::HTTP_11);
         assert_eq!(req.version(), Version::HTTP_11);
         assert!(!req.headers().contains_key(headers::MESHED));
-        assert_eq!(endpoint_addr(&endpoint(true)).unwrap().port(), 4143);
     }
 }

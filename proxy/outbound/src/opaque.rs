@@ -4,7 +4,6 @@
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::concrete::{BalanceTarget, CONNECT_ATTEMPTS};
-use super::endpoint::endpoint_addr;
 use ferrule_proxy_core::metrics::{Direction, Metrics};
 use ferrule_proxy_core::server::splice_tcp;
 use ferrule_proxy_transport::client::connect_tcp;
@@ -28,10 +27,8 @@ pub async fn forward<I>(
                 return;
             }
         };
-        let connected = match endpoint_addr(pick.endpoint()) {
-            Ok(addr) => connect_tcp(addr, connect_timeout).await.map(|s| (addr, s)),
-            Err(error) => Err(error),
-        };
+        let addr = pick.endpoint().addr;
+        let connected = connect_tcp(addr, connect_timeout).await.map(|s| (addr, s));
         match connected {
             Ok((addr, upstream)) => {
                 // The pick is held for the connection's life so least-request counts it.

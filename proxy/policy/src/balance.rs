@@ -20,8 +20,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use ferrule_proto::names::endpoint_key;
-use ferrule_proto::v1::Endpoint;
+use crate::endpoint::EndpointTarget;
 use rand::Rng;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -38,8 +37,8 @@ const FAILURE_BACKOFF_MAX: Duration = Duration::from_secs(30);
 pub struct Endpoints {
     /// Store revision of the last update applied.
     pub version: i64,
-    /// Endpoints whose `port_name` matches the resolved target.
-    pub endpoints: Arc<[Endpoint]>,
+    /// Endpoints whose `port_name` matches the resolved target, resolved for dialling.
+    pub endpoints: Arc<[EndpointTarget]>,
     /// True once at least one snapshot arrived for this service.
     pub synced: bool,
 }
@@ -101,6 +100,23 @@ pub enum BalanceError {
     /// circuit breaker ejected them): returned at once, without waiting.
     #[error("all endpoints ejected")]
     Ejected,
+    /// [`MAX_WAITING`] requests already wait for an endpoint: refused at once rather than
+    /// queued without bound.
+    #[error("{MAX_WAITING} requests already wait for an endpoint")]
+    TooManyWaiting,
+}
+
+/// Requests that may wait for an endpoint of one balancer at a time (while discovery has
+/// none yet, or every endpoint is taken out); more fail fast.
+pub const MAX_WAITING: usize = 1_000;
+
+/// Counts one request waiting in [`Balancer::pick_admitted`] for as long as it waits.
+struct Waiter<'a>(&'a AtomicUsize);
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Picks endpoints for one service port. Cheap to clone; clones share state.
@@ -124,18 +140,19 @@ struct Shared {
     endpoints: watch::Receiver<Endpoints>,
     algorithm: Algorithm,
     state: Mutex<State>,
+    /// Requests waiting for an endpoint now.
+    waiting: AtomicUsize,
 }
 
 #[derive(Default)]
 struct State {
     /// The discovery set `slots` was built from (compared by pointer).
-    applied: Option<Arc<[Endpoint]>>,
+    applied: Option<Arc<[EndpointTarget]>>,
     slots: Vec<Slot>,
 }
 
 struct Slot {
-    key: String,
-    endpoint: Arc<Endpoint>,
+    endpoint: EndpointTarget,
     weight: u32,
     load: Arc<Load>,
     /// Smooth weighted round robin's running weight.
@@ -243,7 +260,7 @@ struct Blocked {
 impl State {
     /// Rebuilds the slots when discovery published a new set, keeping the load of endpoints
     /// that stay.
-    fn sync(&mut self, endpoints: &Arc<[Endpoint]>, now: Instant) {
+    fn sync(&mut self, endpoints: &Arc<[EndpointTarget]>, now: Instant) {
         if self
             .applied
             .as_ref()
@@ -251,22 +268,20 @@ impl State {
         {
             return;
         }
-        let mut old: HashMap<String, Slot> = self
+        let mut old: HashMap<Arc<str>, Slot> = self
             .slots
             .drain(..)
-            .map(|slot| (slot.key.clone(), slot))
+            .map(|slot| (slot.endpoint.key.clone(), slot))
             .collect();
         self.slots = endpoints
             .iter()
             .map(|ep| {
-                let key = endpoint_key(ep);
-                let (load, current) = match old.remove(&key) {
+                let (load, current) = match old.remove(&ep.key) {
                     Some(slot) => (slot.load, slot.current),
                     None => (Arc::new(Load::new(now)), 0),
                 };
                 Slot {
-                    key,
-                    endpoint: Arc::new(ep.clone()),
+                    endpoint: ep.clone(),
                     weight: ep.weight.max(1),
                     load,
                     current,
@@ -288,7 +303,7 @@ impl State {
         let available: Vec<usize> = up
             .iter()
             .copied()
-            .filter(|&i| admit(&self.slots[i].key))
+            .filter(|&i| admit(&self.slots[i].endpoint.key))
             .collect();
         if available.is_empty() {
             return Err(Blocked {
@@ -348,6 +363,7 @@ impl Balancer {
                 endpoints,
                 algorithm,
                 state: Mutex::default(),
+                waiting: AtomicUsize::new(0),
             }),
         }
     }
@@ -361,7 +377,7 @@ impl Balancer {
         self.pick_admitted(wait, &|_| true).await
     }
 
-    /// Like [`Balancer::pick`], among the endpoints (by [`endpoint_key`]) that `admit`
+    /// Like [`Balancer::pick`], among the endpoints (by [`EndpointTarget::key`]) that `admit`
     /// accepts; fails at once with [`BalanceError::Ejected`] when it accepts none of those
     /// that are up.
     pub async fn pick_admitted(
@@ -372,6 +388,7 @@ impl Balancer {
         let deadline = Instant::now() + wait;
         let mut rx = self.shared.endpoints.clone();
         let mut discovery_open = true;
+        let mut waiter = None;
         loop {
             let endpoints = rx.borrow_and_update().endpoints.clone();
             let blocked = match self.try_pick(&endpoints, admit) {
@@ -388,6 +405,14 @@ impl Balancer {
                     BalanceError::Unavailable
                 });
             }
+            if waiter.is_none() {
+                let waiting = &self.shared.waiting;
+                if waiting.fetch_add(1, Ordering::AcqRel) >= MAX_WAITING {
+                    waiting.fetch_sub(1, Ordering::AcqRel);
+                    return Err(BalanceError::TooManyWaiting);
+                }
+                waiter = Some(Waiter(waiting));
+            }
             let wake = blocked.retry_at.map_or(deadline, |t| t.min(deadline));
             tokio::select! {
                 changed = rx.changed(), if discovery_open => discovery_open = changed.is_ok(),
@@ -398,7 +423,7 @@ impl Balancer {
 
     fn try_pick(
         &self,
-        endpoints: &Arc<[Endpoint]>,
+        endpoints: &Arc<[EndpointTarget]>,
         admit: &dyn Fn(&str) -> bool,
     ) -> Result<Pick, Blocked> {
         let now = Instant::now();
@@ -408,7 +433,6 @@ impl Balancer {
         let slot = &state.slots[i];
         slot.load.in_flight.fetch_add(1, Ordering::Relaxed);
         Ok(Pick {
-            key: slot.key.clone(),
             endpoint: slot.endpoint.clone(),
             load: slot.load.clone(),
             started: now,
@@ -433,20 +457,19 @@ impl Balancer {
 /// One chosen endpoint for one request. Dropping it without recording counts it as cancelled
 /// (in-flight released, no latency sample).
 pub struct Pick {
-    key: String,
-    endpoint: Arc<Endpoint>,
+    endpoint: EndpointTarget,
     load: Arc<Load>,
     started: Instant,
 }
 
 impl Pick {
-    pub fn endpoint(&self) -> &Endpoint {
+    pub fn endpoint(&self) -> &EndpointTarget {
         &self.endpoint
     }
 
-    /// The endpoint's [`endpoint_key`].
+    /// The endpoint's key (see [`EndpointTarget::key`]).
     pub fn key(&self) -> &str {
-        &self.key
+        &self.endpoint.key
     }
 
     /// The response head arrived: feeds the latency estimate.
@@ -459,7 +482,7 @@ impl Pick {
     pub fn record_connect_failure(self) {
         if let Some(backoff) = self.load.fail(Instant::now()) {
             tracing::info!(
-                endpoint = %endpoint_key(&self.endpoint),
+                endpoint = %self.endpoint.key,
                 service = %self.endpoint.service,
                 ?backoff,
                 "endpoint taken out of balancing after a connect failure"
@@ -478,6 +501,8 @@ impl Drop for Pick {
 mod tests {
     use std::collections::BTreeMap;
 
+    use ferrule_proto::v1::Endpoint;
+
     use super::*;
 
     fn ep(port: u32) -> Endpoint {
@@ -492,7 +517,7 @@ mod tests {
     fn endpoints(eps: Vec<Endpoint>) -> Endpoints {
         Endpoints {
             version: 1,
-            endpoints: eps.into(),
+            endpoints: EndpointTarget::resolve_all(&eps),
             synced: true,
         }
     }
@@ -519,7 +544,7 @@ mod tests {
                 tokio::spawn(async move {
                     for _ in 0..requests / concurrency {
                         let pick = b.pick(NO_WAIT).await.unwrap();
-                        let port = pick.endpoint().port;
+                        let port = pick.endpoint().port();
                         *lock(&counts).entry(port).or_insert(0) += 1;
                         tokio::time::sleep(latency(port)).await;
                         pick.record_success();
@@ -600,13 +625,13 @@ mod tests {
         let (_tx, b) = balancer(&[1, 2], Algorithm::LeastRequest);
         let held: Vec<_> = {
             let first = b.pick(NO_WAIT).await.unwrap();
-            let busy = first.endpoint().port;
+            let busy = first.endpoint().port();
             let mut held = vec![first];
             // Three more: the first goes to the idle one, then they alternate.
             for _ in 0..3 {
                 held.push(b.pick(NO_WAIT).await.unwrap());
             }
-            let on_busy = held.iter().filter(|p| p.endpoint().port == busy).count();
+            let on_busy = held.iter().filter(|p| p.endpoint().port() == busy).count();
             assert_eq!(on_busy, 2);
             held
         };
@@ -618,7 +643,7 @@ mod tests {
         let (_tx, b) = balancer(&[1, 2], Algorithm::RoundRobin);
         let pick_port = |b: Balancer| async move {
             let p = b.pick(NO_WAIT).await.unwrap();
-            let port = p.endpoint().port;
+            let port = p.endpoint().port();
             (port, p)
         };
         // Find endpoint 1 and fail it.
@@ -676,7 +701,7 @@ mod tests {
         ));
         let start = Instant::now();
         let p = b.pick(Duration::from_secs(5)).await.unwrap();
-        assert_eq!(p.endpoint().port, 1);
+        assert_eq!(p.endpoint().port(), 1);
         assert!(Instant::now() - start < Duration::from_secs(1));
     }
 
@@ -688,7 +713,7 @@ mod tests {
             async move {
                 b.pick(Duration::from_secs(5))
                     .await
-                    .map(|p| p.endpoint().port)
+                    .map(|p| p.endpoint().port())
             }
         });
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -712,7 +737,7 @@ mod tests {
         let held = b.pick(NO_WAIT).await.unwrap();
         tx.send_replace(endpoints(vec![ep(2)]));
         for _ in 0..5 {
-            assert_eq!(b.pick(NO_WAIT).await.unwrap().endpoint().port, 2);
+            assert_eq!(b.pick(NO_WAIT).await.unwrap().endpoint().port(), 2);
         }
         assert_eq!(b.counts(), (1, 1));
         // A pick of a removed endpoint still releases cleanly.

@@ -377,7 +377,7 @@ pub struct Overloaded {
 pub struct ConcurrencyLimit {
     /// `None`: no limit.
     limit: Option<(u32, Arc<Semaphore>)>,
-    /// `None`: waiting is unbounded.
+    /// Always set: [`DEFAULT_MAX_PENDING`] unless configured.
     max_pending: Option<u32>,
     pending: Arc<AtomicU32>,
 }
@@ -397,11 +397,15 @@ impl Drop for Waiting<'_> {
     }
 }
 
+/// Requests that may wait for a concurrency slot when `maxPending` is not set: the queue is
+/// bounded by default, so a stalled service costs a fast 503 rather than unbounded memory.
+pub const DEFAULT_MAX_PENDING: u32 = 1_000;
+
 impl ConcurrencyLimit {
     pub fn new(max_concurrent: Option<u32>, max_pending: Option<u32>) -> Self {
         Self {
             limit: max_concurrent.map(|n| (n, Arc::new(Semaphore::new(n as usize)))),
-            max_pending,
+            max_pending: Some(max_pending.unwrap_or(DEFAULT_MAX_PENDING)),
             pending: Arc::new(AtomicU32::new(0)),
         }
     }

@@ -24,6 +24,7 @@
 
 pub mod balance;
 pub mod breaker;
+pub mod endpoint;
 pub mod fault;
 pub mod metrics;
 pub mod ratelimit;
