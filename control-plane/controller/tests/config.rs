@@ -129,7 +129,7 @@ async fn config_on_memory() -> Result<()> {
 
 #[tokio::test]
 async fn config_on_etcd() -> Result<()> {
-    let etcd = Etcd::start()?;
+    let etcd = Etcd::start().await?;
     let store = EtcdStore::connect(&[etcd.client_addr().to_string()]).await?;
     scenario(Arc::new(store)).await
 }
