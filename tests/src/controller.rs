@@ -1,10 +1,13 @@
-//! A real `ferrule-controller` process on free loopback ports.
+//! A real `ferrule-controller` process on loopback ports it chose itself (port 0), read back
+//! from its ready line.
 
 use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::{Process, binary, free_addr, wait_for_port};
+use serde::Deserialize;
+
+use crate::{ANY_PORT, Process, binary};
 
 pub struct Controller {
     pub process: Process,
@@ -13,38 +16,38 @@ pub struct Controller {
     _dir: tempfile::TempDir,
 }
 
+/// The JSON of `ferrule-controller ready: ...`.
+#[derive(Deserialize)]
+struct Listeners {
+    grpc: SocketAddr,
+    admin: SocketAddr,
+}
+
 impl Controller {
-    /// Starts a controller on `store` (`memory` or `etcd://...`) and waits until its gRPC port
-    /// accepts connections.
-    pub fn start(store: &str) -> anyhow::Result<Self> {
+    /// Starts a controller on `store` (`memory` or `etcd://...`) and waits until its listeners
+    /// are bound.
+    pub async fn start(store: &str) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("ferrule-controller-")
             .tempdir()?;
-        let grpc = free_addr();
-        let admin = free_addr();
         let mut cmd = Command::new(binary("ferrule-controller")?);
-        cmd.arg("--store")
-            .arg(store)
-            .arg("--grpc-addr")
-            .arg(grpc.to_string())
-            .arg("--admin-addr")
-            .arg(admin.to_string())
+        cmd.args(["--store", store])
+            .args(["--grpc-addr", ANY_PORT, "--admin-addr", ANY_PORT])
             .env("RUST_LOG", "info,ferrule_controller=debug");
-        let process = Process::spawn(
+        let mut process = Process::spawn(
             "ferrule-controller",
             cmd,
             &dir.path().join("controller.log"),
         )?;
-        let controller = Self {
+        let listeners: Listeners = process
+            .ready("ferrule-controller", Duration::from_secs(20))
+            .await?;
+        Ok(Self {
             process,
-            grpc,
-            admin,
+            grpc: listeners.grpc,
+            admin: listeners.admin,
             _dir: dir,
-        };
-        if let Err(e) = wait_for_port(grpc, Duration::from_secs(20)) {
-            anyhow::bail!("{e}; controller log:\n{}", controller.process.log());
-        }
-        Ok(controller)
+        })
     }
 
     /// `http://127.0.0.1:PORT`, for tonic clients.

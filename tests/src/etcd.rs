@@ -1,13 +1,18 @@
-//! A real etcd (Debian's etcd-server) on free loopback ports with a temporary data dir.
+//! A real etcd (Debian's etcd-server) on loopback ports with a temporary data dir.
+//!
+//! etcd cannot report the port it got for port 0, so the harness chooses its two ports, and
+//! starts it again on new ones when it finds one taken ([`crate::on_chosen_ports`]). It counts
+//! as started once it logged that it serves clients on its client address: a port that merely
+//! answers might be another test's etcd.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 
-use crate::{Process, free_addr, wait_for_port};
+use crate::{Process, on_chosen_ports};
 
 const INSTALL_HINT: &str = "etcd not found: the store tests need a real etcd. Install Debian's etcd-server \
      (`make deps`, or `apt-get install etcd-server`), or set FERRULE_ETCD_BIN to an etcd binary";
@@ -17,20 +22,26 @@ pub struct Etcd {
     client: SocketAddr,
     peer: SocketAddr,
     dir: tempfile::TempDir,
+    /// Starts so far; each writes its own log.
+    launches: u32,
 }
 
 impl Etcd {
     /// Starts a single-member etcd and waits until it serves clients.
-    pub fn start() -> anyhow::Result<Self> {
-        let dir = tempfile::Builder::new().prefix("ferrule-etcd-").tempdir()?;
-        let mut etcd = Self {
-            process: None,
-            client: free_addr(),
-            peer: free_addr(),
-            dir,
-        };
-        etcd.launch()?;
-        Ok(etcd)
+    pub async fn start() -> anyhow::Result<Self> {
+        on_chosen_ports("etcd", |[client, peer]| async move {
+            let dir = tempfile::Builder::new().prefix("ferrule-etcd-").tempdir()?;
+            let mut etcd = Self {
+                process: None,
+                client,
+                peer,
+                dir,
+                launches: 0,
+            };
+            etcd.launch().await?;
+            Ok(etcd)
+        })
+        .await
     }
 
     /// `etcd://127.0.0.1:PORT`, as the controller's `--store` takes it.
@@ -50,12 +61,12 @@ impl Etcd {
     }
 
     /// Starts etcd again on the same ports and data dir.
-    pub fn restart(&mut self) -> anyhow::Result<()> {
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.stop();
-        self.launch()
+        self.launch().await
     }
 
-    fn launch(&mut self) -> anyhow::Result<()> {
+    async fn launch(&mut self) -> anyhow::Result<()> {
         let bin = binary()?;
         let client = format!("http://{}", self.client);
         let peer = format!("http://{}", self.peer);
@@ -67,15 +78,17 @@ impl Etcd {
             .arg(format!("--listen-peer-urls={peer}"))
             .arg(format!("--initial-advertise-peer-urls={peer}"))
             .arg(format!("--initial-cluster=ferrule-test={peer}"))
-            .arg("--log-level=warn")
+            // Info, for the line that says it serves clients.
+            .arg("--logger=zap")
+            .arg("--log-level=info")
             .env("ETCD_UNSUPPORTED_ARCH", "amd64");
-        let log = self.dir.path().join("etcd.log");
-        let process = Process::spawn("etcd", cmd, &log)?;
-        self.process = Some(process);
-        if let Err(e) = wait_for_port(self.client, Duration::from_secs(20)) {
-            let log = self.process.as_ref().map(|p| p.log()).unwrap_or_default();
-            bail!("{e}; etcd log:\n{log}");
-        }
+        self.launches += 1;
+        let log = self.dir.path().join(format!("etcd-{}.log", self.launches));
+        let process = self.process.insert(Process::spawn("etcd", cmd, &log)?);
+        // Printed once the client listener is bound (the log is this run's alone).
+        process
+            .wait_for_line("serving client traffic", Duration::from_secs(20))
+            .await?;
         Ok(())
     }
 

@@ -2,8 +2,13 @@
 //!
 //! Everything a test starts is owned by a guard ([`Etcd`], [`Process`]) that kills it when the
 //! guard is dropped, also when the test panics. [`backend`] has the test backends proxies sit in
-//! front of. Waits are event-driven (a port answers, a line
-//! is printed) and always bounded.
+//! front of. Waits are event-driven (a ready line is printed, a port answers), async and
+//! always bounded.
+//!
+//! No port is guessed where it can be avoided: the controller and the proxy bind port 0
+//! ([`ANY_PORT`]) and the harness reads the ports they got from their ready line. Only etcd and
+//! the gateway, which cannot report a port-0 bind, get ports chosen for them, and
+//! [`on_chosen_ports`] starts them again on new ports if one was taken meanwhile.
 
 pub mod backend;
 mod client;
@@ -12,9 +17,9 @@ mod etcd;
 mod process;
 mod proxy;
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 
@@ -24,17 +29,69 @@ pub use etcd::Etcd;
 pub use process::Process;
 pub use proxy::{Proxy, ProxyBuilder};
 
-/// A loopback port that was free a moment ago (bound to port 0 and released).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("binding 127.0.0.1:0 must work")
+/// `127.0.0.1:0`: every listener the harness starts binds this and the process reports the
+/// port it got (its ready line).
+pub const ANY_PORT: &str = "127.0.0.1:0";
+
+/// How many times a process that must be told its port before it starts (etcd, the gateway) is
+/// started again on new ports after it found them taken.
+const PORT_ATTEMPTS: usize = 5;
+
+/// Runs `start` on loopback addresses chosen for it, choosing again when the start failed
+/// because one was taken in the meantime ("address already in use" in the error).
+///
+/// Only for processes that cannot bind port 0 and report the port (etcd; the gateway, which
+/// has no ready line yet): everything else binds [`ANY_PORT`].
+pub async fn on_chosen_ports<const N: usize, T, F, Fut>(
+    what: &str,
+    mut start: F,
+) -> anyhow::Result<T>
+where
+    F: FnMut([SocketAddr; N]) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let mut attempt = 1;
+    loop {
+        let addrs = chosen_addrs::<N>()?;
+        match start(addrs).await {
+            Err(e) if attempt < PORT_ATTEMPTS && is_port_clash(&e) => {
+                eprintln!(
+                    "{what}: a port of {addrs:?} was taken (attempt {attempt}); choosing again"
+                );
+                attempt += 1;
+            }
+            result => return result,
+        }
+    }
 }
 
-/// `127.0.0.1:<free port>`.
-pub fn free_addr() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], free_port()))
+/// `N` distinct loopback addresses that were free a moment ago (bound to port 0 together, then
+/// released): a guess that [`on_chosen_ports`] checks by starting the process.
+fn chosen_addrs<const N: usize>() -> anyhow::Result<[SocketAddr; N]> {
+    let held = (0..N)
+        .map(|_| TcpListener::bind(ANY_PORT))
+        .collect::<Result<Vec<_>, _>>()
+        .context("binding 127.0.0.1:0")?;
+    let addrs = held
+        .iter()
+        .map(TcpListener::local_addr)
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(addrs.try_into().expect("N addresses for N listeners"))
+}
+
+fn is_port_clash(e: &anyhow::Error) -> bool {
+    format!("{e:#}")
+        .to_lowercase()
+        .contains("address already in use")
+}
+
+/// An address that refuses connections for as long as the returned socket lives: bound, never
+/// listening, so no other process can take the port meanwhile.
+pub fn refusing_addr() -> anyhow::Result<(tokio::net::TcpSocket, SocketAddr)> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(ANY_PORT.parse()?)?;
+    let addr = socket.local_addr()?;
+    Ok((socket, addr))
 }
 
 /// Path of a workspace binary (`ferrule-controller`, `ferrule`, `ferrule-proxy`...), built by
@@ -54,20 +111,6 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
         );
     }
     Ok(path)
-}
-
-/// Polls until `addr` accepts a TCP connection, for at most `within`.
-pub fn wait_for_port(addr: SocketAddr, within: Duration) -> anyhow::Result<()> {
-    let deadline = Instant::now() + within;
-    loop {
-        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("nothing listens on {addr} after {within:?}");
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
 }
 
 /// Retries `check` until it returns `Some`, for at most `within`; the polling interval is

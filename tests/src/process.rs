@@ -1,12 +1,20 @@
 //! A child process owned by a guard: its output goes to a log file, it is killed on drop.
+//!
+//! Every wait here is async (it sleeps on the tokio clock between looks), so a test's
+//! in-process backends keep serving while it waits, and bounded.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Seek};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
+use serde::de::DeserializeOwned;
+use tokio::time::Instant;
+
+/// Pause between two looks at a log file or a child's state.
+const POLL: Duration = Duration::from_millis(20);
 
 pub struct Process {
     name: String,
@@ -50,7 +58,47 @@ impl Process {
     }
 
     /// Waits until a log line contains `needle`; returns that line.
-    pub fn wait_for_line(&mut self, needle: &str, within: Duration) -> anyhow::Result<String> {
+    pub async fn wait_for_line(
+        &mut self,
+        needle: &str,
+        within: Duration,
+    ) -> anyhow::Result<String> {
+        self.wait_for(&format!("{needle:?}"), within, |line| {
+            line.contains(needle).then(|| line.to_string())
+        })
+        .await
+    }
+
+    /// Waits for the ready line `<program> ready: {JSON}` that `ferrule-controller`,
+    /// `ferrule-proxy` and the sample apps print once their listeners are bound, and returns
+    /// the JSON: the addresses they actually bound.
+    pub async fn ready<T: DeserializeOwned>(
+        &mut self,
+        program: &str,
+        within: Duration,
+    ) -> anyhow::Result<T> {
+        let prefix = format!("{program} ready: ");
+        let json = self
+            .wait_for(&format!("its ready line {prefix:?}"), within, |line| {
+                line.strip_prefix(&prefix).map(str::to_string)
+            })
+            .await?;
+        serde_json::from_str(&json).with_context(|| {
+            format!(
+                "{}'s ready line {json:?} is not what was expected",
+                self.name
+            )
+        })
+    }
+
+    /// Reads the log line by line until `matches` picks one; fails when the process exits
+    /// first or `within` passes.
+    async fn wait_for<T>(
+        &mut self,
+        what: &str,
+        within: Duration,
+        matches: impl Fn(&str) -> Option<T>,
+    ) -> anyhow::Result<T> {
         let deadline = Instant::now() + within;
         let mut reader = BufReader::new(File::open(&self.log)?);
         let mut line = String::new();
@@ -58,8 +106,8 @@ impl Process {
             line.clear();
             let pos = reader.stream_position()?;
             if reader.read_line(&mut line)? > 0 && line.ends_with('\n') {
-                if line.contains(needle) {
-                    return Ok(line.trim_end().to_string());
+                if let Some(found) = matches(line.trim_end()) {
+                    return Ok(found);
                 }
                 continue;
             }
@@ -67,24 +115,27 @@ impl Process {
             reader.seek(std::io::SeekFrom::Start(pos))?;
             if let Some(status) = self.child.try_wait()? {
                 bail!(
-                    "{} exited ({status}) before printing {needle:?}; log:\n{}",
+                    "{} exited ({status}) before printing {what}; log:\n{}",
                     self.name,
                     self.log()
                 );
             }
             if Instant::now() > deadline {
                 bail!(
-                    "{} did not print {needle:?} within {within:?}; log:\n{}",
+                    "{} did not print {what} within {within:?}; log:\n{}",
                     self.name,
                     self.log()
                 );
             }
-            std::thread::sleep(Duration::from_millis(20));
+            tokio::time::sleep(POLL).await;
         }
     }
 
     /// Sends SIGTERM and waits (bounded) for the exit; kills it if it does not go.
-    pub fn terminate(&mut self, within: Duration) -> anyhow::Result<std::process::ExitStatus> {
+    pub async fn terminate(
+        &mut self,
+        within: Duration,
+    ) -> anyhow::Result<std::process::ExitStatus> {
         signal(self.child.id(), "TERM");
         let deadline = Instant::now() + within;
         loop {
@@ -95,11 +146,11 @@ impl Process {
                 self.kill();
                 bail!("{} ignored SIGTERM for {within:?}; killed", self.name);
             }
-            std::thread::sleep(Duration::from_millis(20));
+            tokio::time::sleep(POLL).await;
         }
     }
 
-    /// SIGKILL, and reap.
+    /// SIGKILL, and reap (a killed process is gone at once, so the wait does not block).
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

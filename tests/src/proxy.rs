@@ -1,20 +1,36 @@
-//! A real `ferrule-proxy` process with every listener on a free loopback port.
+//! A real `ferrule-proxy` process whose listeners bind port 0; the ports they got are read
+//! back from its ready line.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::{Process, binary, free_addr, http_get, wait_for_port};
+use anyhow::Context;
+use serde::Deserialize;
+
+use crate::{ANY_PORT, Process, binary, http_get};
 
 pub struct Proxy {
     pub process: Process,
     pub admin: SocketAddr,
-    pub inbound: SocketAddr,
-    pub outbound: SocketAddr,
+    /// App port name ("" for `--app-addr`) → inbound listener.
+    pub inbound: BTreeMap<String, SocketAddr>,
+    /// Upstream service (`name[:port]`) → local listener.
+    pub upstreams: BTreeMap<String, SocketAddr>,
     _dir: tempfile::TempDir,
 }
 
-/// Flags for a proxy; the listener flags are filled in by [`ProxyBuilder::start`].
+/// The JSON of `ferrule-proxy ready: ...` (the `listeners` of its `/config`).
+#[derive(Deserialize)]
+struct Listeners {
+    admin: SocketAddr,
+    inbound: Vec<(String, SocketAddr)>,
+    upstreams: Vec<(String, SocketAddr)>,
+}
+
+/// Flags for a proxy; the admin and inbound listener flags are added by
+/// [`ProxyBuilder::start`].
 pub struct ProxyBuilder {
     name: String,
     args: Vec<String>,
@@ -26,6 +42,15 @@ impl Proxy {
             name: name.to_string(),
             args: Vec::new(),
         }
+    }
+
+    /// The local listener for `service`, added with [`ProxyBuilder::upstream`] or
+    /// `--upstream`.
+    pub fn upstream(&self, service: &str) -> anyhow::Result<SocketAddr> {
+        self.upstreams
+            .get(service)
+            .copied()
+            .with_context(|| format!("the proxy has no upstream listener for {service}"))
     }
 
     /// GET on the admin listener: (status, body).
@@ -62,33 +87,35 @@ impl ProxyBuilder {
         self
     }
 
-    /// Starts the proxy and waits until its admin listener accepts connections.
-    pub fn start(self) -> anyhow::Result<Proxy> {
+    /// A local listener for `service` on a port of the proxy's choosing
+    /// ([`Proxy::upstream`] tells which).
+    pub fn upstream(self, service: &str) -> Self {
+        self.arg("--upstream").arg(format!("{service}={ANY_PORT}"))
+    }
+
+    /// Starts the proxy and waits until every listener is bound.
+    pub async fn start(self) -> anyhow::Result<Proxy> {
         let dir = tempfile::Builder::new()
             .prefix("ferrule-proxy-")
             .tempdir()?;
-        let (admin, inbound, outbound) = (free_addr(), free_addr(), free_addr());
         let mut cmd = Command::new(binary("ferrule-proxy")?);
-        cmd.arg("--admin-addr")
-            .arg(admin.to_string())
-            .arg("--inbound-addr")
-            .arg(inbound.to_string())
-            .arg("--outbound-addr")
-            .arg(outbound.to_string())
+        // The outbound listener is not bound in explicit mode; port 0 keeps it from ever
+        // asking for a fixed one.
+        cmd.args(["--admin-addr", ANY_PORT, "--inbound-addr", ANY_PORT])
+            .args(["--outbound-addr", ANY_PORT])
             .args(&self.args)
             .env("RUST_LOG", "info,ferrule_proxy=debug");
         let log = dir.path().join(format!("{}.log", self.name));
-        let process = Process::spawn(&self.name, cmd, &log)?;
-        let proxy = Proxy {
+        let mut process = Process::spawn(&self.name, cmd, &log)?;
+        let listeners: Listeners = process
+            .ready("ferrule-proxy", Duration::from_secs(20))
+            .await?;
+        Ok(Proxy {
             process,
-            admin,
-            inbound,
-            outbound,
+            admin: listeners.admin,
+            inbound: listeners.inbound.into_iter().collect(),
+            upstreams: listeners.upstreams.into_iter().collect(),
             _dir: dir,
-        };
-        if let Err(e) = wait_for_port(admin, Duration::from_secs(20)) {
-            anyhow::bail!("{e}; proxy log:\n{}", proxy.process.log());
-        }
-        Ok(proxy)
+        })
     }
 }

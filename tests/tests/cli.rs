@@ -42,7 +42,11 @@ fn endpoints(controller: &Controller, service: &str) -> Result<Vec<(String, u64)
     Ok(eps)
 }
 
-fn register(controller: &Controller, dir: &std::path::Path, args: &[&str]) -> Result<Process> {
+async fn register(
+    controller: &Controller,
+    dir: &std::path::Path,
+    args: &[&str],
+) -> Result<Process> {
     let mut cmd = Command::new(binary("ferrule")?);
     cmd.arg("--controller")
         .arg(controller.grpc.to_string())
@@ -53,14 +57,15 @@ fn register(controller: &Controller, dir: &std::path::Path, args: &[&str]) -> Re
         cmd,
         &dir.join(format!("register-{}.log", args[1].replace(':', "_"))),
     )?;
-    p.wait_for_line("registered ", Duration::from_secs(10))?;
+    p.wait_for_line("registered ", Duration::from_secs(10))
+        .await?;
     Ok(p)
 }
 
 #[tokio::test]
 async fn register_then_list_then_stop() -> Result<()> {
-    let etcd = Etcd::start()?;
-    let controller = Controller::start(&etcd.url())?;
+    let etcd = Etcd::start().await?;
+    let controller = Controller::start(&etcd.url()).await?;
     let dir = tempfile::tempdir()?;
 
     // Ctrl-C/SIGTERM deregisters at once.
@@ -68,7 +73,8 @@ async fn register_then_list_then_stop() -> Result<()> {
         &controller,
         dir.path(),
         &["user", "127.0.0.1:9001", "--label", "tier=db"],
-    )?;
+    )
+    .await?;
     assert_eq!(
         endpoints(&controller, "user")?,
         [("127.0.0.1".to_string(), 9001)]
@@ -76,7 +82,7 @@ async fn register_then_list_then_stop() -> Result<()> {
     let out = ferrule(&controller, &["get", "services"])?;
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.contains("NAME") && table.contains("user"), "{table}");
-    first.terminate(Duration::from_secs(5))?;
+    first.terminate(Duration::from_secs(5)).await?;
     assert!(
         endpoints(&controller, "user")?.is_empty(),
         "deregistered on SIGTERM"
@@ -87,7 +93,8 @@ async fn register_then_list_then_stop() -> Result<()> {
         &controller,
         dir.path(),
         &["user", "127.0.0.1:9002", "--ttl", "2s"],
-    )?;
+    )
+    .await?;
     assert_eq!(
         endpoints(&controller, "user")?,
         [("127.0.0.1".to_string(), 9002)]
@@ -106,7 +113,7 @@ async fn register_then_list_then_stop() -> Result<()> {
 
 #[tokio::test]
 async fn bad_input_names_the_argument() -> Result<()> {
-    let controller = Controller::start("memory")?;
+    let controller = Controller::start("memory").await?;
     let cases: [(&[&str], &str); 4] = [
         (&["register", "user", "127.0.0.1"], "ADDR"),
         (
@@ -133,7 +140,7 @@ async fn bad_input_names_the_argument() -> Result<()> {
     assert!(endpoints(&controller, "nobody")?.is_empty());
 
     // An unreachable controller: one clear line and a non-zero exit.
-    let dead = ferrule_harness::free_addr();
+    let (_refusing, dead) = ferrule_harness::refusing_addr()?;
     let out = Command::new(binary("ferrule")?)
         .args(["--controller", &dead.to_string(), "get", "services"])
         .output()?;

@@ -84,8 +84,8 @@ fn stored(controller: &Controller) -> Result<(i64, usize)> {
 
 #[tokio::test]
 async fn apply_get_diff_history_rollback_delete() -> Result<()> {
-    let etcd = Etcd::start()?;
-    let controller = Controller::start(&etcd.url())?;
+    let etcd = Etcd::start().await?;
+    let controller = Controller::start(&etcd.url()).await?;
     let dir = tempfile::tempdir()?;
     let both = write(
         dir.path(),
@@ -177,7 +177,7 @@ async fn apply_get_diff_history_rollback_delete() -> Result<()> {
 
 #[tokio::test]
 async fn invalid_resources_are_refused_naming_the_field() -> Result<()> {
-    let controller = Controller::start("memory")?;
+    let controller = Controller::start("memory").await?;
     let dir = tempfile::tempdir()?;
     let good = write(dir.path(), "good.yaml", &format!("{POLICY}---\n{CANARY}"))?;
     ok(ferrule(&controller, &["apply", "-f", &good])?)?;

@@ -86,7 +86,7 @@ async fn endpoints_of(controller: &Controller, service: &str) -> Result<Vec<u32>
 /// Snapshot first, then an add, a deregistration and a lease expiry, each within a second of
 /// the store event.
 async fn discovery_follows_registrations(store: &str) -> Result<()> {
-    let controller = Controller::start(store)?;
+    let controller = Controller::start(store).await?;
     register(&controller, endpoint("user", 9001), 30).await?;
 
     let mut stream = watch(&controller, "user").await?;
@@ -121,7 +121,7 @@ async fn discovery_follows_registrations(store: &str) -> Result<()> {
 
 #[tokio::test]
 async fn discovery_follows_registrations_on_etcd() -> Result<()> {
-    let etcd = Etcd::start()?;
+    let etcd = Etcd::start().await?;
     discovery_follows_registrations(&etcd.url()).await
 }
 
@@ -134,9 +134,9 @@ async fn discovery_follows_registrations_on_memory() -> Result<()> {
 /// through the other, and both streams see the same changes.
 #[tokio::test]
 async fn two_controllers_agree() -> Result<()> {
-    let etcd = Etcd::start()?;
-    let a = Controller::start(&etcd.url())?;
-    let b = Controller::start(&etcd.url())?;
+    let etcd = Etcd::start().await?;
+    let a = Controller::start(&etcd.url()).await?;
+    let b = Controller::start(&etcd.url()).await?;
 
     let mut on_a = watch(&a, "order").await?;
     let mut on_b = watch(&b, "order").await?;
@@ -176,13 +176,13 @@ async fn two_controllers_agree() -> Result<()> {
 /// (the stream stays open) and then sees every change made after etcd returns, once.
 #[tokio::test]
 async fn discovery_survives_etcd_restart() -> Result<()> {
-    let mut etcd = Etcd::start()?;
-    let controller = Controller::start(&etcd.url())?;
+    let mut etcd = Etcd::start().await?;
+    let controller = Controller::start(&etcd.url()).await?;
     register(&controller, endpoint("payment", 9200), 60).await?;
     let mut stream = watch(&controller, "payment").await?;
     assert_eq!(ports(&next(&mut stream, WATCH_BOUND).await?).0, [9200]);
 
-    etcd.restart()?;
+    etcd.restart().await?;
     let lease = ferrule_harness::eventually(Duration::from_secs(15), "etcd back", || {
         let controller = &controller;
         async move {
@@ -209,7 +209,7 @@ async fn discovery_survives_etcd_restart() -> Result<()> {
 /// field; a store URL that cannot be parsed stops the controller with a clear message.
 #[tokio::test]
 async fn bad_input_is_refused_clearly() -> Result<()> {
-    let controller = Controller::start("memory")?;
+    let controller = Controller::start("memory").await?;
     assert!(endpoints_of(&controller, "nobody").await?.is_empty());
 
     let mut registry = RegistryClient::connect(controller.url()).await?;
@@ -246,7 +246,7 @@ async fn bad_input_is_refused_clearly() -> Result<()> {
 /// replica) and exits, instead of holding them open while it drains.
 #[tokio::test]
 async fn shutdown_ends_streams() -> Result<()> {
-    let controller = Controller::start("memory")?;
+    let controller = Controller::start("memory").await?;
     let mut stream = watch(&controller, "user").await?;
     next(&mut stream, WATCH_BOUND).await?;
     let lease = register(&controller, endpoint("user", 9300), 30).await?;
@@ -261,17 +261,10 @@ async fn shutdown_ends_streams() -> Result<()> {
     assert!(acks.next().await.context("ack")??.found);
 
     drop(tx);
-    // Wait for the exit off the runtime: the client connections need it to answer GOAWAY.
+    // The wait is async: the client connections need the runtime to answer GOAWAY meanwhile.
     let stopping = std::time::Instant::now();
-    let (status, _controller) = tokio::task::spawn_blocking(move || {
-        let mut controller = controller;
-        (
-            controller.process.terminate(Duration::from_secs(5)),
-            controller,
-        )
-    })
-    .await?;
-    let status = status?;
+    let mut controller = controller;
+    let status = controller.process.terminate(Duration::from_secs(5)).await?;
     assert!(status.success(), "{status}");
     assert!(
         stopping.elapsed() < Duration::from_secs(3),

@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use ferrule_harness::backend::HttpBackend;
-use ferrule_harness::{Proxy, eventually, free_addr, http1};
+use ferrule_harness::{Proxy, eventually, http1};
 use http_body_util::Full;
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -34,22 +34,23 @@ impl Mesh {
             let backend = HttpBackend::start(&format!("web-{i}")).await?;
             let server = Proxy::builder(&format!("web-{i}-proxy"))
                 .args(["--service", "web", "--app-addr", &backend.addr.to_string()])
-                .start()?;
+                .start()
+                .await?;
             backends.push(backend);
             servers.push(server);
         }
-        let upstream = free_addr();
         let mut client = Proxy::builder("client-proxy")
-            .args(["--upstream", &format!("web={upstream}")])
+            .upstream("web")
             .args(["--balancer", "round-robin"]);
         for server in &servers {
             client = client.args([
                 "--static-endpoint",
-                &format!("web={}/meshed", server.inbound),
+                &format!("web={}/meshed", server.inbound[""]),
             ]);
         }
-        let client = client.start()?;
+        let client = client.start().await?;
         client.wait_ready(WAIT).await?;
+        let upstream = client.upstream("web")?;
         let mesh = Mesh {
             backends,
             servers,

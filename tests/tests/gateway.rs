@@ -12,7 +12,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use ferrule_harness::{
-    Controller, Process, Proxy, Reply, binary, eventually, free_addr, http_get, http1,
+    ANY_PORT, Controller, Process, Proxy, Reply, binary, eventually, http_get, http1,
+    on_chosen_ports,
 };
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
@@ -98,13 +99,28 @@ struct Gateway {
 }
 
 /// Starts `ferrule-proxy gateway` with [`CONFIG`] and waits until it is ready.
+///
+/// The gateway does not report the ports it bound (it has no ready line yet), so they are
+/// chosen up front, and chosen again if one was taken meanwhile.
 async fn start_gateway(controller: &Controller) -> Result<Gateway> {
+    on_chosen_ports("gateway", |[listen, admin]| async move {
+        start_gateway_on(controller, listen, admin).await
+    })
+    .await
+}
+
+async fn start_gateway_on(
+    controller: &Controller,
+    listen: SocketAddr,
+    admin: SocketAddr,
+) -> Result<Gateway> {
     let dir = tempfile::Builder::new()
         .prefix("ferrule-gateway-")
         .tempdir()?;
     let config = dir.path().join("gateway.yaml");
     std::fs::write(&config, CONFIG)?;
-    let (listen, admin) = (free_addr(), free_addr());
+    // Unique, so the admin port is known to be this gateway's and not another test's proxy.
+    let proxy_id = format!("gateway-test-{}-{}", std::process::id(), admin.port());
     let mut cmd = Command::new(binary("ferrule-proxy")?);
     cmd.arg("gateway")
         .arg("--config")
@@ -112,6 +128,7 @@ async fn start_gateway(controller: &Controller) -> Result<Gateway> {
         .args(["--controller", &controller.grpc.to_string()])
         .args(["--listen", &listen.to_string()])
         .args(["--admin-addr", &admin.to_string()])
+        .args(["--proxy-id", &proxy_id])
         .args([
             "--endpoint-wait",
             "2s",
@@ -122,18 +139,33 @@ async fn start_gateway(controller: &Controller) -> Result<Gateway> {
         .env("GATEWAY_TEST_JWT_SECRET", SECRET)
         .env("RUST_LOG", "info,ferrule_proxy=debug");
     let process = Process::spawn("gateway", cmd, &dir.path().join("gateway.log"))?;
-    let gateway = Gateway {
+    let mut gateway = Gateway {
         process,
         listen,
         admin,
         _dir: dir,
     };
-    eventually(Duration::from_secs(20), "gateway /ready", || async move {
-        matches!(http_get(admin, "/ready").await, Ok((200, _))).then_some(())
-    })
-    .await
-    .map_err(|e| anyhow::anyhow!("{e}; gateway log:\n{}", gateway.process.log()))?;
-    Ok(gateway)
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if !gateway.process.running() {
+            anyhow::bail!("the gateway exited; log:\n{}", gateway.process.log());
+        }
+        let ours = match http_get(admin, "/config").await {
+            Ok((200, body)) => serde_json::from_str::<Value>(&body)
+                .is_ok_and(|config| config["proxy_id"] == proxy_id.as_str()),
+            _ => false,
+        };
+        if ours && matches!(http_get(admin, "/ready").await, Ok((200, _))) {
+            return Ok(gateway);
+        }
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!(
+                "the gateway was not ready within 20s; log:\n{}",
+                gateway.process.log()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 fn now() -> i64 {
@@ -183,7 +215,7 @@ fn json_body(reply: &Reply) -> Result<Value> {
 
 #[tokio::test]
 async fn gateway_routes_authenticates_and_limits() -> Result<()> {
-    let controller = Controller::start("memory")?;
+    let controller = Controller::start("memory").await?;
     let (app, _app_task) = start_app().await?;
     let sidecar = Proxy::builder("user-proxy")
         .args([
@@ -194,7 +226,8 @@ async fn gateway_routes_authenticates_and_limits() -> Result<()> {
         ])
         .args(["--app-port", &format!("http={app}")])
         .args(["--register-ttl", "3s", "--health-interval", "200ms"])
-        .start()?;
+        .start()
+        .await?;
     sidecar.wait_ready(Duration::from_secs(20)).await?;
     let mut gw = start_gateway(&controller).await?;
 
@@ -359,7 +392,7 @@ async fn gateway_routes_authenticates_and_limits() -> Result<()> {
     assert_eq!(config["listeners"]["listen"], gw.listen.to_string());
 
     // Graceful shutdown on SIGTERM.
-    let status = gw.process.terminate(Duration::from_secs(10))?;
+    let status = gw.process.terminate(Duration::from_secs(10)).await?;
     assert!(status.success(), "{status}; log:\n{}", gw.process.log());
     Ok(())
 }
@@ -378,7 +411,7 @@ async fn a_bad_config_is_refused_naming_the_field() -> Result<()> {
             .arg("gateway")
             .arg("--config")
             .arg(&config)
-            .args(["--admin-addr", &free_addr().to_string()])
+            .args(["--admin-addr", ANY_PORT])
             .output(),
     )
     .await??;

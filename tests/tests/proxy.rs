@@ -11,13 +11,13 @@ use bytes::Bytes;
 use ferrule_harness::backend::echo::echo_client::EchoClient;
 use ferrule_harness::backend::echo::{EchoMessage, EchoRequestCount};
 use ferrule_harness::backend::{GrpcBackend, HttpBackend, TcpEcho};
-use ferrule_harness::{Controller, Etcd, Proxy, eventually, free_addr, get, http1, http2};
+use ferrule_harness::{Controller, Etcd, Proxy, eventually, get, http1, http2, on_chosen_ports};
 use futures::StreamExt;
 use http_body_util::Full;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A server-side sidecar registering `app` as `service`.
-fn server_proxy(
+async fn server_proxy(
     controller: &Controller,
     service: &str,
     app: SocketAddr,
@@ -34,10 +34,11 @@ fn server_proxy(
         .args(["--register-ttl", "3s", "--health-interval", "200ms"])
         .args(extra.iter().copied())
         .start()
+        .await
 }
 
 /// A client-side sidecar with one local listener per upstream; returns it and the listeners.
-fn client_proxy(
+async fn client_proxy(
     controller: &Controller,
     upstreams: &[&str],
     extra: &[&str],
@@ -46,13 +47,12 @@ fn client_proxy(
         .args(["--controller", &controller.grpc.to_string()])
         .args(["--endpoint-wait", "1s"])
         .args(extra.iter().copied());
-    let mut listeners = BTreeMap::new();
     for up in upstreams {
-        let addr = free_addr();
-        builder = builder.arg("--upstream").arg(format!("{up}={addr}"));
-        listeners.insert(up.to_string(), addr);
+        builder = builder.upstream(up);
     }
-    Ok((builder.start()?, listeners))
+    let proxy = builder.start().await?;
+    let listeners = proxy.upstreams.clone();
+    Ok((proxy, listeners))
 }
 
 /// Waits until `service` has `n` registered endpoints.
@@ -81,29 +81,35 @@ async fn wait_endpoints(controller: &Controller, service: &str, n: usize) -> Res
 
 #[tokio::test]
 async fn protocols_through_a_proxy_pair() -> Result<()> {
-    let etcd = Etcd::start()?;
-    let controller = Controller::start(&etcd.url())?;
+    let etcd = Etcd::start().await?;
+    let controller = Controller::start(&etcd.url()).await?;
     let web = HttpBackend::start("web-1").await?;
     let grpc = GrpcBackend::start("echo-1").await?;
     let tcp = TcpEcho::start().await?;
-    let _web_proxy = server_proxy(&controller, "web", web.addr, &["--health-path", "/health"])?;
-    let _grpc_proxy = server_proxy(&controller, "echo", grpc.addr, &[])?;
+    let _web_proxy =
+        server_proxy(&controller, "web", web.addr, &["--health-path", "/health"]).await?;
+    let _grpc_proxy = server_proxy(&controller, "echo", grpc.addr, &[]).await?;
     let tcp_port = tcp.addr.port().to_string();
-    let _tcp_proxy = server_proxy(&controller, "raw", tcp.addr, &["--opaque-ports", &tcp_port])?;
+    let _tcp_proxy =
+        server_proxy(&controller, "raw", tcp.addr, &["--opaque-ports", &tcp_port]).await?;
     for svc in ["web", "echo", "raw"] {
         wait_endpoints(&controller, svc, 1).await?;
     }
-    let raw_local = free_addr();
-    let (client, up) = client_proxy(
-        &controller,
-        &["web", "echo"],
-        &[
-            "--upstream",
-            &format!("raw={raw_local}"),
-            "--opaque-ports",
-            &raw_local.port().to_string(),
-        ],
-    )?;
+    // `--opaque-ports` names the raw listener's port, so that one is chosen up front.
+    let (client, up) = on_chosen_ports("client-proxy", |[raw_local]| {
+        let controller = &controller;
+        async move {
+            let opaque = [
+                "--upstream",
+                &format!("raw={raw_local}"),
+                "--opaque-ports",
+                &raw_local.port().to_string(),
+            ];
+            client_proxy(controller, &["web", "echo"], &opaque).await
+        }
+    })
+    .await?;
+    let raw_local = up["raw"];
     client.wait_ready(Duration::from_secs(10)).await?;
 
     // HTTP/1.1 in, carried as h2 between the proxies, HTTP/1.1 again to the app.
@@ -233,8 +239,8 @@ async fn read_until(s: &mut tokio::net::TcpStream, end: &[u8]) -> Result<String>
 /// costs the client no failed request.
 #[tokio::test]
 async fn balancing_and_endpoint_churn() -> Result<()> {
-    let etcd = Etcd::start()?;
-    let controller = Controller::start(&etcd.url())?;
+    let etcd = Etcd::start().await?;
+    let controller = Controller::start(&etcd.url()).await?;
     let backends = [
         HttpBackend::start("b1").await?,
         HttpBackend::start("b2").await?,
@@ -242,15 +248,11 @@ async fn balancing_and_endpoint_churn() -> Result<()> {
     ];
     let mut proxies = Vec::new();
     for b in &backends {
-        proxies.push(server_proxy(
-            &controller,
-            "web",
-            b.addr,
-            &["--health-path", "/health"],
-        )?);
+        proxies
+            .push(server_proxy(&controller, "web", b.addr, &["--health-path", "/health"]).await?);
     }
     wait_endpoints(&controller, "web", 3).await?;
-    let (client, up) = client_proxy(&controller, &["web"], &[])?;
+    let (client, up) = client_proxy(&controller, &["web"], &[]).await?;
     client.wait_ready(Duration::from_secs(10)).await?;
     let web = up["web"];
 
@@ -293,7 +295,7 @@ async fn balancing_and_endpoint_churn() -> Result<()> {
         failures
     });
     let mut first = proxies.remove(0);
-    first.process.terminate(Duration::from_secs(15))?;
+    first.process.terminate(Duration::from_secs(15)).await?;
     assert_eq!(
         stop.await?,
         0,
@@ -346,12 +348,12 @@ async fn balancing_and_endpoint_churn() -> Result<()> {
 /// With the controller gone, traffic keeps flowing on the last known endpoints.
 #[tokio::test]
 async fn controller_outage_keeps_traffic_flowing() -> Result<()> {
-    let etcd = Etcd::start()?;
-    let mut controller = Controller::start(&etcd.url())?;
+    let etcd = Etcd::start().await?;
+    let mut controller = Controller::start(&etcd.url()).await?;
     let web = HttpBackend::start("w").await?;
-    let _server = server_proxy(&controller, "web", web.addr, &["--health-path", "/health"])?;
+    let _server = server_proxy(&controller, "web", web.addr, &["--health-path", "/health"]).await?;
     wait_endpoints(&controller, "web", 1).await?;
-    let (client, up) = client_proxy(&controller, &["web"], &[])?;
+    let (client, up) = client_proxy(&controller, &["web"], &[]).await?;
     client.wait_ready(Duration::from_secs(10)).await?;
     assert_eq!(http1(up["web"], get("web", "/")).await?.status, 200);
 
@@ -366,11 +368,11 @@ async fn controller_outage_keeps_traffic_flowing() -> Result<()> {
 /// The proxy's own errors explain themselves; /metrics parses and counts what was sent.
 #[tokio::test]
 async fn errors_and_metrics() -> Result<()> {
-    let controller = Controller::start("memory")?;
+    let controller = Controller::start("memory").await?;
     let web = HttpBackend::start("w").await?;
-    let _server = server_proxy(&controller, "web", web.addr, &["--health-path", "/health"])?;
+    let _server = server_proxy(&controller, "web", web.addr, &["--health-path", "/health"]).await?;
     wait_endpoints(&controller, "web", 1).await?;
-    let (client, up) = client_proxy(&controller, &["web", "ghost"], &[])?;
+    let (client, up) = client_proxy(&controller, &["web", "ghost"], &[]).await?;
 
     // Unknown service: 503 naming it.
     let reply = http1(up["ghost"], get("ghost", "/")).await?;

@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use ferrule_harness::backend::HttpBackend;
-use ferrule_harness::{Controller, Etcd, Proxy, binary, eventually, free_addr};
+use ferrule_harness::{Controller, Etcd, Proxy, binary, eventually};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 
@@ -125,23 +125,24 @@ struct Mesh {
 
 impl Mesh {
     async fn start() -> Result<Mesh> {
-        let etcd = Etcd::start()?;
-        let controller = Controller::start(&etcd.url())?;
+        let etcd = Etcd::start().await?;
+        let controller = Controller::start(&etcd.url()).await?;
         let mut web = Vec::new();
         let mut servers = Vec::new();
         for i in 1..=3 {
             let backend = HttpBackend::start(&format!("web-{i}")).await?;
-            servers.push(server_proxy(&controller, "web", backend.addr)?);
+            servers.push(server_proxy(&controller, "web", backend.addr).await?);
             web.push(backend);
         }
         let v2 = HttpBackend::start("web-v2").await?;
-        servers.push(server_proxy(&controller, "web-v2", v2.addr)?);
-        let upstream = free_addr();
+        servers.push(server_proxy(&controller, "web-v2", v2.addr).await?);
         let client = Proxy::builder("client-proxy")
             .args(["--controller", &controller.grpc.to_string()])
             .args(["--endpoint-wait", "2s", "--balancer", "round-robin"])
-            .args(["--upstream", &format!("web={upstream}")])
-            .start()?;
+            .upstream("web")
+            .start()
+            .await?;
+        let upstream = client.upstream("web")?;
         client.wait_ready(WAIT).await?;
         for server in &servers {
             server.wait_ready(WAIT).await?;
@@ -185,13 +186,14 @@ impl Mesh {
     }
 }
 
-fn server_proxy(controller: &Controller, service: &str, app: SocketAddr) -> Result<Proxy> {
+async fn server_proxy(controller: &Controller, service: &str, app: SocketAddr) -> Result<Proxy> {
     Proxy::builder(&format!("{service}-proxy"))
         .args(["--controller", &controller.grpc.to_string()])
         .args(["--service", service, "--app-addr", &app.to_string()])
         .args(["--register-ttl", "3s", "--health-interval", "200ms"])
         .args(["--health-path", "/health"])
         .start()
+        .await
 }
 
 /// `web`'s policy: retries of 503s within a budget, breakers off unless `breaker` is given.

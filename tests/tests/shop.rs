@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail, ensure};
 use bytes::Bytes;
-use ferrule_harness::{Process, Reply, binary, eventually, free_addr, http_get, http1};
+use ferrule_harness::{ANY_PORT, Process, Reply, binary, eventually, http_get, http1};
 use ferrule_proto::v1::{ListEndpointsRequest, admin_client::AdminClient};
 use http::Request;
 use http_body_util::Full;
@@ -36,13 +36,12 @@ struct Mesh {
 }
 
 impl Mesh {
-    fn up() -> Result<Mesh> {
+    async fn up() -> Result<Mesh> {
         let dir = tempfile::Builder::new().prefix("ferrule-shop-").tempdir()?;
         let state_dir = dir.path().join("state");
-        let gateway = free_addr();
         let mut cmd = Command::new(binary("ferrule")?);
-        cmd.args(["dev", "up", "--quiet", "--gateway-addr"])
-            .arg(gateway.to_string())
+        // Port 0: `dev up` reads the port the gateway got back and writes it to dev.json.
+        cmd.args(["dev", "up", "--quiet", "--gateway-addr", ANY_PORT])
             .arg("--state-dir")
             .arg(&state_dir);
         let process = Process::spawn("ferrule dev up", cmd, &dir.path().join("dev-up.log"))?;
@@ -50,13 +49,17 @@ impl Mesh {
         let mut mesh = Mesh {
             process,
             state_dir,
-            gateway,
+            gateway: ANY_PORT.parse()?,
             state: Value::Null,
             _dir: dir,
         };
-        mesh.process.wait_for_line("ready:", UP_WITHIN)?;
+        mesh.process.wait_for_line("ready:", UP_WITHIN).await?;
         let json = std::fs::read(mesh.state_dir.join("dev.json")).context("reading dev.json")?;
         mesh.state = serde_json::from_slice(&json).context("parsing dev.json")?;
+        mesh.gateway = mesh.state["gateway"]
+            .as_str()
+            .and_then(|a| a.parse().ok())
+            .context("the gateway's address in dev.json")?;
         Ok(mesh)
     }
 
@@ -233,7 +236,7 @@ async fn let_the_rate_limit_refill() {
 
 #[tokio::test]
 async fn the_shop_walkthrough_through_dev_up() -> Result<()> {
-    let mesh = Mesh::up()?;
+    let mesh = Mesh::up().await?;
 
     // Log in: /login is public.
     let reply = mesh

@@ -2,9 +2,14 @@
 //! command and no setup.
 //!
 //! `dev up` starts the binaries that sit next to `ferrule` (it builds nothing; `make demo`
-//! does): [`plan`] lays out the processes and their loopback ports, [`supervisor`] runs them
-//! and streams their logs, [`state`] records them in `<state dir>/dev.json`, and
-//! [`walkthrough`] is what it prints once everything is ready. It runs until Ctrl-C or SIGTERM.
+//! does): [`plan`] says what each process is started with, [`supervisor`] runs them, reads
+//! the ports they bound from their ready lines and streams their logs, [`state`] records them
+//! in `<state dir>/dev.json`, and [`walkthrough`] is what it prints once everything is ready. It
+//! runs until Ctrl-C or SIGTERM.
+//!
+//! Start-up order follows who needs whose address: the controller; the apps; each app's
+//! sidecar (pointed at the ports its app reported); the gateway; then `dev up` waits until
+//! every sidecar and the gateway answer `/ready`.
 //! `dev down` stops a mesh that is still running from a state dir, through `dev.json`.
 
 mod plan;
@@ -12,7 +17,7 @@ mod state;
 mod supervisor;
 mod walkthrough;
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -21,7 +26,7 @@ use clap::{Args, Subcommand};
 use rustix::process::Signal;
 use tokio::signal::unix::{SignalKind, signal};
 
-use self::plan::{BINARIES, Options, Plan};
+use self::plan::{App, AppAddrs, BINARIES, ControllerAddrs, Options, ProxyAddrs};
 use self::state::{DevState, ProcessRecord};
 use self::supervisor::{StartupError, Supervisor};
 
@@ -29,6 +34,8 @@ use self::supervisor::{StartupError, Supervisor};
 const STOP_GRACE: Duration = Duration::from_secs(10);
 /// Lines of a failed process's log shown when start-up fails.
 const LOG_TAIL: usize = 25;
+/// Starts of a process whose ports had to be chosen before it started, when they were taken.
+const PORT_ATTEMPTS: usize = 3;
 
 #[derive(Debug, Args)]
 pub struct DevArgs {
@@ -121,9 +128,9 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         etcd: args.etcd,
         jwt_secret: random_secret(),
     };
-    let plan = free_ports_plan(&opts)?;
-    std::fs::write(&plan.gateway_config, &plan.gateway_yaml)
-        .with_context(|| format!("writing {}", plan.gateway_config.display()))?;
+    let gateway_config = plan::gateway_config(&opts);
+    std::fs::write(&gateway_config, plan::gateway_yaml(opts.gateway))
+        .with_context(|| format!("writing {}", gateway_config.display()))?;
 
     // Installed before anything starts, so a Ctrl-C during start-up still stops cleanly.
     let mut sigterm = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
@@ -144,24 +151,31 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
             admin: None,
             database: None,
         },
-        controller: plan.controller,
-        gateway: plan.gateway,
+        // Both known once they have started.
+        controller: plan::ANY_PORT,
+        gateway: opts.gateway,
         processes: Vec::new(),
     };
+    let apps = plan::apps(&opts, supervisor::chosen_addrs()?);
+    let mut names = vec!["controller".to_string(), "gateway".to_string()];
+    names.extend(
+        apps.iter()
+            .flat_map(|a| [a.instance.clone(), a.sidecar_name()]),
+    );
     let mut sup = Supervisor::new(
         state,
         &state_dir,
         args.quiet,
-        plan.processes.iter().map(|s| s.name.as_str()),
+        names.iter().map(String::as_str),
     );
     println!(
         "starting {} processes; logs in {}",
-        plan.processes.len(),
+        names.len(),
         state_dir.join("logs").display()
     );
 
     let started = tokio::select! {
-        started = start(&mut sup, &plan, args.ready_timeout) => started,
+        started = start(&mut sup, &opts, apps, args.ready_timeout) => started,
         signal = stop_signal() => {
             println!("{signal} received during start-up: stopping");
             sup.stop(STOP_GRACE).await;
@@ -171,11 +185,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     if let Err(err) = started {
         sup.stop(STOP_GRACE).await;
         if let Some(err) = err.downcast_ref::<StartupError>() {
-            let names = match err {
-                StartupError::Exited { name, .. } => vec![name.clone()],
-                StartupError::NotReady { names, .. } => names.clone(),
-            };
-            for name in names {
+            for name in err.names() {
                 eprintln!(
                     "--- last lines of {name}'s log ---\n{}",
                     sup.log_tail(&name, LOG_TAIL)
@@ -199,20 +209,133 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Starts the controller, waits for it, then everything else, and waits for all to be ready.
-async fn start(sup: &mut Supervisor, plan: &Plan, within: Duration) -> anyhow::Result<()> {
-    let (controller, clients) = plan
-        .processes
-        .split_first()
-        .context("the plan starts nothing")?;
-    sup.spawn(controller)?;
-    // The proxies back off while the controller is unreachable: start them once it answers.
-    sup.wait_ready(within).await?;
-    for spec in clients {
-        sup.spawn(spec)?;
+/// Starts the mesh in the order the module documentation gives, and waits until it is ready.
+async fn start(
+    sup: &mut Supervisor,
+    opts: &Options,
+    apps: Vec<App>,
+    within: Duration,
+) -> anyhow::Result<()> {
+    sup.spawn(&plan::controller(opts))?;
+    let controller = sup
+        .ready_line::<ControllerAddrs>("controller", within)
+        .await?
+        .grpc;
+    sup.set_addresses(controller, opts.gateway)?;
+    for app in &apps {
+        sup.spawn(&app.spec(opts))?;
     }
+    for app in &apps {
+        let bound = sup.ready_line(&app.instance, within).await?;
+        sup.spawn(&app.sidecar(opts, controller, bound))?;
+    }
+    for app in &apps {
+        let mut app = app.clone();
+        let mut attempt = 1;
+        // Only `order`'s sidecar binds ports chosen before it started; if one was taken
+        // meanwhile, `order` and its sidecar start again on new ones.
+        loop {
+            match sup
+                .ready_line::<ProxyAddrs>(&app.sidecar_name(), within)
+                .await
+            {
+                Ok(proxy) => {
+                    sup.set_admin(&app.sidecar_name(), proxy.admin)?;
+                    break;
+                }
+                Err(StartupError::Exited { .. })
+                    if app.has_chosen_ports()
+                        && attempt < PORT_ATTEMPTS
+                        && sup.lost_a_port(&app.sidecar_name()) =>
+                {
+                    println!(
+                        "{}: a chosen port was taken; starting it again",
+                        app.instance
+                    );
+                    attempt += 1;
+                    sup.discard(&app.sidecar_name()).await;
+                    sup.discard(&app.instance).await;
+                    app = plan::apps(opts, supervisor::chosen_addrs()?)
+                        .into_iter()
+                        .find(|a| a.instance == app.instance)
+                        .context("the app is still in the plan")?;
+                    sup.spawn(&app.spec(opts))?;
+                    let bound: AppAddrs = sup.ready_line(&app.instance, within).await?;
+                    sup.spawn(&app.sidecar(opts, controller, bound))?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    let gateway = start_gateway(sup, opts, controller, within).await?;
+    sup.set_addresses(controller, gateway)?;
     sup.wait_ready(within).await?;
     Ok(())
+}
+
+/// Starts the gateway and returns the address it listens on. It prints no ready line, so its
+/// admin port is chosen up front (and chosen again if it was taken).
+async fn start_gateway(
+    sup: &mut Supervisor,
+    opts: &Options,
+    controller: SocketAddr,
+    within: Duration,
+) -> anyhow::Result<SocketAddr> {
+    let mut attempt = 1;
+    loop {
+        let [admin] = supervisor::chosen_addrs()?;
+        sup.spawn(&plan::gateway(opts, controller, admin))?;
+        match gateway_listening(sup, opts, admin, within).await {
+            Ok(listen) => {
+                sup.set_admin("gateway", admin)?;
+                return Ok(listen);
+            }
+            Err(StartupError::Exited { .. })
+                if attempt < PORT_ATTEMPTS && sup.lost_a_port("gateway") =>
+            {
+                println!("gateway: its admin port was taken; starting it again");
+                attempt += 1;
+                sup.discard("gateway").await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Waits until the gateway's `/config` on `admin` shows that this admin port is really its own
+/// (and not another process's that took the port first), and returns where its client
+/// listener is bound.
+async fn gateway_listening(
+    sup: &mut Supervisor,
+    opts: &Options,
+    admin: SocketAddr,
+    within: Duration,
+) -> Result<SocketAddr, StartupError> {
+    let config_file = plan::gateway_config(opts);
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(config) = sup.get_json(admin, "/config").await
+            && plan::is_our_gateway(&config, &config_file, admin)
+            && let Some(listen) = config["listeners"]["listen"]
+                .as_str()
+                .and_then(|a| a.parse().ok())
+        {
+            return Ok(listen);
+        }
+        if let Some(status) = sup.exit_status("gateway") {
+            return Err(StartupError::Exited {
+                name: "gateway".into(),
+                status,
+            });
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(StartupError::NotReady {
+                names: vec!["gateway".into()],
+                within,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// A state dir serves one mesh at a time.
@@ -236,20 +359,6 @@ fn refuse_running_mesh(state_dir: &Path) -> anyhow::Result<()> {
     }
     DevState::remove(state_dir)?;
     Ok(())
-}
-
-/// Lays out the plan on ports the system hands out, all held until the plan is complete so no
-/// two listeners get the same one.
-fn free_ports_plan(opts: &Options) -> anyhow::Result<Plan> {
-    let mut held = Vec::new();
-    let plan = Plan::build(opts, || {
-        let listener = TcpListener::bind("127.0.0.1:0")?;
-        let port = listener.local_addr()?.port();
-        held.push(listener);
-        Ok(port)
-    })
-    .context("finding free loopback ports")?;
-    Ok(plan)
 }
 
 /// 32 random bytes, hex: the demo's JWT signing key, new on every start.

@@ -11,17 +11,17 @@ use tracing_subscriber::EnvFilter;
 /// Ferrule's controller: registrations, discovery and administration over gRPC, with all
 /// state in the store.
 #[derive(Debug, Parser)]
-#[command(name = "ferrule-controller", version)]
+#[command(name = "ferrule-controller", version, after_help = READY_HELP)]
 struct Config {
     /// Where state lives: `memory` (embedded, single process) or `etcd://host:port[,host:port...]`.
     #[arg(long, env = "FERRULE_STORE", default_value = "memory")]
     store: StoreUrl,
 
-    /// gRPC listener for proxies and the CLI.
+    /// gRPC listener for proxies and the CLI (port 0: any free port, see below).
     #[arg(long, env = "FERRULE_GRPC_ADDR", default_value = "127.0.0.1:8086")]
     grpc_addr: SocketAddr,
 
-    /// HTTP listener for /live, /ready and /metrics.
+    /// HTTP listener for /live, /ready and /metrics (port 0: any free port).
     #[arg(long, env = "FERRULE_ADMIN_ADDR", default_value = "127.0.0.1:9990")]
     admin_addr: SocketAddr,
 
@@ -37,10 +37,14 @@ async fn main() -> anyhow::Result<()> {
     if config.log_format == "json" {
         tracing_subscriber::fmt()
             .with_env_filter(filter)
+            .with_writer(std::io::stderr)
             .json()
             .init();
     } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
     }
 
     let store = ferrule_store::connect(&config.store)
@@ -53,11 +57,23 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding the admin listener on {}", config.admin_addr))?;
 
+    announce_ready(grpc.local_addr()?, admin.local_addr()?);
+
     let shutdown = CancellationToken::new();
     tokio::spawn(signal_shutdown(shutdown.clone()));
     ferrule_controller::serve(store, grpc, admin, shutdown).await?;
     tracing::info!("controller stopped");
     Ok(())
+}
+
+const READY_HELP: &str = "Once both listeners are bound it prints one line to stdout, \
+`ferrule-controller ready: {\"grpc\":\"IP:PORT\",\"admin\":\"IP:PORT\"}`, with the addresses \
+actually bound: start it with port 0 and read them from that line.";
+
+/// Prints the ready line [`READY_HELP`] describes (the logs go to stderr).
+fn announce_ready(grpc: SocketAddr, admin: SocketAddr) {
+    let listeners = serde_json::json!({ "grpc": grpc, "admin": admin });
+    println!("ferrule-controller ready: {listeners}");
 }
 
 /// Cancels `shutdown` on SIGINT or SIGTERM.

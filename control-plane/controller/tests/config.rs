@@ -130,7 +130,7 @@ async fn config_on_memory() -> Result<()> {
 
 #[tokio::test]
 async fn config_on_etcd() -> Result<()> {
-    let etcd = Etcd::start()?;
+    let etcd = Etcd::start().await?;
     let store = EtcdStore::connect(&[etcd.client_addr().to_string()]).await?;
     scenario(Arc::new(store)).await
 }
@@ -224,7 +224,7 @@ async fn stored_count(
 /// proxy's.
 #[tokio::test]
 async fn gateway_reaches_only_its_gateway_on_etcd() -> Result<()> {
-    let etcd = Etcd::start()?;
+    let etcd = Etcd::start().await?;
     let store = EtcdStore::connect(&[etcd.client_addr().to_string()]).await?;
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let http = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

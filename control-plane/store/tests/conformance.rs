@@ -29,7 +29,7 @@ async fn memory() -> Result<Fixture> {
 }
 
 async fn etcd() -> Result<Fixture> {
-    let etcd = Etcd::start()?;
+    let etcd = Etcd::start().await?;
     let store = EtcdStore::connect(&[etcd.client_addr().to_string()]).await?;
     Ok(Fixture {
         store: Arc::new(store),
@@ -281,7 +281,7 @@ conformance!(
 /// changes before the outage, and changes made after etcd came back.
 #[tokio::test]
 async fn etcd_watch_resumes_across_restart() -> Result<()> {
-    let mut etcd = Etcd::start()?;
+    let mut etcd = Etcd::start().await?;
     let store = EtcdStore::connect(&[etcd.client_addr().to_string()]).await?;
     let r0 = store.put("/x/seed", b"0".to_vec(), None).await?;
     let mut watch = store.watch("/x/", r0).await?;
@@ -294,7 +294,7 @@ async fn etcd_watch_resumes_across_restart() -> Result<()> {
         seen.push(next_event(&mut watch, WATCH_BOUND).await?.revision());
     }
 
-    etcd.restart()?;
+    etcd.restart().await?;
     // The client reconnects by itself; writes fail until it has.
     let mut after = Vec::new();
     for i in 0..3u8 {
@@ -328,7 +328,7 @@ async fn etcd_watch_resumes_across_restart() -> Result<()> {
 /// While etcd is down, a watch stays open (it does not end) and reads fail with Unavailable.
 #[tokio::test]
 async fn etcd_outage_is_unavailable_not_fatal() -> Result<()> {
-    let mut etcd = Etcd::start()?;
+    let mut etcd = Etcd::start().await?;
     let store = EtcdStore::connect(&[etcd.client_addr().to_string()]).await?;
     let r0 = store.put("/o/a", b"1".to_vec(), None).await?;
     let mut watch = store.watch("/o/", r0).await?;
@@ -342,7 +342,7 @@ async fn etcd_outage_is_unavailable_not_fatal() -> Result<()> {
         pending.is_err(),
         "the watch must stay open during the outage: {pending:?}"
     );
-    etcd.restart()?;
+    etcd.restart().await?;
     let rev = ferrule_harness::eventually(Duration::from_secs(15), "etcd back", || {
         let store = &store;
         async move { store.put("/o/b", b"2".to_vec(), None).await.ok() }

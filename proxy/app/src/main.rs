@@ -2,7 +2,7 @@
 //! down gracefully on SIGTERM, SIGINT or the admin `/shutdown` endpoint.
 
 use anyhow::Context as _;
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use ferrule_proxy::config::{Config, Mode};
 use ferrule_proxy::control::Controllers;
 use ferrule_proxy::discovery::Discovery;
@@ -11,7 +11,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let mut config = Config::parse();
+    let mut config = parse_config();
     if let Some(Mode::Gateway(args)) = config.mode.take() {
         return ferrule_proxy::gateway::run(args).await.context("gateway");
     }
@@ -32,6 +32,7 @@ async fn main() -> anyhow::Result<()> {
     let proxy = Proxy::start(config, discovery)
         .await
         .context("starting the proxy")?;
+    announce_ready(&proxy.addrs);
     let shutdown = proxy.shutdown_token();
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     tokio::spawn(async move {
@@ -44,4 +45,22 @@ async fn main() -> anyhow::Result<()> {
     });
     proxy.wait().await;
     Ok(())
+}
+
+const READY_HELP: &str = "Once every listener is bound the sidecar prints one line to stdout, \
+`ferrule-proxy ready: {JSON}`, with the addresses actually bound (as /config shows them under \
+`listeners`): start it with port 0 and read them from that line (docs/proxy.md).";
+
+/// [`Config`] from the command line, with the ready line in `--help`.
+fn parse_config() -> Config {
+    let matches = Config::command().after_help(READY_HELP).get_matches();
+    Config::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
+/// Prints the ready line [`READY_HELP`] describes (the logs go to stderr).
+fn announce_ready(addrs: &ferrule_proxy::sidecar::BoundAddrs) {
+    match serde_json::to_string(addrs) {
+        Ok(json) => println!("ferrule-proxy ready: {json}"),
+        Err(error) => tracing::error!(%error, "cannot print the ready line"),
+    }
 }

@@ -96,20 +96,28 @@ impl OrderApp {
 }
 
 /// Runs the order service as `config` says until `shutdown` is cancelled.
+/// Once listening it prints one line to stdout, `shop-order ready: {JSON}`, with the bound
+/// addresses ("http"), so a caller can configure port 0 and read the port back.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
     let upstreams = Upstreams {
         user: config.user_grpc_addr.clone(),
         payment: config.payment_grpc_addr.clone(),
     };
     let app = OrderApp::open(&config.db, upstreams)?;
+    let bind_error = |source| Error::Bind {
+        addr: config.http_addr,
+        source,
+    };
     let listener = TcpListener::bind(config.http_addr)
         .await
-        .map_err(|source| Error::Bind {
-            addr: config.http_addr,
-            source,
-        })?;
+        .map_err(bind_error)?;
+    let http_addr = listener.local_addr().map_err(bind_error)?;
+    println!(
+        "shop-order ready: {}",
+        serde_json::json!({ "http": http_addr })
+    );
     tracing::info!(
-        http = %config.http_addr,
+        http = %http_addr,
         db = %config.db.display(),
         user = %config.user_grpc_addr,
         payment = %config.payment_grpc_addr,

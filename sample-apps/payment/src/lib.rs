@@ -97,13 +97,19 @@ impl PaymentApp {
 }
 
 /// Runs the payment service as `config` says until `shutdown` is cancelled.
+/// Once listening it prints one line to stdout, `shop-payment ready: {JSON}`, with the bound
+/// addresses ("http" and "grpc"), so a caller can configure port 0 and read the port back.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
     let app = PaymentApp::open(&config.db, config.fail_rate)?;
-    let http = bind("HTTP", config.http_addr).await?;
-    let grpc = bind("gRPC", config.grpc_addr).await?;
+    let (http, http_addr) = bind("HTTP", config.http_addr).await?;
+    let (grpc, grpc_addr) = bind("gRPC", config.grpc_addr).await?;
+    println!(
+        "shop-payment ready: {}",
+        serde_json::json!({ "http": http_addr, "grpc": grpc_addr })
+    );
     tracing::info!(
-        http = %config.http_addr,
-        grpc = %config.grpc_addr,
+        http = %http_addr,
+        grpc = %grpc_addr,
         db = %config.db.display(),
         fail_rate = config.fail_rate.get(),
         "payment service listening"
@@ -111,8 +117,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     app.serve(http, grpc, shutdown).await
 }
 
-async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Error> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| Error::Bind { what, addr, source })
+/// Binds `addr`; returns the listener and the address it got (the port the system chose when
+/// `addr` has port 0).
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<(TcpListener, SocketAddr), Error> {
+    let error = |source| Error::Bind { what, addr, source };
+    let listener = TcpListener::bind(addr).await.map_err(error)?;
+    let bound = listener.local_addr().map_err(error)?;
+    Ok((listener, bound))
 }

@@ -109,17 +109,26 @@ impl UserApp {
 }
 
 /// Runs the user service as `config` says until `shutdown` is cancelled.
+/// Once listening it prints one line to stdout, `shop-user ready: {JSON}`, with the bound
+/// addresses ("http" and "grpc"), so a caller can configure port 0 and read the port back.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
     let key = config.signing_key()?;
     let app = UserApp::open(&config.db, &key, config.jwt_ttl)?;
-    let http = bind("HTTP", config.http_addr).await?;
-    let grpc = bind("gRPC", config.grpc_addr).await?;
-    tracing::info!(http = %config.http_addr, grpc = %config.grpc_addr, db = %config.db.display(), "user service listening");
+    let (http, http_addr) = bind("HTTP", config.http_addr).await?;
+    let (grpc, grpc_addr) = bind("gRPC", config.grpc_addr).await?;
+    println!(
+        "shop-user ready: {}",
+        serde_json::json!({ "http": http_addr, "grpc": grpc_addr })
+    );
+    tracing::info!(http = %http_addr, grpc = %grpc_addr, db = %config.db.display(), "user service listening");
     app.serve(http, grpc, shutdown).await
 }
 
-async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Error> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| Error::Bind { what, addr, source })
+/// Binds `addr`; returns the listener and the address it got (the port the system chose when
+/// `addr` has port 0).
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<(TcpListener, SocketAddr), Error> {
+    let error = |source| Error::Bind { what, addr, source };
+    let listener = TcpListener::bind(addr).await.map_err(error)?;
+    let bound = listener.local_addr().map_err(error)?;
+    Ok((listener, bound))
 }

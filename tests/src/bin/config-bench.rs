@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use clap::Parser;
 use ferrule_harness::backend::HttpBackend;
-use ferrule_harness::{Process, Proxy, binary, free_addr, wait_for_port};
+use ferrule_harness::{ANY_PORT, Process, Proxy, binary};
 use ferrule_proto::v1::admin_client::AdminClient;
 use ferrule_proto::v1::config_client::ConfigClient;
 use ferrule_proto::v1::registry_client::RegistryClient;
@@ -106,25 +106,26 @@ struct BenchController {
 }
 
 impl BenchController {
-    fn start() -> anyhow::Result<Self> {
+    async fn start() -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("ferrule-config-bench-")
             .tempdir()?;
-        let grpc = free_addr();
         let mut cmd = Command::new(binary("ferrule-controller")?);
-        cmd.args(["--store", "memory", "--grpc-addr"])
-            .arg(grpc.to_string())
-            .arg("--admin-addr")
-            .arg(free_addr().to_string())
+        cmd.args(["--store", "memory"])
+            .args(["--grpc-addr", ANY_PORT, "--admin-addr", ANY_PORT])
             .env("RUST_LOG", "warn");
-        let process = Process::spawn(
+        let mut process = Process::spawn(
             "ferrule-controller",
             cmd,
             &dir.path().join("controller.log"),
         )?;
-        if let Err(e) = wait_for_port(grpc, Duration::from_secs(20)) {
-            bail!("{e}; controller log:\n{}", process.log());
-        }
+        let listeners: serde_json::Value = process
+            .ready("ferrule-controller", Duration::from_secs(20))
+            .await?;
+        let grpc = listeners["grpc"]
+            .as_str()
+            .and_then(|a| a.parse().ok())
+            .context("the controller's ready line has no gRPC address")?;
         Ok(Self {
             process,
             grpc,
@@ -398,7 +399,7 @@ struct LoadResult {
 
 async fn load_test(args: &Args) -> anyhow::Result<LoadResult> {
     eprintln!("config-bench: load test, {} streams", args.streams);
-    let controller = BenchController::start()?;
+    let controller = BenchController::start().await?;
     let idle = controller.memory()?;
     let control = controller.channel().await?;
     let mut admin = AdminClient::new(control.clone());
@@ -501,7 +502,7 @@ enum ProxiesResult {
 
 async fn real_proxies(args: &Args) -> anyhow::Result<ProxiesResult> {
     eprintln!("config-bench: {} real proxies", args.proxies);
-    let controller = BenchController::start()?;
+    let controller = BenchController::start().await?;
     let cli = binary("ferrule")?;
     let files = tempfile::Builder::new()
         .prefix("ferrule-config-bench-")
@@ -517,7 +518,8 @@ async fn real_proxies(args: &Args) -> anyhow::Result<ProxiesResult> {
             .arg(format!("--service=svc-{i}"))
             .arg(format!("--app-addr={}", app.addr))
             .arg(format!("--proxy-id={id}"))
-            .start()?;
+            .start()
+            .await?;
         proxies.push(proxy);
     }
     for proxy in &proxies {

@@ -1,18 +1,26 @@
-//! The shape of the local mesh `ferrule dev up` starts: which processes, in which order, with
-//! which flags and environment, on which loopback ports, and the gateway's configuration file.
+//! The shape of the local mesh `ferrule dev up` starts: which processes, with which flags and
+//! environment, and the gateway's configuration file.
 //!
-//! A [`Plan`] is plain data built from the options and a source of free ports, so it can be
-//! checked without starting anything; [`super::supervisor`] runs it. The topology is the
-//! sample shop of DESIGN.md: a controller, two `user` replicas, one `order`, one `payment`, a
-//! sidecar in front of each, and the gateway at the edge. Apps talk to each other only through
-//! their sidecars: `order`'s sidecar opens one local listener per upstream (`user:grpc`,
-//! `payment:grpc`) and `order` is pointed at those.
+//! The functions here are plain data built from the options (and from the addresses earlier
+//! processes reported), so they can be checked without starting anything; [`super::supervisor`]
+//! runs them and `dev.rs` says in which order. The topology is the sample shop of DESIGN.md: a
+//! controller, two `user` replicas, one `order`, one `payment`, a sidecar in front of each, and
+//! the gateway at the edge. Apps talk to each other only through their sidecars: `order`'s
+//! sidecar opens one local listener per upstream (`user:grpc`, `payment:grpc`) and `order` is
+//! pointed at those.
+//!
+//! Every listener binds port 0 ([`ANY_PORT`]) and the process reports the port it got on its
+//! ready line, except three that must be known before their process starts: the gateway's
+//! client-facing address (the user's `--gateway-addr`), its admin listener (the gateway has no
+//! ready line yet) and `order`'s upstream listeners on its sidecar (`order` and its sidecar each
+//! need the other's address, so one side is chosen up front).
 
-use std::io;
-use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::{Path, PathBuf};
 
-/// The binaries a plan runs; all must sit next to `ferrule`.
+use serde::Deserialize;
+
+/// The binaries the mesh runs; all must sit next to `ferrule`.
 pub const BINARIES: [&str; 5] = [
     "ferrule-controller",
     "ferrule-proxy",
@@ -26,6 +34,9 @@ pub const JWT_SECRET_ENV: &str = "USER_JWT_SECRET";
 
 /// Requests per second (and burst) of the demo gateway's `/api` rate limit, per client IP.
 pub const API_RATE_LIMIT: u32 = 10;
+
+/// A loopback listener on a port the system picks; the process reports which.
+pub const ANY_PORT: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0));
 
 /// What `ferrule dev up` was asked for.
 #[derive(Debug, Clone)]
@@ -42,15 +53,6 @@ pub struct Options {
     pub jwt_secret: String,
 }
 
-/// How to tell that a process is ready.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Probe {
-    /// The address accepts TCP connections.
-    Listening(SocketAddr),
-    /// `GET /ready` on this admin listener answers 200.
-    AdminReady(SocketAddr),
-}
-
 /// One process of the mesh.
 #[derive(Debug, Clone)]
 pub struct Spec {
@@ -59,161 +61,146 @@ pub struct Spec {
     pub program: PathBuf,
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
-    /// How readiness is checked; `None` when another process's probe covers it (an app is
-    /// ready when its sidecar is: the sidecar is ready once the app passed its health check
-    /// and is registered).
-    pub probe: Option<Probe>,
-    /// The proxy admin listener serving `/metrics`.
-    pub admin: Option<SocketAddr>,
+    /// The program name on its ready line (`<name> ready: {JSON}`), which it prints once its
+    /// listeners are bound; `None` for the gateway, which prints none yet.
+    pub ready_line: Option<&'static str>,
     /// The app's SQLite file.
     pub database: Option<PathBuf>,
 }
 
-/// Everything `ferrule dev up` starts, in start order: the controller first, the gateway last.
-#[derive(Debug, Clone)]
-pub struct Plan {
-    pub controller: SocketAddr,
-    pub gateway: SocketAddr,
-    /// The gateway's configuration, to be written to [`Plan::gateway_config`].
-    pub gateway_yaml: String,
-    pub gateway_config: PathBuf,
-    pub processes: Vec<Spec>,
+/// The JSON of `ferrule-controller ready: ...`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+pub struct ControllerAddrs {
+    pub grpc: SocketAddr,
 }
 
-/// A sample app and the ports it serves; `grpc` is `None` for `order`, which only calls out.
-struct App {
-    service: &'static str,
-    /// Instance name: `user-1`, `order`...
-    instance: String,
-    /// Prefix of the app's environment variables: `USER`, `ORDER`, `PAYMENT`.
-    env_prefix: &'static str,
-    http: SocketAddr,
-    grpc: Option<SocketAddr>,
-    database: PathBuf,
-    /// Extra environment: upstream addresses, the JWT key.
-    env: Vec<(String, String)>,
+/// The JSON of `shop-<service> ready: ...`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+pub struct AppAddrs {
+    pub http: SocketAddr,
+    /// `None` for `order`, which only calls out.
+    pub grpc: Option<SocketAddr>,
 }
 
-impl Plan {
-    /// Lays out the mesh, taking every loopback port but the gateway's from `next_port`.
-    pub fn build(
-        opts: &Options,
-        mut next_port: impl FnMut() -> io::Result<u16>,
-    ) -> io::Result<Plan> {
-        let mut addr = || next_port().map(|p| SocketAddr::from((Ipv4Addr::LOCALHOST, p)));
-        let controller = addr()?;
-        let controller_admin = addr()?;
-        let store = opts
-            .etcd
-            .as_deref()
-            .map_or_else(|| "memory".to_string(), etcd_store_url);
-        let mut processes = vec![Spec {
-            name: "controller".into(),
-            program: opts.bin_dir.join("ferrule-controller"),
-            args: strings(&[
-                "--store",
-                &store,
-                "--grpc-addr",
-                &controller.to_string(),
-                "--admin-addr",
-                &controller_admin.to_string(),
-            ]),
-            env: Vec::new(),
-            probe: Some(Probe::Listening(controller)),
-            admin: None,
-            database: None,
-        }];
+/// The JSON of `ferrule-proxy ready: ...` (the `listeners` of its `/config`), as far as
+/// `dev up` needs it.
+#[derive(Debug, Clone, Copy, Deserialize)]
+pub struct ProxyAddrs {
+    pub admin: SocketAddr,
+}
 
-        let user_db = opts.state_dir.join("user.db");
-        for replica in 1..=2 {
-            let app = App {
-                service: "user",
-                instance: format!("user-{replica}"),
-                env_prefix: "USER",
-                http: addr()?,
-                grpc: Some(addr()?),
-                // One database per service, shared by its replicas.
-                database: user_db.clone(),
-                env: vec![(JWT_SECRET_ENV.into(), opts.jwt_secret.clone())],
-            };
-            processes.extend(app.specs(opts, controller, &mut addr, &[])?);
-        }
-
-        let payment = App {
-            service: "payment",
-            instance: "payment".into(),
-            env_prefix: "PAYMENT",
-            http: addr()?,
-            grpc: Some(addr()?),
-            database: opts.state_dir.join("payment.db"),
-            env: Vec::new(),
-        };
-        processes.extend(payment.specs(opts, controller, &mut addr, &[])?);
-
-        let (to_user, to_payment) = (addr()?, addr()?);
-        let order = App {
-            service: "order",
-            instance: "order".into(),
-            env_prefix: "ORDER",
-            http: addr()?,
-            grpc: None,
-            database: opts.state_dir.join("order.db"),
-            env: vec![
-                ("ORDER_USER_GRPC_ADDR".into(), format!("http://{to_user}")),
-                (
-                    "ORDER_PAYMENT_GRPC_ADDR".into(),
-                    format!("http://{to_payment}"),
-                ),
-            ],
-        };
-        let upstreams = [("user:grpc", to_user), ("payment:grpc", to_payment)];
-        processes.extend(order.specs(opts, controller, &mut addr, &upstreams)?);
-
-        let gateway_admin = addr()?;
-        let gateway_config = opts.state_dir.join("gateway.yaml");
-        processes.push(Spec {
-            name: "gateway".into(),
-            program: opts.bin_dir.join("ferrule-proxy"),
-            args: strings(&[
-                "gateway",
-                "--config",
-                &gateway_config.to_string_lossy(),
-                "--controller",
-                &controller.to_string(),
-                "--listen",
-                &opts.gateway.to_string(),
-                "--admin-addr",
-                &gateway_admin.to_string(),
-                "--access-log",
-            ]),
-            env: vec![(JWT_SECRET_ENV.into(), opts.jwt_secret.clone())],
-            probe: Some(Probe::AdminReady(gateway_admin)),
-            admin: Some(gateway_admin),
-            database: None,
-        });
-
-        Ok(Plan {
-            controller,
-            gateway: opts.gateway,
-            gateway_yaml: gateway_yaml(opts.gateway),
-            gateway_config,
-            processes,
-        })
+/// The controller, on [`ANY_PORT`]s.
+pub fn controller(opts: &Options) -> Spec {
+    let store = opts
+        .etcd
+        .as_deref()
+        .map_or_else(|| "memory".to_string(), etcd_store_url);
+    let any = ANY_PORT.to_string();
+    Spec {
+        name: "controller".into(),
+        program: opts.bin_dir.join("ferrule-controller"),
+        args: strings(&["--store", &store, "--grpc-addr", &any, "--admin-addr", &any]),
+        env: Vec::new(),
+        ready_line: Some("ferrule-controller"),
+        database: None,
     }
 }
 
+/// A sample app of the shop, which gets a sidecar.
+#[derive(Debug, Clone)]
+pub struct App {
+    service: &'static str,
+    /// Instance name: `user-1`, `order`...
+    pub instance: String,
+    /// Prefix of the app's environment variables: `USER`, `ORDER`, `PAYMENT`.
+    env_prefix: &'static str,
+    /// Whether it serves gRPC besides HTTP.
+    grpc: bool,
+    database: PathBuf,
+    /// Extra environment: upstream addresses, the JWT key.
+    env: Vec<(String, String)>,
+    /// The sidecar's local listeners for the services the app calls.
+    upstreams: Vec<(&'static str, SocketAddr)>,
+}
+
+/// The shop's apps, in start order. `order` calls `user` and `payment` through its sidecar's
+/// listeners at `order_upstreams` (for `user:grpc`, `payment:grpc`).
+pub fn apps(opts: &Options, order_upstreams: [SocketAddr; 2]) -> Vec<App> {
+    let user_db = opts.state_dir.join("user.db");
+    let mut apps: Vec<App> = (1..=2)
+        .map(|replica| App {
+            service: "user",
+            instance: format!("user-{replica}"),
+            env_prefix: "USER",
+            grpc: true,
+            // One database per service, shared by its replicas.
+            database: user_db.clone(),
+            env: vec![(JWT_SECRET_ENV.into(), opts.jwt_secret.clone())],
+            upstreams: Vec::new(),
+        })
+        .collect();
+    apps.push(App {
+        service: "payment",
+        instance: "payment".into(),
+        env_prefix: "PAYMENT",
+        grpc: true,
+        database: opts.state_dir.join("payment.db"),
+        env: Vec::new(),
+        upstreams: Vec::new(),
+    });
+    let [to_user, to_payment] = order_upstreams;
+    apps.push(App {
+        service: "order",
+        instance: "order".into(),
+        env_prefix: "ORDER",
+        grpc: false,
+        database: opts.state_dir.join("order.db"),
+        env: vec![
+            ("ORDER_USER_GRPC_ADDR".into(), format!("http://{to_user}")),
+            (
+                "ORDER_PAYMENT_GRPC_ADDR".into(),
+                format!("http://{to_payment}"),
+            ),
+        ],
+        upstreams: vec![("user:grpc", to_user), ("payment:grpc", to_payment)],
+    });
+    apps
+}
+
 impl App {
-    /// The app and its sidecar; `upstreams` are the sidecar's local listeners for the
-    /// services the app calls.
-    fn specs(
-        self,
-        opts: &Options,
-        controller: SocketAddr,
-        addr: &mut impl FnMut() -> io::Result<SocketAddr>,
-        upstreams: &[(&str, SocketAddr)],
-    ) -> io::Result<[Spec; 2]> {
-        let (admin, inbound, outbound) = (addr()?, addr()?, addr()?);
-        let mut proxy_args = strings(&[
+    /// The app itself, on [`ANY_PORT`]s.
+    pub fn spec(&self, opts: &Options) -> Spec {
+        let prefix = self.env_prefix;
+        let mut env = vec![
+            (format!("{prefix}_HTTP_ADDR"), ANY_PORT.to_string()),
+            (
+                format!("{prefix}_DB"),
+                self.database.to_string_lossy().into_owned(),
+            ),
+        ];
+        if self.grpc {
+            env.push((format!("{prefix}_GRPC_ADDR"), ANY_PORT.to_string()));
+        }
+        env.extend(self.env.iter().cloned());
+        Spec {
+            name: self.instance.clone(),
+            program: opts.bin_dir.join(format!("shop-{}", self.service)),
+            args: Vec::new(),
+            env,
+            ready_line: Some(match self.service {
+                "user" => "shop-user",
+                "payment" => "shop-payment",
+                _ => "shop-order",
+            }),
+            database: Some(self.database.clone()),
+        }
+    }
+
+    /// Its sidecar, in front of the app listening at `app`; every listener but the upstream
+    /// ones on [`ANY_PORT`].
+    pub fn sidecar(&self, opts: &Options, controller: SocketAddr, app: AppAddrs) -> Spec {
+        let any = ANY_PORT.to_string();
+        let mut args = strings(&[
             "--controller",
             &controller.to_string(),
             "--service",
@@ -224,61 +211,88 @@ impl App {
             &format!("instance={}", self.instance),
             // The first app port is the health-checked one.
             "--app-port",
-            &format!("http={}", self.http),
+            &format!("http={}", app.http),
             "--health-path",
             "/health",
             "--admin-addr",
-            &admin.to_string(),
+            &any,
             "--inbound-addr",
-            &inbound.to_string(),
+            &any,
+            // Not bound in explicit mode; port 0 so it never asks for a fixed one.
             "--outbound-addr",
-            &outbound.to_string(),
+            &any,
             "--shutdown-grace",
             "5s",
             "--access-log",
         ]);
-        let prefix = self.env_prefix;
-        let mut env = vec![
-            (format!("{prefix}_HTTP_ADDR"), self.http.to_string()),
-            (
-                format!("{prefix}_DB"),
-                self.database.to_string_lossy().into_owned(),
-            ),
-        ];
-        if let Some(grpc) = self.grpc {
-            let inbound_grpc = addr()?;
-            proxy_args.extend(strings(&[
+        if let Some(grpc) = app.grpc {
+            args.extend(strings(&[
                 "--app-port",
                 &format!("grpc={grpc}"),
                 "--inbound-port",
-                &format!("grpc={inbound_grpc}"),
+                &format!("grpc={any}"),
             ]));
-            env.push((format!("{prefix}_GRPC_ADDR"), grpc.to_string()));
         }
-        for (service, listen) in upstreams {
-            proxy_args.extend(strings(&["--upstream", &format!("{service}={listen}")]));
+        for (service, listen) in &self.upstreams {
+            args.extend(strings(&["--upstream", &format!("{service}={listen}")]));
         }
-        env.extend(self.env);
-        let app = Spec {
-            name: self.instance.clone(),
-            program: opts.bin_dir.join(format!("shop-{}", self.service)),
-            args: Vec::new(),
-            env,
-            probe: None,
-            admin: None,
-            database: Some(self.database),
-        };
-        let sidecar = Spec {
-            name: format!("{}-proxy", self.instance),
+        Spec {
+            name: self.sidecar_name(),
             program: opts.bin_dir.join("ferrule-proxy"),
-            args: proxy_args,
+            args,
             env: Vec::new(),
-            probe: Some(Probe::AdminReady(admin)),
-            admin: Some(admin),
+            ready_line: Some("ferrule-proxy"),
             database: None,
-        };
-        Ok([app, sidecar])
+        }
     }
+
+    pub fn sidecar_name(&self) -> String {
+        format!("{}-proxy", self.instance)
+    }
+
+    /// True when the sidecar binds ports chosen before it started (which another process may
+    /// have taken meanwhile).
+    pub fn has_chosen_ports(&self) -> bool {
+        !self.upstreams.is_empty()
+    }
+}
+
+/// Where `dev up` writes the gateway's configuration.
+pub fn gateway_config(opts: &Options) -> PathBuf {
+    opts.state_dir.join("gateway.yaml")
+}
+
+/// The gateway, with its admin listener at `admin`.
+pub fn gateway(opts: &Options, controller: SocketAddr, admin: SocketAddr) -> Spec {
+    Spec {
+        name: "gateway".into(),
+        program: opts.bin_dir.join("ferrule-proxy"),
+        args: strings(&[
+            "gateway",
+            "--config",
+            &gateway_config(opts).to_string_lossy(),
+            "--controller",
+            &controller.to_string(),
+            "--listen",
+            &opts.gateway.to_string(),
+            "--admin-addr",
+            &admin.to_string(),
+            "--proxy-id",
+            "gateway",
+            "--access-log",
+        ]),
+        env: vec![(JWT_SECRET_ENV.into(), opts.jwt_secret.clone())],
+        ready_line: None,
+        database: None,
+    }
+}
+
+/// Whether the gateway's `/config` (`config`) is that of the gateway started with `config_file`
+/// and `admin`: another process may have taken the admin port first.
+pub fn is_our_gateway(config: &serde_json::Value, config_file: &Path, admin: SocketAddr) -> bool {
+    config["mode"] == "gateway"
+        && config["config_file"].as_str() == config_file.to_str()
+        && config["listeners"]["admin"].as_str() == Some(&admin.to_string())
 }
 
 /// `--etcd` takes what etcd users type (`http://127.0.0.1:2379`, `127.0.0.1:2379`, or several
@@ -305,7 +319,7 @@ fn strings(args: &[&str]) -> Vec<String> {
 /// The demo gateway, written to the contract in the gateway's documentation: `/login` public,
 /// `/api/users` and `/api/orders` behind HS256 JWTs from `user` and one shared per-client-IP
 /// rate limit.
-fn gateway_yaml(listen: SocketAddr) -> String {
+pub fn gateway_yaml(listen: SocketAddr) -> String {
     format!(
         "# Written by `ferrule dev up`; rewritten on every start.
 listen: {listen}
@@ -341,27 +355,35 @@ routes:
 mod tests {
     use super::*;
 
-    fn plan() -> Plan {
-        let opts = Options {
+    fn opts() -> Options {
+        Options {
             bin_dir: "/bin/dir".into(),
             state_dir: "/state".into(),
             gateway: "127.0.0.1:8000".parse().unwrap(),
             etcd: None,
             jwt_secret: "s3cret".into(),
-        };
-        let mut port = 20000;
-        Plan::build(&opts, || {
-            port += 1;
-            Ok(port)
-        })
-        .unwrap()
+        }
     }
 
-    fn spec<'a>(plan: &'a Plan, name: &str) -> &'a Spec {
-        plan.processes
-            .iter()
-            .find(|s| s.name == name)
-            .unwrap_or_else(|| panic!("no process {name}"))
+    const ORDER_UPSTREAMS: [SocketAddr; 2] = [
+        SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 20001)),
+        SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 20002)),
+    ];
+
+    fn app(instance: &str) -> App {
+        apps(&opts(), ORDER_UPSTREAMS)
+            .into_iter()
+            .find(|a| a.instance == instance)
+            .unwrap_or_else(|| panic!("no app {instance}"))
+    }
+
+    /// The sidecar of `instance`, as if its app had reported these addresses.
+    fn sidecar(instance: &str) -> Spec {
+        let bound = AppAddrs {
+            http: "127.0.0.1:30001".parse().unwrap(),
+            grpc: (instance != "order").then(|| "127.0.0.1:30002".parse().unwrap()),
+        };
+        app(instance).sidecar(&opts(), "127.0.0.1:30000".parse().unwrap(), bound)
     }
 
     fn env<'a>(spec: &'a Spec, key: &str) -> &'a str {
@@ -382,13 +404,14 @@ mod tests {
     }
 
     #[test]
-    fn starts_the_shop_controller_first_and_gateway_last() {
-        let plan = plan();
-        let names: Vec<&str> = plan.processes.iter().map(|s| s.name.as_str()).collect();
+    fn the_shop_is_two_users_payment_and_order() {
+        let names: Vec<String> = apps(&opts(), ORDER_UPSTREAMS)
+            .iter()
+            .flat_map(|a| [a.instance.clone(), a.sidecar_name()])
+            .collect();
         assert_eq!(
             names,
             [
-                "controller",
                 "user-1",
                 "user-1-proxy",
                 "user-2",
@@ -397,79 +420,111 @@ mod tests {
                 "payment-proxy",
                 "order",
                 "order-proxy",
-                "gateway"
             ]
         );
     }
 
     #[test]
+    fn listeners_bind_port_zero_and_report_their_ports() {
+        let controller = controller(&opts());
+        assert_eq!(flag(&controller, "--grpc-addr"), ["127.0.0.1:0"]);
+        assert_eq!(flag(&controller, "--admin-addr"), ["127.0.0.1:0"]);
+        assert_eq!(controller.ready_line, Some("ferrule-controller"));
+        let user = app("user-1").spec(&opts());
+        assert_eq!(env(&user, "USER_HTTP_ADDR"), "127.0.0.1:0");
+        assert_eq!(env(&user, "USER_GRPC_ADDR"), "127.0.0.1:0");
+        assert_eq!(user.ready_line, Some("shop-user"));
+        let proxy = sidecar("user-1");
+        for listener in ["--admin-addr", "--inbound-addr", "--outbound-addr"] {
+            assert_eq!(flag(&proxy, listener), ["127.0.0.1:0"], "{listener}");
+        }
+        assert_eq!(flag(&proxy, "--inbound-port"), ["grpc=127.0.0.1:0"]);
+        assert_eq!(flag(&proxy, "--controller"), ["127.0.0.1:30000"]);
+        assert_eq!(proxy.ready_line, Some("ferrule-proxy"));
+        assert!(!app("user-1").has_chosen_ports());
+    }
+
+    #[test]
     fn order_reaches_user_and_payment_through_its_sidecar() {
-        let plan = plan();
-        let (order, sidecar) = (spec(&plan, "order"), spec(&plan, "order-proxy"));
-        let upstreams = flag(sidecar, "--upstream");
-        let user = env(order, "ORDER_USER_GRPC_ADDR")
+        let order = app("order");
+        assert!(order.has_chosen_ports());
+        let (spec, sidecar) = (order.spec(&opts()), sidecar("order"));
+        let user = env(&spec, "ORDER_USER_GRPC_ADDR")
             .strip_prefix("http://")
             .unwrap();
-        let payment = env(order, "ORDER_PAYMENT_GRPC_ADDR")
+        let payment = env(&spec, "ORDER_PAYMENT_GRPC_ADDR")
             .strip_prefix("http://")
             .unwrap();
         assert_eq!(
-            upstreams,
+            flag(&sidecar, "--upstream"),
             [
                 format!("user:grpc={user}"),
                 format!("payment:grpc={payment}")
             ]
         );
-        assert_eq!(flag(sidecar, "--service"), ["order"]);
-        assert_eq!(
-            flag(sidecar, "--app-port"),
-            [format!("http={}", env(order, "ORDER_HTTP_ADDR"))]
-        );
+        assert_eq!(flag(&sidecar, "--service"), ["order"]);
+        assert_eq!(flag(&sidecar, "--app-port"), ["http=127.0.0.1:30001"]);
     }
 
     #[test]
     fn user_replicas_share_a_database_and_the_gateway_shares_their_key() {
-        let plan = plan();
-        let (one, two) = (spec(&plan, "user-1"), spec(&plan, "user-2"));
-        assert_eq!(env(one, "USER_DB"), "/state/user.db");
-        assert_eq!(env(two, "USER_DB"), "/state/user.db");
-        assert_ne!(env(one, "USER_HTTP_ADDR"), env(two, "USER_HTTP_ADDR"));
-        assert_eq!(env(one, JWT_SECRET_ENV), "s3cret");
-        let gateway = spec(&plan, "gateway");
-        assert_eq!(env(gateway, JWT_SECRET_ENV), "s3cret");
+        let (one, two) = (app("user-1").spec(&opts()), app("user-2").spec(&opts()));
+        assert_eq!(env(&one, "USER_DB"), "/state/user.db");
+        assert_eq!(env(&two, "USER_DB"), "/state/user.db");
+        assert_eq!(env(&one, JWT_SECRET_ENV), "s3cret");
+        let gateway = gateway(
+            &opts(),
+            "127.0.0.1:30000".parse().unwrap(),
+            "127.0.0.1:30003".parse().unwrap(),
+        );
+        assert_eq!(env(&gateway, JWT_SECRET_ENV), "s3cret");
         assert!(
             !gateway.args.iter().any(|a| a.contains("s3cret")),
             "the key stays out of the command line"
         );
-        assert!(!plan.gateway_yaml.contains("s3cret"));
+        assert!(!gateway_yaml(opts().gateway).contains("s3cret"));
         assert_eq!(gateway.args[0], "gateway");
-        assert_eq!(flag(gateway, "--listen"), ["127.0.0.1:8000"]);
+        assert_eq!(flag(&gateway, "--listen"), ["127.0.0.1:8000"]);
+        assert_eq!(flag(&gateway, "--admin-addr"), ["127.0.0.1:30003"]);
         assert_eq!(
-            flag(gateway, "--config"),
-            [plan.gateway_config.to_str().unwrap()]
+            flag(&gateway, "--config"),
+            [gateway_config(&opts()).to_str().unwrap()]
         );
     }
 
     #[test]
     fn user_sidecar_fronts_both_ports_and_checks_health_over_http() {
-        let plan = plan();
-        let (user, sidecar) = (spec(&plan, "user-2"), spec(&plan, "user-2-proxy"));
+        let sidecar = sidecar("user-2");
         assert_eq!(
-            flag(sidecar, "--app-port"),
-            [
-                format!("http={}", env(user, "USER_HTTP_ADDR")),
-                format!("grpc={}", env(user, "USER_GRPC_ADDR")),
-            ]
+            flag(&sidecar, "--app-port"),
+            ["http=127.0.0.1:30001", "grpc=127.0.0.1:30002"]
         );
-        assert_eq!(flag(sidecar, "--health-path"), ["/health"]);
-        assert_eq!(flag(sidecar, "--inbound-port").len(), 1);
-        assert_eq!(sidecar.probe, sidecar.admin.map(Probe::AdminReady));
-        assert!(sidecar.probe.is_some());
+        assert_eq!(flag(&sidecar, "--health-path"), ["/health"]);
+        assert_eq!(flag(&sidecar, "--inbound-port").len(), 1);
+    }
+
+    #[test]
+    fn the_gateway_is_recognised_by_its_config_file_and_admin_port() {
+        let admin: SocketAddr = "127.0.0.1:30003".parse().unwrap();
+        let file = gateway_config(&opts());
+        let config = serde_json::json!({
+            "mode": "gateway",
+            "config_file": file,
+            "listeners": {"listen": "127.0.0.1:8000", "admin": admin},
+        });
+        assert!(is_our_gateway(&config, &file, admin));
+        assert!(!is_our_gateway(
+            &config,
+            Path::new("/other/gateway.yaml"),
+            admin
+        ));
+        let sidecar = serde_json::json!({"listeners": {"admin": admin}});
+        assert!(!is_our_gateway(&sidecar, &file, admin));
     }
 
     #[test]
     fn gateway_yaml_routes_and_limits_as_the_demo_promises() {
-        let yaml = plan().gateway_yaml;
+        let yaml = gateway_yaml(opts().gateway);
         for line in [
             "listen: 127.0.0.1:8000",
             "  subjectHeader: x-user-id",
@@ -486,7 +541,7 @@ mod tests {
     /// The file is a `Gateway` spec, so the same routes can be applied as a resource.
     #[test]
     fn gateway_yaml_is_a_valid_gateway_spec() {
-        let spec = ferrule_config::GatewaySpec::parse_file(&plan().gateway_yaml)
+        let spec = ferrule_config::GatewaySpec::parse_file(&gateway_yaml(opts().gateway))
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(spec.listen(), "127.0.0.1:8000".parse().unwrap());
         let names: Vec<&str> = spec.routes.iter().map(|r| r.name.as_str()).collect();

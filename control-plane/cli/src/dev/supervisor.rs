@@ -1,6 +1,7 @@
-//! Runs a [`Plan`]'s processes: starts them with their output going to one log file each,
-//! follows those files to the terminal (each line prefixed with `[name]`), waits until the
-//! processes are ready, notices when one exits, and stops them all.
+//! Runs the mesh's processes: starts them with their output going to one log file each,
+//! follows those files to the terminal (each line prefixed with `[name]`), reads the addresses
+//! they bound from their ready lines, waits until they are ready, notices when one exits, and
+//! stops them all.
 //!
 //! A child writes straight to its file, never to a pipe `dev up` reads: were `dev up` killed, a
 //! pipe would break under the child, and a process whose logger panics on a broken stdout never
@@ -26,14 +27,16 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bytes::Bytes;
-use http_body_util::Empty;
+use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use rustix::process::{Pid, Signal, getpid, getppid, kill_process};
 use tokio::time::{Instant, timeout, timeout_at};
 
-use super::plan::{Probe, Spec};
+use serde::de::DeserializeOwned;
+
+use super::plan::Spec;
 use super::state::{DevState, ProcessRecord};
 
 /// How long one readiness probe may take.
@@ -42,13 +45,20 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 const POLL: Duration = Duration::from_millis(100);
 /// How long the log followers get to print a stopped process's last lines.
 const LOG_DRAIN: Duration = Duration::from_secs(2);
+/// How often a starting process's log is read for its ready line.
+const READY_LINE_POLL: Duration = Duration::from_millis(25);
+/// Lines at the end of a log where a failed bind shows.
+const LOG_TAIL_FOR_BIND: usize = 10;
 /// How often a log follower looks for new lines at the end of its file.
 const FOLLOW_POLL: Duration = Duration::from_millis(50);
 
 /// A started process.
 struct Child {
     record: ProcessRecord,
-    probe: Option<Probe>,
+    /// The ready line's program name, from its [`Spec`].
+    ready_line: Option<&'static str>,
+    /// The admin listener whose `GET /ready` tells that the process is ready, once known.
+    probe: Option<SocketAddr>,
     process: tokio::process::Child,
     /// Set once the exit has been seen, so it is reported once and never signalled again.
     exited: Option<ExitStatus>,
@@ -73,6 +83,18 @@ pub enum StartupError {
         names: Vec<String>,
         within: Duration,
     },
+    /// A process printed a ready line `dev up` cannot read.
+    BadReadyLine { name: String, error: String },
+}
+
+impl StartupError {
+    /// The processes whose logs explain the failure.
+    pub fn names(&self) -> Vec<String> {
+        match self {
+            Self::Exited { name, .. } | Self::BadReadyLine { name, .. } => vec![name.clone()],
+            Self::NotReady { names, .. } => names.clone(),
+        }
+    }
 }
 
 impl std::fmt::Display for StartupError {
@@ -87,6 +109,7 @@ impl std::fmt::Display for StartupError {
                 humantime::format_duration(*within),
                 names.join(", ")
             ),
+            Self::BadReadyLine { name, error } => write!(f, "{name}'s ready line: {error}"),
         }
     }
 }
@@ -179,16 +202,15 @@ impl Supervisor {
             pid,
             program: spec.program.clone(),
             log: Some(log_path),
-            admin: spec.admin,
+            admin: None,
             database: spec.database.clone(),
         };
         self.state.processes.push(record.clone());
-        self.state
-            .store(&self.state_dir)
-            .context("writing dev.json")?;
+        self.store()?;
         self.children.push(Child {
             record,
-            probe: spec.probe,
+            ready_line: spec.ready_line,
+            probe: None,
             process,
             exited: None,
             follower,
@@ -199,7 +221,7 @@ impl Supervisor {
     /// Probes every started process until all are ready, one exits, or `within` passes.
     pub async fn wait_ready(&mut self, within: Duration) -> Result<(), StartupError> {
         let deadline = Instant::now() + within;
-        let mut pending: Vec<(String, Probe)> = self
+        let mut pending: Vec<(String, SocketAddr)> = self
             .children
             .iter()
             .filter_map(|c| c.probe.map(|p| (c.record.name.clone(), p)))
@@ -228,22 +250,149 @@ impl Supervisor {
         }
     }
 
-    async fn probe(&self, probe: Probe) -> bool {
-        match probe {
-            Probe::Listening(addr) => matches!(
-                timeout(PROBE_TIMEOUT, tokio::net::TcpStream::connect(addr)).await,
-                Ok(Ok(_))
-            ),
-            Probe::AdminReady(addr) => {
-                let uri = format!("http://{addr}/ready")
-                    .parse()
-                    .expect("a socket address makes a valid URI");
-                matches!(
-                    timeout(PROBE_TIMEOUT, self.http.get(uri)).await,
-                    Ok(Ok(resp)) if resp.status() == hyper::StatusCode::OK
-                )
-            }
+    /// `GET /ready` on the admin listener `admin` answers 200.
+    async fn probe(&self, admin: SocketAddr) -> bool {
+        let uri = format!("http://{admin}/ready")
+            .parse()
+            .expect("a socket address makes a valid URI");
+        matches!(
+            timeout(PROBE_TIMEOUT, self.http.get(uri)).await,
+            Ok(Ok(resp)) if resp.status() == hyper::StatusCode::OK
+        )
+    }
+
+    /// `GET <path>` on `addr` as JSON; `None` unless it answers 200 with JSON in time.
+    pub async fn get_json(&self, addr: SocketAddr, path: &str) -> Option<serde_json::Value> {
+        let uri = format!("http://{addr}{path}").parse().ok()?;
+        let resp = timeout(PROBE_TIMEOUT, self.http.get(uri))
+            .await
+            .ok()?
+            .ok()?;
+        if resp.status() != hyper::StatusCode::OK {
+            return None;
         }
+        let body = timeout(PROBE_TIMEOUT, resp.into_body().collect())
+            .await
+            .ok()?
+            .ok()?
+            .to_bytes();
+        serde_json::from_slice(&body).ok()
+    }
+
+    /// Waits for the ready line of `name` (`<program> ready: {JSON}`, printed once its
+    /// listeners are bound) and returns its JSON: the addresses the process bound.
+    pub async fn ready_line<T: DeserializeOwned>(
+        &mut self,
+        name: &str,
+        within: Duration,
+    ) -> Result<T, StartupError> {
+        let deadline = Instant::now() + within;
+        let child = self.child(name);
+        let prefix = format!("{} ready: ", child.ready_line.unwrap_or(name));
+        let log = child.record.log.clone();
+        loop {
+            let text = log
+                .as_deref()
+                .and_then(|p| std::fs::read_to_string(p).ok())
+                .unwrap_or_default();
+            // Only whole lines: the last one may still be being written.
+            let whole = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+            if let Some(json) = whole.lines().find_map(|l| l.strip_prefix(&prefix)) {
+                return serde_json::from_str(json).map_err(|e| StartupError::BadReadyLine {
+                    name: name.to_string(),
+                    error: format!("{json:?}: {e}"),
+                });
+            }
+            if let Some(status) = self.exit_status(name) {
+                return Err(StartupError::Exited {
+                    name: name.to_string(),
+                    status,
+                });
+            }
+            if Instant::now() >= deadline {
+                return Err(StartupError::NotReady {
+                    names: vec![name.to_string()],
+                    within,
+                });
+            }
+            tokio::time::sleep(READY_LINE_POLL).await;
+        }
+    }
+
+    /// How `name` exited, once it has.
+    pub fn exit_status(&mut self, name: &str) -> Option<ExitStatus> {
+        let child = self.child_mut(name);
+        if child.exited.is_none()
+            && let Ok(Some(status)) = child.process.try_wait()
+        {
+            child.exited(status);
+        }
+        child.exited
+    }
+
+    /// Records `name`'s admin listener in `dev.json`; [`Supervisor::wait_ready`] then waits
+    /// for its `GET /ready`.
+    pub fn set_admin(&mut self, name: &str, admin: SocketAddr) -> anyhow::Result<()> {
+        let child = self.child_mut(name);
+        child.probe = Some(admin);
+        child.record.admin = Some(admin);
+        let record = child.record.clone();
+        if let Some(r) = self.state.processes.iter_mut().find(|r| r.name == name) {
+            *r = record;
+        }
+        self.store()
+    }
+
+    /// Records where the controller and the gateway listen, in `dev.json`.
+    pub fn set_addresses(
+        &mut self,
+        controller: SocketAddr,
+        gateway: SocketAddr,
+    ) -> anyhow::Result<()> {
+        self.state.controller = controller;
+        self.state.gateway = gateway;
+        self.store()
+    }
+
+    /// Stops `name` (SIGKILL) and forgets it, for a start-up step to be tried again.
+    pub async fn discard(&mut self, name: &str) {
+        if let Some(i) = self.children.iter().position(|c| c.record.name == name) {
+            let mut child = self.children.remove(i);
+            if child.exited.is_none() {
+                let _ = child.process.start_kill();
+                if let Ok(status) = child.process.wait().await {
+                    child.exited(status);
+                }
+            }
+            self.state.processes.retain(|r| r.name != name);
+        }
+    }
+
+    /// True when `name`'s log says a port it was told to bind was taken.
+    pub fn lost_a_port(&self, name: &str) -> bool {
+        self.log_tail(name, LOG_TAIL_FOR_BIND)
+            .to_lowercase()
+            .contains("address already in use")
+    }
+
+    fn store(&self) -> anyhow::Result<()> {
+        self.state
+            .store(&self.state_dir)
+            .context("writing dev.json")
+    }
+
+    fn child(&self, name: &str) -> &Child {
+        self.children
+            .iter()
+            .find(|c| c.record.name == name)
+            .expect("only started processes are asked for")
+    }
+
+    fn child_mut(&mut self, name: &str) -> &mut Child {
+        self.children
+            .iter_mut()
+            .find(|c| c.record.name == name)
+            .expect("only started processes are asked for")
     }
 
     /// Processes that exited since the last call, with their status.
@@ -407,4 +556,18 @@ fn describe(status: ExitStatus) -> String {
 /// gateway binds it, which the gateway's own error then says).
 pub fn check_free(addr: SocketAddr) -> io::Result<()> {
     std::net::TcpListener::bind(addr).map(drop)
+}
+
+/// `N` loopback addresses that were free a moment ago (bound to port 0 together, then
+/// released), for the few listeners that must be named before their process starts. The caller
+/// starts again on new ones when a process finds one taken ([`Supervisor::lost_a_port`]).
+pub fn chosen_addrs<const N: usize>() -> io::Result<[SocketAddr; N]> {
+    let held = (0..N)
+        .map(|_| std::net::TcpListener::bind(super::plan::ANY_PORT))
+        .collect::<io::Result<Vec<_>>>()?;
+    let addrs = held
+        .iter()
+        .map(std::net::TcpListener::local_addr)
+        .collect::<io::Result<Vec<_>>>()?;
+    Ok(addrs.try_into().expect("N addresses for N listeners"))
 }
