@@ -49,20 +49,26 @@ fn rss() -> Result<u64> {
 
 /// Sends one GET through each target's stack, 64 at a time; every one must get 200.
 async fn wave(outbound: &Arc<Outbound>, wave: usize) -> Result<()> {
-    let failures = futures::stream::iter(0..TARGETS)
+    let failures: Vec<String> = futures::stream::iter(0..TARGETS)
         .map(|i| {
             let stack = outbound.logical(&target(wave, i)).http();
             async move {
                 let req = http::Request::get("/").body(body::empty()).unwrap();
                 let rsp = stack.oneshot(req).await.expect("infallible");
-                rsp.status()
+                (rsp.status() != http::StatusCode::OK)
+                    .then(|| format!("{} {:?}", rsp.status(), rsp.headers().get("ferrule-error")))
             }
         })
         .buffer_unordered(64)
-        .filter(|status| std::future::ready(*status != http::StatusCode::OK))
-        .count()
+        .filter_map(std::future::ready)
+        .collect()
         .await;
-    ensure!(failures == 0, "{failures} requests of wave {wave} failed");
+    ensure!(
+        failures.is_empty(),
+        "{} requests of wave {wave} failed, first: {}",
+        failures.len(),
+        failures[0]
+    );
     Ok(())
 }
 

@@ -17,6 +17,7 @@ use http::{Request, Response};
 use tokio::sync::watch;
 
 use super::endpoint::{EndpointConnector, connect_failure};
+use super::logical::Routed;
 use ferrule_proxy_api::discovery::{Discovery, Endpoints};
 use ferrule_proxy_core::body::BoxBody;
 use ferrule_proxy_core::errors::{ProxyError, Reason};
@@ -229,6 +230,34 @@ impl Concrete {
                 target.name.to_string(),
                 "no endpoint was tried",
             ),
+        })
+    }
+}
+
+/// The last layer of the logical level: sends each attempt to the concrete backend the
+/// route chose, through that backend's limits and balancer.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ConcreteRouter;
+
+impl tower::Service<Routed> for ConcreteRouter {
+    type Response = Response<BoxBody>;
+    type Error = ProxyError;
+    type Future = futures::future::BoxFuture<'static, Result<Response<BoxBody>, ProxyError>>;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), ProxyError>> {
+        // Which backend a request goes to is known only per request: readiness (limits,
+        // endpoints) is awaited inside the call, bounded by the backend's queues.
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, routed: Routed) -> Self::Future {
+        Box::pin(async move {
+            let Routed { req, params } = routed;
+            let guards = params.backend.guards(&params.set);
+            params.backend.send(&guards, req).await
         })
     }
 }

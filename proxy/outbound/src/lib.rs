@@ -6,7 +6,9 @@
 //! service's limits and breakers; the endpoint level ([`endpoint`]) connects to the address the
 //! balancer picked. [`http`] assembles the HTTP stack; connections that are not HTTP go
 //! through [`opaque`] straight to the concrete service's balancer. One [`LogicalService`] is
-//! built per service on first use and shared by every connection for it.
+//! built per service on first use, shared by every connection for it, and kept in an idle
+//! cache: a target unused for `--target-idle-timeout` is dropped with everything it owns
+//! (stacks, discovery watch, metric series).
 
 pub mod concrete;
 pub mod endpoint;
@@ -34,7 +36,7 @@ use ferrule_proxy_core::server::{self, BoxIo, Dispatcher, HttpStack};
 use ferrule_proxy_policy::balance::Algorithm;
 use ferrule_proxy_policy::metrics::PolicyMetrics;
 use ferrule_proxy_transport::client::Clients;
-use logical::Logical;
+use logical::LogicalTarget;
 use target::Target;
 
 /// Settings of the outbound side.
@@ -154,18 +156,17 @@ impl Outbound {
         self.logical.get_or_insert_with(target, || {
             let concrete = self.concretes.get(target);
             let name = concrete.balance.name.clone();
-            let http = http::stack(
-                Logical {
+            let logical = logical::stack(
+                LogicalTarget {
                     service: target.clone(),
                     name: name.clone(),
-                    policies: self.policies.watch(),
-                    parent: concrete.clone(),
-                    concretes: self.concretes.clone(),
-                    metrics: self.policy_metrics.clone(),
                 },
-                &self.metrics,
-                self.config.access_log,
+                self.policies.watch(),
+                concrete.clone(),
+                self.concretes.clone(),
+                self.policy_metrics.clone(),
             );
+            let http = http::stack(name.clone(), logical, &self.metrics, self.config.access_log);
             LogicalService {
                 concrete,
                 http,

@@ -1,0 +1,98 @@
+//! The logical level: the service the app called, with its `HTTPRoute` and `ServicePolicy`.
+//!
+//! One stack per logical service, built by [`stack`] from one layer per behaviour, in the
+//! order a request meets them:
+//!
+//! 1. [`route`]: takes the policy set in force when the request arrived (a new config version
+//!    applies to requests that start after it; those in flight finish under the one they
+//!    started with), finds the route rule, rewrites request headers, injects the rule's
+//!    fault, chooses the concrete backend of a traffic split, and hands the layers below a
+//!    [`Routed`] request: the request and the [`RouteParams`] it runs under (typed, so no
+//!    layer can meet a request that was not routed); rewrites response headers last.
+//! 2. [`timeout`]: the request timeout, over every attempt and backoff.
+//! 3. [`retry`]: the attempts, each under the per-try timeout, retried when the policy
+//!    classifies the outcome as retryable, the method allows it, the body can be replayed and
+//!    the service's retry budget has room.
+//! 4. [`ConcreteRouter`](crate::concrete::ConcreteRouter): sends each attempt to the concrete
+//!    backend the route chose.
+//!
+//! The retry budget belongs to the logical service (its own [`GuardsCell`]): it is spent by
+//! retries of requests to the service the app called, whichever backend a split chose.
+
+pub mod retry;
+pub mod route;
+pub mod timeout;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferrule_proto::names::ServiceRef;
+use ferrule_proxy_core::body::BoxBody;
+use ferrule_proxy_core::errors::ProxyError;
+use ferrule_proxy_policy::metrics::PolicyMetrics;
+use ferrule_proxy_policy::retry::{RetryBudget, RetryPolicy};
+use ferrule_proxy_policy::{GuardsCell, PolicySet};
+use http::{Request, Response};
+use tokio::sync::watch;
+use tower::ServiceBuilder;
+use tower::util::BoxCloneSyncService;
+
+use crate::concrete::{Concrete, ConcreteRouter, Concretes};
+
+/// The logical level of one service: everything below observe/respond.
+pub type LogicalStack = BoxCloneSyncService<Request<BoxBody>, Response<BoxBody>, ProxyError>;
+
+/// What a logical stack is built for.
+#[derive(Clone)]
+pub struct LogicalTarget {
+    pub service: ServiceRef,
+    /// `service[:port]`, the label of its metrics and errors.
+    pub name: Arc<str>,
+}
+
+/// The settings one request runs under, chosen by [`route`] for the layers below it.
+#[derive(Clone)]
+pub struct RouteParams {
+    /// The policy set the request started under.
+    pub set: Arc<PolicySet>,
+    pub retry: RetryPolicy,
+    pub request_timeout: Option<Duration>,
+    pub per_try_timeout: Option<Duration>,
+    pub budget: Arc<RetryBudget>,
+    /// The backend of the traffic split (the called service itself without one).
+    pub backend: Arc<Concrete>,
+}
+
+/// Builds the logical stack of `target`: route → request timeout → retry → concrete.
+pub fn stack(
+    target: LogicalTarget,
+    policies: watch::Receiver<Arc<PolicySet>>,
+    parent: Arc<Concrete>,
+    concretes: Arc<Concretes>,
+    metrics: PolicyMetrics,
+) -> LogicalStack {
+    let guards = Arc::new(GuardsCell::new(target.service.service.clone()));
+    BoxCloneSyncService::new(
+        ServiceBuilder::new()
+            .layer(route::RouteLayer::new(
+                target.clone(),
+                policies,
+                guards,
+                parent,
+                concretes,
+                metrics.clone(),
+            ))
+            .layer(timeout::RequestTimeoutLayer::new(
+                target.name.clone(),
+                metrics.clone(),
+            ))
+            .layer(retry::RetryLayer::new(target.name.clone(), metrics))
+            .service(ConcreteRouter),
+    )
+}
+
+/// A request with the settings [`route`] chose for it: what the layers below it take.
+pub struct Routed {
+    pub req: Request<BoxBody>,
+    pub params: RouteParams,
+}

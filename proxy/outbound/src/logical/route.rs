@@ -1,0 +1,170 @@
+//! The route layer: which rule of the service's `HTTPRoute` a request matches, and what the
+//! rule does to it before it goes on (header rewrites, a fault, the backend of a traffic
+//! split) and to its response (header rewrites). Requests no rule matches run under the
+//! service's own `ServicePolicy`.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use ferrule_proto::names::ServiceRef;
+use ferrule_proxy_core::body::BoxBody;
+use ferrule_proxy_core::errors::{ProxyError, Reason};
+use ferrule_proxy_policy::metrics::PolicyMetrics;
+use ferrule_proxy_policy::retry::RetryPolicy;
+use ferrule_proxy_policy::{GuardsCell, PolicySet};
+use futures::future::BoxFuture;
+use http::{Request, Response};
+use tokio::sync::watch;
+use tower::{Layer, Service, ServiceExt};
+
+use super::{LogicalTarget, RouteParams, Routed};
+use crate::concrete::{Concrete, Concretes};
+
+#[derive(Clone)]
+pub struct RouteLayer {
+    target: LogicalTarget,
+    policies: watch::Receiver<Arc<PolicySet>>,
+    /// The logical service's own guards: its retry budget.
+    guards: Arc<GuardsCell>,
+    /// The concrete service of the same name: where requests go without a split.
+    parent: Arc<Concrete>,
+    concretes: Arc<Concretes>,
+    metrics: PolicyMetrics,
+}
+
+impl RouteLayer {
+    pub fn new(
+        target: LogicalTarget,
+        policies: watch::Receiver<Arc<PolicySet>>,
+        guards: Arc<GuardsCell>,
+        parent: Arc<Concrete>,
+        concretes: Arc<Concretes>,
+        metrics: PolicyMetrics,
+    ) -> Self {
+        Self {
+            target,
+            policies,
+            guards,
+            parent,
+            concretes,
+            metrics,
+        }
+    }
+}
+
+impl<S> Layer<S> for RouteLayer {
+    type Service = Route<S>;
+
+    fn layer(&self, inner: S) -> Route<S> {
+        Route {
+            layer: self.clone(),
+            inner,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Route<S> {
+    layer: RouteLayer,
+    inner: S,
+}
+
+impl<S> Service<Request<BoxBody>> for Route<S>
+where
+    S: Service<Routed, Response = Response<BoxBody>, Error = ProxyError> + Clone + Send + 'static,
+    S::Future: Send,
+{
+    type Response = Response<BoxBody>;
+    type Error = ProxyError;
+    type Future = BoxFuture<'static, Result<Response<BoxBody>, ProxyError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<BoxBody>) -> Self::Future {
+        // The inner service was made ready for this call: take it, leave a fresh clone.
+        let inner = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, inner);
+        Box::pin(self.layer.clone().route(inner, req))
+    }
+}
+
+impl RouteLayer {
+    async fn route<S>(
+        self,
+        inner: S,
+        mut req: Request<BoxBody>,
+    ) -> Result<Response<BoxBody>, ProxyError>
+    where
+        S: Service<Routed, Response = Response<BoxBody>, Error = ProxyError> + Send,
+    {
+        let set = self.policies.borrow().clone();
+        let name = &self.target.name;
+        let service = self.target.service.service.as_str();
+        let rule = set.routes(service).and_then(|r| r.find(&req));
+        let policy = set.policy(service);
+        let (retry, request_timeout, per_try_timeout) = match rule {
+            Some(rule) => (
+                rule.retry().clone(),
+                rule.request_timeout(),
+                rule.per_try_timeout(),
+            ),
+            None => (
+                RetryPolicy::new(&policy.retries),
+                policy.request_timeout,
+                policy.per_try_timeout,
+            ),
+        };
+        if let Some(rule) = rule {
+            rule.request_headers().apply(req.headers_mut());
+            if let Some(fault) = rule.fault() {
+                let decision = fault.decide(&mut rand::rng());
+                if let Some(delay) = decision.delay {
+                    self.metrics.fault(name, "delay");
+                    tokio::time::sleep(delay).await;
+                }
+                if let Some(status) = decision.abort {
+                    self.metrics.fault(name, "abort");
+                    return Err(ProxyError::new(
+                        Reason::FaultInjected,
+                        name.to_string(),
+                        format!("route {} injected a {status} fault", rule.label()),
+                    )
+                    .with_status(status));
+                }
+            }
+        }
+        let backend = match rule.and_then(|r| r.pick_backend(&mut rand::rng())) {
+            Some(backend) => {
+                let target = ServiceRef {
+                    service: backend.service.clone(),
+                    port_name: backend
+                        .port
+                        .clone()
+                        .unwrap_or_else(|| self.target.service.port_name.clone()),
+                };
+                if target == self.target.service {
+                    self.parent.clone()
+                } else {
+                    self.concretes.get(&target)
+                }
+            }
+            None => self.parent.clone(),
+        };
+        let response_headers = rule.map(|r| r.response_headers().clone());
+        let params = RouteParams {
+            budget: self.guards.get(&set).retry_budget,
+            set: set.clone(),
+            retry,
+            request_timeout,
+            per_try_timeout,
+            backend,
+        };
+        let mut rsp = inner.oneshot(Routed { req, params }).await?;
+        if let Some(rewrite) = response_headers {
+            rewrite.apply(rsp.headers_mut());
+        }
+        Ok(rsp)
+    }
+}
