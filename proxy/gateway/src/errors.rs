@@ -14,7 +14,7 @@ use http::{HeaderValue, Request, Response, header};
 use tower::{Layer, Service};
 
 use ferrule_proxy_core::body::{BoxBody, BoxError};
-use ferrule_proxy_core::errors::{ProxyError, Reason};
+use ferrule_proxy_core::errors::{ErrorFormat, ProxyError, Reason};
 use ferrule_proxy_core::metrics::{Direction, Metrics};
 
 /// A request the gateway refuses.
@@ -52,7 +52,8 @@ impl GatewayError {
 
     /// The response the client sees; `service` is the route's service ("" without a route).
     pub fn to_response(&self, service: &str) -> Response<BoxBody> {
-        let mut rsp = ProxyError::new(self.reason(), service, self.to_string()).to_response();
+        let mut rsp = ProxyError::new(self.reason(), service, self.to_string())
+            .to_response(ErrorFormat::Json);
         if let GatewayError::RateLimited { retry_after } = self {
             rsp.headers_mut().insert(
                 header::RETRY_AFTER,
@@ -143,7 +144,7 @@ where
                         .metrics
                         .proxy_error(Direction::Gateway, Reason::UpstreamFailure);
                     ProxyError::new(Reason::UpstreamFailure, &layer.service, error.to_string())
-                        .to_response()
+                        .to_response(ErrorFormat::Json)
                 }
             };
             Ok(rsp)
