@@ -2,13 +2,14 @@
 //!
 //! Everything a test starts is owned by a guard ([`Etcd`], [`Process`]) that kills it when the
 //! guard is dropped, also when the test panics. [`backend`] has the test backends proxies sit in
-//! front of. Waits are event-driven (a port answers, a line
-//! is printed) and always bounded.
+//! front of; [`netns`] a network namespace for a peer that is not loopback. Waits are
+//! event-driven (a port answers, a line is printed) and always bounded.
 
 pub mod backend;
 mod client;
 mod controller;
 mod etcd;
+pub mod netns;
 mod process;
 mod proxy;
 

@@ -18,6 +18,7 @@ pub struct Proxy {
 pub struct ProxyBuilder {
     name: String,
     args: Vec<String>,
+    admin: Option<SocketAddr>,
 }
 
 impl Proxy {
@@ -25,6 +26,7 @@ impl Proxy {
         ProxyBuilder {
             name: name.to_string(),
             args: Vec::new(),
+            admin: None,
         }
     }
 
@@ -52,6 +54,12 @@ impl Proxy {
 }
 
 impl ProxyBuilder {
+    /// Binds the admin listener on `addr` instead of a free loopback port.
+    pub fn admin_addr(mut self, addr: SocketAddr) -> Self {
+        self.admin = Some(addr);
+        self
+    }
+
     pub fn arg(mut self, arg: impl Into<String>) -> Self {
         self.args.push(arg.into());
         self
@@ -67,7 +75,8 @@ impl ProxyBuilder {
         let dir = tempfile::Builder::new()
             .prefix("ferrule-proxy-")
             .tempdir()?;
-        let (admin, inbound, outbound) = (free_addr(), free_addr(), free_addr());
+        let admin = self.admin.unwrap_or_else(free_addr);
+        let (inbound, outbound) = (free_addr(), free_addr());
         let mut cmd = Command::new(binary("ferrule-proxy")?);
         cmd.arg("--admin-addr")
             .arg(admin.to_string())
