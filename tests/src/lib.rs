@@ -2,8 +2,8 @@
 //!
 //! Everything a test starts is owned by a guard ([`Etcd`], [`Process`]) that kills it when the
 //! guard is dropped, also when the test panics. [`backend`] has the test backends proxies sit in
-//! front of. Waits are event-driven (a ready line is printed, a port answers), async and
-//! always bounded.
+//! front of; [`netns`] a network namespace for a peer that is not loopback. Waits are
+//! event-driven (a ready line is printed, a port answers), async and always bounded.
 //!
 //! No port is guessed where it can be avoided: the controller and the proxy bind port 0
 //! ([`ANY_PORT`]) and the harness reads the ports they got from their ready line. Only etcd and
@@ -14,6 +14,7 @@ pub mod backend;
 mod client;
 mod controller;
 mod etcd;
+pub mod netns;
 mod process;
 mod proxy;
 

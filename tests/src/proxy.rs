@@ -34,6 +34,7 @@ struct Listeners {
 pub struct ProxyBuilder {
     name: String,
     args: Vec<String>,
+    admin: Option<SocketAddr>,
 }
 
 impl Proxy {
@@ -41,6 +42,7 @@ impl Proxy {
         ProxyBuilder {
             name: name.to_string(),
             args: Vec::new(),
+            admin: None,
         }
     }
 
@@ -77,6 +79,12 @@ impl Proxy {
 }
 
 impl ProxyBuilder {
+    /// Binds the admin listener on `addr` instead of a port 0 on loopback.
+    pub fn admin_addr(mut self, addr: SocketAddr) -> Self {
+        self.admin = Some(addr);
+        self
+    }
+
     pub fn arg(mut self, arg: impl Into<String>) -> Self {
         self.args.push(arg.into());
         self
@@ -98,10 +106,13 @@ impl ProxyBuilder {
         let dir = tempfile::Builder::new()
             .prefix("ferrule-proxy-")
             .tempdir()?;
+        let admin = self
+            .admin
+            .map_or_else(|| ANY_PORT.to_string(), |a| a.to_string());
         let mut cmd = Command::new(binary("ferrule-proxy")?);
         // The outbound listener is not bound in explicit mode; port 0 keeps it from ever
         // asking for a fixed one.
-        cmd.args(["--admin-addr", ANY_PORT, "--inbound-addr", ANY_PORT])
+        cmd.args(["--admin-addr", &admin, "--inbound-addr", ANY_PORT])
             .args(["--outbound-addr", ANY_PORT])
             .args(&self.args)
             .env("RUST_LOG", "info,ferrule_proxy=debug");

@@ -19,7 +19,6 @@ use ferrule_proto::names::{ServiceRef, endpoint_key};
 use ferrule_proxy::api::policy::PolicyClient;
 use ferrule_proxy::body::{self, BoxBody};
 use ferrule_proxy::discovery::Discovery;
-use ferrule_proxy::policy::PolicySet;
 use ferrule_proxy::sidecar::Proxy;
 use futures::StreamExt;
 use http::{Request, Response, StatusCode};
@@ -100,34 +99,12 @@ async fn handle(name: &str, state: &State, _req: Request<Incoming>) -> Response<
     rsp
 }
 
-fn resource(kind: &str, name: &str, spec: serde_json::Value) -> Resource {
-    Resource::from_parts(kind, "default", name, &spec.to_string()).expect("resource parses")
-}
-
 /// A client proxy for `services` under the policy `resources`.
 async fn proxy(
     services: Vec<(&str, Vec<ferrule_proto::v1::Endpoint>)>,
     resources: Vec<Resource>,
 ) -> Proxy {
-    let mut args: Vec<String> = services
-        .iter()
-        .map(|(s, _)| format!("--upstream={s}=127.0.0.1:0"))
-        .collect();
-    args.push("--endpoint-wait=300ms".into());
-    args.push("--balancer=round-robin".into());
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let fixed = services
-        .into_iter()
-        .map(|(s, eps)| (ServiceRef::parse(s).unwrap(), eps))
-        .collect();
-    let set = PolicySet::from_resources(42, resources).expect("policy compiles");
-    Proxy::start_with_policies(
-        config(&args),
-        Discovery::fixed(fixed),
-        Some(PolicyClient::fixed(set)),
-    )
-    .await
-    .expect("proxy starts")
+    policy_proxy(services, resources, &["--balancer=round-robin"]).await
 }
 
 /// Reuses one HTTP/1 connection to the proxy's upstream listener.

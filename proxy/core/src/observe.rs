@@ -1,11 +1,12 @@
 //! The outermost layer of every HTTP stack: counts each response and writes the access log.
 //!
 //! It sees the final response, whether the app made it or the proxy did (the error layer
-//! below it has already turned proxy errors into responses), so `request_total` and the access
-//! log agree with what the client received. A response is classified from its head (5xx, or a
-//! non-zero `grpc-status` in a trailers-only gRPC answer are failures), except a gRPC response
-//! without a status in its head: it is counted when its trailers arrive, and as a failure if
-//! the stream ends without them.
+//! below it has already turned proxy errors into responses, with their [`Reason`] in the
+//! response's extensions), so `request_total` and the access log agree with what the client
+//! received. A response is classified from its head (5xx, or a non-zero `grpc-status` in a
+//! trailers-only gRPC answer — which is how a gRPC caller gets the proxy's own errors — are
+//! failures), except a gRPC response without a status in its head: it is counted when its
+//! trailers arrive, and as a failure if the stream ends without them.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -18,7 +19,7 @@ use tower::{Layer, Service};
 
 use crate::body::{self, BoxBody};
 use crate::context::RequestContext;
-use crate::errors::ERROR_HEADER;
+use crate::errors::{ERROR_HEADER, Reason};
 use crate::metrics::{Direction, Metrics, TargetMetrics};
 
 #[derive(Clone)]
@@ -191,11 +192,15 @@ where
                 rsp
             };
             if layer.access_log {
-                let error = rsp
-                    .headers()
-                    .get(ERROR_HEADER)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("");
+                // This proxy's own error, else the one a peer proxy answered with.
+                let error = match rsp.extensions().get::<Reason>() {
+                    Some(reason) => reason.as_str(),
+                    None => rsp
+                        .headers()
+                        .get(ERROR_HEADER)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or(""),
+                };
                 tracing::info!(
                     target: "access",
                     direction = %layer.direction,
@@ -214,5 +219,47 @@ where
             }
             Ok(rsp)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::errors::{ProxyError, RespondLayer};
+    use tower::ServiceExt;
+
+    #[tokio::test]
+    async fn a_proxy_made_grpc_error_counts_as_a_failure() {
+        let metrics = Metrics::new();
+        let stack = tower::ServiceBuilder::new()
+            .layer(ObserveLayer::new(
+                metrics.clone(),
+                Direction::Outbound,
+                "user".into(),
+                true,
+            ))
+            .layer(RespondLayer::new(metrics.clone(), Direction::Outbound))
+            .service_fn(|_req: Request<BoxBody>| async {
+                Err::<Response<BoxBody>, _>(ProxyError::new(
+                    Reason::NoEndpoints,
+                    "user",
+                    "no endpoint",
+                ))
+            });
+        let req = Request::post("/user.Users/Get")
+            .header(http::header::CONTENT_TYPE, "application/grpc")
+            .body(body::empty())
+            .unwrap();
+        let rsp = stack.oneshot(req).await.unwrap();
+        assert_eq!(rsp.headers()["grpc-status"], "14");
+        let text = metrics.encode().unwrap();
+        assert!(
+            text.contains(r#"request_total{direction="outbound",target_service="user",status_code="200",classification="failure"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"proxy_errors_total{direction="outbound",reason="no_endpoints"} 1"#),
+            "{text}"
+        );
     }
 }

@@ -1,9 +1,11 @@
 //! Why the proxy answered a request itself: one [`Reason`] drives the `ferrule-error` header,
-//! the JSON body's `reason`, the status code and the `reason` label of `proxy_errors_total`, so
-//! an error cannot be shown one way and counted another.
+//! the JSON body's `reason`, the HTTP status, the gRPC status a gRPC caller gets instead and
+//! the `reason` label of `proxy_errors_total`, so an error cannot be shown one way and counted
+//! another.
 
 use std::fmt;
 
+use ferrule_config::GrpcCode;
 use http::StatusCode;
 use prometheus_client::encoding::{EncodeLabelValue, LabelValueEncoder};
 
@@ -42,6 +44,28 @@ pub enum Reason {
 }
 
 impl Reason {
+    const ALL: [Reason; 14] = [
+        Reason::UnknownService,
+        Reason::NoEndpoints,
+        Reason::EndpointsUnavailable,
+        Reason::UpstreamConnectFailure,
+        Reason::UpstreamFailure,
+        Reason::BadRequest,
+        Reason::Unauthenticated,
+        Reason::RateLimited,
+        Reason::NoRoute,
+        Reason::PayloadTooLarge,
+        Reason::Timeout,
+        Reason::Overloaded,
+        Reason::BreakerOpen,
+        Reason::FaultInjected,
+    ];
+
+    /// The reason named `s` (a `ferrule-error` value, as a peer proxy sent it).
+    pub fn from_name(s: &str) -> Option<Reason> {
+        Self::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::UnknownService => "unknown_service",
@@ -78,6 +102,48 @@ impl Reason {
             Reason::FaultInjected => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
+
+    /// The `grpc-status` a gRPC caller gets instead of [`Reason::status`]. The codes say what
+    /// a gRPC client should do next: UNAVAILABLE is the one clients and retry policies treat
+    /// as "try again", so every "the service could not be reached right now" reason maps to
+    /// it; the rest follow the meaning of the code (see docs/proxy.md).
+    pub fn grpc_code(self) -> GrpcCode {
+        match self {
+            Reason::UnknownService
+            | Reason::NoEndpoints
+            | Reason::EndpointsUnavailable
+            | Reason::UpstreamConnectFailure
+            | Reason::UpstreamFailure
+            | Reason::Overloaded
+            | Reason::BreakerOpen => GrpcCode::Unavailable,
+            // The request could not be carried as it is: a transport-level fault, not an
+            // argument the service's own validation refused (INVALID_ARGUMENT is the
+            // service's to give), and what gRPC maps an intermediary's 400 to.
+            Reason::BadRequest => GrpcCode::Internal,
+            Reason::Unauthenticated => GrpcCode::Unauthenticated,
+            Reason::RateLimited | Reason::PayloadTooLarge => GrpcCode::ResourceExhausted,
+            // For gRPC the path is the method: no route means the method is not served here.
+            Reason::NoRoute => GrpcCode::Unimplemented,
+            Reason::Timeout => GrpcCode::DeadlineExceeded,
+            // The fault's own status replaces this one (see `ProxyError::grpc_code`).
+            Reason::FaultInjected => grpc_code_for_http(self.status()),
+        }
+    }
+}
+
+/// The gRPC code a client derives from an HTTP status that came without a `grpc-status`
+/// (grpc/grpc `doc/http-grpc-status-mapping.md`). An injected abort fault answers a gRPC
+/// caller with this code for the fault's status, so it looks exactly like the broken
+/// intermediary it simulates: 503 and 429 are UNAVAILABLE, 500 is UNKNOWN.
+pub fn grpc_code_for_http(status: StatusCode) -> GrpcCode {
+    match status.as_u16() {
+        400 => GrpcCode::Internal,
+        401 => GrpcCode::Unauthenticated,
+        403 => GrpcCode::PermissionDenied,
+        404 => GrpcCode::Unimplemented,
+        429 | 502 | 503 | 504 => GrpcCode::Unavailable,
+        _ => GrpcCode::Unknown,
+    }
 }
 
 impl fmt::Display for Reason {
@@ -89,5 +155,42 @@ impl fmt::Display for Reason {
 impl EncodeLabelValue for Reason {
     fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), fmt::Error> {
         fmt::Write::write_str(encoder, self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for reason in Reason::ALL {
+            assert_eq!(Reason::from_name(reason.as_str()), Some(reason));
+        }
+        assert_eq!(Reason::from_name("nonsense"), None);
+    }
+
+    #[test]
+    fn grpc_codes() {
+        assert_eq!(Reason::NoEndpoints.grpc_code(), GrpcCode::Unavailable);
+        assert_eq!(Reason::Timeout.grpc_code(), GrpcCode::DeadlineExceeded);
+        assert_eq!(Reason::RateLimited.grpc_code(), GrpcCode::ResourceExhausted);
+        assert_eq!(Reason::FaultInjected.grpc_code(), GrpcCode::Unknown);
+        assert_eq!(
+            grpc_code_for_http(StatusCode::SERVICE_UNAVAILABLE),
+            GrpcCode::Unavailable
+        );
+        assert_eq!(
+            grpc_code_for_http(StatusCode::TOO_MANY_REQUESTS),
+            GrpcCode::Unavailable
+        );
+        assert_eq!(
+            grpc_code_for_http(StatusCode::FORBIDDEN),
+            GrpcCode::PermissionDenied
+        );
+        assert_eq!(
+            grpc_code_for_http(StatusCode::IM_A_TEAPOT),
+            GrpcCode::Unknown
+        );
     }
 }

@@ -7,7 +7,8 @@
 //! 1. observe — `request_total{direction="gateway",target_service=<route's service>}`,
 //!    latency and the access log, for every answer including the gateway's own;
 //! 2. CORS (when configured) — preflights answered here, CORS headers on every response;
-//! 3. respond — [`GatewayError`]s below become explained responses;
+//! 3. respond — [`GatewayError`]s below become the explained responses every proxy error
+//!    gets (core's `RespondLayer`: JSON, or a gRPC status for a gRPC caller);
 //! 4. size limit — 413 over `maxRequestBytes`;
 //! 5. authenticate — JWT on non-public routes, subject header ([`super::auth`]);
 //! 6. rate limit — the route's named bucket ([`super::ratelimit`]);
@@ -30,12 +31,13 @@ use tower_http::cors::CorsLayer;
 
 use super::auth::Authenticate;
 use super::config::{ConfigError, GatewayConfig};
-use super::errors::{GatewayError, RespondLayer};
+use super::errors::{self, GatewayError};
 use super::jwt::JwtVerifier;
 use super::ratelimit::{self, RateLimit};
 use super::routes::{self, RouteTable};
 use super::size::SizeLimitLayer;
 use ferrule_proxy_core::body::{BoxBody, BoxError};
+use ferrule_proxy_core::errors::RespondLayer;
 use ferrule_proxy_core::metrics::{Direction, Metrics};
 use ferrule_proxy_core::observe::ObserveLayer;
 use ferrule_proxy_core::server::HttpStack;
@@ -81,11 +83,10 @@ pub fn build(config: &GatewayConfig, parts: &StackParts<'_>) -> Result<Router, C
             None => None,
         };
         let prefix = routes::normalize_prefix(&route.path_prefix);
+        let name = service.to_string();
         let inner = ServiceBuilder::new()
-            .layer(RespondLayer::new(
-                parts.metrics.clone(),
-                service.to_string(),
-            ))
+            .layer(RespondLayer::new(parts.metrics.clone(), Direction::Gateway))
+            .map_err(move |e| errors::to_proxy_error(&name, e))
             .layer(SizeLimitLayer::new(config.max_request_bytes))
             .filter(Authenticate::new(verifier.clone(), route.public))
             .filter(RateLimit(limit))
@@ -99,10 +100,10 @@ pub fn build(config: &GatewayConfig, parts: &StackParts<'_>) -> Result<Router, C
         routes.push((prefix, route.rewrite_prefix.clone(), stack));
     }
     let no_route = ServiceBuilder::new()
-        .layer(RespondLayer::new(parts.metrics.clone(), ""))
+        .layer(RespondLayer::new(parts.metrics.clone(), Direction::Gateway))
         .service(tower::service_fn(|req: Request<BoxBody>| async move {
-            Err::<Response<BoxBody>, BoxError>(
-                GatewayError::NoRoute(req.uri().path().to_string()).into(),
+            Err::<Response<BoxBody>, _>(
+                GatewayError::NoRoute(req.uri().path().to_string()).into_proxy_error(""),
             )
         }));
     Ok(Router {

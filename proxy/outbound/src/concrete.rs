@@ -190,7 +190,7 @@ impl Concrete {
             match conn.send(req).await {
                 Ok(rsp) => {
                     pick.record_success();
-                    if rsp.status().is_server_error() {
+                    if ferrule_proxy_core::errors::is_endpoint_failure(&rsp) {
                         attempt.failure();
                     } else {
                         attempt.success();

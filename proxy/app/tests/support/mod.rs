@@ -10,11 +10,14 @@ use std::time::Duration;
 use anyhow::Context as _;
 use bytes::Bytes;
 use clap::Parser;
+use ferrule_config::Resource;
 use ferrule_proto::names::ServiceRef;
 use ferrule_proto::v1::Endpoint;
+use ferrule_proxy::api::policy::PolicyClient;
 use ferrule_proxy::body::{self, BoxBody};
 use ferrule_proxy::config::Config;
 use ferrule_proxy::discovery::Discovery;
+use ferrule_proxy::policy::PolicySet;
 use ferrule_proxy::sidecar::Proxy;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, StreamBody};
@@ -188,6 +191,39 @@ pub async fn client_proxy(services: Vec<(&str, Vec<Endpoint>)>, extra: &[&str]) 
     Proxy::start(config(&args), Discovery::fixed(fixed))
         .await
         .expect("client proxy starts")
+}
+
+/// A config resource (`ServicePolicy`, `HTTPRoute`) named `name` in namespace `default`.
+pub fn resource(kind: &str, name: &str, spec: serde_json::Value) -> Resource {
+    Resource::from_parts(kind, "default", name, &spec.to_string()).expect("resource parses")
+}
+
+/// A client proxy with one upstream listener per service in `services`, under the policy
+/// `resources` (version 42) given by a fixed `PolicyClient`.
+pub async fn policy_proxy(
+    services: Vec<(&str, Vec<Endpoint>)>,
+    resources: Vec<Resource>,
+    extra: &[&str],
+) -> Proxy {
+    let mut args: Vec<String> = services
+        .iter()
+        .map(|(s, _)| format!("--upstream={s}=127.0.0.1:0"))
+        .collect();
+    args.push("--endpoint-wait=300ms".into());
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let fixed = services
+        .into_iter()
+        .map(|(s, eps)| (ServiceRef::parse(s).unwrap(), eps))
+        .collect();
+    let set = PolicySet::from_resources(42, resources).expect("policy compiles");
+    Proxy::start_with_policies(
+        config(&args),
+        Discovery::fixed(fixed),
+        Some(PolicyClient::fixed(set)),
+    )
+    .await
+    .expect("proxy starts")
 }
 
 /// One HTTP/1 request on a fresh connection; the body is collected.
