@@ -16,7 +16,8 @@ use http::{HeaderValue, Request, Version};
 use ferrule_proxy_core::body::BoxBody;
 use ferrule_proxy_core::errors::{ProxyError, Reason};
 use ferrule_proxy_core::headers;
-use ferrule_proxy_transport::client::{ClientError, Clients, Conn, Protocol};
+use ferrule_proxy_transport::client::{ClientError, Clients, Conn, Dst, Protocol};
+use ferrule_proxy_transport::pool::Identity;
 
 #[derive(Clone)]
 pub struct EndpointConnector {
@@ -42,7 +43,15 @@ impl EndpointConnector {
             Protocol::Http1 if ep.meshed => Protocol::Http2,
             protocol => protocol,
         };
-        self.clients.connect(addr, protocol).await
+        let dst = Dst {
+            addr,
+            // The identity is part of the pool key now; mTLS will verify it.
+            identity: (!ep.identity.is_empty()).then(|| Identity::new(ep.identity.as_str())),
+            // The pool's `--idle-timeout` until the concrete level passes the service's
+            // `timeouts.idle` here.
+            idle_timeout: None,
+        };
+        self.clients.connect(dst, protocol).await
     }
 
     /// Adds the mesh headers a meshed peer expects; mesh headers the app itself sent never
@@ -93,6 +102,9 @@ mod tests {
 
     use super::*;
     use ferrule_proxy_core::body;
+    use ferrule_proxy_core::metrics::Direction;
+    use ferrule_proxy_transport::client::ClientConfig;
+    use ferrule_proxy_transport::metrics::PoolMetrics;
 
     fn endpoint(meshed: bool) -> Endpoint {
         Endpoint {
@@ -105,7 +117,15 @@ mod tests {
 
     #[test]
     fn mesh_headers_go_only_to_meshed_peers() {
-        let connector = EndpointConnector::new(Clients::new(Duration::from_secs(1)), "order-1");
+        let clients = Clients::new(
+            Direction::Outbound,
+            ClientConfig {
+                connect_timeout: Duration::from_secs(1),
+                idle_timeout: Duration::from_secs(1),
+            },
+            &PoolMetrics::default(),
+        );
+        let connector = EndpointConnector::new(clients, "order-1");
         let mut spoofed = Request::get("/")
             .header(headers::MESHED, "someone-else")
             .header(headers::ORIG_PROTO, "HTTP/9")
