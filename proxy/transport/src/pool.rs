@@ -42,7 +42,7 @@ use ferrule_proxy_core::body::BoxBody;
 use ferrule_proxy_core::metrics::Direction;
 use hyper::client::conn::{http1, http2};
 use prometheus_client::metrics::gauge::Gauge;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use crate::client::ClientError;
@@ -137,39 +137,56 @@ impl Use {
         }
         self.since.checked_add(self.idle_timeout)
     }
+
+    /// When the driver should look again: at the deadline when idle; when busy, a timeout
+    /// from now (the connection cannot close sooner). Requests never wake the driver, so a
+    /// busy connection costs one timer per idle timeout.
+    fn next_look(&self) -> Option<Instant> {
+        if self.in_flight > 0 {
+            Instant::now().checked_add(self.idle_timeout)
+        } else {
+            self.idle_at()
+        }
+    }
+}
+
+type Usage = Arc<Mutex<Use>>;
+
+fn lock_use(usage: &Usage) -> MutexGuard<'_, Use> {
+    // A `Use` is plain data updated in one step: a poisoned lock still holds a whole one.
+    usage.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// One request's hold on a connection, from checkout to the end of its response body: while
 /// any is held the connection is in use. Released on drop, so a cancelled request never keeps
 /// a connection busy.
-pub(crate) struct Lease(Arc<watch::Sender<Use>>);
+pub(crate) struct Lease(Usage);
 
 impl Lease {
-    fn new(usage: &Arc<watch::Sender<Use>>, idle_timeout: Duration) -> Self {
-        usage.send_modify(|u| {
-            u.in_flight += 1;
-            // The latest caller's setting wins: a changed policy reaches open connections.
-            u.idle_timeout = idle_timeout;
-        });
+    fn new(usage: &Usage, idle_timeout: Duration) -> Self {
+        let mut u = lock_use(usage);
+        u.in_flight += 1;
+        // The latest caller's setting wins: a changed policy reaches open connections.
+        u.idle_timeout = idle_timeout;
+        drop(u);
         Self(usage.clone())
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.0.send_modify(|u| {
-            u.in_flight -= 1;
-            if u.in_flight == 0 {
-                u.since = Instant::now();
-            }
-        });
+        let mut u = lock_use(&self.0);
+        u.in_flight -= 1;
+        if u.in_flight == 0 {
+            u.since = Instant::now();
+        }
     }
 }
 
 struct Pooled {
     id: u64,
     sender: Sender,
-    usage: Arc<watch::Sender<Use>>,
+    usage: Usage,
 }
 
 /// A connection handed to one request.
@@ -234,7 +251,7 @@ impl KeyState {
                 let i = self
                     .conns
                     .iter()
-                    .position(|c| c.usage.borrow().in_flight == 0 && !c.sender.is_closed())?;
+                    .position(|c| lock_use(&c.usage).in_flight == 0 && !c.sender.is_closed())?;
                 let c = self.conns.swap_remove(i);
                 Some(Checkout {
                     key: key.clone(),
@@ -342,12 +359,11 @@ impl Pool {
             }
         };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (usage, watcher) = watch::channel(Use {
+        let usage = Arc::new(Mutex::new(Use {
             in_flight: 0,
             since: Instant::now(),
             idle_timeout,
-        });
-        let usage = Arc::new(usage);
+        }));
         let lease = Lease::new(&usage, idle_timeout);
         let checkout = match sender {
             Sender::Http2(s) => {
@@ -371,7 +387,7 @@ impl Pool {
             Arc::downgrade(self),
             key.clone(),
             id,
-            watcher,
+            usage.clone(),
             driver,
             open,
         ));
@@ -415,10 +431,9 @@ impl Pool {
 
     /// Removes connection `id` if it has been unused for its idle timeout; false if it was
     /// used since (checked under the lock, which every checkout takes).
-    fn expire(&self, key: &PoolKey, id: u64, usage: &watch::Receiver<Use>) -> bool {
+    fn expire(&self, key: &PoolKey, id: u64, usage: &Usage) -> bool {
         let mut keys = self.lock();
-        let still_idle = usage
-            .borrow()
+        let still_idle = lock_use(usage)
             .idle_at()
             .is_some_and(|at| at <= Instant::now());
         if still_idle {
@@ -456,19 +471,20 @@ impl Drop for Waiting<'_> {
 }
 
 /// Drives one pooled connection until it closes or stays unused for its idle timeout, then
-/// takes it out of the pool.
+/// takes it out of the pool. The connection also closes by itself once the pool and every
+/// request have let go of its sender (the pool was dropped, or an HTTP/1 one over the cap).
 async fn drive(
     pool: Weak<Pool>,
     key: PoolKey,
     id: u64,
-    mut usage: watch::Receiver<Use>,
+    usage: Usage,
     mut conn: Driver,
     open: Gauge,
 ) {
     let why = loop {
-        let idle_at = usage.borrow_and_update().idle_at();
-        let idle = async {
-            match idle_at {
+        let next_look = lock_use(&usage).next_look();
+        let look = async {
+            match next_look {
                 Some(at) => tokio::time::sleep_until(at).await,
                 None => std::future::pending().await,
             }
@@ -481,9 +497,7 @@ async fn drive(
                     "failed"
                 }
             },
-            // Neither the pool nor any request holds the connection any more.
-            changed = usage.changed() => if changed.is_err() { break "unreachable" },
-            () = idle => {
+            () = look => {
                 if pool.upgrade().is_none_or(|p| p.expire(&key, id, &usage)) {
                     break "idle";
                 }

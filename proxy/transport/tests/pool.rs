@@ -108,7 +108,8 @@ async fn get(clients: &Clients, dst: impl Into<Dst>, protocol: Protocol) -> Resu
     Ok(body.to_bytes())
 }
 
-#[tokio::test]
+// On several threads, so the callers really race for the cold key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_requests_to_a_cold_http2_endpoint_make_one_connection() {
     let server = Server::start().await;
     let (clients, metrics) = clients(Direction::Outbound, Duration::from_secs(60));
