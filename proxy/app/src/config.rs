@@ -200,6 +200,12 @@ pub struct Config {
     #[serde(serialize_with = "humantime_ser")]
     pub connect_timeout: Duration,
 
+    /// How long a pooled connection (to the app, or to an endpoint) stays open while it
+    /// carries no request. The default is `ServicePolicy`'s `timeouts.idle` default.
+    #[arg(long, env = "FERRULE_PROXY_IDLE_TIMEOUT", default_value = "90s", value_parser = humantime::parse_duration)]
+    #[serde(serialize_with = "humantime_ser")]
+    pub idle_timeout: Duration,
+
     /// HTTP path the app is health-checked on; without it a TCP connect is the check.
     #[arg(long, env = "FERRULE_PROXY_HEALTH_PATH")]
     pub health_path: Option<String>,
@@ -409,6 +415,18 @@ mod tests {
         assert_eq!(c.upstreams[1].listen.port(), 7002);
         assert_eq!(c.opaque_ports, vec![5432, 6379]);
         assert_eq!(c.detect_timeout, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn idle_timeout_defaults_to_the_policy_default() {
+        assert_eq!(
+            parse(&[]).idle_timeout,
+            ferrule_config::DEFAULT_IDLE_TIMEOUT
+        );
+        assert_eq!(
+            parse(&["--idle-timeout=5s"]).idle_timeout,
+            Duration::from_secs(5)
+        );
     }
 
     #[test]

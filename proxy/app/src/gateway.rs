@@ -29,7 +29,8 @@ use ferrule_proxy_outbound::{Outbound, OutboundConfig};
 use ferrule_proxy_policy::PolicySet;
 use ferrule_proxy_policy::balance::Algorithm;
 use ferrule_proxy_policy::metrics::PolicyMetrics;
-use ferrule_proxy_transport::client::Clients;
+use ferrule_proxy_transport::client::{ClientConfig, Clients};
+use ferrule_proxy_transport::metrics::PoolMetrics;
 
 /// Flags of `ferrule-proxy gateway`, with every default.
 #[derive(Debug, Clone, clap::Args)]
@@ -70,6 +71,10 @@ pub struct GatewayArgs {
 
     #[arg(long, env = "FERRULE_PROXY_CONNECT_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
     pub connect_timeout: Duration,
+
+    /// How long a pooled connection to an endpoint stays open unused.
+    #[arg(long, env = "FERRULE_PROXY_IDLE_TIMEOUT", default_value = "90s", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
 
     /// How long the gateway waits for a client's first bytes to tell HTTP/1 from HTTP/2.
     #[arg(long, env = "FERRULE_PROXY_DETECT_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
@@ -211,7 +216,14 @@ impl Gateway {
             // The gateway does not follow the Config stream yet: its services get the
             // default policy.
             PolicyClient::fixed(PolicySet::default()),
-            Clients::new(args.connect_timeout),
+            Clients::new(
+                Direction::Outbound,
+                ClientConfig {
+                    connect_timeout: args.connect_timeout,
+                    idle_timeout: args.idle_timeout,
+                },
+                &PoolMetrics::register(&metrics),
+            ),
             &proxy_id,
             metrics.clone(),
             policy_metrics,

@@ -23,14 +23,15 @@ use ferrule_proxy_api::registration::{
     HealthCheck, HealthCheckKind, RegisteredPort, Registration, RegistrationConfig,
 };
 use ferrule_proxy_core::lifecycle::{Drain, Lifecycle};
-use ferrule_proxy_core::metrics::Metrics;
+use ferrule_proxy_core::metrics::{Direction, Metrics};
 use ferrule_proxy_inbound::http::LocalRateLimit;
 use ferrule_proxy_inbound::{Inbound, InboundConfig, InboundPort};
 use ferrule_proxy_outbound::target::Fixed;
 use ferrule_proxy_outbound::{Outbound, OutboundConfig};
 use ferrule_proxy_policy::PolicySet;
 use ferrule_proxy_policy::metrics::PolicyMetrics;
-use ferrule_proxy_transport::client::Clients;
+use ferrule_proxy_transport::client::{ClientConfig, Clients};
+use ferrule_proxy_transport::metrics::PoolMetrics;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -142,7 +143,14 @@ impl Proxy {
         let metrics = Metrics::new();
         let policy_metrics = PolicyMetrics::register(&metrics);
         ferrule_proxy_api::metrics::register(&metrics, discovery.clone(), Some(policies.clone()));
-        let clients = Clients::new(config.connect_timeout);
+        let pool_metrics = PoolMetrics::register(&metrics);
+        let pool_config = ClientConfig {
+            connect_timeout: config.connect_timeout,
+            idle_timeout: config.idle_timeout,
+        };
+        // A pool per side: the app's address and an endpoint's never share a connection.
+        let app_clients = Clients::new(Direction::Inbound, pool_config, &pool_metrics);
+        let peer_clients = Clients::new(Direction::Outbound, pool_config, &pool_metrics);
 
         let admin_listener = bind("admin", config.admin_addr).await?;
         let mut inbound_listeners = Vec::new();
@@ -183,7 +191,7 @@ impl Proxy {
             },
             discovery.clone(),
             policies.clone(),
-            clients.clone(),
+            peer_clients,
             &proxy_id,
             metrics.clone(),
             policy_metrics.clone(),
@@ -204,7 +212,7 @@ impl Proxy {
                 detect_timeout: config.detect_timeout,
                 access_log: config.access_log,
             },
-            clients,
+            app_clients,
             LocalRateLimit::new(policies.watch(), &service, policy_metrics),
             metrics.clone(),
             serving.clone(),

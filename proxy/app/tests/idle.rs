@@ -17,12 +17,13 @@ use ferrule_proto::v1::Endpoint;
 use ferrule_proxy::api::policy::PolicyClient;
 use ferrule_proxy::balance::Algorithm;
 use ferrule_proxy::body;
-use ferrule_proxy::client::Clients;
+use ferrule_proxy::client::{ClientConfig, Clients};
 use ferrule_proxy::discovery::Discovery;
-use ferrule_proxy::metrics::Metrics;
+use ferrule_proxy::metrics::{Direction, Metrics};
 use ferrule_proxy::outbound::{Outbound, OutboundConfig};
 use ferrule_proxy::policy::PolicySet;
 use ferrule_proxy::policy::metrics::PolicyMetrics;
+use ferrule_proxy_transport::metrics::PoolMetrics;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -124,7 +125,14 @@ async fn ten_thousand_targets_are_forgotten_after_the_idle_time() -> Result<()> 
         },
         discovery,
         PolicyClient::fixed(PolicySet::default()),
-        Clients::new(Duration::from_secs(1)),
+        Clients::new(
+            Direction::Outbound,
+            ClientConfig {
+                connect_timeout: Duration::from_secs(1),
+                idle_timeout: Duration::from_secs(90),
+            },
+            &PoolMetrics::register(&metrics),
+        ),
         "idle-test",
         metrics.clone(),
         policy_metrics,

@@ -153,12 +153,14 @@ impl Concrete {
         let _permit = guards.concurrency.acquire().await.map_err(|overloaded| {
             ProxyError::new(Reason::Overloaded, name.to_string(), overloaded.to_string())
         })?;
-        self.forward(&guards.failure_accrual, req).await
+        self.forward(&guards.failure_accrual, guards.idle_timeout(), req)
+            .await
     }
 
     async fn forward(
         &self,
         accrual: &FailureAccrual,
+        idle_timeout: Duration,
         mut req: Request<BoxBody>,
     ) -> Result<Response<BoxBody>, ProxyError> {
         let target = &self.balance;
@@ -176,7 +178,7 @@ impl Concrete {
             };
             let ep = pick.endpoint().clone();
             let protocol = Protocol::of(&req);
-            let conn = match self.connector.connect(&ep, protocol).await {
+            let conn = match self.connector.connect(&ep, protocol, idle_timeout).await {
                 Ok(conn) => conn,
                 Err(error) => {
                     tracing::debug!(service = %target.name, endpoint = %ep.addr, %error, "connect failed");

@@ -7,6 +7,7 @@
 //! spoke. This is where mTLS to meshed peers will be added.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use ferrule_proxy_policy::endpoint::EndpointTarget;
 use http::{HeaderValue, Request, Version};
@@ -14,7 +15,8 @@ use http::{HeaderValue, Request, Version};
 use ferrule_proxy_core::body::BoxBody;
 use ferrule_proxy_core::errors::{ProxyError, Reason};
 use ferrule_proxy_core::headers;
-use ferrule_proxy_transport::client::{ClientError, Clients, Conn, Protocol};
+use ferrule_proxy_transport::client::{ClientError, Clients, Conn, Dst, Protocol};
+use ferrule_proxy_transport::pool::Identity;
 
 #[derive(Clone)]
 pub struct EndpointConnector {
@@ -33,18 +35,26 @@ impl EndpointConnector {
     }
 
     /// Connects to `ep` for a request that needs `protocol` (see [`Protocol::of`]); nothing
-    /// is sent yet.
+    /// is sent yet. A new connection closes after `idle_timeout` unused (the service's
+    /// `timeouts.idle`).
     pub async fn connect(
         &self,
         ep: &EndpointTarget,
         protocol: Protocol,
+        idle_timeout: Duration,
     ) -> Result<Conn, ClientError> {
         let addr = ep.addr;
         let protocol = match protocol {
             Protocol::Http1 if ep.meshed => Protocol::Http2,
             protocol => protocol,
         };
-        self.clients.connect(addr, protocol).await
+        let dst = Dst {
+            addr,
+            // The identity is part of the pool key now; mTLS will verify it.
+            identity: ep.identity.clone().map(Identity::new),
+            idle_timeout: Some(idle_timeout),
+        };
+        self.clients.connect(dst, protocol).await
     }
 
     /// Adds the mesh headers a meshed peer expects; mesh headers the app itself sent never
@@ -89,6 +99,9 @@ mod tests {
 
     use super::*;
     use ferrule_proxy_core::body;
+    use ferrule_proxy_core::metrics::Direction;
+    use ferrule_proxy_transport::client::ClientConfig;
+    use ferrule_proxy_transport::metrics::PoolMetrics;
 
     fn endpoint(meshed: bool) -> EndpointTarget {
         EndpointTarget::resolve(&ferrule_proto::v1::Endpoint {
@@ -102,7 +115,15 @@ mod tests {
 
     #[test]
     fn mesh_headers_go_only_to_meshed_peers() {
-        let connector = EndpointConnector::new(Clients::new(Duration::from_secs(1)), "order-1");
+        let clients = Clients::new(
+            Direction::Outbound,
+            ClientConfig {
+                connect_timeout: Duration::from_secs(1),
+                idle_timeout: Duration::from_secs(1),
+            },
+            &PoolMetrics::default(),
+        );
+        let connector = EndpointConnector::new(clients, "order-1");
         let mut spoofed = Request::get("/")
             .header(headers::MESHED, "someone-else")
             .header(headers::ORIG_PROTO, "HTTP/9")

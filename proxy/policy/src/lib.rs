@@ -185,6 +185,12 @@ impl ServiceGuards {
         }
     }
 
+    /// How long a connection to one of the service's endpoints may stay unused
+    /// (`timeouts.idle`).
+    pub fn idle_timeout(&self) -> std::time::Duration {
+        self.policy.idle_timeout
+    }
+
     /// The guards for `policy`: each piece whose settings are unchanged is kept (state
     /// included), the others are built afresh.
     pub fn update(&self, policy: &EffectivePolicy) -> Self {

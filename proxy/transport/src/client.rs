@@ -1,48 +1,60 @@
 //! HTTP client connections from the proxy to one address (an endpoint or the local app).
 //!
-//! HTTP/2 gets one multiplexed connection per address, reused by every request; HTTP/1 gets a
-//! small pool of keep-alive connections per address; upgrades (`Upgrade`, `CONNECT`) get a
-//! fresh HTTP/1 connection each, spliced to the client's once both sides have switched.
-//! Connecting is a step of its own ([`Clients::connect`]) so a caller can try another endpoint
-//! when it fails: nothing of the request has been sent yet. TLS will wrap the stream here.
+//! [`Clients`] is one side's connection pool (the app-facing one of the inbound side, or the
+//! peer-facing one of the outbound side; see [`crate::pool`] for how it keys, shares and
+//! forgets connections). HTTP/2 gets one multiplexed connection per key, reused by every
+//! request; HTTP/1 gets a small pool of keep-alive connections per key; upgrades (`Upgrade`,
+//! `CONNECT`) get a fresh HTTP/1 connection each, spliced to the client's once both sides have
+//! switched. Connecting is a step of its own ([`Clients::connect`]) so a caller can try another
+//! endpoint when it fails: nothing of the request has been sent yet. TLS will wrap the stream
+//! here, verifying the [`Dst::identity`].
 
-use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use http::{Method, Request, Response, StatusCode, Version, header};
+use http_body::{Body, Frame, SizeHint};
 use hyper::client::conn::{TrySendError, http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use ferrule_proxy_core::body::{self, BoxBody};
 use ferrule_proxy_core::headers;
+use ferrule_proxy_core::metrics::Direction;
 
-/// Idle HTTP/1 connections kept per address.
-const MAX_IDLE_PER_ADDR: usize = 32;
+use crate::metrics::PoolMetrics;
+use crate::pool::{Checkout, Driver, Identity, Lease, Pool, PoolKey, PoolProtocol, Sender};
+
 const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
-#[derive(Debug, thiserror::Error)]
+/// Why a connection could not be made or a request not sent. Cloneable: a failed handshake is
+/// handed to every caller that waited for it.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ClientError {
     #[error("endpoint address {0:?} is not an IP socket address")]
     BadAddress(String),
     #[error("connecting to {addr}: {source}")]
-    Connect { addr: SocketAddr, source: io::Error },
+    Connect {
+        addr: SocketAddr,
+        source: Arc<io::Error>,
+    },
     #[error("connecting to {addr}: no answer within {timeout:?}")]
     ConnectTimeout { addr: SocketAddr, timeout: Duration },
     #[error("HTTP handshake with {addr}: {source}")]
     Handshake {
         addr: SocketAddr,
-        source: hyper::Error,
+        source: Arc<hyper::Error>,
     },
     #[error("request to {addr}: {source}")]
     Request {
         addr: SocketAddr,
-        source: hyper::Error,
+        source: Arc<hyper::Error>,
     },
 }
 
@@ -68,195 +80,252 @@ impl Protocol {
     }
 }
 
-#[derive(Default)]
-struct Pools {
-    h1: HashMap<SocketAddr, Vec<http1::SendRequest<BoxBody>>>,
-    h2: HashMap<SocketAddr, http2::SendRequest<BoxBody>>,
+/// Where a connection goes: the address, who is expected there, and how long a pooled
+/// connection to it may stay unused. A bare [`SocketAddr`] converts into one with no identity
+/// and the pool's idle timeout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dst {
+    pub addr: SocketAddr,
+    /// The identity the peer must prove (part of the pool key); `None` for a peer that is not
+    /// meshed.
+    pub identity: Option<Identity>,
+    /// Overrides [`ClientConfig::idle_timeout`] for this connection: the outbound side passes
+    /// the service's `timeouts.idle`. When callers of one key disagree, the latest wins.
+    pub idle_timeout: Option<Duration>,
 }
 
-/// Connections of one proxy to every address it forwards to. Cheap to clone.
+impl From<SocketAddr> for Dst {
+    fn from(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            identity: None,
+            idle_timeout: None,
+        }
+    }
+}
+
+/// Settings of one pool.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientConfig {
+    /// Bounds the TCP connect and HTTP handshake of a new connection.
+    pub connect_timeout: Duration,
+    /// How long a pooled connection that carries no request stays open, unless the
+    /// [`Dst`] says otherwise.
+    pub idle_timeout: Duration,
+}
+
+/// One side's connections to every address it forwards to. Cheap to clone; clones share the
+/// pool.
 #[derive(Clone)]
 pub struct Clients {
-    pools: Arc<Mutex<Pools>>,
-    connect_timeout: Duration,
+    pool: Arc<Pool>,
+    config: ClientConfig,
 }
 
 impl Clients {
-    pub fn new(connect_timeout: Duration) -> Self {
+    /// A pool for one side of the proxy: `Direction::Inbound` for the app-facing one,
+    /// `Direction::Outbound` for the peer-facing one. Each side makes its own, so an app's
+    /// address and an endpoint's never share a connection; `direction` labels the metrics.
+    pub fn new(direction: Direction, config: ClientConfig, metrics: &PoolMetrics) -> Self {
         Self {
-            pools: Arc::default(),
-            connect_timeout,
+            pool: Arc::new(Pool::new(direction, metrics.clone())),
+            config,
         }
     }
 
-    /// A connection to `addr` ready to carry one request of `protocol`.
-    pub async fn connect(&self, addr: SocketAddr, protocol: Protocol) -> Result<Conn, ClientError> {
-        match protocol {
-            Protocol::Http2 => {
-                let existing = self.lock().h2.get(&addr).cloned();
-                if let Some(sender) = existing.filter(|s| !s.is_closed()) {
-                    return Ok(Conn::new(self, addr, Kind::H2(sender)));
-                }
-                let io = self.tcp(addr).await?;
-                let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-                    .timer(TokioTimer::new())
-                    // One connection carries every request to the address: notice a peer
-                    // that vanished without closing it.
-                    .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
-                    .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT)
-                    .handshake(io)
-                    .await
-                    .map_err(|source| ClientError::Handshake { addr, source })?;
-                tokio::spawn(async move {
-                    if let Err(error) = conn.await {
-                        tracing::debug!(%addr, %error, "HTTP/2 connection ended");
-                    }
-                });
-                let mut pools = self.lock();
-                // Forget connections that closed since (endpoints that went away).
-                pools.h2.retain(|_, s| !s.is_closed());
-                pools.h2.insert(addr, sender.clone());
-                Ok(Conn::new(self, addr, Kind::H2(sender)))
-            }
-            Protocol::Http1 => {
-                if let Some(sender) = self.idle_h1(addr) {
-                    return Ok(Conn::new(self, addr, Kind::H1(sender)));
-                }
-                let sender = self.h1_handshake(addr, false).await?;
-                // Forget connections that closed since (endpoints that went away).
-                self.lock().h1.retain(|_, senders| {
-                    senders.retain(|s| !s.is_closed());
-                    !senders.is_empty()
-                });
-                Ok(Conn::new(self, addr, Kind::H1(sender)))
-            }
+    /// A connection to `dst` ready to carry one request of `protocol`: a pooled one when the
+    /// pool has one to spare, else a new one (see [`crate::pool`] for who waits for whom).
+    pub async fn connect(
+        &self,
+        dst: impl Into<Dst>,
+        protocol: Protocol,
+    ) -> Result<Conn, ClientError> {
+        let dst = dst.into();
+        let addr = dst.addr;
+        let protocol = match protocol {
+            Protocol::Http1 => PoolProtocol::Http1,
+            Protocol::Http2 => PoolProtocol::Http2,
             Protocol::Upgrade => {
-                let sender = self.h1_handshake(addr, true).await?;
-                Ok(Conn::new(self, addr, Kind::Upgrade(sender)))
+                let sender = self.upgrade_handshake(addr).await?;
+                return Ok(Conn {
+                    addr,
+                    kind: Kind::Upgrade(sender),
+                });
             }
+        };
+        let key = PoolKey {
+            addr,
+            identity: dst.identity,
+            protocol,
+        };
+        let idle_timeout = dst.idle_timeout.unwrap_or(self.config.idle_timeout);
+        loop {
+            let mut checkout = self
+                .pool
+                .checkout(&key, idle_timeout, || {
+                    handshake(&key, self.config.connect_timeout)
+                })
+                .await?;
+            // HTTP/1 carries one request at a time: wait until hyper has finished with the
+            // last response (an HTTP/2 connection takes requests as long as it is open).
+            if let Sender::Http1(sender) = &mut checkout.sender
+                && let Err(source) = sender.ready().await
+            {
+                if checkout.reused {
+                    // It closed while idle; its driver forgets it. Each turn takes another
+                    // from the pool, until one is made.
+                    continue;
+                }
+                return Err(handshake_error(addr, source));
+            }
+            return Ok(Conn {
+                addr,
+                kind: Kind::Pooled(self.pool.clone(), checkout),
+            });
         }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Pools> {
-        self.pools.lock().expect("connection pool lock poisoned")
-    }
-
-    /// An idle pooled connection; busy ones (still streaming a response) stay in the pool.
-    fn idle_h1(&self, addr: SocketAddr) -> Option<http1::SendRequest<BoxBody>> {
-        let mut pools = self.lock();
-        let senders = pools.h1.get_mut(&addr)?;
-        senders.retain(|s| !s.is_closed());
-        let idle = senders.iter().position(|s| s.is_ready())?;
-        Some(senders.swap_remove(idle))
-    }
-
-    fn release_h1(&self, addr: SocketAddr, sender: http1::SendRequest<BoxBody>) {
-        let mut pools = self.lock();
-        let senders = pools.h1.entry(addr).or_default();
-        if senders.len() < MAX_IDLE_PER_ADDR {
-            senders.push(sender);
-        }
-    }
-
-    async fn tcp(&self, addr: SocketAddr) -> Result<TokioIo<TcpStream>, ClientError> {
-        connect_tcp(addr, self.connect_timeout)
-            .await
-            .map(TokioIo::new)
     }
 
     pub fn connect_timeout(&self) -> Duration {
-        self.connect_timeout
+        self.config.connect_timeout
     }
 
-    async fn h1_handshake(
+    /// Each key in the pool and how many connections it holds (HTTP/1 ones lent to a request
+    /// not counted), in key order.
+    pub fn pooled(&self) -> Vec<(PoolKey, usize)> {
+        self.pool.snapshot()
+    }
+
+    async fn upgrade_handshake(
         &self,
         addr: SocketAddr,
-        upgrades: bool,
     ) -> Result<http1::SendRequest<BoxBody>, ClientError> {
-        let io = self.tcp(addr).await?;
+        let io = TokioIo::new(connect_tcp(addr, self.config.connect_timeout).await?);
         let (mut sender, conn) = http1::handshake(io)
             .await
-            .map_err(|source| ClientError::Handshake { addr, source })?;
+            .map_err(|source| handshake_error(addr, source))?;
         tokio::spawn(async move {
-            let result = if upgrades {
-                conn.with_upgrades().await
-            } else {
-                conn.await
-            };
-            if let Err(error) = result {
+            if let Err(error) = conn.with_upgrades().await {
                 tracing::debug!(%addr, %error, "HTTP/1 connection ended");
             }
         });
         sender
             .ready()
             .await
-            .map_err(|source| ClientError::Handshake { addr, source })?;
+            .map_err(|source| handshake_error(addr, source))?;
         Ok(sender)
+    }
+}
+
+/// Makes a new connection for `key`, within `timeout`.
+async fn handshake(key: &PoolKey, timeout: Duration) -> Result<(Sender, Driver), ClientError> {
+    let addr = key.addr;
+    let made = async {
+        let io = TokioIo::new(tcp(addr).await?);
+        // mTLS goes here: with `key.identity`, wrap `io` and verify the peer proves it.
+        Ok(match key.protocol {
+            PoolProtocol::Http2 => {
+                let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    // One connection carries every request to the key: notice a peer that
+                    // vanished without closing it. Pings are not use: an idle connection
+                    // still closes after its idle timeout.
+                    .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
+                    .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT)
+                    .handshake(io)
+                    .await
+                    .map_err(|source| handshake_error(addr, source))?;
+                (Sender::Http2(sender), Box::pin(conn) as Driver)
+            }
+            PoolProtocol::Http1 => {
+                let (sender, conn) = http1::handshake(io)
+                    .await
+                    .map_err(|source| handshake_error(addr, source))?;
+                (Sender::Http1(sender), Box::pin(conn) as Driver)
+            }
+        })
+    };
+    tokio::time::timeout(timeout, made)
+        .await
+        .map_err(|_| ClientError::ConnectTimeout { addr, timeout })?
+}
+
+fn handshake_error(addr: SocketAddr, source: hyper::Error) -> ClientError {
+    ClientError::Handshake {
+        addr,
+        source: Arc::new(source),
     }
 }
 
 /// Opens a TCP connection with a bound on how long it may take.
 pub async fn connect_tcp(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ClientError> {
-    let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+    tokio::time::timeout(timeout, tcp(addr))
         .await
         .map_err(|_| ClientError::ConnectTimeout { addr, timeout })?
-        .map_err(|source| ClientError::Connect { addr, source })?;
+}
+
+async fn tcp(addr: SocketAddr) -> Result<TcpStream, ClientError> {
+    let connect_error = |source| ClientError::Connect {
+        addr,
+        source: Arc::new(source),
+    };
+    let stream = TcpStream::connect(addr).await.map_err(connect_error)?;
     // Latency matters more than packet count for proxied traffic.
-    stream
-        .set_nodelay(true)
-        .map_err(|source| ClientError::Connect { addr, source })?;
+    stream.set_nodelay(true).map_err(connect_error)?;
     Ok(stream)
 }
 
 enum Kind {
-    H1(http1::SendRequest<BoxBody>),
-    H2(http2::SendRequest<BoxBody>),
+    Pooled(Arc<Pool>, Checkout),
     Upgrade(http1::SendRequest<BoxBody>),
 }
 
 /// A connection ready for one request.
 pub struct Conn {
-    clients: Clients,
     addr: SocketAddr,
     kind: Kind,
 }
 
 impl Conn {
-    fn new(clients: &Clients, addr: SocketAddr, kind: Kind) -> Self {
-        Self {
-            clients: clients.clone(),
-            addr,
-            kind,
-        }
-    }
-
     /// Sends `req` (hop-by-hop headers removed, version and URI fitted to the connection) and
     /// returns the response head with its body streaming. When the connection turns out
     /// closed before the request left, the error gives the request back so the caller may
-    /// send it elsewhere.
+    /// send it elsewhere. A pooled connection counts as in use until the response body ends
+    /// or is dropped.
     pub async fn send(self, mut req: Request<BoxBody>) -> Result<Response<BoxBody>, SendError> {
         let addr = self.addr;
         let upgrade = matches!(self.kind, Kind::Upgrade(_));
         headers::strip_hop_by_hop(req.headers_mut(), upgrade);
         let rsp = match self.kind {
-            Kind::H2(mut sender) => {
-                fit_http2(&mut req, addr);
-                if let Err(source) = sender.ready().await {
-                    return Err(SendError::unsent(addr, source, req));
-                }
-                sender
-                    .try_send_request(req)
-                    .await
-                    .map_err(|e| SendError::from_try(addr, e))?
-            }
-            Kind::H1(mut sender) => {
-                fit_http1(&mut req);
-                let rsp = sender
-                    .try_send_request(req)
-                    .await
-                    .map_err(|e| SendError::from_try(addr, e))?;
-                self.clients.release_h1(addr, sender);
-                rsp
+            Kind::Pooled(pool, checkout) => {
+                let Checkout {
+                    key,
+                    id,
+                    sender,
+                    lease,
+                    ..
+                } = checkout;
+                let rsp = match sender {
+                    Sender::Http2(mut sender) => {
+                        fit_http2(&mut req, addr);
+                        if let Err(source) = sender.ready().await {
+                            return Err(SendError::unsent(addr, source, req));
+                        }
+                        sender
+                            .try_send_request(req)
+                            .await
+                            .map_err(|e| SendError::from_try(addr, e))?
+                    }
+                    Sender::Http1(mut sender) => {
+                        fit_http1(&mut req);
+                        let rsp = sender
+                            .try_send_request(req)
+                            .await
+                            .map_err(|e| SendError::from_try(addr, e))?;
+                        pool.release(key, id, sender, &lease);
+                        rsp
+                    }
+                };
+                rsp.map(|body| body::boxed(Leased::new(body, lease)))
             }
             Kind::Upgrade(mut sender) => {
                 fit_http1(&mut req);
@@ -272,13 +341,56 @@ impl Conn {
                     let server_side = hyper::upgrade::on(&mut rsp);
                     tokio::spawn(splice(client_side, server_side, addr));
                 }
-                rsp
+                rsp.map(body::boxed)
             }
         };
         let (mut parts, body) = rsp.into_parts();
         let switched = parts.status == StatusCode::SWITCHING_PROTOCOLS;
         headers::strip_hop_by_hop(&mut parts.headers, switched);
-        Ok(Response::from_parts(parts, body::boxed(body)))
+        Ok(Response::from_parts(parts, body))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that keeps its connection's lease until it ends or is dropped.
+    struct Leased<B> {
+        #[pin]
+        inner: B,
+        lease: Option<Lease>,
+    }
+}
+
+impl<B> Leased<B> {
+    fn new(inner: B, lease: Lease) -> Self {
+        Self {
+            inner,
+            lease: Some(lease),
+        }
+    }
+}
+
+impl<B: Body> Body for Leased<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let this = self.project();
+        let frame = this.inner.poll_frame(cx);
+        if matches!(frame, Poll::Ready(None | Some(Err(_)))) {
+            this.lease.take();
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -292,7 +404,10 @@ pub struct SendError {
 impl SendError {
     fn unsent(addr: SocketAddr, source: hyper::Error, req: Request<BoxBody>) -> Self {
         Self {
-            error: ClientError::Request { addr, source },
+            error: ClientError::Request {
+                addr,
+                source: Arc::new(source),
+            },
             unsent: Some(req),
         }
     }
@@ -302,7 +417,7 @@ impl SendError {
         Self {
             error: ClientError::Request {
                 addr,
-                source: e.into_error(),
+                source: Arc::new(e.into_error()),
             },
             unsent,
         }
