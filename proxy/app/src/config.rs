@@ -278,8 +278,9 @@ pub struct Config {
 /// The modes other than the sidecar.
 #[derive(Debug, Clone, Subcommand)]
 pub enum Mode {
-    /// The edge gateway: routes, JWT, rate limits and CORS in front of mesh services
-    /// (flags go after `gateway`; see docs/gateway.md).
+    /// The edge gateway: routes, JWT, rate limits and CORS in front of mesh services, from
+    /// its file or, with a controller, its `Gateway` resource (flags go after `gateway`; see
+    /// docs/gateway.md).
     Gateway(crate::gateway::GatewayArgs),
 }
 
