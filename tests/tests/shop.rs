@@ -2,7 +2,8 @@
 //! up` starts the controller, the shop with a sidecar per app and the gateway; the test logs
 //! in, reads a user, is refused without a valid token, creates an order whose calls go through
 //! order's sidecar into order's own database, loses a user replica without failing requests,
-//! and runs into the rate limit.
+//! runs into the rate limit, and sees an `HTTPRoute` fault on `user` apply to requests through
+//! the gateway.
 //!
 //! The mesh is owned by [`Mesh`], which runs `ferrule dev down` when dropped and kills `dev up`
 //! after it, so nothing outlives the test, whether it passes or fails.
@@ -396,6 +397,47 @@ async fn the_shop_walkthrough_through_dev_up() -> Result<()> {
     let reply = limited.first().context("no request was rate limited")?;
     assert_eq!(json_body(reply)?["error"], "Too Many Requests", "{reply:?}");
     assert!(reply.header("retry-after").is_some(), "{reply:?}");
+
+    // The gateway is a caller like order's sidecar: an HTTPRoute aborting every request to
+    // `user` applies to requests through the gateway once it runs that config version.
+    let route = mesh.state_dir.join("user-abort.yaml");
+    std::fs::write(
+        &route,
+        "apiVersion: ferrule.io/v1\nkind: HTTPRoute\nmetadata: {name: user}\nspec:\n  service: user\n  rules:\n    - name: chaos\n      fault: {abort: {status: 503}}\n",
+    )?;
+    let controller = mesh.state["controller"].as_str().context("controller")?;
+    let out = Command::new(binary("ferrule")?)
+        .args(["--controller", controller, "apply", "-f"])
+        .arg(&route)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "ferrule apply: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let gateway_admin = mesh.admin("gateway")?;
+    eventually(
+        Duration::from_secs(20),
+        "the gateway applies the route",
+        || async {
+            let (_, body) = http_get(gateway_admin, "/config").await.ok()?;
+            let doc: Value = serde_json::from_str(&body).ok()?;
+            let resources = doc["policy"]["resources"].as_array()?;
+            resources
+                .iter()
+                .any(|r| r["kind"] == "HTTPRoute")
+                .then_some(())
+        },
+    )
+    .await?;
+    let_the_rate_limit_refill().await;
+    let reply = mesh
+        .call("GET", "/api/users/123", Some(&token), None)
+        .await?;
+    assert_eq!(
+        reply.status, 503,
+        "the fault through the gateway: {reply:?}"
+    );
 
     drop(mesh);
     Ok(())

@@ -235,8 +235,9 @@ fn is_false(b: &bool) -> bool {
     !*b
 }
 
-/// `pathPrefix` as the gateway compares it: without trailing slashes, `/` for the root.
-pub fn normalize_prefix(prefix: &str) -> &str {
+/// `pathPrefix` without trailing slashes, `/` for the root: two routes whose prefixes are equal
+/// so match the same paths (the proxy's matcher is `ferrule_proxy_policy::route::PathPrefix`).
+fn normalize_prefix(prefix: &str) -> &str {
     let trimmed = prefix.trim_end_matches('/');
     if trimmed.is_empty() { "/" } else { trimmed }
 }

@@ -25,7 +25,7 @@ mod validate;
 pub use gateway::{
     Cors, DEFAULT_GATEWAY_LISTEN, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_SUBJECT_HEADER,
     GatewayFileError, GatewayFileErrors, GatewayRateLimit, GatewayRoute, GatewaySpec, Jwt,
-    JwtProvider, KeySource, RateLimitKey, normalize_prefix,
+    JwtProvider, KeySource, RateLimitKey,
 };
 pub use grpc::{GrpcCode, GrpcCodeError};
 pub use policy::*;

@@ -9,6 +9,11 @@
 //! force (sent again after a reconnect) is acked without being republished, so stacks do not
 //! rebuild for nothing. While no controller is reachable the last good set stays too: the
 //! proxy never drops its config because the control plane is away.
+//!
+//! A proxy may add its own [`Check`] ([`PolicyClient::spawn_checked`]): a set that compiles
+//! but that the proxy cannot use (the gateway's `Gateway` resource naming a key file it cannot
+//! read) is nacked with the check's reason, like one that does not compile. The set carries
+//! every resource it was sent, `Gateway` included ([`PolicySet::gateway`]).
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -34,6 +39,9 @@ pub struct Nacked {
     pub reason: String,
 }
 
+/// A proxy's own test of a set that compiled: `Err(reason)` nacks it with the reason.
+pub type Check = Arc<dyn Fn(&PolicySet) -> Result<(), String> + Send + Sync>;
+
 /// The policy in force, kept up to date from the controllers. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct PolicyClient {
@@ -52,6 +60,24 @@ impl PolicyClient {
         upstreams: Vec<String>,
         shutdown: CancellationToken,
     ) -> Self {
+        Self::spawn_checked(
+            controllers,
+            proxy,
+            upstreams,
+            Arc::new(|_| Ok(())),
+            shutdown,
+        )
+    }
+
+    /// [`PolicyClient::spawn`], with `check` deciding whether a set that compiled is applied
+    /// (and acked) or nacked.
+    pub fn spawn_checked(
+        controllers: Controllers,
+        proxy: ProxyInfo,
+        upstreams: Vec<String>,
+        check: Check,
+        shutdown: CancellationToken,
+    ) -> Self {
         let (tx, policies) = watch::channel(Arc::new(PolicySet::default()));
         let last_nack = Arc::new(Mutex::new(None));
         let task = Task {
@@ -62,6 +88,7 @@ impl PolicyClient {
             },
             tx,
             last_nack: last_nack.clone(),
+            check,
         };
         tokio::spawn(task.run(shutdown));
         Self {
@@ -127,6 +154,7 @@ struct Task {
     subscribe: Subscribe,
     tx: watch::Sender<Arc<PolicySet>>,
     last_nack: Arc<Mutex<Option<Nacked>>>,
+    check: Check,
 }
 
 impl Task {
@@ -188,7 +216,10 @@ impl Task {
     /// Publishes a good snapshot; returns its ack or nack.
     fn apply(&self, snapshot: ConfigSnapshot) -> ConfigRequest {
         let version = snapshot.version;
-        match PolicySet::from_snapshot(&snapshot) {
+        let checked = PolicySet::from_snapshot(&snapshot)
+            .map_err(|e| e.to_string())
+            .and_then(|set| (self.check)(&set).map(|()| set));
+        match checked {
             Ok(set) => {
                 let published = self.tx.send_if_modified(|current| {
                     if current.version() == version {
@@ -209,8 +240,7 @@ impl Task {
                 }
                 request(config_request::Kind::Ack(Ack { version }))
             }
-            Err(error) => {
-                let reason = error.to_string();
+            Err(reason) => {
                 tracing::warn!(version, %reason, "config refused; keeping the config in force");
                 *self
                     .last_nack
@@ -430,5 +460,73 @@ mod tests {
         let client = PolicyClient::fixed(set);
         assert_eq!(client.version(), 3);
         assert_eq!(client.to_json()["lastNack"], serde_json::Value::Null);
+    }
+
+    fn gateway_snapshot(version: i64, route: &str) -> ConfigSnapshot {
+        ConfigSnapshot {
+            version,
+            resources: vec![resource(
+                "Gateway",
+                "edge",
+                serde_json::json!({"routes": [
+                    {"name": route, "pathPrefix": "/", "service": "user", "public": true}
+                ]}),
+            )],
+        }
+    }
+
+    #[tokio::test]
+    async fn a_gateway_resource_is_applied_and_the_proxys_check_can_nack_it() {
+        let (addr, mut calls, _stop) = start_controller().await;
+        let proxy = ProxyInfo {
+            proxy_id: "edge-1".into(),
+            service: "edge".into(),
+            mode: "gateway".into(),
+            ..Default::default()
+        };
+        let check: Check = Arc::new(|set: &PolicySet| match set.gateway("edge") {
+            Some(spec) if spec.routes[0].name == "unusable" => Err("routes[0]: unusable".into()),
+            _ => Ok(()),
+        });
+        let shutdown = CancellationToken::new();
+        let client = PolicyClient::spawn_checked(
+            Controllers::parse(&[addr]).unwrap(),
+            proxy,
+            vec![],
+            check,
+            shutdown.clone(),
+        );
+        let mut rx = client.watch();
+        let (mut requests, snapshots) = next_call(&mut calls).await;
+        next_request(&mut requests).await;
+
+        snapshots
+            .send(Ok(gateway_snapshot(3, "all")))
+            .await
+            .unwrap();
+        assert_eq!(
+            next_request(&mut requests).await,
+            config_request::Kind::Ack(Ack { version: 3 })
+        );
+        wait_version(&mut rx, 3).await;
+        assert_eq!(
+            client.current().gateway("edge").unwrap().routes[0].name,
+            "all"
+        );
+        assert!(client.current().gateway("other").is_none());
+
+        snapshots
+            .send(Ok(gateway_snapshot(4, "unusable")))
+            .await
+            .unwrap();
+        let config_request::Kind::Nack(nack) = next_request(&mut requests).await else {
+            panic!("the check must nack")
+        };
+        assert_eq!(
+            (nack.version, nack.reason.as_str()),
+            (4, "routes[0]: unusable")
+        );
+        assert_eq!(client.version(), 3);
+        shutdown.cancel();
     }
 }

@@ -27,6 +27,8 @@ use ferrule_proxy_api::registration::Registration;
 use ferrule_proxy_core::body::{self, BoxBody};
 use ferrule_proxy_core::lifecycle::AdminServer;
 use ferrule_proxy_core::metrics::Metrics;
+use ferrule_proxy_gateway::stack::Router;
+use tokio::sync::watch;
 
 /// What the admin endpoints report on.
 pub struct AdminState {
@@ -40,6 +42,9 @@ pub struct AdminState {
     /// The policy in force, shown under `policy` on `/config`: `{"version", "resources",
     /// "lastNack"}`.
     pub policies: Option<PolicyClient>,
+    /// A gateway's router in force, shown under `gateway` on `/config`: the spec and where it
+    /// came from (`{"from": "file", "path"}` or `{"from": "resource", "name", "version"}`).
+    pub gateway: Option<watch::Receiver<Router>>,
     /// Cancelled by `/shutdown`.
     pub shutdown: CancellationToken,
 }
@@ -79,6 +84,13 @@ impl AdminState {
                 let mut config = self.config.clone();
                 config["ready"] = self.ready().into();
                 config["controller_connected"] = self.discovery.connected().into();
+                if let Some(gateway) = &self.gateway {
+                    let router = gateway.borrow();
+                    config["gateway"] = serde_json::json!({
+                        "origin": router.config().origin(),
+                        "spec": router.config().spec(),
+                    });
+                }
                 if let Some(policies) = &self.policies {
                     config["policy"] = policies.to_json();
                 }

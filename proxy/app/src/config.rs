@@ -114,6 +114,83 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
     Ok((k.to_string(), v.to_string()))
 }
 
+/// The flags every mode has (sidecar and gateway), with the same names, environment variables
+/// and defaults in both.
+#[derive(Debug, Clone, clap::Args, Serialize)]
+pub struct CommonArgs {
+    /// Controller gRPC addresses, tried in turn.
+    #[arg(long = "controller", env = "FERRULE_CONTROLLER", value_delimiter = ',')]
+    pub controllers: Vec<String>,
+
+    #[arg(long, env = "FERRULE_PROXY_ADMIN_ADDR", default_value_t = SocketAddr::from((Ipv4Addr::UNSPECIFIED, ports::PROXY_ADMIN)))]
+    pub admin_addr: SocketAddr,
+
+    /// How long protocol detection waits for the client's first bytes (before treating the
+    /// connection as opaque; the gateway closes it).
+    #[arg(long, env = "FERRULE_PROXY_DETECT_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[serde(serialize_with = "humantime_ser")]
+    pub detect_timeout: Duration,
+
+    #[arg(long, env = "FERRULE_PROXY_BALANCER", default_value = "p2c-ewma")]
+    #[serde(serialize_with = "algorithm_ser")]
+    pub balancer: Algorithm,
+
+    /// How long a request waits for an available endpoint before failing with 503.
+    #[arg(long, env = "FERRULE_PROXY_ENDPOINT_WAIT", default_value = "3s", value_parser = humantime::parse_duration)]
+    #[serde(serialize_with = "humantime_ser")]
+    pub endpoint_wait: Duration,
+
+    /// How long a target (a service this proxy calls) may go unused before its stacks,
+    /// discovery watch and metric series are dropped.
+    #[arg(long, env = "FERRULE_PROXY_TARGET_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    #[serde(serialize_with = "humantime_ser")]
+    pub target_idle_timeout: Duration,
+
+    #[arg(long, env = "FERRULE_PROXY_CONNECT_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
+    #[serde(serialize_with = "humantime_ser")]
+    pub connect_timeout: Duration,
+
+    /// How long a pooled connection (to the app, or to an endpoint) stays open while it
+    /// carries no request. The default is `ServicePolicy`'s `timeouts.idle` default; a
+    /// service's own `timeouts.idle` applies to connections to its endpoints.
+    #[arg(long, env = "FERRULE_PROXY_IDLE_TIMEOUT", default_value = "90s", value_parser = humantime::parse_duration)]
+    #[serde(serialize_with = "humantime_ser")]
+    pub idle_timeout: Duration,
+
+    /// Unique id of this proxy; generated when absent (from the service, or the gateway's
+    /// name).
+    #[arg(long, env = "FERRULE_PROXY_ID")]
+    pub proxy_id: Option<String>,
+
+    #[arg(long, env = "FERRULE_PROXY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
+    pub log_format: LogFormat,
+
+    /// One log line per request, at info, target "access".
+    #[arg(long, env = "FERRULE_PROXY_ACCESS_LOG")]
+    pub access_log: bool,
+
+    /// How long shutdown waits for in-flight requests and connections.
+    #[arg(long, env = "FERRULE_PROXY_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[serde(serialize_with = "humantime_ser")]
+    pub shutdown_grace: Duration,
+}
+
+impl CommonArgs {
+    /// `--proxy-id`, else `{name}-{pid}-{random}`, written back so that every later call
+    /// returns the same id: call it once, early, and pass the id on.
+    pub fn resolve_proxy_id(&mut self, name: &str) -> String {
+        self.proxy_id
+            .get_or_insert_with(|| {
+                format!(
+                    "{name}-{}-{:04x}",
+                    std::process::id(),
+                    rand::random::<u16>()
+                )
+            })
+            .clone()
+    }
+}
+
 #[derive(Debug, Clone, Parser, Serialize)]
 #[command(name = "ferrule-proxy", version, about = "Ferrule's sidecar proxy")]
 pub struct Config {
@@ -122,9 +199,9 @@ pub struct Config {
     #[serde(skip)]
     pub mode: Option<Mode>,
 
-    /// Controller gRPC addresses, tried in turn.
-    #[arg(long = "controller", env = "FERRULE_CONTROLLER", value_delimiter = ',')]
-    pub controllers: Vec<String>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub common: CommonArgs,
 
     /// Service this proxy fronts; with app ports it registers them under this name.
     #[arg(long, env = "FERRULE_PROXY_SERVICE", value_parser = parse_service)]
@@ -163,9 +240,6 @@ pub struct Config {
     #[arg(long, env = "FERRULE_PROXY_INBOUND_ADDR", default_value_t = SocketAddr::from((Ipv4Addr::UNSPECIFIED, ports::PROXY_INBOUND)))]
     pub inbound_addr: SocketAddr,
 
-    #[arg(long, env = "FERRULE_PROXY_ADMIN_ADDR", default_value_t = SocketAddr::from((Ipv4Addr::UNSPECIFIED, ports::PROXY_ADMIN)))]
-    pub admin_addr: SocketAddr,
-
     /// IP peers dial to reach this proxy's inbound listeners when they bind a wildcard address.
     #[arg(long, env = "FERRULE_PROXY_ADVERTISE_IP", default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST))]
     pub advertise_ip: IpAddr,
@@ -174,37 +248,6 @@ pub struct Config {
     /// listener ports (outbound). Use for server-speaks-first protocols.
     #[arg(long, env = "FERRULE_PROXY_OPAQUE_PORTS", value_delimiter = ',')]
     pub opaque_ports: Vec<u16>,
-
-    /// How long protocol detection waits for the client's first bytes before treating the
-    /// connection as opaque.
-    #[arg(long, env = "FERRULE_PROXY_DETECT_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
-    #[serde(serialize_with = "humantime_ser")]
-    pub detect_timeout: Duration,
-
-    #[arg(long, env = "FERRULE_PROXY_BALANCER", default_value = "p2c-ewma")]
-    #[serde(serialize_with = "algorithm_ser")]
-    pub balancer: Algorithm,
-
-    /// How long a request waits for an available endpoint before failing with 503.
-    #[arg(long, env = "FERRULE_PROXY_ENDPOINT_WAIT", default_value = "3s", value_parser = humantime::parse_duration)]
-    #[serde(serialize_with = "humantime_ser")]
-    pub endpoint_wait: Duration,
-
-    /// How long a target (a service this proxy calls) may go unused before its stacks,
-    /// discovery watch and metric series are dropped.
-    #[arg(long, env = "FERRULE_PROXY_TARGET_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
-    #[serde(serialize_with = "humantime_ser")]
-    pub target_idle_timeout: Duration,
-
-    #[arg(long, env = "FERRULE_PROXY_CONNECT_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
-    #[serde(serialize_with = "humantime_ser")]
-    pub connect_timeout: Duration,
-
-    /// How long a pooled connection (to the app, or to an endpoint) stays open while it
-    /// carries no request. The default is `ServicePolicy`'s `timeouts.idle` default.
-    #[arg(long, env = "FERRULE_PROXY_IDLE_TIMEOUT", default_value = "90s", value_parser = humantime::parse_duration)]
-    #[serde(serialize_with = "humantime_ser")]
-    pub idle_timeout: Duration,
 
     /// HTTP path the app is health-checked on; without it a TCP connect is the check.
     #[arg(long, env = "FERRULE_PROXY_HEALTH_PATH")]
@@ -237,29 +280,14 @@ pub struct Config {
 
     #[arg(long, env = "FERRULE_PROXY_ZONE", default_value = "")]
     pub zone: String,
-
-    /// Unique id of this proxy; generated from the service name when absent.
-    #[arg(long, env = "FERRULE_PROXY_ID")]
-    pub proxy_id: Option<String>,
-
-    #[arg(long, env = "FERRULE_PROXY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
-    pub log_format: LogFormat,
-
-    /// One log line per request, at info, target "access".
-    #[arg(long, env = "FERRULE_PROXY_ACCESS_LOG")]
-    pub access_log: bool,
-
-    /// How long shutdown waits for in-flight requests and connections.
-    #[arg(long, env = "FERRULE_PROXY_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
-    #[serde(serialize_with = "humantime_ser")]
-    pub shutdown_grace: Duration,
 }
 
 /// The modes other than the sidecar.
 #[derive(Debug, Clone, Subcommand)]
 pub enum Mode {
-    /// The edge gateway: routes, JWT, rate limits and CORS in front of mesh services
-    /// (flags go after `gateway`; see docs/gateway.md).
+    /// The edge gateway: routes, JWT, rate limits and CORS in front of mesh services, from
+    /// its file or, with a controller, its `Gateway` resource (flags go after `gateway`; see
+    /// docs/gateway.md).
     Gateway(crate::gateway::GatewayArgs),
 }
 
@@ -362,16 +390,10 @@ impl Config {
     }
 
     /// This proxy's id: `--proxy-id`, else the service (or "proxy"), the process id and a
-    /// random suffix (a new one per call: call once and keep it).
-    pub fn proxy_id(&self) -> String {
-        self.proxy_id.clone().unwrap_or_else(|| {
-            format!(
-                "{}-{}-{:04x}",
-                self.service.as_deref().unwrap_or("proxy"),
-                std::process::id(),
-                rand::random::<u16>()
-            )
-        })
+    /// random suffix, generated on the first call and the same on every later one.
+    pub fn proxy_id(&mut self) -> String {
+        let name = self.service.clone().unwrap_or_else(|| "proxy".into());
+        self.common.resolve_proxy_id(&name)
     }
 }
 
@@ -410,21 +432,21 @@ mod tests {
             "--opaque-ports=5432,6379",
             "--detect-timeout=250ms",
         ]);
-        assert_eq!(c.controllers.len(), 2);
+        assert_eq!(c.common.controllers.len(), 2);
         assert_eq!(c.upstreams[0].service.to_string(), "user:grpc");
         assert_eq!(c.upstreams[1].listen.port(), 7002);
         assert_eq!(c.opaque_ports, vec![5432, 6379]);
-        assert_eq!(c.detect_timeout, Duration::from_millis(250));
+        assert_eq!(c.common.detect_timeout, Duration::from_millis(250));
     }
 
     #[test]
     fn idle_timeout_defaults_to_the_policy_default() {
         assert_eq!(
-            parse(&[]).idle_timeout,
+            parse(&[]).common.idle_timeout,
             ferrule_config::DEFAULT_IDLE_TIMEOUT
         );
         assert_eq!(
-            parse(&["--idle-timeout=5s"]).idle_timeout,
+            parse(&["--idle-timeout=5s"]).common.idle_timeout,
             Duration::from_secs(5)
         );
     }

@@ -2,91 +2,67 @@
 //!
 //! Builds the gateway's request path from [`ferrule_proxy_gateway`]'s layers in front of the
 //! outbound stack a sidecar uses, and serves it with the sidecar's admin listener and
-//! lifecycle.
+//! lifecycle. Like a sidecar, the gateway follows the controllers' Config stream (as a proxy
+//! of mode "gateway" whose service is its `--name`): the `ServicePolicy` and `HTTPRoute` of
+//! every service its routes call apply to its requests in the outbound stack, and its own
+//! `Gateway` resource, when there is one, overrides its file. A new `Gateway` version is
+//! checked (keys read) before it is acked, then built into a new router that replaces the old
+//! one for new requests.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferrule_proto::ports;
+use ferrule_proto::names::validate_service;
 use ferrule_proto::v1::ProxyInfo;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, AdminState};
+use crate::config::CommonArgs;
 use ferrule_proxy_api::control::{ControlError, Controllers};
 use ferrule_proxy_api::discovery::Discovery;
-use ferrule_proxy_api::policy::PolicyClient;
+use ferrule_proxy_api::policy::{Check, PolicyClient};
 use ferrule_proxy_core::lifecycle::{Drain, Lifecycle};
-use ferrule_proxy_core::logging::LogFormat;
 use ferrule_proxy_core::metrics::{Direction, Metrics};
 use ferrule_proxy_core::server::{self, BoxIo, Dispatcher, HttpStack};
 use ferrule_proxy_gateway::config::{ConfigError, GatewayConfig};
-use ferrule_proxy_gateway::stack;
+use ferrule_proxy_gateway::stack::{self, Router};
 use ferrule_proxy_outbound::{Outbound, OutboundConfig};
 use ferrule_proxy_policy::PolicySet;
-use ferrule_proxy_policy::balance::Algorithm;
 use ferrule_proxy_policy::metrics::PolicyMetrics;
 use ferrule_proxy_transport::client::{ClientConfig, Clients};
 use ferrule_proxy_transport::metrics::PoolMetrics;
 
-/// Flags of `ferrule-proxy gateway`, with every default.
+/// Flags of `ferrule-proxy gateway`, with every default. The flags every mode has are
+/// [`CommonArgs`], shared with the sidecar.
 #[derive(Debug, Clone, clap::Args)]
 pub struct GatewayArgs {
-    /// The gateway config file (YAML; see docs/gateway.md).
+    /// The gateway's file (a `Gateway` spec in YAML; see docs/gateway.md). It runs until the
+    /// controller streams a `Gateway` resource named `--name`, which then overrides it; it
+    /// runs again if that resource is deleted.
     #[arg(long, env = "FERRULE_GATEWAY_CONFIG")]
     pub config: PathBuf,
 
-    /// Controller gRPC addresses, tried in turn.
-    #[arg(long = "controller", env = "FERRULE_CONTROLLER", value_delimiter = ',')]
-    pub controllers: Vec<String>,
+    /// The gateway's name: the `Gateway` resource it follows (namespace default) and the
+    /// service it shows as in `ferrule status`.
+    #[arg(long, env = "FERRULE_GATEWAY_NAME", default_value = "gateway", value_parser = parse_name)]
+    pub name: String,
 
     /// Overrides the file's `listen`.
     #[arg(long, env = "FERRULE_GATEWAY_LISTEN")]
     pub listen: Option<SocketAddr>,
 
-    #[arg(long, env = "FERRULE_PROXY_ADMIN_ADDR", default_value_t = SocketAddr::from((Ipv4Addr::UNSPECIFIED, ports::PROXY_ADMIN)))]
-    pub admin_addr: SocketAddr,
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
 
-    #[arg(long, env = "FERRULE_PROXY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
-    pub log_format: LogFormat,
-
-    /// One log line per request, at info, target "access".
-    #[arg(long, env = "FERRULE_PROXY_ACCESS_LOG")]
-    pub access_log: bool,
-
-    #[arg(long, env = "FERRULE_PROXY_BALANCER", default_value = "p2c-ewma")]
-    pub balancer: Algorithm,
-
-    /// How long a request waits for an available endpoint before failing with 503.
-    #[arg(long, env = "FERRULE_PROXY_ENDPOINT_WAIT", default_value = "3s", value_parser = humantime::parse_duration)]
-    pub endpoint_wait: Duration,
-
-    /// How long a target (a service this proxy calls) may go unused before its stacks,
-    /// discovery watch and metric series are dropped.
-    #[arg(long, env = "FERRULE_PROXY_TARGET_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
-    pub target_idle_timeout: Duration,
-
-    #[arg(long, env = "FERRULE_PROXY_CONNECT_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
-    pub connect_timeout: Duration,
-
-    /// How long a pooled connection to an endpoint stays open unused.
-    #[arg(long, env = "FERRULE_PROXY_IDLE_TIMEOUT", default_value = "90s", value_parser = humantime::parse_duration)]
-    pub idle_timeout: Duration,
-
-    /// How long the gateway waits for a client's first bytes to tell HTTP/1 from HTTP/2.
-    #[arg(long, env = "FERRULE_PROXY_DETECT_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
-    pub detect_timeout: Duration,
-
-    /// How long shutdown waits for in-flight requests and connections.
-    #[arg(long, env = "FERRULE_PROXY_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
-    pub shutdown_grace: Duration,
-
-    /// Unique id of this proxy; generated when absent.
-    #[arg(long, env = "FERRULE_PROXY_ID")]
-    pub proxy_id: Option<String>,
+fn parse_name(s: &str) -> Result<String, String> {
+    validate_service(s).map_err(|e| e.to_string())?;
+    Ok(s.to_string())
 }
 
 /// Why the gateway could not start.
@@ -133,30 +109,25 @@ async fn bind(
     Ok((listener, bound))
 }
 
-/// `ferrule-proxy gateway`: sets up logging, starts the gateway with discovery from the
-/// controllers, and shuts it down gracefully on SIGTERM, SIGINT or `/shutdown`.
-pub async fn run(args: GatewayArgs) -> Result<(), StartError> {
+/// `ferrule-proxy gateway`: sets up logging, starts the gateway with discovery and config
+/// from the controllers, and shuts it down gracefully on SIGTERM, SIGINT or `/shutdown`.
+pub async fn run(mut args: GatewayArgs) -> Result<(), StartError> {
     use tokio::signal::unix::{SignalKind, signal};
 
-    ferrule_proxy_core::logging::init(args.log_format)
+    ferrule_proxy_core::logging::init(args.common.log_format)
         .map_err(|e| StartError::Logging(e.to_string()))?;
     let config = GatewayConfig::load(&args.config)?;
-    if !args.controllers.is_empty() {
-        Controllers::parse(&args.controllers)?;
+    if !args.common.controllers.is_empty() {
+        Controllers::parse(&args.common.controllers)?;
     }
-    let proxy_id = proxy_id(&args);
-    let discovery = Discovery::new(
-        args.controllers.clone(),
-        ProxyInfo {
-            proxy_id: proxy_id.clone(),
-            service: "gateway".into(),
-            namespace: "default".into(),
-            address: String::new(),
-            mode: "gateway".into(),
-            version: env!("CARGO_PKG_VERSION").into(),
-        },
-    );
-    let gateway = Gateway::start(&args, config, discovery).await?;
+    let proxy_id = args.common.resolve_proxy_id(&args.name);
+    let discovery = Discovery::new(args.common.controllers.clone(), args.proxy_info(&proxy_id));
+    let gateway = Gateway::start(args, config, discovery).await?;
+    // The same ready line as the sidecar's, with the gateway's listeners.
+    match serde_json::to_string(&gateway.addrs) {
+        Ok(json) => println!("ferrule-proxy ready: {json}"),
+        Err(error) => tracing::error!(%error, "cannot print the ready line"),
+    }
     let shutdown = gateway.shutdown_token();
     let mut term = signal(SignalKind::terminate()).map_err(StartError::Signal)?;
     tokio::spawn(async move {
@@ -171,56 +142,102 @@ pub async fn run(args: GatewayArgs) -> Result<(), StartError> {
     Ok(())
 }
 
-fn proxy_id(args: &GatewayArgs) -> String {
-    args.proxy_id.clone().unwrap_or_else(|| {
-        format!(
-            "gateway-{}-{:04x}",
-            std::process::id(),
-            rand::random::<u16>()
-        )
-    })
+impl GatewayArgs {
+    /// Who this gateway is, as told to the controller: its name as the service, mode
+    /// "gateway".
+    pub fn proxy_info(&self, proxy_id: &str) -> ProxyInfo {
+        ProxyInfo {
+            proxy_id: proxy_id.to_string(),
+            service: self.name.clone(),
+            namespace: ferrule_config::DEFAULT_NAMESPACE.into(),
+            address: String::new(),
+            mode: "gateway".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        }
+    }
+}
+
+/// Looks up environment variables for `hs256SecretEnv`.
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+/// The config the gateway should run as of `set`: its `Gateway` resource, else the file.
+fn wanted(set: &PolicySet, name: &str, file: &GatewayConfig) -> GatewayConfig {
+    match set.gateway(name) {
+        Some(spec) => GatewayConfig::from_resource(spec.clone(), name, set.version()),
+        None => file.clone(),
+    }
 }
 
 impl Gateway {
-    /// Binds the listeners and starts serving `config`. The binary passes discovery from the
+    /// Binds the listeners and starts serving `file`, or the `Gateway` resource named
+    /// `args.name` once the controllers stream one. The binary passes discovery from the
     /// controllers; tests may pass [`Discovery::fixed`].
     pub async fn start(
-        args: &GatewayArgs,
-        config: GatewayConfig,
+        mut args: GatewayArgs,
+        file: GatewayConfig,
         discovery: Discovery,
     ) -> Result<Gateway, StartError> {
-        let proxy_id = proxy_id(args);
+        let proxy_id = args.common.resolve_proxy_id(&args.name);
         let shutdown = CancellationToken::new();
         let serving = CancellationToken::new();
         let tracker = TaskTracker::new();
         let metrics = Metrics::new();
         let policy_metrics = PolicyMetrics::register(&metrics);
-        ferrule_proxy_api::metrics::register(&metrics, discovery.clone(), None);
+        let policies =
+            match ferrule_proxy_api::control::parse_or_log(&args.common.controllers, "config") {
+                Some(controllers) => {
+                    // A Gateway resource is acked only if the gateway can build a router from it
+                    // (its key files read, its secrets set).
+                    let name = args.name.clone();
+                    let check: Check = Arc::new(move |set: &PolicySet| match set.gateway(&name) {
+                        Some(spec) => {
+                            let config =
+                                GatewayConfig::from_resource(spec.clone(), &name, set.version());
+                            stack::prepare(config, &env, None)
+                                .map(drop)
+                                .map_err(|e| e.to_string())
+                        }
+                        None => Ok(()),
+                    });
+                    let upstreams = file.services().into_iter().map(String::from).collect();
+                    PolicyClient::spawn_checked(
+                        controllers,
+                        args.proxy_info(&proxy_id),
+                        upstreams,
+                        check,
+                        shutdown.child_token(),
+                    )
+                }
+                None => PolicyClient::fixed(PolicySet::default()),
+            };
+        ferrule_proxy_api::metrics::register(&metrics, discovery.clone(), Some(policies.clone()));
 
-        let listen_addr = args.listen.unwrap_or(config.listen);
-        let (admin_listener, admin) = bind("admin", args.admin_addr).await?;
+        let listen_addr = args.listen.unwrap_or(file.listen());
+        let (admin_listener, admin) = bind("admin", args.common.admin_addr).await?;
         let (listener, listen) = bind("gateway", listen_addr).await?;
         let addrs = GatewayAddrs { listen, admin };
 
         let outbound = Outbound::new(
             OutboundConfig {
-                algorithm: args.balancer,
-                detect_timeout: args.detect_timeout,
-                endpoint_wait: args.endpoint_wait,
-                target_idle: args.target_idle_timeout,
+                algorithm: args.common.balancer,
+                detect_timeout: args.common.detect_timeout,
+                endpoint_wait: args.common.endpoint_wait,
+                target_idle: args.common.target_idle_timeout,
                 // The gateway's own access log names the route's service and the client's
                 // path; a second line per request from the outbound stack adds nothing.
                 access_log: false,
             },
             discovery.clone(),
-            // The gateway does not follow the Config stream yet: its services get the
-            // default policy.
-            PolicyClient::fixed(PolicySet::default()),
+            // The services the routes call get their ServicePolicy and HTTPRoute from here,
+            // as a sidecar's upstreams do.
+            policies.clone(),
             Clients::new(
                 Direction::Outbound,
                 ClientConfig {
-                    connect_timeout: args.connect_timeout,
-                    idle_timeout: args.idle_timeout,
+                    connect_timeout: args.common.connect_timeout,
+                    idle_timeout: args.common.idle_timeout,
                 },
                 &PoolMetrics::register(&metrics),
             ),
@@ -230,24 +247,30 @@ impl Gateway {
             serving.clone(),
             tracker.clone(),
         );
-        let forward = |service: &_| outbound.logical(service).http();
-        let env = |name: &str| std::env::var(name).ok();
-        let router = stack::build(
-            &config,
-            &stack::StackParts {
-                metrics: &metrics,
-                access_log: args.access_log,
-                forward: &forward,
-                env: &env,
-            },
-        )?;
-        let stack: HttpStack = tower::util::BoxCloneSyncService::new(router);
+        let builder = RouterBuilder {
+            metrics: metrics.clone(),
+            access_log: args.common.access_log,
+            outbound,
+        };
+        let first = wanted(&policies.current(), &args.name, &file);
+        let router = builder.build(first, None)?;
+        let (routers, router_rx) = watch::channel(router);
+        tokio::spawn(follow(
+            builder,
+            policies.watch(),
+            routers,
+            args.name.clone(),
+            file,
+            serving.clone(),
+        ));
+        let stack: HttpStack =
+            tower::util::BoxCloneSyncService::new(stack::LiveRouter(router_rx.clone()));
 
         tokio::spawn(serve(
             listener,
             stack,
             metrics.clone(),
-            args.detect_timeout,
+            args.common.detect_timeout,
             serving.clone(),
             tracker.clone(),
         ));
@@ -255,19 +278,20 @@ impl Gateway {
         let config_json = serde_json::json!({
             "proxy_id": proxy_id,
             "mode": "gateway",
+            "name": args.name,
             "version": env!("CARGO_PKG_VERSION"),
             "config_file": args.config,
-            "controllers": args.controllers,
-            "gateway": config,
+            "common": args.common,
             "listeners": addrs,
         });
         let admin_state = Arc::new(AdminState {
             metrics: metrics.clone(),
             discovery,
-            needs_discovery: !args.controllers.is_empty(),
+            needs_discovery: !args.common.controllers.is_empty(),
             registration: None,
             config: config_json,
-            policies: None,
+            policies: Some(policies),
+            gateway: Some(router_rx),
             shutdown: shutdown.clone(),
         });
         let lifecycle = Lifecycle::start(
@@ -276,7 +300,7 @@ impl Gateway {
             Drain {
                 serving,
                 tracker,
-                grace: args.shutdown_grace,
+                grace: args.common.shutdown_grace,
             },
             async {},
         );
@@ -301,6 +325,68 @@ impl Gateway {
     /// Starts the graceful shutdown and waits for it.
     pub async fn shutdown(self) {
         self.lifecycle.shutdown().await;
+    }
+}
+
+/// Builds routers in front of the outbound stack.
+struct RouterBuilder {
+    metrics: Metrics,
+    access_log: bool,
+    outbound: Arc<Outbound>,
+}
+
+impl RouterBuilder {
+    fn build(
+        &self,
+        config: GatewayConfig,
+        previous: Option<&Router>,
+    ) -> Result<Router, ConfigError> {
+        let prepared = stack::prepare(config, &env, previous)?;
+        let forward = |service: &_| self.outbound.logical(service).http();
+        Ok(stack::build(
+            prepared,
+            &stack::StackParts {
+                metrics: &self.metrics,
+                access_log: self.access_log,
+                forward: &forward,
+            },
+        ))
+    }
+}
+
+/// Follows the config: when the `Gateway` resource (or, without one, the file) differs from
+/// what the router in force was built from, builds a new router and swaps it in. Requests
+/// already routed finish on the old one. A config that cannot be built (a key file gone since
+/// the check) leaves the router in force.
+async fn follow(
+    builder: RouterBuilder,
+    mut policies: watch::Receiver<Arc<PolicySet>>,
+    routers: watch::Sender<Router>,
+    name: String,
+    file: GatewayConfig,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            changed = policies.changed() => if changed.is_err() { return },
+        }
+        let set = policies.borrow_and_update().clone();
+        let wanted = wanted(&set, &name, &file);
+        let current = routers.borrow().clone();
+        if current.config().same_as(&wanted) {
+            continue;
+        }
+        let origin = wanted.origin().to_string();
+        match builder.build(wanted, Some(&current)) {
+            Ok(router) => {
+                tracing::info!(%origin, "gateway config applied");
+                routers.send_replace(router);
+            }
+            Err(error) => {
+                tracing::warn!(%error, "gateway config not applied; keeping the one in force");
+            }
+        }
     }
 }
 

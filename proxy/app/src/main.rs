@@ -15,16 +15,16 @@ async fn main() -> anyhow::Result<()> {
     if let Some(Mode::Gateway(args)) = config.mode.take() {
         return ferrule_proxy::gateway::run(args).await.context("gateway");
     }
-    config.proxy_id = Some(config.proxy_id());
-    ferrule_proxy::logging::init(config.log_format)
+    let proxy_id = config.proxy_id();
+    ferrule_proxy::logging::init(config.common.log_format)
         .map_err(|e| anyhow::anyhow!("setting up logging: {e}"))?;
-    if !config.controllers.is_empty() {
-        Controllers::parse(&config.controllers).context("--controller")?;
+    if !config.common.controllers.is_empty() {
+        Controllers::parse(&config.common.controllers).context("--controller")?;
     }
     let discovery = if config.static_endpoints.is_empty() {
         Discovery::new(
-            config.controllers.clone(),
-            config.proxy_info(&config.proxy_id()),
+            config.common.controllers.clone(),
+            config.proxy_info(&proxy_id),
         )
     } else {
         Discovery::fixed(config.static_discovery())

@@ -110,7 +110,7 @@ impl Proxy {
     /// [`Proxy::start`] with the policies given (tests pass [`PolicyClient::fixed`]) instead
     /// of following the controllers.
     pub async fn start_with_policies(
-        config: Config,
+        mut config: Config,
         discovery: Discovery,
         policies: Option<PolicyClient>,
     ) -> Result<Proxy, StartError> {
@@ -118,7 +118,7 @@ impl Proxy {
         let proxy_id = config.proxy_id();
         let shutdown = CancellationToken::new();
         let policies = policies.unwrap_or_else(|| {
-            match ferrule_proxy_api::control::parse_or_log(&config.controllers, "config") {
+            match ferrule_proxy_api::control::parse_or_log(&config.common.controllers, "config") {
                 Some(controllers) => {
                     let mut upstreams: Vec<String> = config
                         .upstreams
@@ -145,14 +145,14 @@ impl Proxy {
         ferrule_proxy_api::metrics::register(&metrics, discovery.clone(), Some(policies.clone()));
         let pool_metrics = PoolMetrics::register(&metrics);
         let pool_config = ClientConfig {
-            connect_timeout: config.connect_timeout,
-            idle_timeout: config.idle_timeout,
+            connect_timeout: config.common.connect_timeout,
+            idle_timeout: config.common.idle_timeout,
         };
         // A pool per side: the app's address and an endpoint's never share a connection.
         let app_clients = Clients::new(Direction::Inbound, pool_config, &pool_metrics);
         let peer_clients = Clients::new(Direction::Outbound, pool_config, &pool_metrics);
 
-        let admin_listener = bind("admin", config.admin_addr).await?;
+        let admin_listener = bind("admin", config.common.admin_addr).await?;
         let mut inbound_listeners = Vec::new();
         for port in &app_ports {
             let what = if port.name.is_empty() {
@@ -170,7 +170,7 @@ impl Proxy {
 
         let local = |l: &TcpListener, addr: SocketAddr| l.local_addr().unwrap_or(addr);
         let addrs = BoundAddrs {
-            admin: local(&admin_listener, config.admin_addr),
+            admin: local(&admin_listener, config.common.admin_addr),
             inbound: inbound_listeners
                 .iter()
                 .map(|(p, l)| (p.name.clone(), local(l, p.listen)))
@@ -183,11 +183,11 @@ impl Proxy {
 
         let outbound = Outbound::new(
             OutboundConfig {
-                algorithm: config.balancer,
-                detect_timeout: config.detect_timeout,
-                endpoint_wait: config.endpoint_wait,
-                target_idle: config.target_idle_timeout,
-                access_log: config.access_log,
+                algorithm: config.common.balancer,
+                detect_timeout: config.common.detect_timeout,
+                endpoint_wait: config.common.endpoint_wait,
+                target_idle: config.common.target_idle_timeout,
+                access_log: config.common.access_log,
             },
             discovery.clone(),
             policies.clone(),
@@ -209,8 +209,8 @@ impl Proxy {
         let service = config.service.clone().unwrap_or_default();
         let inbound = Inbound::new(
             InboundConfig {
-                detect_timeout: config.detect_timeout,
-                access_log: config.access_log,
+                detect_timeout: config.common.detect_timeout,
+                access_log: config.common.access_log,
             },
             app_clients,
             LocalRateLimit::new(policies.watch(), &service, policy_metrics),
@@ -251,8 +251,8 @@ impl Proxy {
         }
 
         let proxy_info = config.proxy_info(&proxy_id);
-        let registration =
-            (!registered_ports.is_empty() && !config.controllers.is_empty()).then(|| {
+        let registration = (!registered_ports.is_empty() && !config.common.controllers.is_empty())
+            .then(|| {
                 let health = HealthCheck {
                     kind: match &config.health_path {
                         Some(path) => HealthCheckKind::Http { path: path.clone() },
@@ -272,7 +272,7 @@ impl Proxy {
                         ttl: config.register_ttl,
                         health,
                     },
-                    config.controllers.clone(),
+                    config.common.controllers.clone(),
                     shutdown.child_token(),
                 ))
             });
@@ -286,9 +286,10 @@ impl Proxy {
         let admin_state = Arc::new(AdminState {
             metrics: metrics.clone(),
             discovery,
-            needs_discovery: !config.upstreams.is_empty() && !config.controllers.is_empty(),
+            needs_discovery: !config.upstreams.is_empty() && !config.common.controllers.is_empty(),
             registration: registration.clone(),
             config: config_json,
+            gateway: None,
             policies: Some(policies),
             shutdown: shutdown.clone(),
         });
@@ -298,7 +299,7 @@ impl Proxy {
             Drain {
                 serving,
                 tracker,
-                grace: config.shutdown_grace,
+                grace: config.common.shutdown_grace,
             },
             async move {
                 if let Some(registration) = &registration {

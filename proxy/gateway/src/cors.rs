@@ -8,13 +8,11 @@
 use http::{HeaderName, HeaderValue, Method};
 use tower_http::cors::{AllowHeaders, AllowMethods, AllowOrigin, CorsLayer};
 
-use super::config::{ConfigError, CorsConfig, GatewayConfig};
+use super::config::{ConfigError, Cors, GatewayConfig};
 
-/// The layer for `cors` (validated by [`GatewayConfig::load`]; errors here name the field).
-pub fn layer(config: &GatewayConfig, cors: &CorsConfig) -> Result<CorsLayer, ConfigError> {
-    let bad = |field: String, message: String| {
-        ConfigError::invalid(&config.source, format!("cors.{field}"), message)
-    };
+/// The layer for `cors` (validated already; errors here name the field).
+pub fn layer(config: &GatewayConfig, cors: &Cors) -> Result<CorsLayer, ConfigError> {
+    let bad = |field: String, message: String| config.invalid(format!("cors.{field}"), message);
     let origins = if cors.allow_origins.iter().any(|o| o == "*") {
         AllowOrigin::any()
     } else {

@@ -6,8 +6,8 @@
 //! whose header names another algorithm is refused before any signature check; that closes
 //! the classic "alg confusion" attack (an HS256 token signed with an RSA public key as the
 //! secret). Then the signature, `exp` (required), `nbf`, and the provider's `iss` and `aud`
-//! when configured are checked, with [`LEEWAY`] for clock skew. Keys and secrets are read once,
-//! when the gateway starts.
+//! when configured are checked, with [`LEEWAY`] for clock skew. Keys and secrets are read when
+//! the router is built: at start, and again for each new `Gateway` version.
 
 use std::path::Path;
 
@@ -16,7 +16,7 @@ use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
 use serde::Deserialize;
 
-use super::config::{ConfigError, GatewayConfig, JwtConfig, KeySource};
+use super::config::{ConfigError, GatewayConfig, Jwt, KeySource};
 
 /// Seconds of clock skew tolerated on `exp` and `nbf`.
 pub const LEEWAY: u64 = 5;
@@ -135,29 +135,18 @@ impl JwtVerifier {
     /// Loads every provider's key; `env` looks up environment variables (`hs256SecretEnv`).
     pub fn from_config(
         config: &GatewayConfig,
-        jwt: &JwtConfig,
+        jwt: &Jwt,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Self, ConfigError> {
-        let subject_header =
-            HeaderName::from_bytes(jwt.subject_header.as_bytes()).map_err(|e| {
-                ConfigError::invalid(&config.source, "jwt.subjectHeader", e.to_string())
-            })?;
+        let subject_header = HeaderName::from_bytes(jwt.subject_header().as_bytes())
+            .map_err(|e| config.invalid("jwt.subjectHeader", e.to_string()))?;
         let mut providers = Vec::new();
         for (i, p) in jwt.providers.iter().enumerate() {
             let (field, source) = p.key_source().ok_or_else(|| {
-                ConfigError::invalid(
-                    &config.source,
-                    format!("jwt.providers[{i}]"),
-                    "give exactly one key source",
-                )
+                config.invalid(format!("jwt.providers[{i}]"), "give exactly one key source")
             })?;
-            let bad = |message: String| {
-                ConfigError::invalid(
-                    &config.source,
-                    format!("jwt.providers[{i}].{field}"),
-                    message,
-                )
-            };
+            let bad =
+                |message: String| config.invalid(format!("jwt.providers[{i}].{field}"), message);
             let keys = load_keys(config, &source, &env).map_err(bad)?;
             providers.push(Provider {
                 name: p.name.clone(),

@@ -15,7 +15,7 @@ use http::Request;
 use tower::filter::Predicate;
 
 use super::auth::Subject;
-use super::config::{RateLimitConfig, RateLimitKey};
+use super::config::{GatewayRateLimit, RateLimitKey};
 use super::errors::GatewayError;
 use ferrule_proxy_core::body::{BoxBody, BoxError};
 use ferrule_proxy_core::context::RequestContext;
@@ -25,18 +25,18 @@ use ferrule_proxy_policy::ratelimit::{RateKey, RateLimiter};
 #[derive(Debug)]
 pub struct NamedLimit {
     pub name: String,
-    key: RateLimitKey,
+    settings: GatewayRateLimit,
     limiter: RateLimiter,
 }
 
 impl NamedLimit {
-    pub fn new(name: &str, config: &RateLimitConfig) -> Self {
+    pub fn new(name: &str, settings: &GatewayRateLimit) -> Self {
         Self {
             name: name.to_string(),
-            key: config.key,
+            settings: settings.clone(),
             limiter: RateLimiter::new(EffectiveRateLimit {
-                requests_per_second: config.requests_per_second,
-                burst: config.burst(),
+                requests_per_second: settings.requests_per_second,
+                burst: settings.burst(),
             }),
         }
     }
@@ -48,7 +48,7 @@ impl NamedLimit {
                 .get::<RequestContext>()
                 .map_or(RateKey::Global, |c| RateKey::ClientIp(c.client.ip()))
         };
-        match self.key {
+        match self.settings.key() {
             RateLimitKey::Global => RateKey::Global,
             RateLimitKey::ClientIp => client_ip(),
             RateLimitKey::JwtSubject => match req.extensions().get::<Subject>() {
@@ -59,11 +59,22 @@ impl NamedLimit {
     }
 }
 
-/// Every limit of the config, by name.
-pub fn limits(config: &BTreeMap<String, RateLimitConfig>) -> BTreeMap<String, Arc<NamedLimit>> {
+/// Every limit of the config, by name. A limit of `previous` (the config in force) whose
+/// settings did not change is kept with its buckets, so a new config version resets only the
+/// limits it changes.
+pub fn limits(
+    config: &BTreeMap<String, GatewayRateLimit>,
+    previous: &BTreeMap<String, Arc<NamedLimit>>,
+) -> BTreeMap<String, Arc<NamedLimit>> {
     config
         .iter()
-        .map(|(name, c)| (name.clone(), Arc::new(NamedLimit::new(name, c))))
+        .map(|(name, settings)| {
+            let limit = match previous.get(name) {
+                Some(old) if old.settings == *settings => old.clone(),
+                _ => Arc::new(NamedLimit::new(name, settings)),
+            };
+            (name.clone(), limit)
+        })
         .collect()
 }
 
@@ -99,10 +110,10 @@ mod tests {
     fn limit(key: RateLimitKey) -> RateLimit {
         RateLimit(Some(Arc::new(NamedLimit::new(
             "api",
-            &RateLimitConfig {
+            &GatewayRateLimit {
                 requests_per_second: 1,
                 burst: Some(2),
-                key,
+                key: Some(key),
             },
         ))))
     }
@@ -169,18 +180,47 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn shared_by_routes_that_name_it() {
-        let named = limits(&BTreeMap::from([(
-            "api".to_string(),
-            RateLimitConfig {
-                requests_per_second: 1,
-                burst: Some(1),
-                key: RateLimitKey::Global,
-            },
-        )]));
+        let named = limits(&one_per_second(1), &BTreeMap::new());
         let mut users = RateLimit(Some(named["api"].clone()));
         let mut orders = RateLimit(Some(named["api"].clone()));
         assert!(users.check(req("10.0.0.1:1", None)).is_ok());
         assert!(orders.check(req("10.0.0.1:1", None)).is_err());
         assert!(RateLimit(None).check(req("10.0.0.1:1", None)).is_ok());
+    }
+
+    fn one_per_second(burst: u32) -> BTreeMap<String, GatewayRateLimit> {
+        BTreeMap::from([(
+            "api".to_string(),
+            GatewayRateLimit {
+                requests_per_second: 1,
+                burst: Some(burst),
+                key: None,
+            },
+        )])
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_version_resets_only_changed_limits() {
+        let old = limits(&one_per_second(1), &BTreeMap::new());
+        assert!(
+            RateLimit(Some(old["api"].clone()))
+                .check(req("10.0.0.1:1", None))
+                .is_ok()
+        );
+        // Same settings: the same, empty, bucket.
+        let same = limits(&one_per_second(1), &old);
+        assert!(Arc::ptr_eq(&same["api"], &old["api"]));
+        assert!(
+            RateLimit(Some(same["api"].clone()))
+                .check(req("10.0.0.1:1", None))
+                .is_err()
+        );
+        // New settings: a new, full, bucket.
+        let changed = limits(&one_per_second(2), &same);
+        assert!(
+            RateLimit(Some(changed["api"].clone()))
+                .check(req("10.0.0.1:1", None))
+                .is_ok()
+        );
     }
 }

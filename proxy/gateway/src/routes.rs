@@ -1,38 +1,20 @@
 //! Route selection: the longest `pathPrefix` that matches on a segment boundary wins, and the
 //! matched prefix is replaced by `rewritePrefix` before the request is forwarded.
 //!
-//! `/api` matches `/api`, `/api/` and `/api/users`, never `/apix`; `/` matches every path.
-//! Trailing slashes of a prefix do not matter (`/api/` is `/api`). Matching is on the raw
-//! path, so a percent-encoded slash is not a segment boundary.
+//! Matching is [`PathPrefix`]'s, the same as an `HTTPRoute`'s `Prefix` match: `/api` matches
+//! `/api`, `/api/` and `/api/users`, never `/apix`; `/` matches every path. Trailing slashes
+//! of a prefix do not matter (`/api/` is `/api`). Matching is on the raw path, so a
+//! percent-encoded slash is not a segment boundary.
 
+use ferrule_proxy_policy::route::PathPrefix;
 use http::Uri;
 use http::uri::PathAndQuery;
-
-/// A prefix without its trailing slashes; the root stays `/`.
-pub fn normalize_prefix(prefix: &str) -> String {
-    let trimmed = prefix.trim_end_matches('/');
-    if trimmed.is_empty() {
-        "/".to_string()
-    } else {
-        trimmed.to_string()
-    }
-}
-
-/// The part of `path` after `prefix` when `prefix` matches it on a segment boundary
-/// (`Some("")` for an exact match, `Some("/x")` below it).
-fn strip<'p>(prefix: &str, path: &'p str) -> Option<&'p str> {
-    if prefix == "/" {
-        return path.starts_with('/').then_some(path);
-    }
-    let rest = path.strip_prefix(prefix)?;
-    (rest.is_empty() || rest.starts_with('/')).then_some(rest)
-}
 
 /// A routing table of `T`s (the gateway keeps each route's stack there).
 #[derive(Debug, Clone)]
 pub struct RouteTable<T> {
     /// Longest prefix first, so the first match is the longest.
-    routes: Vec<(String, Option<String>, T)>,
+    routes: Vec<(PathPrefix, Option<String>, T)>,
 }
 
 /// What matched a path.
@@ -45,12 +27,9 @@ pub struct Matched<'a, T> {
 
 impl<T> RouteTable<T> {
     /// `routes`: (pathPrefix, rewritePrefix, value).
-    pub fn new(routes: impl IntoIterator<Item = (String, Option<String>, T)>) -> Self {
-        let mut routes: Vec<_> = routes
-            .into_iter()
-            .map(|(prefix, rewrite, v)| (normalize_prefix(&prefix), rewrite, v))
-            .collect();
-        routes.sort_by_key(|(prefix, _, _)| std::cmp::Reverse(prefix.len()));
+    pub fn new(routes: impl IntoIterator<Item = (PathPrefix, Option<String>, T)>) -> Self {
+        let mut routes: Vec<_> = routes.into_iter().collect();
+        routes.sort_by_key(|(prefix, _, _)| std::cmp::Reverse(prefix.specificity()));
         Self { routes }
     }
 
@@ -63,10 +42,10 @@ impl<T> RouteTable<T> {
     }
 }
 
-/// The path to forward when `prefix` (normalized) matches `path`: `path` itself, or with the
-/// prefix replaced by `rewrite`.
-pub fn forward_path(prefix: &str, rewrite: Option<&str>, path: &str) -> Option<String> {
-    let rest = strip(prefix, path)?;
+/// The path to forward when `prefix` matches `path`: `path` itself, or with the prefix
+/// replaced by `rewrite`.
+pub fn forward_path(prefix: &PathPrefix, rewrite: Option<&str>, path: &str) -> Option<String> {
+    let rest = prefix.strip(path)?;
     Some(match rewrite {
         None => path.to_string(),
         Some(rewrite) => {
@@ -97,16 +76,13 @@ mod tests {
     use super::*;
 
     fn table() -> RouteTable<&'static str> {
+        let p = PathPrefix::new;
         RouteTable::new([
-            ("/login".to_string(), None, "login"),
-            (
-                "/api/users".to_string(),
-                Some("/users".to_string()),
-                "users",
-            ),
-            ("/api/".to_string(), None, "api"),
-            ("/api/orders".to_string(), Some("/".to_string()), "orders"),
-            ("/".to_string(), None, "root"),
+            (p("/login"), None, "login"),
+            (p("/api/users"), Some("/users".to_string()), "users"),
+            (p("/api/"), None, "api"),
+            (p("/api/orders"), Some("/".to_string()), "orders"),
+            (p("/"), None, "root"),
         ])
     }
 
@@ -139,7 +115,7 @@ mod tests {
 
     #[test]
     fn no_match_without_a_root_route() {
-        let t = RouteTable::new([("/a".to_string(), None, 1)]);
+        let t = RouteTable::new([(PathPrefix::new("/a"), None, 1)]);
         assert!(t.find("/b").is_none());
         assert!(t.find("/ab").is_none());
         assert_eq!(*t.find("/a/b").unwrap().route, 1);

@@ -1,4 +1,9 @@
-//! The gateway's request path, built in one place ([`build`]).
+//! The gateway's request path, built in one place ([`build`]), and swapped whole when the
+//! config changes ([`LiveRouter`]).
+//!
+//! A config becomes a router in two steps: [`prepare`] loads what can fail (JWT keys and
+//! secrets, CORS, rate limits), so a `Gateway` resource the gateway cannot use is refused
+//! before anything changes; [`build`] then assembles the stacks, which cannot fail.
 //!
 //! The [`Router`] picks the route with the longest matching prefix and hands the request to
 //! that route's stack; a path no route matches gets the no-route stack (404). Each route's
@@ -17,6 +22,7 @@
 //!    balancing, endpoint connections and meshed HTTP/2 to the service's sidecars, exactly as
 //!    a sidecar's outbound side (it counts `direction="outbound"` metrics of its own).
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -24,6 +30,7 @@ use std::task::{Context, Poll};
 use ferrule_proto::names::ServiceRef;
 use futures::future::BoxFuture;
 use http::{Request, Response};
+use tokio::sync::watch;
 use tower::filter::Predicate;
 use tower::util::BoxCloneSyncService;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
@@ -33,6 +40,7 @@ use super::auth::Authenticate;
 use super::config::{ConfigError, GatewayConfig};
 use super::errors::{self, GatewayError};
 use super::jwt::JwtVerifier;
+use super::ratelimit::NamedLimit;
 use super::ratelimit::{self, RateLimit};
 use super::routes::{self, RouteTable};
 use super::size::SizeLimitLayer;
@@ -41,6 +49,7 @@ use ferrule_proxy_core::errors::RespondLayer;
 use ferrule_proxy_core::metrics::{Direction, Metrics};
 use ferrule_proxy_core::observe::ObserveLayer;
 use ferrule_proxy_core::server::HttpStack;
+use ferrule_proxy_policy::route::PathPrefix;
 
 /// What the stacks are built from besides the config.
 pub struct StackParts<'a> {
@@ -48,56 +57,112 @@ pub struct StackParts<'a> {
     pub access_log: bool,
     /// The forwarding stack of a service (the outbound side's logical stack).
     pub forward: &'a dyn Fn(&ServiceRef) -> HttpStack,
-    /// Looks up environment variables for `hs256SecretEnv`.
-    pub env: &'a dyn Fn(&str) -> Option<String>,
 }
 
-/// Builds the router and every route's stack from a validated config.
-pub fn build(config: &GatewayConfig, parts: &StackParts<'_>) -> Result<Router, ConfigError> {
+/// The parts of a config that can fail to load (keys, secrets), loaded: what [`build`] needs
+/// besides the outbound stacks. Preparing a config is how the gateway checks it can use a
+/// `Gateway` resource before acking it.
+pub struct Prepared {
+    config: GatewayConfig,
+    verifier: Option<Arc<JwtVerifier>>,
+    cors: Option<CorsLayer>,
+    limits: BTreeMap<String, Arc<NamedLimit>>,
+    routes: Vec<PreparedRoute>,
+}
+
+struct PreparedRoute {
+    name: String,
+    prefix: PathPrefix,
+    rewrite: Option<String>,
+    service: ServiceRef,
+    public: bool,
+    limit: Option<Arc<NamedLimit>>,
+}
+
+impl Prepared {
+    pub fn config(&self) -> &GatewayConfig {
+        &self.config
+    }
+}
+
+/// Loads the JWT keys, CORS settings and rate limits of a validated config. `env` looks up
+/// environment variables (`hs256SecretEnv`); the rate limits of `previous` (the router in
+/// force) whose settings did not change are kept with their buckets.
+pub fn prepare(
+    config: GatewayConfig,
+    env: &dyn Fn(&str) -> Option<String>,
+    previous: Option<&Router>,
+) -> Result<Prepared, ConfigError> {
     let verifier = match &config.jwt {
-        Some(jwt) => Some(Arc::new(JwtVerifier::from_config(config, jwt, parts.env)?)),
+        Some(jwt) => Some(Arc::new(JwtVerifier::from_config(&config, jwt, env)?)),
         None => None,
     };
     let cors = match &config.cors {
-        Some(cors) => Some(super::cors::layer(config, cors)?),
+        Some(cors) => Some(super::cors::layer(&config, cors)?),
         None => None,
     };
-    let limits = ratelimit::limits(&config.rate_limits);
+    let limits = ratelimit::limits(
+        &config.rate_limits,
+        previous.map_or(&BTreeMap::new(), |r| &r.limits),
+    );
     let mut routes = Vec::new();
     for (i, route) in config.routes.iter().enumerate() {
-        let service = ServiceRef::parse(&route.service).map_err(|e| {
-            ConfigError::invalid(
-                &config.source,
-                format!("routes[{i}].service"),
-                e.to_string(),
-            )
-        })?;
+        let service = ServiceRef::parse(&route.service)
+            .map_err(|e| config.invalid(format!("routes[{i}].service"), e.to_string()))?;
         let limit = match &route.rate_limit {
             Some(name) => Some(limits.get(name).cloned().ok_or_else(|| {
-                ConfigError::invalid(
-                    &config.source,
+                config.invalid(
                     format!("routes[{i}].rateLimit"),
                     format!("no rate limit named {name:?}"),
                 )
             })?),
             None => None,
         };
-        let prefix = routes::normalize_prefix(&route.path_prefix);
+        routes.push(PreparedRoute {
+            name: route.name.clone(),
+            prefix: PathPrefix::new(&route.path_prefix),
+            rewrite: route.rewrite_prefix.clone(),
+            service,
+            public: route.public,
+            limit,
+        });
+    }
+    Ok(Prepared {
+        verifier,
+        cors,
+        limits,
+        routes,
+        config,
+    })
+}
+
+/// Builds the router and every route's stack from a prepared config.
+pub fn build(prepared: Prepared, parts: &StackParts<'_>) -> Router {
+    let Prepared {
+        config,
+        verifier,
+        cors,
+        limits,
+        routes: prepared_routes,
+    } = prepared;
+    let mut routes = Vec::new();
+    for route in prepared_routes {
+        let service = route.service;
         let name = service.to_string();
         let inner = ServiceBuilder::new()
             .layer(RespondLayer::new(parts.metrics.clone(), Direction::Gateway))
             .map_err(move |e| errors::to_proxy_error(&name, e))
-            .layer(SizeLimitLayer::new(config.max_request_bytes))
+            .layer(SizeLimitLayer::new(config.max_request_bytes()))
             .filter(Authenticate::new(verifier.clone(), route.public))
-            .filter(RateLimit(limit))
+            .filter(RateLimit(route.limit))
             .filter(Rewrite {
-                prefix: prefix.clone().into(),
-                rewrite: route.rewrite_prefix.as_deref().map(Arc::from),
+                prefix: route.prefix.clone(),
+                rewrite: route.rewrite.as_deref().map(Arc::from),
             })
             .service((parts.forward)(&service));
         let stack = observed(parts, &service.to_string(), cors.as_ref(), inner);
-        tracing::info!(route = %route.name, prefix, %service, public = route.public, "gateway route");
-        routes.push((prefix, route.rewrite_prefix.clone(), stack));
+        tracing::info!(route = %route.name, prefix = route.prefix.as_str(), %service, public = route.public, "gateway route");
+        routes.push((route.prefix, route.rewrite, stack));
     }
     let no_route = ServiceBuilder::new()
         .layer(RespondLayer::new(parts.metrics.clone(), Direction::Gateway))
@@ -106,10 +171,12 @@ pub fn build(config: &GatewayConfig, parts: &StackParts<'_>) -> Result<Router, C
                 GatewayError::NoRoute(req.uri().path().to_string()).into_proxy_error(""),
             )
         }));
-    Ok(Router {
+    Router {
         routes: Arc::new(RouteTable::new(routes)),
         no_route: observed(parts, "", cors.as_ref(), no_route),
-    })
+        limits,
+        config: Arc::new(config),
+    }
 }
 
 /// Wraps `inner` (errors already rendered) in CORS, when configured, and observe.
@@ -143,7 +210,7 @@ where
 /// A `tower::filter` predicate replacing the matched prefix by the route's `rewritePrefix`.
 #[derive(Clone, Debug)]
 struct Rewrite {
-    prefix: Arc<str>,
+    prefix: PathPrefix,
     rewrite: Option<Arc<str>>,
 }
 
@@ -168,6 +235,37 @@ impl Predicate<Request<BoxBody>> for Rewrite {
 pub struct Router {
     routes: Arc<RouteTable<HttpStack>>,
     no_route: HttpStack,
+    /// Kept for the next version, which keeps the limits it does not change.
+    limits: BTreeMap<String, Arc<NamedLimit>>,
+    config: Arc<GatewayConfig>,
+}
+
+impl Router {
+    /// The config this router was built from.
+    pub fn config(&self) -> &GatewayConfig {
+        &self.config
+    }
+}
+
+/// The router in force, replaced whole when the config changes: each request takes the
+/// router of the moment it arrives and finishes on it, so a change never affects a request
+/// in flight.
+#[derive(Clone)]
+pub struct LiveRouter(pub watch::Receiver<Router>);
+
+impl Service<Request<BoxBody>> for LiveRouter {
+    type Response = Response<BoxBody>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response<BoxBody>, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<BoxBody>) -> Self::Future {
+        let mut router = self.0.borrow().clone();
+        router.call(req)
+    }
 }
 
 impl Service<Request<BoxBody>> for Router {

@@ -1,5 +1,6 @@
 //! The proxy's policy side: the configuration the controller streams (`ServicePolicy`,
-//! `HTTPRoute`), compiled into a [`PolicySet`], and the pieces that apply it to requests.
+//! `HTTPRoute`), compiled into a [`PolicySet`], and the pieces that apply it to requests. A
+//! gateway's own `Gateway` resource travels in the same set ([`PolicySet::gateway`]).
 //!
 //! The proxy's Config stream client (`ferrule_proxy_api::policy::PolicyClient`) follows `ferrule.v1.Config/Watch` and publishes each good
 //! snapshot as an `Arc<PolicySet>` on a `watch` channel (acking it; a snapshot that does not
@@ -37,7 +38,8 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 
 use ferrule_config::{
-    ConfigError, EffectiveCircuitBreaker, EffectivePolicy, Resource, Spec, ValidationErrors,
+    ConfigError, EffectiveCircuitBreaker, EffectivePolicy, GatewaySpec, Resource, Spec,
+    ValidationErrors,
 };
 use ferrule_proto::v1::ConfigSnapshot;
 
@@ -140,6 +142,16 @@ impl PolicySet {
     /// The compiled `HTTPRoute` of `service`, if it has one.
     pub fn routes(&self, service: &str) -> Option<&Routes> {
         self.service(service).and_then(|s| s.routes.as_ref())
+    }
+
+    /// The spec of the `Gateway` resource named `name`, if this version has one. The policy
+    /// side does not apply it (the gateway's router does); it travels in the set so that a
+    /// gateway sees its own resource and its services' policies as of one version.
+    pub fn gateway(&self, name: &str) -> Option<&GatewaySpec> {
+        self.resources.iter().find_map(|r| match &r.spec {
+            Spec::Gateway(spec) if r.metadata.name == name => Some(spec),
+            _ => None,
+        })
     }
 
     /// The resources of this version as documents, for the admin `/config` page.

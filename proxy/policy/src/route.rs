@@ -287,11 +287,53 @@ impl Match {
     }
 }
 
+/// A path prefix that matches whole segments: `/api` (or `/api/`) matches `/api` and `/api/x`,
+/// never `/apix`; `/` matches every path. The one prefix matcher of the proxy: `HTTPRoute`
+/// `Prefix` matches and the gateway's `pathPrefix` routes both use it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PathPrefix {
+    /// Without trailing slashes; empty for `/`.
+    trimmed: String,
+}
+
+impl PathPrefix {
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            trimmed: prefix.trim_end_matches('/').to_string(),
+        }
+    }
+
+    /// The prefix as written without its trailing slashes; `/` for the root.
+    pub fn as_str(&self) -> &str {
+        if self.trimmed.is_empty() {
+            "/"
+        } else {
+            &self.trimmed
+        }
+    }
+
+    /// The part of `path` after the prefix when it matches (`Some("")` for an exact match,
+    /// `Some("/x")` below it, the whole path for the root prefix).
+    pub fn strip<'p>(&self, path: &'p str) -> Option<&'p str> {
+        let rest = path.strip_prefix(self.trimmed.as_str())?;
+        (rest.is_empty() || rest.starts_with('/')).then_some(rest)
+    }
+
+    pub fn matches(&self, path: &str) -> bool {
+        self.strip(path).is_some()
+    }
+
+    /// Longer prefixes are more specific: sorting by this, descending, makes the first match
+    /// the longest.
+    pub fn specificity(&self) -> usize {
+        self.trimmed.len()
+    }
+}
+
 #[derive(Debug, Clone)]
 enum PathMatcher {
     Exact(String),
-    /// Without its trailing `/`; empty for `/` (every path).
-    Prefix(String),
+    Prefix(PathPrefix),
     Regex(Regex),
 }
 
@@ -299,7 +341,7 @@ impl PathMatcher {
     fn compile(p: &PathMatch) -> Result<Self, String> {
         Ok(match p.kind {
             PathMatchType::Exact => PathMatcher::Exact(p.value.clone()),
-            PathMatchType::Prefix => PathMatcher::Prefix(p.value.trim_end_matches('/').to_string()),
+            PathMatchType::Prefix => PathMatcher::Prefix(PathPrefix::new(&p.value)),
             PathMatchType::Regex => PathMatcher::Regex(whole(&p.value)?),
         })
     }
@@ -307,10 +349,7 @@ impl PathMatcher {
     fn matches(&self, path: &str) -> bool {
         match self {
             PathMatcher::Exact(value) => path == value,
-            PathMatcher::Prefix(prefix) => {
-                path.starts_with(prefix.as_str())
-                    && (path.len() == prefix.len() || path.as_bytes()[prefix.len()] == b'/')
-            }
+            PathMatcher::Prefix(prefix) => prefix.matches(path),
             PathMatcher::Regex(re) => re.is_match(path),
         }
     }
@@ -577,6 +616,19 @@ spec:
         })
         .unwrap();
         assert!(p.matches("/") && p.matches("/a/b"));
+    }
+
+    #[test]
+    fn path_prefixes_match_whole_segments() {
+        let api = PathPrefix::new("/api/");
+        assert_eq!(api.as_str(), "/api");
+        assert_eq!(api.strip("/api"), Some(""));
+        assert_eq!(api.strip("/api/x"), Some("/x"));
+        assert_eq!(api.strip("/apix"), None);
+        let root = PathPrefix::new("/");
+        assert_eq!(root.as_str(), "/");
+        assert_eq!(root.strip("/a"), Some("/a"));
+        assert!(root.specificity() < api.specificity());
     }
 
     fn backend(service: &str, weight: u32) -> Backend {
