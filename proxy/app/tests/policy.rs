@@ -287,7 +287,7 @@ async fn a_failing_endpoint_is_ejected_probed_once_and_restored() {
             "user",
             serde_json::json!({"service": "user",
                 "retries": {"maxAttempts": 1},
-                "circuitBreaker": {"consecutiveFailures": 3, "baseEjectionTime": "400ms",
+                "circuitBreaker": {"consecutiveFailures": 3, "baseEjectionTime": "1s",
                                    "maxEjectionPercent": 50}}),
         );
         let proxy = proxy(
@@ -307,8 +307,9 @@ async fn a_failing_endpoint_is_ejected_probed_once_and_restored() {
         );
         assert!(metrics.contains(&open), "{metrics}");
 
-        // After the ejection time: one probe, which fails and ejects it again.
-        tokio::time::sleep(Duration::from_millis(450)).await;
+        // After the ejection time: one probe, which fails and ejects it again (for 2 s, which
+        // the 20 requests below stay well inside even on a loaded machine).
+        tokio::time::sleep(Duration::from_millis(1100)).await;
         for _ in 0..20 {
             client.get().await;
         }
@@ -316,7 +317,7 @@ async fn a_failing_endpoint_is_ejected_probed_once_and_restored() {
 
         // The next probe (after the doubled ejection) succeeds: back in service.
         bad.fail(0);
-        tokio::time::sleep(Duration::from_millis(850)).await;
+        tokio::time::sleep(Duration::from_millis(2100)).await;
         for _ in 0..20 {
             assert_eq!(client.get().await.status, StatusCode::OK);
         }

@@ -470,3 +470,35 @@ impl<T: AsyncWrite> AsyncWrite for CountingIo<T> {
         self.project().inner.poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_targets_series_go_with_its_last_handle() {
+        let metrics = Metrics::new();
+        let series = metrics.target(Direction::Outbound, "user".into());
+        series.response(StatusCode::OK, true, std::time::Duration::from_millis(3));
+        series.count(StatusCode::SERVICE_UNAVAILABLE, false);
+        let io = series.count_io(tokio::io::empty());
+        let text = metrics.encode().unwrap();
+        assert!(text.contains(r#"request_total{direction="outbound",target_service="user",status_code="503",classification="failure"} 1"#), "{text}");
+        assert!(
+            text.contains(r#"tcp_open_connections{direction="outbound",target_service="user"} 1"#),
+            "{text}"
+        );
+
+        // A connection keeps the series alive after the stack let go of them.
+        drop(series);
+        assert!(
+            metrics
+                .encode()
+                .unwrap()
+                .contains(r#"target_service="user""#)
+        );
+        drop(io);
+        let text = metrics.encode().unwrap();
+        assert!(!text.contains(r#"target_service="user""#), "{text}");
+    }
+}

@@ -231,13 +231,10 @@ mod tests {
     #[tokio::test]
     async fn a_proxy_made_grpc_error_counts_as_a_failure() {
         let metrics = Metrics::new();
+        // The layer holds the target's series; they go when the last stack of it goes.
+        let observe = ObserveLayer::new(metrics.clone(), Direction::Outbound, "user".into(), true);
         let stack = tower::ServiceBuilder::new()
-            .layer(ObserveLayer::new(
-                metrics.clone(),
-                Direction::Outbound,
-                "user".into(),
-                true,
-            ))
+            .layer(observe.clone())
             .layer(RespondLayer::new(metrics.clone(), Direction::Outbound))
             .service_fn(|_req: Request<BoxBody>| async {
                 Err::<Response<BoxBody>, _>(ProxyError::new(
