@@ -199,11 +199,17 @@ impl Proxy {
             tracker.clone(),
         );
         for (upstream, listener) in upstream_listeners {
-            // Subscribe now, so discovery (and `/ready`) does not wait for the first request.
-            outbound.logical(&upstream.service);
+            // Subscribe now, so discovery (and `/ready`) does not wait for the first request,
+            // and hold the target for as long as its listener serves: a configured upstream
+            // is never idle-evicted (its discovery watch is what `/ready` reports on).
+            let pinned = outbound.logical(&upstream.service);
             let opaque = config.opaque_ports.contains(&upstream.listen.port());
             let target = Arc::new(Fixed(upstream.service));
-            tokio::spawn(outbound.clone().serve(listener, target, opaque));
+            let serve = outbound.clone().serve(listener, target, opaque);
+            tokio::spawn(async move {
+                serve.await;
+                drop(pinned);
+            });
         }
 
         let service = config.service.clone().unwrap_or_default();
