@@ -112,8 +112,6 @@ async fn bind(
 /// `ferrule-proxy gateway`: sets up logging, starts the gateway with discovery and config
 /// from the controllers, and shuts it down gracefully on SIGTERM, SIGINT or `/shutdown`.
 pub async fn run(mut args: GatewayArgs) -> Result<(), StartError> {
-    use tokio::signal::unix::{SignalKind, signal};
-
     ferrule_proxy_core::logging::init(args.common.log_format)
         .map_err(|e| StartError::Logging(e.to_string()))?;
     let config = GatewayConfig::load(&args.config)?;
@@ -123,21 +121,8 @@ pub async fn run(mut args: GatewayArgs) -> Result<(), StartError> {
     let proxy_id = args.common.resolve_proxy_id(&args.name);
     let discovery = Discovery::new(args.common.controllers.clone(), args.proxy_info(&proxy_id));
     let gateway = Gateway::start(args, config, discovery).await?;
-    // The same ready line as the sidecar's, with the gateway's listeners.
-    match serde_json::to_string(&gateway.addrs) {
-        Ok(json) => println!("ferrule-proxy ready: {json}"),
-        Err(error) => tracing::error!(%error, "cannot print the ready line"),
-    }
-    let shutdown = gateway.shutdown_token();
-    let mut term = signal(SignalKind::terminate()).map_err(StartError::Signal)?;
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM received"),
-            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-            () = shutdown.cancelled() => return,
-        }
-        shutdown.cancel();
-    });
+    crate::announce_ready(&gateway.addrs);
+    crate::shutdown_on_signals(gateway.shutdown_token()).map_err(StartError::Signal)?;
     gateway.wait().await;
     Ok(())
 }

@@ -31,3 +31,29 @@ pub use ferrule_proxy_outbound as outbound;
 pub use ferrule_proxy_policy as policy;
 pub use ferrule_proxy_policy::balance;
 pub use ferrule_proxy_transport::client;
+
+/// Prints the ready line, `ferrule-proxy ready: {JSON}` with the listeners actually bound, to
+/// stdout (the logs go to stderr): the same line for the sidecar and the gateway, so a starter
+/// can bind port 0 and read the ports back.
+pub fn announce_ready(listeners: &impl serde::Serialize) {
+    match serde_json::to_string(listeners) {
+        Ok(json) => println!("ferrule-proxy ready: {json}"),
+        Err(error) => tracing::error!(%error, "cannot print the ready line"),
+    }
+}
+
+/// Cancels `shutdown` (the graceful shutdown) on SIGTERM or SIGINT.
+pub fn shutdown_on_signals(shutdown: tokio_util::sync::CancellationToken) -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+            () = shutdown.cancelled() => return,
+        }
+        shutdown.cancel();
+    });
+    Ok(())
+}

@@ -7,7 +7,6 @@ use ferrule_proxy::config::{Config, Mode};
 use ferrule_proxy::control::Controllers;
 use ferrule_proxy::discovery::Discovery;
 use ferrule_proxy::sidecar::Proxy;
-use tokio::signal::unix::{SignalKind, signal};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -32,17 +31,9 @@ async fn main() -> anyhow::Result<()> {
     let proxy = Proxy::start(config, discovery)
         .await
         .context("starting the proxy")?;
-    announce_ready(&proxy.addrs);
-    let shutdown = proxy.shutdown_token();
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM received"),
-            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-            () = shutdown.cancelled() => return,
-        }
-        shutdown.cancel();
-    });
+    ferrule_proxy::announce_ready(&proxy.addrs);
+    ferrule_proxy::shutdown_on_signals(proxy.shutdown_token())
+        .context("installing the SIGTERM handler")?;
     proxy.wait().await;
     Ok(())
 }
@@ -55,12 +46,4 @@ const READY_HELP: &str = "Once every listener is bound the sidecar prints one li
 fn parse_config() -> Config {
     let matches = Config::command().after_help(READY_HELP).get_matches();
     Config::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
-}
-
-/// Prints the ready line [`READY_HELP`] describes (the logs go to stderr).
-fn announce_ready(addrs: &ferrule_proxy::sidecar::BoundAddrs) {
-    match serde_json::to_string(addrs) {
-        Ok(json) => println!("ferrule-proxy ready: {json}"),
-        Err(error) => tracing::error!(%error, "cannot print the ready line"),
-    }
 }
