@@ -226,7 +226,6 @@ impl Gateway {
                 },
                 &PoolMetrics::register(&metrics),
             ),
-            &proxy_id,
             metrics.clone(),
             policy_metrics,
             serving.clone(),

@@ -192,7 +192,6 @@ impl Proxy {
             discovery.clone(),
             policies.clone(),
             peer_clients,
-            &proxy_id,
             metrics.clone(),
             policy_metrics.clone(),
             serving.clone(),

@@ -133,7 +133,6 @@ async fn ten_thousand_targets_are_forgotten_after_the_idle_time() -> Result<()> 
             },
             &PoolMetrics::register(&metrics),
         ),
-        "idle-test",
         metrics.clone(),
         policy_metrics,
         shutdown.clone(),

@@ -1,8 +1,9 @@
-//! The small record every request carries through a stack, in its extensions.
+//! What every request carries through a stack, in its extensions, and what its connection
+//! knows about the peer.
 //!
-//! Created when the request arrives on a listener, read by the layers that need to know which
-//! request this is (metrics, access log, errors); the request's tracing span carries the same
-//! fields.
+//! [`ConnMeta`] is made once per accepted connection; [`RequestContext`] is created from it
+//! when each request arrives, and read by the layers that need to know which request this is
+//! (metrics, access log, errors); the request's tracing span carries the same fields.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,8 +11,18 @@ use std::time::Instant;
 
 use http::Request;
 
-use crate::headers;
 use crate::metrics::Direction;
+
+/// Where a connection came from and what it is for, for every request on it.
+#[derive(Debug, Clone)]
+pub struct ConnMeta {
+    pub direction: Direction,
+    pub target: Arc<str>,
+    pub client: SocketAddr,
+    /// The peer's mesh identity, authenticated by the connection's handshake (mTLS). `None`
+    /// for a plaintext connection: nothing a client sends can make it a meshed peer.
+    pub peer_identity: Option<Arc<str>>,
+}
 
 #[derive(Debug, Clone)]
 pub struct RequestContext {
@@ -22,38 +33,36 @@ pub struct RequestContext {
     pub target: Arc<str>,
     pub client: SocketAddr,
     pub start: Instant,
-    /// The request came from another ferrule proxy (inbound only).
-    pub meshed_peer: bool,
+    /// The connection's authenticated peer identity (see [`ConnMeta::peer_identity`]).
+    pub peer_identity: Option<Arc<str>>,
 }
 
 impl RequestContext {
-    /// Builds the context of `req`, stores it in its extensions, and returns the span the
-    /// request's events belong to (at debug level: free when disabled).
-    pub fn attach<B>(
-        req: &mut Request<B>,
-        direction: Direction,
-        target: Arc<str>,
-        client: SocketAddr,
-    ) -> tracing::Span {
-        let meshed_peer =
-            direction == Direction::Inbound && req.headers().contains_key(headers::MESHED);
+    /// Builds the context of `req` on the connection `conn`, stores it in its extensions, and
+    /// returns the span the request's events belong to (at debug level: free when disabled).
+    pub fn attach<B>(req: &mut Request<B>, conn: &ConnMeta) -> tracing::Span {
         let ctx = RequestContext {
             id: format!("{:016x}", rand::random::<u64>()),
-            direction,
-            target,
-            client,
+            direction: conn.direction,
+            target: conn.target.clone(),
+            client: conn.client,
             start: Instant::now(),
-            meshed_peer,
+            peer_identity: conn.peer_identity.clone(),
         };
         let span = tracing::debug_span!(
             "request",
             id = %ctx.id,
-            %direction,
+            direction = %ctx.direction,
             target = %ctx.target,
-            %client,
-            meshed_peer,
+            client = %ctx.client,
+            meshed_peer = ctx.meshed_peer(),
         );
         req.extensions_mut().insert(ctx);
         span
+    }
+
+    /// Whether the request came from another proxy of the mesh, as its connection proved.
+    pub fn meshed_peer(&self) -> bool {
+        self.peer_identity.is_some()
     }
 }

@@ -1,16 +1,13 @@
 //! Header rules of a proxy hop: hop-by-hop headers, upgrades, and the mesh's own headers.
 //!
 //! Between two ferrule proxies an HTTP/1 request travels as HTTP/2 with
-//! [`ORIG_PROTO`] naming its original version (linkerd's `l5d-orig-proto`), and every
-//! proxy-to-proxy request carries [`MESHED`] so the inbound side knows it came from a meshed
-//! peer. The inbound proxy strips both before the app sees the request.
+//! [`ORIG_PROTO`] naming its original version (linkerd's `l5d-orig-proto`); the inbound proxy
+//! strips it before the app sees the request. Whether a request came from a meshed peer is
+//! connection state (`context::ConnMeta::peer_identity`), never a header a client could send.
 
 use http::header::{self, HeaderMap, HeaderName};
 use http::{Method, Request, Version};
 
-/// Set by the outbound proxy on requests to a meshed endpoint; the value is the sending
-/// proxy's id.
-pub const MESHED: &str = "ferrule-meshed";
 /// The HTTP version a request had before the outbound proxy upgraded it to HTTP/2.
 pub const ORIG_PROTO: &str = "ferrule-orig-proto";
 /// The only value of [`ORIG_PROTO`] this proxy writes.

@@ -207,7 +207,7 @@ where
                     target_service = %layer.target,
                     request_id = ctx.as_ref().map_or("", |c| c.id.as_str()),
                     client = %ctx.as_ref().map_or_else(String::new, |c| c.client.to_string()),
-                    meshed_peer = ctx.as_ref().is_some_and(|c| c.meshed_peer),
+                    meshed_peer = ctx.as_ref().is_some_and(RequestContext::meshed_peer),
                     %method,
                     path,
                     version = ?version,

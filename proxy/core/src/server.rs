@@ -26,6 +26,7 @@ use tower::util::BoxCloneSyncService;
 use tracing::Instrument;
 
 use crate::body::{self, BoxBody};
+pub use crate::context::ConnMeta;
 use crate::context::RequestContext;
 use crate::detect::detect;
 use crate::errors::{ProxyError, Reason};
@@ -39,14 +40,6 @@ pub type HttpStack = BoxCloneSyncService<Request<BoxBody>, Response<BoxBody>, In
 pub enum HttpVersion {
     Http1,
     Http2,
-}
-
-/// Where a connection came from and what it is for, for every request on it.
-#[derive(Clone)]
-pub struct ConnMeta {
-    pub direction: Direction,
-    pub target: Arc<str>,
-    pub client: SocketAddr,
 }
 
 /// Any stream a connection handler can read and write: the accepted socket, possibly with
@@ -105,6 +98,8 @@ impl Dispatcher {
             direction: self.direction,
             target: series.target().clone(),
             client: peer,
+            // Plaintext: no peer is authenticated until mTLS terminates here.
+            peer_identity: None,
         };
         let version = match result {
             DetectResult::Http1 => HttpVersion::Http1,
@@ -173,8 +168,7 @@ pub async fn serve_http<I>(
 {
     let svc = service_fn(move |req: Request<Incoming>| {
         let mut req = req.map(body::boxed);
-        let span =
-            RequestContext::attach(&mut req, meta.direction, meta.target.clone(), meta.client);
+        let span = RequestContext::attach(&mut req, &meta);
         let rsp: BoxFuture<'static, Result<Response<BoxBody>, Infallible>> =
             Box::pin(stack.clone().oneshot(req).instrument(span));
         rsp

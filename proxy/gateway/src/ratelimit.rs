@@ -104,6 +104,7 @@ impl Predicate<Request<BoxBody>> for RateLimit {
 mod tests {
     use super::*;
     use ferrule_proxy_core::body;
+    use ferrule_proxy_core::context::ConnMeta;
     use ferrule_proxy_core::metrics::Direction;
     use std::net::SocketAddr;
 
@@ -121,7 +122,13 @@ mod tests {
     fn req(client: &str, subject: Option<&str>) -> Request<BoxBody> {
         let mut r = Request::get("/").body(body::empty()).unwrap();
         let client: SocketAddr = client.parse().unwrap();
-        RequestContext::attach(&mut r, Direction::Gateway, "gateway".into(), client);
+        let conn = ConnMeta {
+            direction: Direction::Gateway,
+            target: "gateway".into(),
+            client,
+            peer_identity: None,
+        };
+        RequestContext::attach(&mut r, &conn);
         if let Some(s) = subject {
             r.extensions_mut().insert(Subject(s.into()));
         }

@@ -105,7 +105,6 @@ struct ForwardToApp {
 
 /// Undoes what the outbound proxy of a meshed peer did to the request.
 fn strip_mesh_headers(req: &mut Request<BoxBody>) {
-    req.headers_mut().remove(headers::MESHED);
     if let Some(orig) = req.headers_mut().remove(headers::ORIG_PROTO) {
         if orig == headers::ORIG_PROTO_HTTP1 {
             *req.version_mut() = Version::HTTP_11;
@@ -161,13 +160,11 @@ mod tests {
     fn orig_proto_restores_http1() {
         let mut req = Request::get("http://user/x")
             .version(Version::HTTP_2)
-            .header(headers::MESHED, "order-1")
             .header(headers::ORIG_PROTO, headers::ORIG_PROTO_HTTP1)
             .body(body::empty())
             .unwrap();
         strip_mesh_headers(&mut req);
         assert_eq!(req.version(), Version::HTTP_11);
-        assert!(!req.headers().contains_key(headers::MESHED));
         assert!(!req.headers().contains_key(headers::ORIG_PROTO));
         assert_eq!(Protocol::of(&req), Protocol::Http1);
     }

@@ -21,17 +21,11 @@ use ferrule_proxy_transport::pool::Identity;
 #[derive(Clone)]
 pub struct EndpointConnector {
     clients: Clients,
-    /// Sent to meshed peers in `ferrule-meshed`.
-    proxy_id: HeaderValue,
 }
 
 impl EndpointConnector {
-    pub fn new(clients: Clients, proxy_id: &str) -> Self {
-        Self {
-            clients,
-            proxy_id: HeaderValue::from_str(proxy_id)
-                .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
-        }
+    pub fn new(clients: Clients) -> Self {
+        Self { clients }
     }
 
     /// Connects to `ep` for a request that needs `protocol` (see [`Protocol::of`]); nothing
@@ -57,16 +51,15 @@ impl EndpointConnector {
         self.clients.connect(dst, protocol).await
     }
 
-    /// Adds the mesh headers a meshed peer expects; mesh headers the app itself sent never
-    /// leave (only this proxy speaks for the mesh).
+    /// Adds the mesh header a meshed peer expects; a mesh header the app itself sent never
+    /// leaves (only this proxy speaks for the mesh). Whether a request came from a meshed
+    /// peer is never said in a header: the peer's side knows it from the connection
+    /// (its authenticated identity, see `ConnMeta::peer_identity`).
     pub fn prepare(&self, ep: &EndpointTarget, req: &mut Request<BoxBody>) {
-        req.headers_mut().remove(headers::MESHED);
         req.headers_mut().remove(headers::ORIG_PROTO);
         if !ep.meshed {
             return;
         }
-        req.headers_mut()
-            .insert(headers::MESHED, self.proxy_id.clone());
         if !headers::is_upgrade(req) && req.version() != Version::HTTP_2 {
             req.headers_mut().insert(
                 headers::ORIG_PROTO,
@@ -78,7 +71,6 @@ impl EndpointConnector {
     /// Undoes [`Self::prepare`] and the connection's fitting, before the request goes to
     /// another endpoint.
     pub fn unprepare(&self, req: &mut Request<BoxBody>, version: Version) {
-        req.headers_mut().remove(headers::MESHED);
         req.headers_mut().remove(headers::ORIG_PROTO);
         *req.version_mut() = version;
     }
@@ -123,19 +115,16 @@ mod tests {
             },
             &PoolMetrics::default(),
         );
-        let connector = EndpointConnector::new(clients, "order-1");
+        let connector = EndpointConnector::new(clients);
         let mut spoofed = Request::get("/")
-            .header(headers::MESHED, "someone-else")
             .header(headers::ORIG_PROTO, "HTTP/9")
             .body(body::empty())
             .unwrap();
         connector.prepare(&endpoint(false), &mut spoofed);
-        assert!(!spoofed.headers().contains_key(headers::MESHED));
         assert!(!spoofed.headers().contains_key(headers::ORIG_PROTO));
 
         let mut req = Request::get("/").body(body::empty()).unwrap();
         connector.prepare(&endpoint(true), &mut req);
-        assert_eq!(req.headers()[headers::MESHED], "order-1");
         assert_eq!(
             req.headers()[headers::ORIG_PROTO],
             headers::ORIG_PROTO_HTTP1
@@ -143,6 +132,6 @@ mod tests {
         *req.version_mut() = Version::HTTP_2;
         connector.unprepare(&mut req, Version::HTTP_11);
         assert_eq!(req.version(), Version::HTTP_11);
-        assert!(!req.headers().contains_key(headers::MESHED));
+        assert!(!req.headers().contains_key(headers::ORIG_PROTO));
     }
 }

@@ -94,7 +94,6 @@ impl Outbound {
         discovery: Discovery,
         policies: PolicyClient,
         clients: Clients,
-        proxy_id: &str,
         metrics: Metrics,
         policy_metrics: PolicyMetrics,
         shutdown: CancellationToken,
@@ -106,7 +105,7 @@ impl Outbound {
                 endpoint_wait: config.endpoint_wait,
             },
             discovery.clone(),
-            EndpointConnector::new(clients.clone(), proxy_id),
+            EndpointConnector::new(clients.clone()),
             policy_metrics.clone(),
             config.target_idle,
         );
