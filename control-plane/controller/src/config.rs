@@ -18,7 +18,7 @@ use std::time::Duration;
 use ferrule_config::{Kind, Resource, Spec};
 use ferrule_proto::v1::{
     self as pb, ApplyConfigResponse, ConfigChange, ConfigRequest, ConfigSnapshot, ProxyInfo,
-    ProxyStatus, config_request,
+    ProxyStatus, Subscribe, config_request,
 };
 use ferrule_store::{Listing, Op, Revision, Store, StoreError, WatchEvent};
 use futures::{Stream, StreamExt};
@@ -458,10 +458,16 @@ impl ConfigHub {
         let proxy = subscribe.proxy.unwrap_or_default();
         let subscriber = Subscriber::new(&proxy, subscribe.upstreams);
         tracing::debug!(proxy = %proxy.proxy_id, ?subscriber, "config watch");
+        let (subscription, subscribed) = watch::channel((subscriber, subscribe.generation));
         let (tx, rx) = mpsc::channel(4);
         let state = self.state.clone();
-        tokio::spawn(send_snapshots(state, subscriber, tx.clone()));
-        tokio::spawn(record_acks(self.store.clone(), proxy, requests));
+        tokio::spawn(send_snapshots(state, subscribed, tx.clone()));
+        tokio::spawn(record_acks(
+            self.store.clone(),
+            proxy,
+            requests,
+            subscription,
+        ));
         Ok(Box::pin(ReceiverStream::new(rx)))
     }
 }
@@ -588,27 +594,38 @@ fn select(state: &ConfigState, subscriber: &Subscriber) -> Vec<pb::Resource> {
         .collect()
 }
 
+/// What a stream's proxy subscribed to, and the `generation` of that subscribe.
+type Subscription = (Subscriber, u64);
+
+/// Sends a snapshot whenever the config version or the proxy's subscription changes.
 async fn send_snapshots(
     mut state: watch::Receiver<Arc<ConfigState>>,
-    subscriber: Subscriber,
+    mut subscription: watch::Receiver<Subscription>,
     tx: mpsc::Sender<Result<ConfigSnapshot, Status>>,
 ) {
-    let mut sent_version = None;
+    let mut sent = None;
+    // A client may close its request side after subscribing and still read snapshots.
+    let mut requests_open = true;
     loop {
         let current = state.borrow_and_update().clone();
-        if current.synced && sent_version != Some(current.version) {
+        let (subscriber, generation) = subscription.borrow_and_update().clone();
+        if current.synced && sent != Some((current.version, generation)) {
             let snapshot = ConfigSnapshot {
                 version: current.version,
                 resources: select(&current, &subscriber),
+                subscription: generation,
             };
             if tx.send(Ok(snapshot)).await.is_err() {
                 return;
             }
-            sent_version = Some(current.version);
+            sent = Some((current.version, generation));
         }
         tokio::select! {
             _ = tx.closed() => return,
             changed = state.changed() => if changed.is_err() { return },
+            changed = subscription.changed(), if requests_open => {
+                requests_open = changed.is_ok();
+            }
         }
     }
 }
@@ -624,10 +641,22 @@ async fn record_acks(
     store: Arc<dyn Store>,
     proxy: ProxyInfo,
     mut requests: Streaming<ConfigRequest>,
+    subscription: watch::Sender<Subscription>,
 ) {
+    // A later subscribe replaces the proxy's list of upstreams; the snapshot task sends what
+    // the new list selects.
+    let resubscribe = |subscribe: Subscribe| {
+        let subscriber = Subscriber::new(&proxy, subscribe.upstreams);
+        tracing::debug!(proxy = %proxy.proxy_id, ?subscriber, generation = subscribe.generation, "config resubscribe");
+        subscription.send_replace((subscriber, subscribe.generation));
+    };
     if proxy.proxy_id.is_empty() {
         // Nothing to key a record on; still drain the stream so acks do not back up.
-        while let Some(Ok(_)) = requests.next().await {}
+        while let Some(Ok(request)) = requests.next().await {
+            if let Some(config_request::Kind::Subscribe(subscribe)) = request.kind {
+                resubscribe(subscribe);
+            }
+        }
         return;
     }
     let key = keys::proxy(&proxy.proxy_id);
@@ -678,7 +707,11 @@ async fn record_acks(
                 tracing::warn!(proxy = %proxy.proxy_id, version = n.version, reason = %n.reason, "proxy refused config");
                 (None, Some((n.version, n.reason)))
             }
-            _ => continue,
+            Some(config_request::Kind::Subscribe(subscribe)) => {
+                resubscribe(subscribe);
+                continue;
+            }
+            None => continue,
         };
         let Ok(Some(kv)) = store.get(&key).await else {
             tracing::debug!(proxy = %proxy.proxy_id, "ack from a proxy with no record");

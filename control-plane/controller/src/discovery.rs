@@ -10,14 +10,15 @@
 //! when its last subscriber leaves.
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferrule_proto::names::validate_service;
 use ferrule_proto::v1::{
-    Delta, DiscoveryUpdate, Endpoint, Snapshot, WatchRequest, discovery_server::Discovery,
-    discovery_update::Kind,
+    Delta, DiscoveryUpdate, Endpoint, LookupRequest, LookupResponse, Snapshot, WatchRequest,
+    discovery_server::Discovery, discovery_update::Kind,
 };
 use ferrule_store::{Revision, Store, StoreError, WatchEvent};
 use futures::{Stream, StreamExt};
@@ -27,6 +28,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use crate::addresses::AddressIndex;
 use crate::keys;
 use crate::metrics::Metrics;
 
@@ -210,13 +212,18 @@ pub fn diff(old: &ServiceState, new: &ServiceState) -> Delta {
 
 pub struct DiscoveryService {
     hub: Hub,
+    addresses: AddressIndex,
     /// Ends every stream when the controller stops, so proxies reconnect to another replica.
     shutdown: CancellationToken,
 }
 
 impl DiscoveryService {
-    pub fn new(hub: Hub, shutdown: CancellationToken) -> Self {
-        Self { hub, shutdown }
+    pub fn new(hub: Hub, addresses: AddressIndex, shutdown: CancellationToken) -> Self {
+        Self {
+            hub,
+            addresses,
+            shutdown,
+        }
     }
 }
 
@@ -245,6 +252,29 @@ impl Discovery for DiscoveryService {
         });
         let out = ReceiverStream::new(out).take_until(self.shutdown.clone().cancelled_owned());
         Ok(Response::new(Box::pin(out)))
+    }
+
+    async fn lookup(
+        &self,
+        request: Request<LookupRequest>,
+    ) -> Result<Response<LookupResponse>, Status> {
+        let req = request.into_inner();
+        let ip: IpAddr = req.address.parse().map_err(|_| {
+            Status::invalid_argument(format!("address: {:?} is not an IP address", req.address))
+        })?;
+        let port = u16::try_from(req.port)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| {
+                Status::invalid_argument(format!("port: {} is not a TCP port", req.port))
+            })?;
+        let answer = self
+            .addresses
+            .lookup(SocketAddr::new(ip, port))
+            .ok_or_else(|| {
+                Status::unavailable("the address index is not synced with the store yet")
+            })?;
+        Ok(Response::new(answer))
     }
 }
 

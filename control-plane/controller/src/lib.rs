@@ -7,6 +7,7 @@
 //! the CLI, [`http`] serves `/live`,
 //! `/ready` and `/metrics`.
 
+pub mod addresses;
 pub mod admin;
 pub mod config;
 pub mod discovery;
@@ -51,6 +52,7 @@ pub async fn serve(
         )))
         .add_service(DiscoveryServer::new(discovery::DiscoveryService::new(
             hub,
+            addresses::AddressIndex::spawn(store.clone(), metrics.clone()),
             shutdown.clone(),
         )))
         .add_service(AdminServer::new(admin::AdminService::new(store.clone())))

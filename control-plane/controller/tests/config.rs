@@ -1,7 +1,8 @@
 //! The configuration centre's store side, in process, over the embedded store and a real etcd:
 //! apply is validated and all-or-nothing, versions are revisions of config commits only,
-//! history lists every change, rollback restores an earlier version in one commit; and a
-//! `Gateway` reaches, over the Config stream, the gateway it names and no other proxy.
+//! history lists every change, rollback restores an earlier version in one commit; a
+//! `Gateway` reaches, over the Config stream, the gateway it names and no other proxy; and a
+//! proxy that subscribes again with other upstreams gets their policy on the same stream.
 
 use std::sync::Arc;
 
@@ -184,6 +185,7 @@ async fn subscribe(
                 ..Default::default()
             }),
             upstreams: Vec::new(),
+            generation: 0,
         })),
     })
     .await?;
@@ -310,6 +312,64 @@ async fn gateway_reaches_only_its_gateway_on_etcd() -> Result<()> {
     drop((
         gateway, other, sidecar, gateway_tx, other_tx, sidecar_tx, admin, channel,
     ));
+    tokio::time::timeout(std::time::Duration::from_secs(10), server).await???;
+    Ok(())
+}
+
+/// A proxy subscribes to a service when it first calls it and unsubscribes when it forgets it:
+/// each later `subscribe` on the stream changes what its snapshots select, at the same config
+/// version, and the snapshot says which subscribe it reflects.
+#[tokio::test]
+async fn a_later_subscribe_changes_the_selection_on_the_same_stream() -> Result<()> {
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = grpc.local_addr()?;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn(ferrule_controller::serve(
+        Arc::new(MemoryStore::new()),
+        grpc,
+        http,
+        shutdown.clone(),
+    ));
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect()
+        .await?;
+    let mut admin = pb::admin_client::AdminClient::new(channel.clone());
+    let v1 = admin
+        .apply_config(pb::ApplyConfigRequest {
+            resources: docs(POLICY)?,
+            dry_run: false,
+        })
+        .await?
+        .into_inner();
+
+    let (tx, mut snapshots) = subscribe(channel.clone(), "order-1", "order", "sidecar").await?;
+    assert_eq!(next(&mut snapshots).await?, (v1.version, vec![]));
+
+    let resubscribe = |upstreams: &[&str], generation| pb::ConfigRequest {
+        kind: Some(pb::config_request::Kind::Subscribe(pb::Subscribe {
+            proxy: None,
+            upstreams: upstreams.iter().map(|s| s.to_string()).collect(),
+            generation,
+        })),
+    };
+    tx.send(resubscribe(&["user"], 1)).await?;
+    let snapshot = tokio::time::timeout(std::time::Duration::from_secs(10), snapshots.message())
+        .await??
+        .expect("a snapshot for the new subscription");
+    assert_eq!((snapshot.version, snapshot.subscription), (v1.version, 1));
+    let names: Vec<_> = snapshot.resources.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["user"]);
+
+    tx.send(resubscribe(&[], 2)).await?;
+    let snapshot = tokio::time::timeout(std::time::Duration::from_secs(10), snapshots.message())
+        .await??
+        .expect("a snapshot for the emptied subscription");
+    assert_eq!((snapshot.version, snapshot.subscription), (v1.version, 2));
+    assert!(snapshot.resources.is_empty());
+
+    shutdown.cancel();
+    drop((snapshots, tx, admin, channel));
     tokio::time::timeout(std::time::Duration::from_secs(10), server).await???;
     Ok(())
 }

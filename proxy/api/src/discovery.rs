@@ -15,6 +15,7 @@
 //! caller must name the port, and sees "no endpoints" until it does).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -22,7 +23,7 @@ use std::time::Duration;
 use ferrule_proto::names::{ServiceRef, endpoint_key};
 use ferrule_proto::v1::discovery_client::DiscoveryClient;
 use ferrule_proto::v1::discovery_update::Kind;
-use ferrule_proto::v1::{DiscoveryUpdate, Endpoint, ProxyInfo, WatchRequest};
+use ferrule_proto::v1::{DiscoveryUpdate, Endpoint, LookupRequest, ProxyInfo, WatchRequest};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -271,6 +272,55 @@ impl Discovery {
         released
     }
 
+    /// Which service `addr` belongs to, for a connection intercepted on its way there
+    /// (transparent mode): first from the endpoints this proxy already watches, then by
+    /// asking a controller (`Discovery/Lookup`). `Ok(None)`: the mesh knows no such address.
+    pub async fn lookup(&self, addr: SocketAddr) -> Result<Option<ServiceRef>, LookupError> {
+        if let Some(known) = self.lookup_local(addr) {
+            return Ok(Some(known));
+        }
+        let Some(source) = &self.inner.source else {
+            return Ok(None);
+        };
+        let Some(controllers) = &source.controllers else {
+            return Err(LookupError::NoController);
+        };
+        let (controller, channel) = controllers.connect().await?;
+        let answer = DiscoveryClient::new(channel)
+            .lookup(LookupRequest {
+                address: addr.ip().to_string(),
+                port: u32::from(addr.port()),
+                proxy: Some(source.proxy.clone()),
+            })
+            .await
+            .map_err(|status| LookupError::Status { controller, status })?
+            .into_inner();
+        if !answer.found {
+            return Ok(None);
+        }
+        Ok(Some(ServiceRef {
+            service: answer.service,
+            port_name: answer.port_name,
+        }))
+    }
+
+    /// The target already resolved here whose endpoints include `addr`.
+    fn lookup_local(&self, addr: SocketAddr) -> Option<ServiceRef> {
+        let services = self.inner.state.services();
+        services.iter().find_map(|(service, state)| {
+            state.targets.iter().find_map(|(port_name, tx)| {
+                tx.borrow()
+                    .endpoints
+                    .iter()
+                    .any(|ep| ep.addr == addr)
+                    .then(|| ServiceRef {
+                        service: service.clone(),
+                        port_name: port_name.clone(),
+                    })
+            })
+        })
+    }
+
     /// How many services discovery holds state for (for tests).
     pub fn services(&self) -> usize {
         self.inner.state.services().len()
@@ -333,6 +383,20 @@ async fn watch_service(
     }
 }
 
+/// Why [`Discovery::lookup`] could not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum LookupError {
+    #[error("no controller address is usable")]
+    NoController,
+    #[error(transparent)]
+    Connect(#[from] crate::control::ControlError),
+    #[error("controller {controller} answered {status}")]
+    Status {
+        controller: String,
+        status: tonic::Status,
+    },
+}
+
 /// Why one watch stream stopped.
 #[derive(Debug, thiserror::Error)]
 enum StreamError {
@@ -385,7 +449,7 @@ mod tests {
     use std::pin::Pin;
 
     use ferrule_proto::v1::discovery_server::{self, DiscoveryServer};
-    use ferrule_proto::v1::{Delta, Snapshot};
+    use ferrule_proto::v1::{Delta, LookupResponse, Snapshot};
     use tokio::net::TcpListener;
     use tokio::sync::mpsc;
     use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
@@ -438,6 +502,24 @@ mod tests {
                 .await
                 .map_err(|_| Status::unavailable("test over"))?;
             Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        }
+
+        /// Knows one address: 10.0.0.9:8080 is `payment:grpc`.
+        async fn lookup(
+            &self,
+            request: Request<LookupRequest>,
+        ) -> Result<Response<LookupResponse>, Status> {
+            let req = request.into_inner();
+            let answer = if (req.address.as_str(), req.port) == ("10.0.0.9", 8080) {
+                LookupResponse {
+                    found: true,
+                    service: "payment".into(),
+                    port_name: "grpc".into(),
+                }
+            } else {
+                LookupResponse::default()
+            };
+            Ok(Response::new(answer))
         }
     }
 
@@ -528,6 +610,47 @@ mod tests {
                 .is_err(),
             "a second watch was opened for the same service"
         );
+    }
+
+    /// An intercepted connection's destination maps to a service: from a watched service's
+    /// endpoints without asking, else from the controller's answer; an address nobody
+    /// registered is not the mesh's.
+    #[tokio::test]
+    async fn lookup_answers_from_watched_endpoints_then_from_the_controller() {
+        let (addr, mut watches, _stop) = start_controller().await;
+        let discovery = Discovery::new(vec![addr], ProxyInfo::default());
+        let mut user = discovery.resolve(&ServiceRef::parse("user").unwrap());
+        let (_, stream) = next_watch(&mut watches).await;
+        stream
+            .send(Ok(snapshot(1, vec![ep("", 7001)])))
+            .await
+            .unwrap();
+        wait_for(&mut user, "snapshot", |e| e.synced).await;
+
+        let lookup = |a: &str| discovery.lookup(a.parse().unwrap());
+        assert_eq!(
+            lookup("127.0.0.1:7001").await.unwrap(),
+            Some(ServiceRef::parse("user").unwrap())
+        );
+        assert_eq!(
+            lookup("10.0.0.9:8080").await.unwrap(),
+            Some(ServiceRef::parse("payment:grpc").unwrap())
+        );
+        assert_eq!(lookup("10.0.0.9:8081").await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn fixed_discovery_looks_up_its_own_endpoints_only() {
+        let discovery = Discovery::fixed(vec![(
+            ServiceRef::parse("user").unwrap(),
+            vec![ep("", 7001)],
+        )]);
+        let lookup = |a: &str| discovery.lookup(a.parse().unwrap());
+        assert_eq!(
+            lookup("127.0.0.1:7001").await.unwrap(),
+            Some(ServiceRef::parse("user").unwrap())
+        );
+        assert_eq!(lookup("127.0.0.1:7002").await.unwrap(), None);
     }
 
     async fn wait_for_connected(discovery: &Discovery, want: bool) {

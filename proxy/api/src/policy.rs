@@ -3,7 +3,12 @@
 //!
 //! [`PolicyClient::spawn`] starts one task that subscribes (its proxy and the upstream
 //! services it calls) on one of the controllers, tried in turn and reconnected with jittered
-//! exponential backoff capped at 5 s. Each snapshot is parsed, validated and compiled: a good
+//! exponential backoff capped at 5 s. The upstreams are not a list fixed at start: a target
+//! is subscribed when the proxy first uses it ([`PolicyClient::subscribe`] returns a guard)
+//! and unsubscribed when its last guard drops (the target was idle-evicted); each change
+//! subscribes again on the open stream with a new `generation`, and the controller's snapshots
+//! echo the generation they reflect, so a new target can wait until its policy is in force
+//! ([`PolicySubscription::ready`]). Each snapshot is parsed, validated and compiled: a good
 //! one is published on the `watch` channel and acked with its version; a bad one is nacked
 //! with the reason and the last good set stays in force. A snapshot of the version already in
 //! force (sent again after a reconnect) is acked without being republished, so stacks do not
@@ -15,6 +20,7 @@
 //! read) is nacked with the check's reason, like one that does not compile. The set carries
 //! every resource it was sent, `Gateway` included ([`PolicySet::gateway`]).
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -42,31 +48,122 @@ pub struct Nacked {
 /// A proxy's own test of a set that compiled: `Err(reason)` nacks it with the reason.
 pub type Check = Arc<dyn Fn(&PolicySet) -> Result<(), String> + Send + Sync>;
 
+/// The services this proxy calls, each with how many users hold it and the generation at
+/// which it joined; every change makes a new generation.
+#[derive(Debug, Default)]
+struct Upstreams {
+    services: BTreeMap<String, (usize, u64)>,
+    generation: u64,
+}
+
+/// What [`PolicyClient::subscribe`] changes and the stream task follows.
+#[derive(Debug)]
+struct Subscriptions {
+    upstreams: Mutex<Upstreams>,
+    /// The latest generation, for the task to subscribe again.
+    changed: watch::Sender<u64>,
+    /// The generation the set in force reflects (echoed by the controller).
+    reflected: watch::Sender<u64>,
+}
+
+impl Subscriptions {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Upstreams> {
+        self.upstreams
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The subscribe request for the current upstreams.
+    fn request(&self, proxy: &ProxyInfo) -> Subscribe {
+        let upstreams = self.lock();
+        Subscribe {
+            proxy: Some(proxy.clone()),
+            upstreams: upstreams.services.keys().cloned().collect(),
+            generation: upstreams.generation,
+        }
+    }
+}
+
+/// Holds a service in this proxy's subscription; dropping the last one for a service
+/// unsubscribes it.
+#[derive(Debug)]
+pub struct PolicySubscription {
+    /// `None` from a client with a fixed set.
+    subscriptions: Option<Arc<Subscriptions>>,
+    service: String,
+    /// The generation from which the controller's snapshots include the service.
+    since: u64,
+    /// Set once [`Self::ready`] has waited: later callers never wait again, also when the
+    /// controller did not confirm in time (it may predate re-subscribing).
+    settled: std::sync::atomic::AtomicBool,
+}
+
+impl PolicySubscription {
+    /// Waits, at most `wait`, until the set in force reflects this subscription (the
+    /// service's policy, if it has one, is applied). Returns whether it does; on `false` the
+    /// caller goes on with what is in force (the defaults for a service never seen), as a
+    /// proxy whose controller is away must.
+    pub async fn ready(&self, wait: Duration) -> bool {
+        use std::sync::atomic::Ordering;
+        let Some(subscriptions) = &self.subscriptions else {
+            return true;
+        };
+        let mut reflected = subscriptions.reflected.subscribe();
+        let since = self.since;
+        if *reflected.borrow() >= since {
+            return true;
+        }
+        if self.settled.load(Ordering::Relaxed) {
+            return false;
+        }
+        let ready = matches!(
+            tokio::time::timeout(wait, reflected.wait_for(|g| *g >= since)).await,
+            Ok(Ok(_))
+        );
+        self.settled.store(true, Ordering::Relaxed);
+        ready
+    }
+}
+
+impl Drop for PolicySubscription {
+    fn drop(&mut self) {
+        let Some(subscriptions) = &self.subscriptions else {
+            return;
+        };
+        let generation = {
+            let mut upstreams = subscriptions.lock();
+            let Some((users, _)) = upstreams.services.get_mut(&self.service) else {
+                return;
+            };
+            *users -= 1;
+            if *users > 0 {
+                return;
+            }
+            upstreams.services.remove(&self.service);
+            upstreams.generation += 1;
+            upstreams.generation
+        };
+        subscriptions.changed.send_replace(generation);
+    }
+}
+
 /// The policy in force, kept up to date from the controllers. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct PolicyClient {
     policies: watch::Receiver<Arc<PolicySet>>,
     last_nack: Arc<Mutex<Option<Nacked>>>,
+    /// `None` for [`PolicyClient::fixed`].
+    subscriptions: Option<Arc<Subscriptions>>,
 }
 
 impl PolicyClient {
-    /// Subscribes for `proxy` and the services in `upstreams` until `shutdown`. Until the first
-    /// snapshot arrives the set is empty (version 0: every service gets the defaults).
+    /// Subscribes for `proxy` until `shutdown`, and for each service [`Self::subscribe`]d
+    /// while its guard lives. Until the first snapshot arrives the set is empty (version 0:
+    /// every service gets the defaults).
     ///
     /// Must be called within a Tokio runtime.
-    pub fn spawn(
-        controllers: Controllers,
-        proxy: ProxyInfo,
-        upstreams: Vec<String>,
-        shutdown: CancellationToken,
-    ) -> Self {
-        Self::spawn_checked(
-            controllers,
-            proxy,
-            upstreams,
-            Arc::new(|_| Ok(())),
-            shutdown,
-        )
+    pub fn spawn(controllers: Controllers, proxy: ProxyInfo, shutdown: CancellationToken) -> Self {
+        Self::spawn_checked(controllers, proxy, Arc::new(|_| Ok(())), shutdown)
     }
 
     /// [`PolicyClient::spawn`], with `check` deciding whether a set that compiled is applied
@@ -74,18 +171,20 @@ impl PolicyClient {
     pub fn spawn_checked(
         controllers: Controllers,
         proxy: ProxyInfo,
-        upstreams: Vec<String>,
         check: Check,
         shutdown: CancellationToken,
     ) -> Self {
         let (tx, policies) = watch::channel(Arc::new(PolicySet::default()));
         let last_nack = Arc::new(Mutex::new(None));
+        let subscriptions = Arc::new(Subscriptions {
+            upstreams: Mutex::default(),
+            changed: watch::Sender::new(0),
+            reflected: watch::Sender::new(0),
+        });
         let task = Task {
             controllers,
-            subscribe: Subscribe {
-                proxy: Some(proxy),
-                upstreams,
-            },
+            proxy,
+            subscriptions: subscriptions.clone(),
             tx,
             last_nack: last_nack.clone(),
             check,
@@ -94,6 +193,7 @@ impl PolicyClient {
         Self {
             policies,
             last_nack,
+            subscriptions: Some(subscriptions),
         }
     }
 
@@ -103,7 +203,52 @@ impl PolicyClient {
         Self {
             policies,
             last_nack: Arc::default(),
+            subscriptions: None,
         }
+    }
+
+    /// Adds `service` to what this proxy subscribes to, for as long as the guard lives.
+    pub fn subscribe(&self, service: &str) -> PolicySubscription {
+        let Some(subscriptions) = &self.subscriptions else {
+            return PolicySubscription {
+                subscriptions: None,
+                service: service.to_string(),
+                since: 0,
+                settled: Default::default(),
+            };
+        };
+        let (since, changed) = {
+            let mut upstreams = subscriptions.lock();
+            let next = upstreams.generation + 1;
+            let entry = upstreams
+                .services
+                .entry(service.to_string())
+                .or_insert((0, next));
+            entry.0 += 1;
+            let since = entry.1;
+            let changed = since == next;
+            if changed {
+                upstreams.generation = next;
+            }
+            (since, changed)
+        };
+        if changed {
+            subscriptions.changed.send_replace(since);
+        }
+        PolicySubscription {
+            subscriptions: Some(subscriptions.clone()),
+            service: service.to_string(),
+            since,
+            settled: Default::default(),
+        }
+    }
+
+    /// The services subscribed now (for `/config` and tests).
+    pub fn subscribed(&self) -> Vec<String> {
+        self.subscriptions
+            .as_ref()
+            .map(|s| s.lock().services.keys().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// A receiver that sees every new set; for stacks that rebuild on change.
@@ -151,7 +296,8 @@ enum StreamError {
 
 struct Task {
     controllers: Controllers,
-    subscribe: Subscribe,
+    proxy: ProxyInfo,
+    subscriptions: Arc<Subscriptions>,
     tx: watch::Sender<Arc<PolicySet>>,
     last_nack: Arc<Mutex<Option<Nacked>>>,
     check: Check,
@@ -192,9 +338,13 @@ impl Task {
             status,
         };
         let (requests, rx) = mpsc::channel(4);
-        let subscribe = request(config_request::Kind::Subscribe(self.subscribe.clone()));
+        let mut changed = self.subscriptions.changed.subscribe();
+        changed.mark_unchanged();
+        let subscribe = self.subscriptions.request(&self.proxy);
         // The receiver is right here and the channel empty: this cannot fail.
-        let _ = requests.send(subscribe).await;
+        let _ = requests
+            .send(request(config_request::Kind::Subscribe(subscribe)))
+            .await;
         let mut snapshots = ConfigClient::new(channel)
             .watch(ReceiverStream::new(rx))
             .await
@@ -202,9 +352,22 @@ impl Task {
             .into_inner();
         tracing::info!(%controller, "config stream established");
         let mut received = false;
-        while let Some(snapshot) = snapshots.message().await.map_err(status)? {
-            received = true;
-            let answer = self.apply(snapshot);
+        loop {
+            let answer = tokio::select! {
+                snapshot = snapshots.message() => match snapshot.map_err(status)? {
+                    Some(snapshot) => {
+                        received = true;
+                        self.apply(snapshot)
+                    }
+                    None => break,
+                },
+                // `changed` lives as long as the task's `Subscriptions`: never closed here.
+                Ok(()) = changed.changed() => {
+                    let subscribe = self.subscriptions.request(&self.proxy);
+                    tracing::debug!(upstreams = ?subscribe.upstreams, generation = subscribe.generation, "config: subscribing again");
+                    request(config_request::Kind::Subscribe(subscribe))
+                }
+            };
             if requests.send(answer).await.is_err() {
                 // The request side closed: the call is over.
                 break;
@@ -216,18 +379,23 @@ impl Task {
     /// Publishes a good snapshot; returns its ack or nack.
     fn apply(&self, snapshot: ConfigSnapshot) -> ConfigRequest {
         let version = snapshot.version;
+        let subscription = snapshot.subscription;
         let checked = PolicySet::from_snapshot(&snapshot)
             .map_err(|e| e.to_string())
             .and_then(|set| (self.check)(&set).map(|()| set));
         match checked {
             Ok(set) => {
+                // The same version for the same subscription (sent again after a reconnect)
+                // changes nothing; for a new subscription it may bring a new service's policy.
+                let reflected = *self.subscriptions.reflected.borrow();
                 let published = self.tx.send_if_modified(|current| {
-                    if current.version() == version {
+                    if current.version() == version && reflected == subscription {
                         return false;
                     }
                     *current = Arc::new(set);
                     true
                 });
+                self.subscriptions.reflected.send_replace(subscription);
                 if published {
                     tracing::info!(version, "config applied");
                     let mut last = self
@@ -349,6 +517,7 @@ mod tests {
                 "user",
                 serde_json::json!({"service": "user", "timeouts": {"request": request_timeout}}),
             )],
+            subscription: 0,
         }
     }
 
@@ -370,7 +539,9 @@ mod tests {
             ..Default::default()
         };
         let shutdown = CancellationToken::new();
-        let client = PolicyClient::spawn(controllers, proxy, vec!["user".into()], shutdown.clone());
+        let client = PolicyClient::spawn(controllers, proxy, shutdown.clone());
+        // Subscribed before the stream is up: the first subscribe carries it.
+        let _user = client.subscribe("user");
         let mut rx = client.watch();
         assert_eq!(client.version(), 0);
 
@@ -379,7 +550,10 @@ mod tests {
             panic!("the first request must subscribe")
         };
         assert_eq!(subscribe.proxy.unwrap().proxy_id, "order-1");
-        assert_eq!(subscribe.upstreams, ["user"]);
+        assert_eq!(
+            (subscribe.upstreams, subscribe.generation),
+            (vec!["user".to_string()], 1)
+        );
 
         // A good snapshot is applied and acked.
         snapshots.send(Ok(policy_snapshot(5, "2s"))).await.unwrap();
@@ -454,6 +628,62 @@ mod tests {
         assert_eq!(client.version(), 7);
     }
 
+    /// A target is subscribed on the open stream when first used and unsubscribed when its
+    /// last guard drops; `ready` waits for the snapshot that reflects the subscription.
+    #[tokio::test]
+    async fn targets_subscribe_and_unsubscribe_on_the_open_stream() {
+        let (addr, mut calls, _stop) = start_controller().await;
+        let proxy = ProxyInfo {
+            proxy_id: "order-1".into(),
+            service: "order".into(),
+            ..Default::default()
+        };
+        let shutdown = CancellationToken::new();
+        let client = PolicyClient::spawn(Controllers::parse(&[addr]).unwrap(), proxy, shutdown);
+        let (mut requests, snapshots) = next_call(&mut calls).await;
+        let config_request::Kind::Subscribe(first) = next_request(&mut requests).await else {
+            panic!("the first request must subscribe")
+        };
+        assert_eq!((first.upstreams.len(), first.generation), (0, 0));
+
+        let user = client.subscribe("user");
+        let again = client.subscribe("user");
+        let config_request::Kind::Subscribe(second) = next_request(&mut requests).await else {
+            panic!("a new target must subscribe again")
+        };
+        assert_eq!(
+            (second.upstreams, second.generation),
+            (vec!["user".to_string()], 1)
+        );
+        assert!(
+            !again.ready(Duration::from_millis(50)).await,
+            "ready before any snapshot reflected the subscription"
+        );
+
+        let mut snapshot = policy_snapshot(4, "3s");
+        snapshot.subscription = 1;
+        snapshots.send(Ok(snapshot)).await.unwrap();
+        assert!(user.ready(WAIT).await && again.ready(WAIT).await);
+        assert_eq!(
+            client.current().policy("user").request_timeout,
+            Some(Duration::from_secs(3))
+        );
+        assert_eq!(client.subscribed(), ["user"]);
+
+        // One guard of two dropped: still subscribed. The last one: unsubscribed.
+        drop(again);
+        assert_eq!(
+            next_request(&mut requests).await,
+            config_request::Kind::Ack(Ack { version: 4 })
+        );
+        drop(user);
+        let config_request::Kind::Subscribe(third) = next_request(&mut requests).await else {
+            panic!("forgetting the target must subscribe again")
+        };
+        assert_eq!((third.upstreams.len(), third.generation), (0, 2));
+        assert!(client.subscribed().is_empty());
+    }
+
     #[tokio::test]
     async fn fixed_serves_the_given_set() {
         let set = PolicySet::from_snapshot(&policy_snapshot(3, "1s")).unwrap();
@@ -472,6 +702,7 @@ mod tests {
                     {"name": route, "pathPrefix": "/", "service": "user", "public": true}
                 ]}),
             )],
+            subscription: 0,
         }
     }
 
@@ -492,7 +723,6 @@ mod tests {
         let client = PolicyClient::spawn_checked(
             Controllers::parse(&[addr]).unwrap(),
             proxy,
-            vec![],
             check,
             shutdown.clone(),
         );

@@ -1,7 +1,8 @@
 //! The proxy's configuration: one struct, parsed from flags and `FERRULE_*` environment
 //! variables, with every default written here.
 //!
-//! Listeners: `--outbound-addr` (reserved for transparent mode), `--inbound-addr`, `--admin-addr`.
+//! Listeners: `--outbound-addr` (transparent mode, with `--transparent`), `--inbound-addr`,
+//! `--admin-addr`.
 //! App ports: `--app-addr ADDR` for one unnamed port, or `--app-port NAME=ADDR` (repeatable) for
 //! named ports; the first app port listens on `--inbound-addr`, each further one on its
 //! `--inbound-port NAME=ADDR` if given, else on `--inbound-addr`'s IP with a port the system
@@ -232,8 +233,13 @@ pub struct Config {
     #[arg(long = "static-endpoint", env = "FERRULE_PROXY_STATIC_ENDPOINTS", value_delimiter = ',', value_parser = parse_static_endpoint, conflicts_with = "controllers")]
     pub static_endpoints: Vec<StaticEndpoint>,
 
-    /// Outbound listener of transparent mode (not bound in explicit mode, which is all this
-    /// build has).
+    /// Transparent mode: bind `--outbound-addr` for connections iptables redirects to it,
+    /// and send each where its original destination says (a service the mesh knows, else
+    /// plain TCP to that address).
+    #[arg(long, env = "FERRULE_PROXY_TRANSPARENT")]
+    pub transparent: bool,
+
+    /// Outbound listener of transparent mode (bound only with `--transparent`).
     #[arg(long, env = "FERRULE_PROXY_OUTBOUND_ADDR", default_value_t = SocketAddr::from((Ipv4Addr::LOCALHOST, ports::PROXY_OUTBOUND)))]
     pub outbound_addr: SocketAddr,
 
@@ -244,8 +250,9 @@ pub struct Config {
     #[arg(long, env = "FERRULE_PROXY_ADVERTISE_IP", default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST))]
     pub advertise_ip: IpAddr,
 
-    /// Ports whose traffic is never detected, only copied: app ports (inbound) and upstream
-    /// listener ports (outbound). Use for server-speaks-first protocols.
+    /// Ports whose traffic is never detected, only copied: app ports (inbound), upstream
+    /// listener ports (outbound) and, in transparent mode, destination ports (default there:
+    /// 25, 587, 3306, 5432, 6379, 11211). Use for server-speaks-first protocols.
     #[arg(long, env = "FERRULE_PROXY_OPAQUE_PORTS", value_delimiter = ',')]
     pub opaque_ports: Vec<u16>,
 

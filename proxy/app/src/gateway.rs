@@ -186,11 +186,10 @@ impl Gateway {
                         }
                         None => Ok(()),
                     });
-                    let upstreams = file.services().into_iter().map(String::from).collect();
+                    // The services its routes call subscribe as the router builds their stacks.
                     PolicyClient::spawn_checked(
                         controllers,
                         args.proxy_info(&proxy_id),
-                        upstreams,
                         check,
                         shutdown.child_token(),
                     )

@@ -26,7 +26,7 @@ use ferrule_proxy_core::lifecycle::{Drain, Lifecycle};
 use ferrule_proxy_core::metrics::{Direction, Metrics};
 use ferrule_proxy_inbound::http::LocalRateLimit;
 use ferrule_proxy_inbound::{Inbound, InboundConfig, InboundPort};
-use ferrule_proxy_outbound::target::Fixed;
+use ferrule_proxy_outbound::target::{Fixed, OrigDst};
 use ferrule_proxy_outbound::{Outbound, OutboundConfig};
 use ferrule_proxy_policy::PolicySet;
 use ferrule_proxy_policy::metrics::PolicyMetrics;
@@ -53,6 +53,8 @@ pub struct BoundAddrs {
     pub inbound: Vec<(String, SocketAddr)>,
     /// Upstream service (`name[:port]`) → local listener.
     pub upstreams: Vec<(String, SocketAddr)>,
+    /// The transparent-mode outbound listener (`--transparent`).
+    pub outbound: Option<SocketAddr>,
 }
 
 impl BoundAddrs {
@@ -119,21 +121,13 @@ impl Proxy {
         let shutdown = CancellationToken::new();
         let policies = policies.unwrap_or_else(|| {
             match ferrule_proxy_api::control::parse_or_log(&config.common.controllers, "config") {
-                Some(controllers) => {
-                    let mut upstreams: Vec<String> = config
-                        .upstreams
-                        .iter()
-                        .map(|u| u.service.service.clone())
-                        .collect();
-                    upstreams.sort();
-                    upstreams.dedup();
-                    PolicyClient::spawn(
-                        controllers,
-                        config.proxy_info(&proxy_id),
-                        upstreams,
-                        shutdown.child_token(),
-                    )
-                }
+                // Targets subscribe to their policy as they are first used (the configured
+                // upstreams below, at once).
+                Some(controllers) => PolicyClient::spawn(
+                    controllers,
+                    config.proxy_info(&proxy_id),
+                    shutdown.child_token(),
+                ),
                 None => PolicyClient::fixed(PolicySet::default()),
             }
         });
@@ -162,6 +156,10 @@ impl Proxy {
             };
             inbound_listeners.push((port.clone(), bind(what, port.listen).await?));
         }
+        let transparent_listener = match config.transparent {
+            true => Some(bind("outbound (transparent)", config.outbound_addr).await?),
+            false => None,
+        };
         let mut upstream_listeners = Vec::new();
         for upstream in &config.upstreams {
             let listener = bind(format!("upstream {}", upstream.service), upstream.listen).await?;
@@ -179,6 +177,9 @@ impl Proxy {
                 .iter()
                 .map(|(u, l)| (u.service.to_string(), local(l, u.listen)))
                 .collect(),
+            outbound: transparent_listener
+                .as_ref()
+                .map(|l| local(l, config.outbound_addr)),
         };
 
         let outbound = Outbound::new(
@@ -202,13 +203,19 @@ impl Proxy {
             // and hold the target for as long as its listener serves: a configured upstream
             // is never idle-evicted (its discovery watch is what `/ready` reports on).
             let pinned = outbound.logical(&upstream.service);
-            let opaque = config.opaque_ports.contains(&upstream.listen.port());
-            let target = Arc::new(Fixed(upstream.service));
-            let serve = outbound.clone().serve(listener, target, opaque);
+            let target = Arc::new(Fixed {
+                opaque: config.opaque_ports.contains(&upstream.listen.port()),
+                service: upstream.service,
+            });
+            let serve = outbound.clone().serve(listener, target);
             tokio::spawn(async move {
                 serve.await;
                 drop(pinned);
             });
+        }
+        if let Some(listener) = transparent_listener {
+            let target = Arc::new(OrigDst::new(discovery.clone(), &config.opaque_ports));
+            tokio::spawn(outbound.clone().serve(listener, target));
         }
 
         let service = config.service.clone().unwrap_or_default();

@@ -12,7 +12,8 @@ use ferrule_proto::v1::registry_client::RegistryClient;
 use ferrule_proto::v1::registry_server::{Registry, RegistryServer};
 use ferrule_proto::v1::{
     AnnounceProxyRequest, DeregisterRequest, DeregisterResponse, DiscoveryUpdate, Endpoint,
-    KeepAliveRequest, KeepAliveResponse, RegisterRequest, RegisterResponse, WatchRequest,
+    KeepAliveRequest, KeepAliveResponse, LookupRequest, LookupResponse, RegisterRequest,
+    RegisterResponse, WatchRequest,
 };
 use futures::{Stream, StreamExt};
 use support::*;
@@ -94,6 +95,13 @@ impl DiscoveryApi for Fake {
             })),
         });
         Ok(Response::new(Box::pin(futures::stream::iter(updates))))
+    }
+
+    async fn lookup(
+        &self,
+        _req: Request<LookupRequest>,
+    ) -> Result<Response<LookupResponse>, Status> {
+        Err(Status::unimplemented("not in this test"))
     }
 }
 

@@ -523,6 +523,8 @@ fn snapshot(version: i64, request_timeout: &str) -> ferrule_proto::v1::ConfigSna
             .to_string(),
             revision: version,
         }],
+        // The proxy subscribes to `user` (generation 1) as it pins its configured upstream.
+        subscription: 1,
     }
 }
 
@@ -559,7 +561,6 @@ async fn a_new_version_applies_to_new_requests_only() {
                 proxy_id: "client-1".into(),
                 ..Default::default()
             },
-            vec!["user".into()],
             shutdown.clone(),
         );
         let args = ["--upstream=user=127.0.0.1:0", "--endpoint-wait=300ms"];

@@ -1,6 +1,7 @@
 //! The outbound side: traffic the app sends to other services.
 //!
-//! Levels as in linkerd: [`target`] says which logical service a connection is for; the
+//! Levels as in linkerd: [`target`] says which logical service a connection is for (or that
+//! it is not the mesh's, and passes it through as plain TCP); the
 //! logical level ([`logical`]) applies the service's routes and policy and chooses a concrete
 //! backend service; the concrete level ([`concrete`]) owns a balancer fed by discovery and the
 //! service's limits and breakers; the endpoint level ([`endpoint`]) connects to the address the
@@ -8,7 +9,9 @@
 //! through [`opaque`] straight to the concrete service's balancer. One [`LogicalService`] is
 //! built per service on first use, shared by every connection for it, and kept in an idle
 //! cache: a target unused for `--target-idle-timeout` is dropped with everything it owns
-//! (stacks, discovery watch, metric series).
+//! (stacks, discovery watch, policy subscription, metric series). A new target subscribes to
+//! its policy when it is built, and its first connection waits (at most [`POLICY_WAIT`]) for
+//! the controller's snapshot that includes it.
 
 pub mod concrete;
 pub mod endpoint;
@@ -29,15 +32,23 @@ use tokio_util::task::TaskTracker;
 use concrete::{Concrete, ConcreteConfig, Concretes};
 use endpoint::EndpointConnector;
 use ferrule_proxy_api::discovery::Discovery;
-use ferrule_proxy_api::policy::PolicyClient;
+use ferrule_proxy_api::policy::{PolicyClient, PolicySubscription};
+use ferrule_proxy_core::errors::Reason;
 use ferrule_proxy_core::idle_cache::{IdleCache, sweep_interval};
 use ferrule_proxy_core::metrics::{Direction, Metrics, TargetMetrics};
-use ferrule_proxy_core::server::{self, BoxIo, Dispatcher, HttpStack};
+use ferrule_proxy_core::server::{self, BoxIo, Dispatcher, HttpStack, splice_tcp};
 use ferrule_proxy_policy::balance::Algorithm;
 use ferrule_proxy_policy::metrics::PolicyMetrics;
-use ferrule_proxy_transport::client::Clients;
+use ferrule_proxy_transport::client::{Clients, connect_tcp};
 use logical::LogicalTarget;
-use target::Target;
+use target::{Destination, Target};
+
+/// How long a new target's first connection waits for its policy before it goes on with
+/// the policy in force (the defaults for a service never seen).
+pub const POLICY_WAIT: Duration = Duration::from_secs(1);
+/// The series connections passed through (to addresses the mesh does not know) count under.
+/// Not a valid service name, so it never meets a service's series.
+pub const PASSTHROUGH: &str = "(passthrough)";
 
 /// Settings of the outbound side.
 #[derive(Debug, Clone)]
@@ -58,6 +69,8 @@ pub struct LogicalService {
     http: HttpStack,
     tcp: Arc<TargetMetrics>,
     policy_metrics: PolicyMetrics,
+    /// Keeps the service in the proxy's policy subscription while the target lives.
+    policy: PolicySubscription,
 }
 
 impl Drop for LogicalService {
@@ -71,6 +84,11 @@ impl LogicalService {
     pub fn http(&self) -> HttpStack {
         self.http.clone()
     }
+
+    /// Waits, at most [`POLICY_WAIT`], until the service's policy is in force.
+    pub async fn policy_ready(&self) -> bool {
+        self.policy.ready(POLICY_WAIT).await
+    }
 }
 
 pub struct Outbound {
@@ -83,6 +101,7 @@ pub struct Outbound {
     dispatcher: Dispatcher,
     logical: IdleCache<ServiceRef, LogicalService>,
     discovery: Discovery,
+    passthrough: Arc<TargetMetrics>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 }
@@ -115,6 +134,7 @@ impl Outbound {
             detect_timeout: config.detect_timeout,
             shutdown: shutdown.clone(),
         };
+        let passthrough = metrics.target(Direction::Outbound, PASSTHROUGH.into());
         let outbound = Arc::new(Self {
             dispatcher,
             clients,
@@ -124,6 +144,7 @@ impl Outbound {
             policy_metrics,
             logical: IdleCache::new(config.target_idle),
             discovery,
+            passthrough,
             config,
             shutdown,
             tracker,
@@ -171,42 +192,39 @@ impl Outbound {
                 http,
                 tcp: self.metrics.target(Direction::Outbound, name),
                 policy_metrics: self.policy_metrics.clone(),
+                policy: self.policies.subscribe(&target.service),
             }
         })
     }
 
-    /// Serves `listener` until shutdown; `opaque` skips protocol detection.
-    pub async fn serve(
-        self: Arc<Self>,
-        listener: TcpListener,
-        target: Arc<dyn Target>,
-        opaque: bool,
-    ) {
+    /// Serves `listener` until shutdown; `target` says where each connection goes.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, target: Arc<dyn Target>) {
         let this = self.clone();
         server::accept_loop(
             listener,
             self.shutdown.clone(),
             self.tracker.clone(),
-            move |stream, peer| Box::pin(this.clone().handle(stream, peer, target.clone(), opaque)),
+            move |stream, peer| Box::pin(this.clone().handle(stream, peer, target.clone())),
         )
         .await;
     }
 
-    async fn handle(
-        self: Arc<Self>,
-        stream: TcpStream,
-        peer: SocketAddr,
-        target: Arc<dyn Target>,
-        opaque_port: bool,
-    ) {
-        let service = match target.target(&stream) {
-            Ok(service) => service,
+    async fn handle(self: Arc<Self>, stream: TcpStream, peer: SocketAddr, target: Arc<dyn Target>) {
+        let (service, opaque_port) = match target.target(&stream).await {
+            Ok(Destination::Service { service, opaque }) => (service, opaque),
+            Ok(Destination::Passthrough(addr)) => {
+                self.pass_through(stream, peer, addr).await;
+                return;
+            }
             Err(error) => {
                 tracing::warn!(%peer, %error, "outbound connection dropped");
                 return;
             }
         };
         let logical = self.logical(&service);
+        if !logical.policy_ready().await {
+            tracing::debug!(%service, "no policy snapshot for a new target in time; using the policy in force");
+        }
         let series = logical.tcp.clone();
         let connect_timeout = self.clients.connect_timeout();
         let http = logical.http.clone();
@@ -217,6 +235,22 @@ impl Outbound {
         self.dispatcher
             .dispatch(stream, peer, &series, opaque_port, http, Some(opaque))
             .await;
+    }
+}
+
+impl Outbound {
+    /// Copies a connection the mesh does not know to where it was going, bytes only.
+    async fn pass_through(&self, stream: TcpStream, peer: SocketAddr, addr: SocketAddr) {
+        tracing::debug!(%peer, %addr, "passing a connection through");
+        let io = self.passthrough.count_io(stream);
+        match connect_tcp(addr, self.clients.connect_timeout()).await {
+            Ok(upstream) => splice_tcp(io, upstream, addr).await,
+            Err(error) => {
+                tracing::info!(%peer, %addr, %error, "passthrough connection failed");
+                self.metrics
+                    .proxy_error(Direction::Outbound, Reason::UpstreamConnectFailure);
+            }
+        }
     }
 }
 

@@ -308,6 +308,7 @@ mod tests {
     fn snapshot_compiles_policies_and_routes() {
         let snapshot = ConfigSnapshot {
             version: 7,
+            subscription: 0,
             resources: vec![
                 resource(
                     "HTTPRoute",
@@ -388,6 +389,7 @@ mod tests {
     fn bad_snapshots_are_refused_with_the_reason() {
         let unknown_field = ConfigSnapshot {
             version: 2,
+            subscription: 0,
             resources: vec![resource(
                 "ServicePolicy",
                 "user",
@@ -403,6 +405,7 @@ mod tests {
 
         let out_of_range = ConfigSnapshot {
             version: 3,
+            subscription: 0,
             resources: vec![resource(
                 "ServicePolicy",
                 "user",

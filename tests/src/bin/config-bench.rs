@@ -330,6 +330,7 @@ async fn subscribe_and_ack(
     tx.send(request(config_request::Kind::Subscribe(Subscribe {
         proxy: Some(info),
         upstreams: Vec::new(),
+        generation: 0,
     })))
     .await?;
     let mut snapshots = ConfigClient::new(channel)

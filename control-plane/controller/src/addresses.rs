@@ -1,0 +1,208 @@
+//! `ferrule.v1.Discovery/Lookup`'s index: which service each registered endpoint address
+//! belongs to.
+//!
+//! A proxy in transparent mode sees connections to an IP:port, not to a service name. When it
+//! does not know the address from its own discovery watches it asks here. One task lists the
+//! whole registry, then follows a store watch on it, keeping a map from address to the
+//! endpoint's service and port name; a lookup is one map read. While the store is unreachable
+//! the last known index keeps answering; until the first listing succeeds, lookups fail with
+//! UNAVAILABLE so the proxy does not cache "unknown" for an address that is in fact meshed.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
+
+use ferrule_proto::v1::{Endpoint, LookupResponse};
+use ferrule_store::{Store, WatchEvent};
+use futures::StreamExt;
+use prost::Message;
+
+use crate::keys;
+use crate::metrics::Metrics;
+
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
+#[derive(Default)]
+struct Index {
+    synced: bool,
+    /// Store key → the endpoint's address, to undo a deletion.
+    by_key: HashMap<String, SocketAddr>,
+    /// Address → (service, port name, store key).
+    by_addr: HashMap<SocketAddr, (String, String, String)>,
+}
+
+impl Index {
+    fn put(&mut self, key: &str, value: &[u8]) {
+        let Ok(ep) = Endpoint::decode(value) else {
+            tracing::debug!(%key, "address index: skipping an undecodable registration");
+            return;
+        };
+        let Some(addr) = socket_addr(&ep) else {
+            return;
+        };
+        self.delete(key);
+        self.by_key.insert(key.to_string(), addr);
+        self.by_addr
+            .insert(addr, (ep.service, ep.port_name, key.to_string()));
+    }
+
+    fn delete(&mut self, key: &str) {
+        if let Some(addr) = self.by_key.remove(key) {
+            // Another registration may have taken the address since; leave that one alone.
+            if self.by_addr.get(&addr).is_some_and(|(_, _, k)| k == key) {
+                self.by_addr.remove(&addr);
+            }
+        }
+    }
+}
+
+fn socket_addr(ep: &Endpoint) -> Option<SocketAddr> {
+    let ip: IpAddr = ep.address.parse().ok()?;
+    Some(SocketAddr::new(ip, u16::try_from(ep.port).ok()?))
+}
+
+/// Address → service of every registered endpoint. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct AddressIndex {
+    index: Arc<RwLock<Index>>,
+}
+
+impl AddressIndex {
+    /// Starts following the registry; the task lives as long as the controller.
+    pub fn spawn(store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Self {
+        let this = Self::default();
+        tokio::spawn(follow(store, metrics, this.index.clone()));
+        this
+    }
+
+    /// The service registered at `addr`; `None` before the first listing succeeded.
+    pub fn lookup(&self, addr: SocketAddr) -> Option<LookupResponse> {
+        let index = self.index.read().unwrap_or_else(PoisonError::into_inner);
+        if !index.synced {
+            return None;
+        }
+        Some(match index.by_addr.get(&addr) {
+            Some((service, port_name, _)) => LookupResponse {
+                found: true,
+                service: service.clone(),
+                port_name: port_name.clone(),
+            },
+            None => LookupResponse::default(),
+        })
+    }
+}
+
+async fn follow(store: Arc<dyn Store>, metrics: Arc<Metrics>, index: Arc<RwLock<Index>>) {
+    let write = || index.write().unwrap_or_else(PoisonError::into_inner);
+    let mut backoff = RETRY_MIN;
+    loop {
+        let listing = match store.list(keys::REGISTRY, None).await {
+            Ok(listing) => listing,
+            Err(error) => {
+                tracing::warn!(%error, "listing the registry for the address index failed; keeping the last index");
+                metrics.store_errors.inc();
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(RETRY_MAX);
+                continue;
+            }
+        };
+        backoff = RETRY_MIN;
+        {
+            let mut fresh = Index {
+                synced: true,
+                ..Index::default()
+            };
+            for kv in &listing.kvs {
+                fresh.put(&kv.key, &kv.value);
+            }
+            *write() = fresh;
+        }
+        let mut events = match store.watch(keys::REGISTRY, listing.revision).await {
+            Ok(events) => events,
+            Err(error) => {
+                tracing::warn!(%error, "watching the registry for the address index failed; retrying");
+                metrics.store_errors.inc();
+                tokio::time::sleep(backoff).await;
+                continue;
+            }
+        };
+        // A compaction or an error ends the watch: start again from a fresh listing.
+        while let Some(Ok(event)) = events.next().await {
+            match event {
+                WatchEvent::Put(kv) => write().put(&kv.key, &kv.value),
+                WatchEvent::Delete { key, .. } => write().delete(&key),
+            }
+        }
+        tracing::info!("address index: registry watch restarts from a fresh listing");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferrule_store::MemoryStore;
+
+    fn endpoint(service: &str, port_name: &str, address: &str, port: u32) -> Endpoint {
+        Endpoint {
+            service: service.into(),
+            port_name: port_name.into(),
+            address: address.into(),
+            port,
+            ..Default::default()
+        }
+    }
+
+    async fn wait_for(index: &AddressIndex, addr: &str, found: bool) -> LookupResponse {
+        let addr = addr.parse().unwrap();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match index.lookup(addr) {
+                    Some(answer) if answer.found == found => return answer,
+                    // The index offers no change event; poll it, bounded by the timeout.
+                    _ => tokio::time::sleep(Duration::from_millis(10)).await,
+                }
+            }
+        })
+        .await
+        .expect("the index did not reach the expected answer within 10 s")
+    }
+
+    #[tokio::test]
+    async fn follows_registrations_and_removals() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let user = endpoint("user", "", "10.0.0.1", 8080);
+        store
+            .put(&keys::endpoint(&user), user.encode_to_vec(), None)
+            .await
+            .unwrap();
+        let index = AddressIndex::spawn(store.clone(), Arc::default());
+
+        let answer = wait_for(&index, "10.0.0.1:8080", true).await;
+        assert_eq!(
+            (answer.service.as_str(), answer.port_name.as_str()),
+            ("user", "")
+        );
+        assert!(
+            !index
+                .lookup("10.0.0.1:8081".parse().unwrap())
+                .unwrap()
+                .found
+        );
+
+        let grpc = endpoint("payment", "grpc", "10.0.0.2", 9000);
+        store
+            .put(&keys::endpoint(&grpc), grpc.encode_to_vec(), None)
+            .await
+            .unwrap();
+        let answer = wait_for(&index, "10.0.0.2:9000", true).await;
+        assert_eq!(
+            (answer.service.as_str(), answer.port_name.as_str()),
+            ("payment", "grpc")
+        );
+
+        store.delete(&keys::endpoint(&user)).await.unwrap();
+        wait_for(&index, "10.0.0.1:8080", false).await;
+    }
+}
