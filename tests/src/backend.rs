@@ -58,7 +58,12 @@ fn full(s: impl Into<Bytes>) -> Body {
 
 impl HttpBackend {
     pub async fn start(name: &str) -> anyhow::Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Self::start_on(name, SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    /// [`HttpBackend::start`] on `addr` (an address of a network namespace the test made).
+    pub async fn start_on(name: &str, addr: SocketAddr) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let behaviour = Arc::new(Behaviour::default());
         let requests = Arc::new(AtomicU64::new(0));

@@ -18,6 +18,8 @@ pub struct Proxy {
     pub inbound: BTreeMap<String, SocketAddr>,
     /// Upstream service (`name[:port]`) → local listener.
     pub upstreams: BTreeMap<String, SocketAddr>,
+    /// The transparent-mode outbound listener (`--transparent`).
+    pub outbound: Option<SocketAddr>,
     _dir: tempfile::TempDir,
 }
 
@@ -27,6 +29,8 @@ struct Listeners {
     admin: SocketAddr,
     inbound: Vec<(String, SocketAddr)>,
     upstreams: Vec<(String, SocketAddr)>,
+    #[serde(default)]
+    outbound: Option<SocketAddr>,
 }
 
 /// Flags for a proxy; the admin and inbound listener flags are added by
@@ -35,6 +39,8 @@ pub struct ProxyBuilder {
     name: String,
     args: Vec<String>,
     admin: Option<SocketAddr>,
+    /// Runs the proxy through this command (e.g. into a network namespace, as another user).
+    wrapper: Vec<String>,
 }
 
 impl Proxy {
@@ -43,6 +49,7 @@ impl Proxy {
             name: name.to_string(),
             args: Vec::new(),
             admin: None,
+            wrapper: Vec::new(),
         }
     }
 
@@ -97,6 +104,18 @@ impl ProxyBuilder {
 
     /// A local listener for `service` on a port of the proxy's choosing
     /// ([`Proxy::upstream`] tells which).
+    /// Starts the proxy as the last arguments of `command` (`ip netns exec NS setpriv ...
+    /// --`), with `binary` in place of the built one (a copy another user may run).
+    pub fn wrapped<I: IntoIterator<Item = S>, S: Into<String>>(
+        mut self,
+        command: I,
+        binary: &std::path::Path,
+    ) -> Self {
+        self.wrapper = command.into_iter().map(Into::into).collect();
+        self.wrapper.push(binary.display().to_string());
+        self
+    }
+
     pub fn upstream(self, service: &str) -> Self {
         self.arg("--upstream").arg(format!("{service}={ANY_PORT}"))
     }
@@ -109,7 +128,14 @@ impl ProxyBuilder {
         let admin = self
             .admin
             .map_or_else(|| ANY_PORT.to_string(), |a| a.to_string());
-        let mut cmd = Command::new(binary("ferrule-proxy")?);
+        let mut cmd = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args);
+                cmd
+            }
+            None => Command::new(binary("ferrule-proxy")?),
+        };
         // The outbound listener is not bound in explicit mode; port 0 keeps it from ever
         // asking for a fixed one.
         cmd.args(["--admin-addr", &admin, "--inbound-addr", ANY_PORT])
@@ -126,6 +152,7 @@ impl ProxyBuilder {
             admin: listeners.admin,
             inbound: listeners.inbound.into_iter().collect(),
             upstreams: listeners.upstreams.into_iter().collect(),
+            outbound: listeners.outbound,
             _dir: dir,
         })
     }

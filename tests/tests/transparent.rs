@@ -1,0 +1,175 @@
+//! Transparent mode with real iptables, in a network namespace the test creates and removes:
+//! an app inside it dials addresses, not the proxy; a NAT rule redirects its TCP to the
+//! sidecar's outbound listener (everything but the proxy's own UID, which runs as `nobody`),
+//! and the sidecar sends each connection where its original destination says: an address the
+//! mesh knows is its service's HTTP stack, any other address is passed through as plain TCP.
+//! Needs root, iproute2, iptables and util-linux's setpriv.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use ferrule_harness::backend::HttpBackend;
+use ferrule_harness::netns::NetNs;
+use ferrule_harness::{Proxy, binary};
+
+/// The UID the proxy runs as; the redirect skips its traffic, as the init rules will.
+const PROXY_UID: &str = "65534";
+
+/// Runs `program args` inside `ns`, bounded; returns (success, stdout, stderr).
+async fn in_namespace(ns: &NetNs, program: &str, args: &[&str]) -> Result<(bool, String, String)> {
+    let mut cmd = tokio::process::Command::from(ns.command("timeout"));
+    cmd.arg("10").arg(program).args(args).kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(20), cmd.output())
+        .await
+        .with_context(|| format!("{program} in {} did not finish", ns.name()))?
+        .with_context(|| format!("running {program} in {}", ns.name()))?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// `curl` from inside the namespace: the response head and body.
+async fn curl(ns: &NetNs, url: &str) -> Result<String> {
+    let (ok, out, err) = in_namespace(ns, "curl", &["-sS", "--max-time", "5", "-i", url]).await?;
+    if !ok {
+        bail!("curl {url} from {} failed: {err}", ns.name());
+    }
+    Ok(out)
+}
+
+/// The proxy binary copied where `nobody` may run it (the build tree may not be reachable).
+fn runnable_copy(dir: &tempfile::TempDir) -> Result<std::path::PathBuf> {
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
+    let copy = dir.path().join("ferrule-proxy");
+    std::fs::copy(binary("ferrule-proxy")?, &copy).context("copying the proxy binary")?;
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755))?;
+    Ok(copy)
+}
+
+/// One series' value in the Prometheus text, 0 when absent.
+fn series(metrics: &str, prefix: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn redirected_connections_reach_their_service_or_pass_through() -> Result<()> {
+    let ns = NetNs::create()?;
+    // Backends on the host end of the namespace's veth: reachable only from the namespace.
+    let user = HttpBackend::start_on("user", SocketAddr::from((ns.host_addr, 0))).await?;
+    let outside = HttpBackend::start_on("outside", SocketAddr::from((ns.host_addr, 0))).await?;
+
+    let bin_dir = tempfile::Builder::new()
+        .prefix("ferrule-transparent-")
+        .tempdir()?;
+    let proxy_bin = runnable_copy(&bin_dir)?;
+    let wrapper = [
+        "ip",
+        "netns",
+        "exec",
+        ns.name(),
+        "setpriv",
+        &format!("--reuid={PROXY_UID}"),
+        &format!("--regid={PROXY_UID}"),
+        "--clear-groups",
+        "--",
+    ];
+    let proxy = Proxy::builder("transparent")
+        .wrapped(wrapper, &proxy_bin)
+        .admin_addr(SocketAddr::from((ns.ns_addr, 0)))
+        .args([
+            "--transparent".to_string(),
+            format!("--static-endpoint=user={}", user.addr),
+        ])
+        .start()
+        .await?;
+    let outbound = proxy
+        .outbound
+        .context("the proxy reported no transparent outbound listener")?;
+
+    // The app's TCP, except the proxy's own and loopback's, goes to the outbound listener.
+    let port = outbound.port().to_string();
+    let (ok, _, err) = in_namespace(
+        &ns,
+        "iptables",
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "!",
+            "-d",
+            "127.0.0.0/8",
+            "-m",
+            "owner",
+            "!",
+            "--uid-owner",
+            PROXY_UID,
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            &port,
+        ],
+    )
+    .await?;
+    if !ok {
+        bail!("adding the redirect rule failed (needs iptables and root): {err}");
+    }
+
+    // An address the mesh knows: through the user service's outbound HTTP stack.
+    let reply = curl(&ns, &format!("http://{}/hello", user.addr)).await?;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert!(reply.contains("x-backend: user"), "{reply}");
+    assert_eq!(user.requests(), 1);
+    let metrics = proxy.metrics().await?;
+    assert_eq!(
+        series(
+            &metrics,
+            r#"request_total{direction="outbound",target_service="user",status_code="200""#
+        ),
+        1.0,
+        "{metrics}"
+    );
+
+    // An address it does not know: copied as plain TCP to where it was going.
+    let reply = curl(&ns, &format!("http://{}/hello", outside.addr)).await?;
+    assert!(reply.contains("x-backend: outside"), "{reply}");
+    assert_eq!(outside.requests(), 1);
+    let metrics = proxy.metrics().await?;
+    assert!(
+        series(
+            &metrics,
+            r#"tcp_read_bytes_total{direction="outbound",target_service="(passthrough)"}"#
+        ) > 0.0,
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains(r#"request_total{direction="outbound",target_service="(passthrough)""#),
+        "passed-through traffic is not parsed as HTTP:\n{metrics}"
+    );
+
+    // A connection made to the outbound listener itself has no original destination: it is
+    // closed, never forwarded to itself.
+    let (ok, out, _) = in_namespace(
+        &ns,
+        "curl",
+        &["-sS", "--max-time", "5", &format!("http://{outbound}/")],
+    )
+    .await?;
+    assert!(
+        !ok,
+        "a direct connection to the outbound listener was answered: {out}"
+    );
+    assert_eq!(user.requests() + outside.requests(), 2);
+    Ok(())
+}
