@@ -27,12 +27,18 @@ impl Controller {
     /// Starts a controller on `store` (`memory` or `etcd://...`) and waits until its listeners
     /// are bound.
     pub async fn start(store: &str) -> anyhow::Result<Self> {
+        Self::start_on(store, ANY_PORT.parse()?).await
+    }
+
+    /// [`Controller::start`] with its gRPC listener on `grpc` (an address of a network
+    /// namespace the test made, so proxies inside it can reach the controller).
+    pub async fn start_on(store: &str, grpc: SocketAddr) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("ferrule-controller-")
             .tempdir()?;
         let mut cmd = Command::new(binary("ferrule-controller")?);
         cmd.args(["--store", store])
-            .args(["--grpc-addr", ANY_PORT, "--admin-addr", ANY_PORT])
+            .args(["--grpc-addr", &grpc.to_string(), "--admin-addr", ANY_PORT])
             .env("RUST_LOG", "info,ferrule_controller=debug");
         let mut process = Process::spawn(
             "ferrule-controller",

@@ -3,7 +3,8 @@
 //! sidecar's outbound listener (everything but the proxy's own UID, which runs as `nobody`),
 //! and the sidecar sends each connection where its original destination says: an address the
 //! mesh knows is its service's HTTP stack, any other address is passed through as plain TCP.
-//! Needs root, iproute2, iptables and util-linux's setpriv.
+//! With a controller, an address no watch of the proxy knows is looked up there
+//! (`Discovery/Lookup`). Needs root, iproute2, iptables and util-linux's setpriv.
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -12,7 +13,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use ferrule_harness::backend::HttpBackend;
 use ferrule_harness::netns::NetNs;
-use ferrule_harness::{Proxy, binary};
+use ferrule_harness::{Controller, Proxy, binary};
+use ferrule_proto::v1::registry_client::RegistryClient;
+use ferrule_proto::v1::{Endpoint, RegisterRequest};
 
 /// The UID the proxy runs as; the redirect skips its traffic, as the init rules will.
 const PROXY_UID: &str = "65534";
@@ -60,13 +63,14 @@ fn series(metrics: &str, prefix: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-#[tokio::test]
-async fn redirected_connections_reach_their_service_or_pass_through() -> Result<()> {
-    let ns = NetNs::create()?;
-    // Backends on the host end of the namespace's veth: reachable only from the namespace.
-    let user = HttpBackend::start_on("user", SocketAddr::from((ns.host_addr, 0))).await?;
-    let outside = HttpBackend::start_on("outside", SocketAddr::from((ns.host_addr, 0))).await?;
-
+/// Starts a transparent sidecar inside `ns` as [`PROXY_UID`] with `args`, and redirects the
+/// namespace's TCP (except the proxy's own and loopback's) to its outbound listener, as the
+/// init container's rules will. Returns the proxy, its outbound listener, and the directory
+/// holding its binary (kept for the proxy's life).
+async fn transparent_sidecar(
+    ns: &NetNs,
+    args: Vec<String>,
+) -> Result<(Proxy, SocketAddr, tempfile::TempDir)> {
     let bin_dir = tempfile::Builder::new()
         .prefix("ferrule-transparent-")
         .tempdir()?;
@@ -85,10 +89,8 @@ async fn redirected_connections_reach_their_service_or_pass_through() -> Result<
     let proxy = Proxy::builder("transparent")
         .wrapped(wrapper, &proxy_bin)
         .admin_addr(SocketAddr::from((ns.ns_addr, 0)))
-        .args([
-            "--transparent".to_string(),
-            format!("--static-endpoint=user={}", user.addr),
-        ])
+        .arg("--transparent")
+        .args(args)
         .start()
         .await?;
     let outbound = proxy
@@ -125,6 +127,17 @@ async fn redirected_connections_reach_their_service_or_pass_through() -> Result<
     if !ok {
         bail!("adding the redirect rule failed (needs iptables and root): {err}");
     }
+    Ok((proxy, outbound, bin_dir))
+}
+
+#[tokio::test]
+async fn redirected_connections_reach_their_service_or_pass_through() -> Result<()> {
+    let ns = NetNs::create()?;
+    // Backends on the host end of the namespace's veth: reachable only from the namespace.
+    let user = HttpBackend::start_on("user", SocketAddr::from((ns.host_addr, 0))).await?;
+    let outside = HttpBackend::start_on("outside", SocketAddr::from((ns.host_addr, 0))).await?;
+    let (proxy, outbound, _bin) =
+        transparent_sidecar(&ns, vec![format!("--static-endpoint=user={}", user.addr)]).await?;
 
     // An address the mesh knows: through the user service's outbound HTTP stack.
     let reply = curl(&ns, &format!("http://{}/hello", user.addr)).await?;
@@ -171,5 +184,54 @@ async fn redirected_connections_reach_their_service_or_pass_through() -> Result<
         "a direct connection to the outbound listener was answered: {out}"
     );
     assert_eq!(user.requests() + outside.requests(), 2);
+    Ok(())
+}
+
+/// An address none of the proxy's watches knows is looked up on the controller: a registered
+/// endpoint's address leads to its service (then discovered and balanced like any other);
+/// what nobody registered passes through.
+#[tokio::test]
+async fn the_controller_maps_an_unwatched_address_to_its_service() -> Result<()> {
+    let ns = NetNs::create()?;
+    let payment = HttpBackend::start_on("payment", SocketAddr::from((ns.host_addr, 0))).await?;
+    let outside = HttpBackend::start_on("outside", SocketAddr::from((ns.host_addr, 0))).await?;
+    let controller = Controller::start_on("memory", SocketAddr::from((ns.host_addr, 0))).await?;
+    let mut registry = RegistryClient::connect(controller.url()).await?;
+    registry
+        .register(RegisterRequest {
+            endpoint: Some(Endpoint {
+                service: "payment".into(),
+                address: payment.addr.ip().to_string(),
+                port: payment.addr.port().into(),
+                weight: 1,
+                ..Default::default()
+            }),
+            ttl_seconds: 60,
+        })
+        .await?;
+    let (proxy, _, _bin) =
+        transparent_sidecar(&ns, vec![format!("--controller={}", controller.url())]).await?;
+
+    let reply = curl(&ns, &format!("http://{}/pay", payment.addr)).await?;
+    assert!(reply.contains("x-backend: payment"), "{reply}");
+    let reply = curl(&ns, &format!("http://{}/", outside.addr)).await?;
+    assert!(reply.contains("x-backend: outside"), "{reply}");
+    let metrics = proxy.metrics().await?;
+    assert_eq!(
+        series(
+            &metrics,
+            r#"request_total{direction="outbound",target_service="payment",status_code="200""#
+        ),
+        1.0,
+        "{metrics}"
+    );
+    assert!(
+        series(
+            &metrics,
+            r#"tcp_read_bytes_total{direction="outbound",target_service="(passthrough)"}"#
+        ) > 0.0,
+        "{metrics}"
+    );
+    assert_eq!((payment.requests(), outside.requests()), (1, 1));
     Ok(())
 }
