@@ -1,15 +1,15 @@
 //! The controller over a real etcd (and over the embedded store): registrations under leases,
-//! discovery streams (snapshot, then deltas, promptly), two replicas agreeing, and etcd
-//! restarts that lose and duplicate nothing.
+//! discovery streams (snapshot, then deltas, promptly), namespaces keeping same-named services
+//! apart, two replicas agreeing, and etcd restarts that lose and duplicate nothing.
 
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use ferrule_harness::{Controller, Etcd};
+use ferrule_harness::{Controller, Etcd, eventually};
 use ferrule_proto::v1::{
     DeregisterRequest, DiscoveryUpdate, Endpoint, KeepAliveRequest, ListEndpointsRequest,
-    RegisterRequest, WatchRequest, admin_client::AdminClient, discovery_client::DiscoveryClient,
-    discovery_update::Kind, registry_client::RegistryClient,
+    ListServicesRequest, LookupRequest, RegisterRequest, WatchRequest, admin_client::AdminClient,
+    discovery_client::DiscoveryClient, discovery_update::Kind, registry_client::RegistryClient,
 };
 use futures::StreamExt;
 use tonic::Streaming;
@@ -44,6 +44,7 @@ async fn watch(controller: &Controller, service: &str) -> Result<Streaming<Disco
     Ok(discovery
         .watch(WatchRequest {
             service: service.into(),
+            namespace: String::new(),
             proxy: None,
         })
         .await?
@@ -128,6 +129,88 @@ async fn discovery_follows_registrations_on_etcd() -> Result<()> {
 #[tokio::test]
 async fn discovery_follows_registrations_on_memory() -> Result<()> {
     discovery_follows_registrations("memory").await
+}
+
+/// `user` in `default` and `user` in `shop` are two services: each watch, listing and lookup
+/// sees only its own, and a namespace that is not a DNS label is refused naming the field.
+#[tokio::test]
+async fn namespaces_keep_same_named_services_apart_on_etcd() -> Result<()> {
+    let etcd = Etcd::start().await?;
+    let controller = Controller::start(&etcd.url()).await?;
+    register(&controller, endpoint("user", 9101), 30).await?;
+    let shop = Endpoint {
+        namespace: "shop".into(),
+        ..endpoint("user", 9102)
+    };
+    register(&controller, shop, 30).await?;
+
+    let mut discovery = DiscoveryClient::connect(controller.url()).await?;
+    for (namespace, port) in [("", 9101), ("default", 9101), ("shop", 9102)] {
+        let mut stream = discovery
+            .watch(WatchRequest {
+                service: "user".into(),
+                namespace: namespace.into(),
+                proxy: None,
+            })
+            .await?
+            .into_inner();
+        let first = next(&mut stream, WATCH_BOUND).await?;
+        assert_eq!(ports(&first).0, [port], "namespace {namespace:?}");
+    }
+    assert_eq!(endpoints_of(&controller, "user").await?, [9101]);
+    assert_eq!(endpoints_of(&controller, "user.shop").await?, [9102]);
+
+    let mut admin = AdminClient::connect(controller.url()).await?;
+    let services = admin
+        .list_services(ListServicesRequest {})
+        .await?
+        .into_inner()
+        .services;
+    let names: Vec<_> = services
+        .iter()
+        .map(|s| (s.name.as_str(), s.namespace.as_str()))
+        .collect();
+    assert_eq!(names, [("user", "default"), ("user.shop", "shop")]);
+
+    let found = eventually(WATCH_BOUND * 10, "the address index", || {
+        let mut discovery = discovery.clone();
+        async move {
+            let answer = discovery
+                .lookup(LookupRequest {
+                    address: "127.0.0.1".into(),
+                    port: 9102,
+                    proxy: None,
+                })
+                .await
+                .ok()?
+                .into_inner();
+            answer.found.then_some(answer)
+        }
+    })
+    .await?;
+    assert_eq!(
+        (found.namespace.as_str(), found.service.as_str()),
+        ("shop", "user")
+    );
+
+    let mut registry = RegistryClient::connect(controller.url()).await?;
+    let bad = registry
+        .register(RegisterRequest {
+            endpoint: Some(Endpoint {
+                namespace: "Shop".into(),
+                ..endpoint("user", 9103)
+            }),
+            ttl_seconds: 30,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    assert!(
+        bad.message().starts_with("endpoint.namespace:"),
+        "{}",
+        bad.message()
+    );
+    Ok(())
 }
 
 /// Two controllers on one etcd give the same answers; a lease granted through one is kept alive

@@ -100,7 +100,7 @@ async fn transparent_sidecar(
     // The app's TCP, except the proxy's own and loopback's, goes to the outbound listener.
     let port = outbound.port().to_string();
     let (ok, _, err) = in_namespace(
-        &ns,
+        ns,
         "iptables",
         &[
             "-t",

@@ -36,8 +36,8 @@ enum What {
     /// List the registered endpoints of one service (an unknown service has none).
     #[command(visible_alias = "ep", alias = "endpoint")]
     Endpoints {
-        /// The service, e.g. `user`.
-        #[arg(value_parser = parse::service)]
+        /// The service, e.g. `user`, or `user.shop` in namespace `shop`.
+        #[arg(value_parser = parse::service_name)]
         service: String,
     },
     /// List the proxies connected to the controller and the config version each runs.
@@ -388,11 +388,13 @@ mod tests {
             vec![
                 ServiceSummary {
                     name: "user".into(),
+                    namespace: "default".into(),
                     endpoints: 2,
                     ports: vec!["http".into(), "grpc".into()],
                 },
                 ServiceSummary {
                     name: "db".into(),
+                    namespace: "default".into(),
                     endpoints: 1,
                     ports: vec![String::new()],
                 },

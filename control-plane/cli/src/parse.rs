@@ -15,6 +15,18 @@ pub fn service(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
+/// A service by qualified name: `user`, or `user.shop` in namespace `shop`.
+pub fn service_name(s: &str) -> Result<String, String> {
+    ferrule_proto::names::validate_service_name(s).map_err(|e| e.to_string())?;
+    Ok(s.to_string())
+}
+
+/// A namespace (`shop`).
+pub fn namespace(s: &str) -> Result<String, String> {
+    ferrule_proto::names::validate_namespace(s).map_err(|e| e.to_string())?;
+    Ok(s.to_string())
+}
+
 /// A port name (`grpc`).
 pub fn port_name(s: &str) -> Result<String, String> {
     validate_label("port name", s).map_err(|e| e.to_string())?;

@@ -66,6 +66,10 @@ pub struct RegisterArgs {
     #[arg(long)]
     zone: Option<String>,
 
+    /// Namespace of the service; callers in another namespace name it `SERVICE.NAMESPACE`.
+    #[arg(long, short = 'n', default_value = "default", value_parser = parse::namespace)]
+    namespace: String,
+
     /// What the endpoint speaks; `opaque` for server-speaks-first protocols such as databases,
     /// so proxies forward bytes without waiting to detect a protocol.
     #[arg(long, value_enum)]
@@ -108,6 +112,7 @@ impl RegisterArgs {
     fn endpoint(&self) -> Endpoint {
         Endpoint {
             service: self.service.clone(),
+            namespace: self.namespace.clone(),
             port_name: self.port_name.clone().unwrap_or_default(),
             address: self.address.ip().to_string(),
             port: self.address.port().into(),

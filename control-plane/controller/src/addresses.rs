@@ -13,6 +13,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
+use ferrule_proto::names::namespace_or_default;
 use ferrule_proto::v1::{Endpoint, LookupResponse};
 use ferrule_store::{Store, WatchEvent};
 use futures::StreamExt;
@@ -29,8 +30,8 @@ struct Index {
     synced: bool,
     /// Store key → the endpoint's address, to undo a deletion.
     by_key: HashMap<String, SocketAddr>,
-    /// Address → (service, port name, store key).
-    by_addr: HashMap<SocketAddr, (String, String, String)>,
+    /// Address → (the endpoint's namespace, service and port name; store key).
+    by_addr: HashMap<SocketAddr, (LookupResponse, String)>,
 }
 
 impl Index {
@@ -44,14 +45,19 @@ impl Index {
         };
         self.delete(key);
         self.by_key.insert(key.to_string(), addr);
-        self.by_addr
-            .insert(addr, (ep.service, ep.port_name, key.to_string()));
+        let answer = LookupResponse {
+            found: true,
+            namespace: namespace_or_default(&ep.namespace).to_string(),
+            service: ep.service,
+            port_name: ep.port_name,
+        };
+        self.by_addr.insert(addr, (answer, key.to_string()));
     }
 
     fn delete(&mut self, key: &str) {
         if let Some(addr) = self.by_key.remove(key) {
             // Another registration may have taken the address since; leave that one alone.
-            if self.by_addr.get(&addr).is_some_and(|(_, _, k)| k == key) {
+            if self.by_addr.get(&addr).is_some_and(|(_, k)| k == key) {
                 self.by_addr.remove(&addr);
             }
         }
@@ -84,11 +90,7 @@ impl AddressIndex {
             return None;
         }
         Some(match index.by_addr.get(&addr) {
-            Some((service, port_name, _)) => LookupResponse {
-                found: true,
-                service: service.clone(),
-                port_name: port_name.clone(),
-            },
+            Some((answer, _)) => answer.clone(),
             None => LookupResponse::default(),
         })
     }
@@ -201,6 +203,7 @@ mod tests {
             (answer.service.as_str(), answer.port_name.as_str()),
             ("payment", "grpc")
         );
+        assert_eq!(answer.namespace, "default");
 
         store.delete(&keys::endpoint(&user)).await.unwrap();
         wait_for(&index, "10.0.0.1:8080", false).await;

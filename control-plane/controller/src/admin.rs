@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use ferrule_proto::names::validate_service;
+use ferrule_proto::names::{ServiceRef, namespace_or_default, qualified};
 use ferrule_proto::v1::{
     ApplyConfigRequest, ApplyConfigResponse, ConfigHistoryRequest, ConfigHistoryResponse,
     DeleteConfigRequest, DeleteConfigResponse, Endpoint, GetConfigRequest, GetConfigResponse,
@@ -45,22 +45,26 @@ impl Admin for AdminService {
             .list(keys::REGISTRY, None)
             .await
             .map_err(store_status)?;
-        let mut services: BTreeMap<String, (u32, BTreeSet<String>)> = BTreeMap::new();
+        let mut services: BTreeMap<(String, String), (u32, BTreeSet<String>)> = BTreeMap::new();
         for kv in &listing.kvs {
             let Ok(ep) = Endpoint::decode(kv.value.as_slice()) else {
                 continue;
             };
-            let entry = services.entry(ep.service).or_default();
+            let namespace = namespace_or_default(&ep.namespace).to_string();
+            let entry = services.entry((namespace, ep.service)).or_default();
             entry.0 += 1;
             entry.1.insert(ep.port_name);
         }
         let services = services
             .into_iter()
-            .map(|(name, (endpoints, ports))| ServiceSummary {
-                name,
-                endpoints,
-                ports: ports.into_iter().filter(|p| !p.is_empty()).collect(),
-            })
+            .map(
+                |((namespace, service), (endpoints, ports))| ServiceSummary {
+                    name: qualified(&namespace, &service),
+                    endpoints,
+                    ports: ports.into_iter().filter(|p| !p.is_empty()).collect(),
+                    namespace,
+                },
+            )
             .collect();
         Ok(Response::new(ListServicesResponse {
             services,
@@ -72,12 +76,19 @@ impl Admin for AdminService {
         &self,
         request: Request<ListEndpointsRequest>,
     ) -> Result<Response<ListEndpointsResponse>, Status> {
-        let service = request.into_inner().service;
-        validate_service(&service)
+        let service = ServiceRef::parse(&request.into_inner().service)
             .map_err(|e| Status::invalid_argument(format!("service: {e}")))?;
+        if !service.port_name.is_empty() {
+            return Err(Status::invalid_argument(
+                "service: name a service (`name` or `name.namespace`), not a port",
+            ));
+        }
         let listing = self
             .store
-            .list(&keys::service_prefix(&service), None)
+            .list(
+                &keys::service_prefix(&service.namespace, &service.service),
+                None,
+            )
             .await
             .map_err(store_status)?;
         let endpoints = listing

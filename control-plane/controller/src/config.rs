@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferrule_config::{Kind, Resource, Spec};
+use ferrule_proto::names::{qualified, qualify};
 use ferrule_proto::v1::{
     self as pb, ApplyConfigResponse, ConfigChange, ConfigRequest, ConfigSnapshot, ProxyInfo,
     ProxyStatus, Subscribe, config_request,
@@ -59,22 +60,6 @@ impl Stored {
             spec_json: self.resource.spec_json(),
             revision: self.revision,
         }
-    }
-}
-
-/// The service a resource configures; `None` for a `Gateway`, which configures a gateway.
-fn target_service(resource: &Resource) -> Option<&str> {
-    resource.spec.service()
-}
-
-fn backend_services(resource: &Resource) -> Vec<&str> {
-    match &resource.spec {
-        Spec::HttpRoute(r) => r
-            .rules
-            .iter()
-            .flat_map(|rule| rule.backends.iter().map(|b| b.service.as_str()))
-            .collect(),
-        Spec::ServicePolicy(_) | Spec::Gateway(_) => Vec::new(),
     }
 }
 
@@ -159,19 +144,15 @@ impl ConfigStore {
         let mut known: BTreeSet<String> = registry
             .kvs
             .iter()
-            .filter_map(|kv| keys::split_endpoint(&kv.key).map(|(svc, _)| svc.to_string()))
+            .filter_map(|kv| keys::split_endpoint(&kv.key).map(|k| k.qualified_service()))
             .collect();
         known.extend(
             state
                 .resources
                 .values()
-                .filter_map(|s| target_service(&s.resource).map(String::from)),
+                .filter_map(|s| s.resource.target_service()),
         );
-        known.extend(
-            batch
-                .iter()
-                .filter_map(|r| target_service(r).map(String::from)),
-        );
+        known.extend(batch.iter().filter_map(Resource::target_service));
         Ok(known)
     }
 
@@ -529,7 +510,7 @@ const GATEWAY_MODE: &str = "gateway";
 /// What a proxy's `subscribe` says it needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Subscriber {
-    /// Its own service and the services it calls (`upstreams`).
+    /// Its own service and the services it calls (`upstreams`), by qualified name.
     services: BTreeSet<String>,
     /// For a gateway (`mode: "gateway"`), the store key of its `Gateway` resource: the one
     /// named as the gateway's service, in the gateway's namespace (`default` when empty).
@@ -537,10 +518,14 @@ struct Subscriber {
 }
 
 impl Subscriber {
+    /// `upstreams` are relative to the proxy's namespace, as its own service is.
     fn new(proxy: &ProxyInfo, upstreams: Vec<String>) -> Self {
-        let mut services: BTreeSet<String> = upstreams.into_iter().collect();
+        let mut services: BTreeSet<String> = upstreams
+            .iter()
+            .map(|u| qualify(&proxy.namespace, u))
+            .collect();
         if !proxy.service.is_empty() {
-            services.insert(proxy.service.clone());
+            services.insert(qualified(&proxy.namespace, &proxy.service));
         }
         let gateway = (proxy.mode == GATEWAY_MODE && !proxy.service.is_empty()).then(|| {
             let namespace = if proxy.namespace.is_empty() {
@@ -570,17 +555,20 @@ fn select(state: &ConfigState, subscriber: &Subscriber) -> Vec<pb::Resource> {
         .as_ref()
         .and_then(|key| state.resources.get(key));
     let mut calls = subscriber.services.clone();
-    if let Some(Spec::Gateway(spec)) = gateway.map(|g| &g.resource.spec) {
-        calls.extend(spec.services().into_iter().map(String::from));
+    if let Some(gateway) = gateway
+        && let Spec::Gateway(spec) = &gateway.resource.spec
+    {
+        let namespace = &gateway.resource.metadata.namespace;
+        calls.extend(spec.services().into_iter().map(|s| qualify(namespace, s)));
     }
     let mut wanted = calls.clone();
     for stored in state.resources.values() {
-        if target_service(&stored.resource).is_some_and(|s| calls.contains(s)) {
-            wanted.extend(
-                backend_services(&stored.resource)
-                    .into_iter()
-                    .map(String::from),
-            );
+        if stored
+            .resource
+            .target_service()
+            .is_some_and(|s| calls.contains(&s))
+        {
+            wanted.extend(stored.resource.backend_services());
         }
     }
     state
@@ -588,7 +576,9 @@ fn select(state: &ConfigState, subscriber: &Subscriber) -> Vec<pb::Resource> {
         .iter()
         .filter(|(key, s)| {
             Some(*key) == subscriber.gateway.as_ref()
-                || target_service(&s.resource).is_some_and(|t| wanted.contains(t))
+                || s.resource
+                    .target_service()
+                    .is_some_and(|t| wanted.contains(&t))
         })
         .map(|(_, s)| s.to_proto())
         .collect()
@@ -802,6 +792,11 @@ apiVersion: ferrule.io/v1
 kind: ServicePolicy
 metadata: {name: order}
 spec: {service: order}
+---
+apiVersion: ferrule.io/v1
+kind: ServicePolicy
+metadata: {name: order, namespace: shop}
+spec: {service: order}
 ";
 
     fn state() -> ConfigState {
@@ -853,10 +848,29 @@ spec: {service: order}
                 "ServicePolicy/default/user-v2",
             ]
         );
+        // The shop's gateway routes to `order` in its own namespace.
         assert_eq!(
             selected("edge", "shop", "gateway", &[]),
-            ["Gateway/shop/edge", "ServicePolicy/default/order"]
+            ["Gateway/shop/edge", "ServicePolicy/shop/order"]
         );
+    }
+
+    #[test]
+    fn names_are_relative_to_the_proxys_namespace() {
+        assert_eq!(
+            selected("web", "shop", "sidecar", &["order"]),
+            ["ServicePolicy/shop/order"]
+        );
+        assert_eq!(
+            selected("web", "shop", "sidecar", &["order.default"]),
+            ["ServicePolicy/default/order"]
+        );
+        // Its own service too: `order` in shop is not `order` in default.
+        assert_eq!(
+            selected("order", "shop", "sidecar", &[]),
+            ["ServicePolicy/shop/order"]
+        );
+        assert!(selected("web", "shop", "sidecar", &["user"]).is_empty());
     }
 
     #[test]

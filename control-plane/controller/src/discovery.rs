@@ -15,7 +15,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ferrule_proto::names::validate_service;
+use ferrule_proto::names::{ServiceRef, qualified, validate_namespace, validate_service};
 use ferrule_proto::v1::{
     Delta, DiscoveryUpdate, Endpoint, LookupRequest, LookupResponse, Snapshot, WatchRequest,
     discovery_server::Discovery, discovery_update::Kind,
@@ -92,9 +92,14 @@ impl Hub {
     }
 }
 
-/// Lists, then follows the store watch for one service, until no subscriber is left.
+/// Lists, then follows the store watch for one service (by qualified name), until no
+/// subscriber is left.
 async fn follow_service(hub: Hub, service: String, tx: watch::Sender<Arc<ServiceState>>) {
-    let prefix = keys::service_prefix(&service);
+    let prefix = match ServiceRef::parse(&service) {
+        Ok(s) => keys::service_prefix(&s.namespace, &s.service),
+        // Subscribers only ever pass names they parsed.
+        Err(_) => return,
+    };
     let mut backoff = RETRY_MIN;
     loop {
         // (Re)build the state from a listing: at start, and after a compaction made the
@@ -167,7 +172,7 @@ async fn follow_service(hub: Hub, service: String, tx: watch::Sender<Arc<Service
 }
 
 fn decode(key: &str, value: &[u8]) -> Option<(String, Endpoint)> {
-    let (_, ep_key) = keys::split_endpoint(key)?;
+    let ep_key = keys::split_endpoint(key)?.key;
     match Endpoint::decode(value) {
         Ok(ep) => Some((ep_key.to_string(), ep)),
         Err(e) => {
@@ -186,8 +191,8 @@ fn apply(state: &mut ServiceState, event: WatchEvent) {
             }
         }
         WatchEvent::Delete { key, .. } => {
-            if let Some((_, k)) = keys::split_endpoint(&key) {
-                state.endpoints.remove(k);
+            if let Some(k) = keys::split_endpoint(&key) {
+                state.endpoints.remove(k.key);
             }
         }
     }
@@ -240,9 +245,13 @@ impl Discovery for DiscoveryService {
         let req = request.into_inner();
         validate_service(&req.service)
             .map_err(|e| Status::invalid_argument(format!("service: {e}")))?;
+        if !req.namespace.is_empty() {
+            validate_namespace(&req.namespace)
+                .map_err(|e| Status::invalid_argument(format!("namespace: {e}")))?;
+        }
         let proxy = req.proxy.map(|p| p.proxy_id).unwrap_or_default();
-        tracing::debug!(service = %req.service, %proxy, "discovery watch");
-        let rx = self.hub.subscribe(&req.service);
+        tracing::debug!(service = %req.service, namespace = %req.namespace, %proxy, "discovery watch");
+        let rx = self.hub.subscribe(&qualified(&req.namespace, &req.service));
         let (tx, out) = mpsc::channel(16);
         let metrics = self.hub.metrics.clone();
         tokio::spawn(async move {

@@ -1,14 +1,16 @@
 //! Where the controller keeps things in the store. The one place that knows the key layout.
 //!
-//! * `/ferrule/registry/<service>/<port-name>/<address>:<port>`: a registered endpoint
-//!   (protobuf `Endpoint`), attached to the registrant's lease.
+//! * `/ferrule/registry/<namespace>/<service>/<port-name>/<address>:<port>`: a registered
+//!   endpoint (protobuf `Endpoint`), attached to the registrant's lease. Registrations are
+//!   leased and renewed by their proxies, so a layout change needs no migration: keys in an
+//!   older layout expire with their leases while the proxies register again.
 //! * `/ferrule/proxies/<proxy-id>`: an announced proxy (protobuf `ProxyStatus`), under a lease.
 //! * `/ferrule/config/<kind>/<namespace>/<name>`: a config resource's spec as JSON.
 //! * `/ferrule/config/_version`: rewritten by every config commit; its revision is the config
 //!   version.
 
 use ferrule_config::{Kind, Resource};
-use ferrule_proto::names::endpoint_key;
+use ferrule_proto::names::{endpoint_key, namespace_or_default, qualified};
 use ferrule_proto::v1::Endpoint;
 
 pub const REGISTRY: &str = "/ferrule/registry/";
@@ -19,17 +21,43 @@ pub const CONFIG_VERSION: &str = "/ferrule/config/_version";
 
 /// Prefix of every endpoint of one service. The trailing slash keeps `user` from matching
 /// `user-v2`.
-pub fn service_prefix(service: &str) -> String {
-    format!("{REGISTRY}{service}/")
+pub fn service_prefix(namespace: &str, service: &str) -> String {
+    format!("{REGISTRY}{}/{service}/", namespace_or_default(namespace))
 }
 
 pub fn endpoint(ep: &Endpoint) -> String {
-    format!("{}{}", service_prefix(&ep.service), endpoint_key(ep))
+    format!(
+        "{}{}",
+        service_prefix(&ep.namespace, &ep.service),
+        endpoint_key(ep)
+    )
 }
 
-/// The service an endpoint key belongs to, and the endpoint's key within it.
-pub fn split_endpoint(key: &str) -> Option<(&str, &str)> {
-    key.strip_prefix(REGISTRY)?.split_once('/')
+/// Where an endpoint key sits: its service's namespace and name, and its key within the
+/// service.
+#[derive(Debug, PartialEq, Eq)]
+pub struct EndpointKey<'a> {
+    pub namespace: &'a str,
+    pub service: &'a str,
+    pub key: &'a str,
+}
+
+impl EndpointKey<'_> {
+    /// The service's qualified name (`ferrule_proto::names`).
+    pub fn qualified_service(&self) -> String {
+        qualified(self.namespace, self.service)
+    }
+}
+
+/// Splits a registry key into its namespace, service and endpoint key.
+pub fn split_endpoint(key: &str) -> Option<EndpointKey<'_>> {
+    let (namespace, rest) = key.strip_prefix(REGISTRY)?.split_once('/')?;
+    let (service, key) = rest.split_once('/')?;
+    Some(EndpointKey {
+        namespace,
+        service,
+        key,
+    })
 }
 
 pub fn config_key(kind: Kind, namespace: &str, name: &str) -> String {
@@ -112,8 +140,25 @@ mod tests {
             ..Default::default()
         };
         let key = endpoint(&ep);
-        assert_eq!(key, "/ferrule/registry/user/grpc/127.0.0.1:4143");
-        assert_eq!(split_endpoint(&key), Some(("user", "grpc/127.0.0.1:4143")));
-        assert!(!key.starts_with(&service_prefix("use")));
+        assert_eq!(key, "/ferrule/registry/default/user/grpc/127.0.0.1:4143");
+        assert_eq!(
+            split_endpoint(&key),
+            Some(EndpointKey {
+                namespace: "default",
+                service: "user",
+                key: "grpc/127.0.0.1:4143"
+            })
+        );
+        assert!(!key.starts_with(&service_prefix("", "use")));
+        let shop = Endpoint {
+            namespace: "shop".into(),
+            ..ep
+        };
+        let key = endpoint(&shop);
+        assert_eq!(key, "/ferrule/registry/shop/user/grpc/127.0.0.1:4143");
+        assert_eq!(
+            split_endpoint(&key).unwrap().qualified_service(),
+            "user.shop"
+        );
     }
 }

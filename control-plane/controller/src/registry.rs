@@ -9,7 +9,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ferrule_proto::names::{validate_label, validate_service};
+use ferrule_proto::names::{
+    DEFAULT_NAMESPACE, validate_label, validate_namespace, validate_service,
+};
 use ferrule_proto::v1::{
     AnnounceProxyRequest, DeregisterRequest, DeregisterResponse, Endpoint, KeepAliveRequest,
     KeepAliveResponse, ProxyStatus, RegisterRequest, RegisterResponse, registry_server::Registry,
@@ -91,6 +93,10 @@ fn clamp_ttl(ttl: u32) -> u32 {
 pub fn validate_endpoint(ep: &Endpoint) -> Result<(), Status> {
     validate_service(&ep.service)
         .map_err(|e| Status::invalid_argument(format!("endpoint.service: {e}")))?;
+    if !ep.namespace.is_empty() {
+        validate_namespace(&ep.namespace)
+            .map_err(|e| Status::invalid_argument(format!("endpoint.namespace: {e}")))?;
+    }
     if !ep.port_name.is_empty() {
         validate_label("port name", &ep.port_name)
             .map_err(|e| Status::invalid_argument(format!("endpoint.port_name: {e}")))?;
@@ -126,10 +132,13 @@ impl Registry for RegistryService {
         request: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
         let req = request.into_inner();
-        let ep = req
+        let mut ep = req
             .endpoint
             .ok_or_else(|| Status::invalid_argument("endpoint: missing"))?;
         validate_endpoint(&ep)?;
+        if ep.namespace.is_empty() {
+            ep.namespace = DEFAULT_NAMESPACE.to_string();
+        }
         let ttl = clamp_ttl(req.ttl_seconds);
         let resp = self
             .put_leased(keys::endpoint(&ep), ep.encode_to_vec(), ttl)
@@ -137,6 +146,7 @@ impl Registry for RegistryService {
         self.metrics.registrations.inc();
         tracing::info!(
             service = %ep.service,
+            namespace = %ep.namespace,
             port_name = %ep.port_name,
             address = %ep.address,
             port = ep.port,

@@ -316,6 +316,27 @@ impl Resource {
         serde_yaml::to_string(self).expect("config resources always serialize to YAML")
     }
 
+    /// The qualified name of the service the resource configures (its `spec.service`, which
+    /// is relative to the resource's namespace; see `ferrule_proto::names`).
+    pub fn target_service(&self) -> Option<String> {
+        self.spec
+            .service()
+            .map(|service| ferrule_proto::names::qualify(&self.metadata.namespace, service))
+    }
+
+    /// The qualified names of the backends its routes send to (relative to its namespace).
+    pub fn backend_services(&self) -> Vec<String> {
+        match &self.spec {
+            Spec::HttpRoute(route) => route
+                .rules
+                .iter()
+                .flat_map(|rule| rule.backends.iter())
+                .map(|b| ferrule_proto::names::qualify(&self.metadata.namespace, &b.service))
+                .collect(),
+            Spec::ServicePolicy(_) | Spec::Gateway(_) => Vec::new(),
+        }
+    }
+
     pub fn id(&self) -> ResourceId {
         ResourceId {
             kind: self.kind,

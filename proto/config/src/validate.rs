@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::Duration;
 
-use ferrule_proto::names::{validate_label, validate_service};
+use ferrule_proto::names::{qualify, validate_label, validate_service, validate_service_name};
 
 use crate::policy::{CircuitBreaker, Retries, ServicePolicySpec};
 use crate::resource::{Kind, Resource, Spec};
@@ -53,7 +53,8 @@ impl fmt::Display for ValidationErrors {
 
 /// Validates one batch as it would be stored: each resource's ranges, regexes, weights and
 /// names, plus batch rules (no duplicate ids; at most one `ServicePolicy` and one `HTTPRoute`
-/// per service). `known_services` lets the caller say which services exist so a route to an
+/// per service). `known_services` lets the caller say which services exist (qualified names,
+/// see `ferrule_proto::names`) so a route to an
 /// unknown backend can be refused (`None` = don't check). A `Gateway`'s routes are not checked
 /// against it: the gateway answers 503 for a service that is not there yet, and the edge is
 /// often configured before the services behind it start.
@@ -102,8 +103,16 @@ impl Check<'_> {
         }
     }
 
+    /// The service a resource configures: a plain name, in the resource's own namespace.
     fn service(&mut self, field: &str, value: &str) {
         if let Err(e) = validate_service(value) {
+            self.fail(field, e.to_string());
+        }
+    }
+
+    /// A service a route sends to: `name`, or `name.namespace` for another namespace's.
+    fn backend_service(&mut self, field: &str, value: &str) {
+        if let Err(e) = validate_service_name(value) {
             self.fail(field, e.to_string());
         }
     }
@@ -162,7 +171,7 @@ fn check_resource(check: &mut Check, resource: &Resource, known: Option<&BTreeSe
     }
     match &resource.spec {
         Spec::ServicePolicy(spec) => check_policy(check, spec),
-        Spec::HttpRoute(spec) => check_route(check, spec, known),
+        Spec::HttpRoute(spec) => check_route(check, spec, &resource.metadata.namespace, known),
         Spec::Gateway(spec) => {
             let mut fail = |field: String, reason: String| check.fail(field, reason);
             spec.check("spec.", &mut fail);
@@ -296,7 +305,14 @@ fn check_breaker(check: &mut Check, b: &CircuitBreaker) {
     }
 }
 
-fn check_route(check: &mut Check, spec: &HttpRouteSpec, known: Option<&BTreeSet<String>>) {
+/// `known`: qualified names of the services that exist; the route's names are relative to
+/// its `namespace`.
+fn check_route(
+    check: &mut Check,
+    spec: &HttpRouteSpec,
+    namespace: &str,
+    known: Option<&BTreeSet<String>>,
+) {
     check.service("spec.service", &spec.service);
     if spec.rules.is_empty() {
         check.fail("spec.rules", "a route needs at least one rule");
@@ -313,21 +329,27 @@ fn check_route(check: &mut Check, spec: &HttpRouteSpec, known: Option<&BTreeSet<
                 );
             }
         }
-        check_rule(check, &at, rule, known);
+        check_rule(check, &at, rule, namespace, known);
     }
 }
 
-fn check_rule(check: &mut Check, at: &str, rule: &RouteRule, known: Option<&BTreeSet<String>>) {
+fn check_rule(
+    check: &mut Check,
+    at: &str,
+    rule: &RouteRule,
+    namespace: &str,
+    known: Option<&BTreeSet<String>>,
+) {
     for (i, m) in rule.matches.iter().enumerate() {
         check_match(check, &format!("{at}.matches[{i}]"), m);
     }
     let mut targets = BTreeSet::new();
     for (i, b) in rule.backends.iter().enumerate() {
         let field = format!("{at}.backends[{i}]");
-        check.service(&format!("{field}.service"), &b.service);
+        check.backend_service(&format!("{field}.service"), &b.service);
         if let Some(known) = known
-            && validate_service(&b.service).is_ok()
-            && !known.contains(&b.service)
+            && validate_service_name(&b.service).is_ok()
+            && !known.contains(&qualify(namespace, &b.service))
         {
             check.fail(
                 format!("{field}.service"),
@@ -449,7 +471,7 @@ fn check_headers(check: &mut Check, at: &str, h: &HeaderModifier) {
 /// (two would leave the proxy guessing which applies).
 fn check_batch(errors: &mut Vec<FieldError>, batch: &[Resource]) {
     let mut ids = BTreeSet::new();
-    let mut by_service: BTreeMap<(Kind, &str), String> = BTreeMap::new();
+    let mut by_service: BTreeMap<(Kind, String), String> = BTreeMap::new();
     for resource in batch {
         let id = resource.id();
         let name = id.to_string();
@@ -461,10 +483,10 @@ fn check_batch(errors: &mut Vec<FieldError>, batch: &[Resource]) {
             });
             continue;
         }
-        let Some(service) = resource.spec.service() else {
+        let Some(service) = resource.target_service() else {
             continue;
         };
-        if let Some(first) = by_service.get(&(resource.kind, service)) {
+        if let Some(first) = by_service.get(&(resource.kind, service.clone())) {
             errors.push(FieldError {
                 resource: name,
                 field: "spec.service".into(),

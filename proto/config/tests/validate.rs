@@ -114,6 +114,13 @@ fn service_names_are_valid() {
         "spec.rules[0].backends[0].port",
         "port name",
     );
+    // A backend may live in another namespace; the service a resource configures may not.
+    assert_valid(&route("    - backends: [{service: user.billing}]\n"));
+    assert_refused(
+        &route("    - backends: [{service: user.Billing}]\n"),
+        "spec.rules[0].backends[0].service",
+        "namespace",
+    );
 }
 
 #[test]

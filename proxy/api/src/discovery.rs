@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use ferrule_proto::names::{ServiceRef, endpoint_key};
+use ferrule_proto::names::{ServiceRef, endpoint_key, namespace_or_default};
 use ferrule_proto::v1::discovery_client::DiscoveryClient;
 use ferrule_proto::v1::discovery_update::Kind;
 use ferrule_proto::v1::{DiscoveryUpdate, Endpoint, LookupRequest, ProxyInfo, WatchRequest};
@@ -192,7 +192,7 @@ impl Discovery {
         {
             let mut map = state.services();
             for (target, endpoints) in services {
-                let entry = map.entry(target.service).or_default();
+                let entry = map.entry(target.name()).or_default();
                 entry.synced = true;
                 entry.pinned = true;
                 entry.targets.insert(
@@ -218,9 +218,10 @@ impl Discovery {
     /// Must be called within a Tokio runtime (the first call per service spawns its watch).
     pub fn resolve(&self, target: &ServiceRef) -> watch::Receiver<Endpoints> {
         let mut services = self.inner.state.services();
-        let new_service = !services.contains_key(&target.service);
+        let name = target.name();
+        let new_service = !services.contains_key(&name);
         let state = services
-            .entry(target.service.clone())
+            .entry(name.clone())
             .or_insert_with(|| ServiceState {
                 // Fixed discovery knows everything it will ever know from the start.
                 synced: self.inner.source.is_none(),
@@ -234,11 +235,11 @@ impl Discovery {
         if let (Some(source), true) = (&self.inner.source, new_service)
             && let Some(controllers) = &source.controllers
         {
-            tracing::info!(service = %target.service, "discovery: watching service");
+            tracing::info!(service = %name, "discovery: watching service");
             let stop = source.stop.child_token();
             state.stop = Some(stop.clone());
             tokio::spawn(watch_service(
-                target.service.clone(),
+                ServiceRef::new(&target.namespace, &target.service),
                 source.proxy.clone(),
                 controllers.clone(),
                 self.inner.state.clone(),
@@ -299,6 +300,7 @@ impl Discovery {
             return Ok(None);
         }
         Ok(Some(ServiceRef {
+            namespace: namespace_or_default(&answer.namespace).to_string(),
             service: answer.service,
             port_name: answer.port_name,
         }))
@@ -307,16 +309,12 @@ impl Discovery {
     /// The target already resolved here whose endpoints include `addr`.
     fn lookup_local(&self, addr: SocketAddr) -> Option<ServiceRef> {
         let services = self.inner.state.services();
-        services.iter().find_map(|(service, state)| {
+        services.iter().find_map(|(name, state)| {
             state.targets.iter().find_map(|(port_name, tx)| {
-                tx.borrow()
-                    .endpoints
-                    .iter()
-                    .any(|ep| ep.addr == addr)
-                    .then(|| ServiceRef {
-                        service: service.clone(),
-                        port_name: port_name.clone(),
-                    })
+                let known = tx.borrow().endpoints.iter().any(|ep| ep.addr == addr);
+                let mut target = ServiceRef::parse(name).ok().filter(|_| known)?;
+                target.port_name.clone_from(port_name);
+                Some(target)
             })
         })
     }
@@ -351,7 +349,7 @@ impl Drop for StreamUp<'_> {
 
 /// Keeps one service's watch stream up until `stop`.
 async fn watch_service(
-    service: String,
+    service: ServiceRef,
     proxy: ProxyInfo,
     controllers: Controllers,
     state: Arc<Shared>,
@@ -412,7 +410,7 @@ enum StreamError {
 /// One stream: connect, watch, apply updates until it ends. Returns whether any update
 /// arrived (a stream that delivered something resets the backoff).
 async fn run_stream(
-    service: &str,
+    service: &ServiceRef,
     proxy: &ProxyInfo,
     controllers: &Controllers,
     state: &Shared,
@@ -423,9 +421,11 @@ async fn run_stream(
         status,
     };
     let request = WatchRequest {
-        service: service.to_string(),
+        service: service.service.clone(),
+        namespace: service.namespace.clone(),
         proxy: Some(proxy.clone()),
     };
+    let name = service.name();
     let mut stream = DiscoveryClient::new(channel)
         .watch(request)
         .await
@@ -437,7 +437,7 @@ async fn run_stream(
     while let Some(update) = stream.message().await.map_err(status)? {
         received = true;
         tracing::debug!(%service, version = update.version, "discovery update");
-        if let Some(entry) = state.services().get_mut(service) {
+        if let Some(entry) = state.services().get_mut(&name) {
             entry.apply(update);
         }
     }
@@ -504,7 +504,7 @@ mod tests {
             Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
         }
 
-        /// Knows one address: 10.0.0.9:8080 is `payment:grpc`.
+        /// Knows one address: 10.0.0.9:8080 is `payment.shop:grpc`.
         async fn lookup(
             &self,
             request: Request<LookupRequest>,
@@ -513,6 +513,7 @@ mod tests {
             let answer = if (req.address.as_str(), req.port) == ("10.0.0.9", 8080) {
                 LookupResponse {
                     found: true,
+                    namespace: "shop".into(),
                     service: "payment".into(),
                     port_name: "grpc".into(),
                 }
@@ -634,7 +635,7 @@ mod tests {
         );
         assert_eq!(
             lookup("10.0.0.9:8080").await.unwrap(),
-            Some(ServiceRef::parse("payment:grpc").unwrap())
+            Some(ServiceRef::parse("payment.shop:grpc").unwrap())
         );
         assert_eq!(lookup("10.0.0.9:8081").await.unwrap(), None);
     }

@@ -664,6 +664,7 @@ fn endpoint(config: &RegistrationConfig, port: &RegisteredPort) -> Endpoint {
         weight: 1,
         meshed: true,
         proxy_id: config.proxy.proxy_id.clone(),
+        namespace: config.proxy.namespace.clone(),
     }
 }
 

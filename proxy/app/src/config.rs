@@ -208,7 +208,9 @@ pub struct Config {
     #[arg(long, env = "FERRULE_PROXY_SERVICE", value_parser = parse_service)]
     pub service: Option<String>,
 
-    #[arg(long, env = "FERRULE_PROXY_NAMESPACE", default_value = "default")]
+    /// Namespace of the proxy's service (its registrations and policies). Upstreams and
+    /// static endpoints name services as `name` (default namespace) or `name.namespace`.
+    #[arg(long, env = "FERRULE_PROXY_NAMESPACE", default_value = "default", value_parser = parse_namespace)]
     pub namespace: String,
 
     /// The app's single unnamed port.
@@ -296,6 +298,11 @@ pub enum Mode {
     /// its file or, with a controller, its `Gateway` resource (flags go after `gateway`; see
     /// docs/gateway.md).
     Gateway(crate::gateway::GatewayArgs),
+}
+
+fn parse_namespace(s: &str) -> Result<String, String> {
+    ferrule_proto::names::validate_namespace(s).map_err(|e| e.to_string())?;
+    Ok(s.to_string())
 }
 
 fn parse_service(s: &str) -> Result<String, String> {

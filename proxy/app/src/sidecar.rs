@@ -218,7 +218,13 @@ impl Proxy {
             tokio::spawn(outbound.clone().serve(listener, target));
         }
 
-        let service = config.service.clone().unwrap_or_default();
+        // The app's service by qualified name (`name`, or `name.namespace` outside the
+        // default namespace): the key of its policy and the label of its inbound series.
+        let service = config
+            .service
+            .as_deref()
+            .map(|s| ferrule_proto::names::qualified(&config.namespace, s))
+            .unwrap_or_default();
         let inbound = Inbound::new(
             InboundConfig {
                 detect_timeout: config.common.detect_timeout,

@@ -162,6 +162,7 @@ async fn grpc_unary_streaming_and_errors_through_pair() -> anyhow::Result<()> {
         let updates: Vec<DiscoveryUpdate> = discovery
             .watch(WatchRequest {
                 service: "user".into(),
+                namespace: String::new(),
                 proxy: None,
             })
             .await?
@@ -193,6 +194,7 @@ async fn grpc_unary_streaming_and_errors_through_pair() -> anyhow::Result<()> {
         let mut failing = discovery
             .watch(WatchRequest {
                 service: "missing".into(),
+                namespace: String::new(),
                 proxy: None,
             })
             .await?

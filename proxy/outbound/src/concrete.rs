@@ -321,7 +321,7 @@ impl Concretes {
         let balancer = Balancer::new(endpoints.clone(), self.config.algorithm);
         let name: Arc<str> = target.to_string().into();
         self.metrics.watch_balancer(name.to_string(), &balancer);
-        let guards = Arc::new(GuardsCell::new(target.service.clone()));
+        let guards = Arc::new(GuardsCell::new(target.name()));
         // Weak: the metrics must not keep the service (and its discovery watch) alive.
         let states = Arc::downgrade(&guards);
         self.metrics.watch_breakers(

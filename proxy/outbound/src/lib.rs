@@ -192,7 +192,7 @@ impl Outbound {
                 http,
                 tcp: self.metrics.target(Direction::Outbound, name),
                 policy_metrics: self.policy_metrics.clone(),
-                policy: self.policies.subscribe(&target.service),
+                policy: self.policies.subscribe(&target.name()),
             }
         })
     }

@@ -41,6 +41,7 @@ use ferrule_config::{
     ConfigError, EffectiveCircuitBreaker, EffectivePolicy, GatewaySpec, Resource, Spec,
     ValidationErrors,
 };
+use ferrule_proto::names::qualify;
 use ferrule_proto::v1::ConfigSnapshot;
 
 use breaker::{ConcurrencyLimit, FailureAccrual};
@@ -98,20 +99,29 @@ impl PolicySet {
     pub fn from_resources(version: i64, resources: Vec<Resource>) -> Result<Self, PolicyError> {
         ferrule_config::validate(&resources, None)?;
         let mut services: BTreeMap<String, ServicePolicies> = BTreeMap::new();
+        // Keyed by qualified name: a resource's service names are relative to its namespace.
         // Policies first: routes compile against their service's policy.
         for resource in &resources {
             if let Spec::ServicePolicy(spec) = &resource.spec {
-                services.entry(spec.service.clone()).or_default().policy = Some(spec.effective());
+                let service = qualify(&resource.metadata.namespace, &spec.service);
+                services.entry(service).or_default().policy = Some(spec.effective());
             }
         }
         for resource in &resources {
             if let Spec::HttpRoute(spec) = &resource.spec {
+                let namespace = &resource.metadata.namespace;
+                let mut spec = spec.clone();
+                spec.service = qualify(namespace, &spec.service);
+                for backend in spec.rules.iter_mut().flat_map(|r| r.backends.iter_mut()) {
+                    backend.service = qualify(namespace, &backend.service);
+                }
                 let entry = services.entry(spec.service.clone()).or_default();
                 let parent = entry.policy.as_ref().unwrap_or(&DEFAULT_POLICY);
-                let routes = Routes::compile(spec, parent).map_err(|error| PolicyError::Route {
-                    resource: resource.id().to_string(),
-                    error,
-                })?;
+                let routes =
+                    Routes::compile(&spec, parent).map_err(|error| PolicyError::Route {
+                        resource: resource.id().to_string(),
+                        error,
+                    })?;
                 entry.routes = Some(routes);
             }
         }
@@ -127,7 +137,8 @@ impl PolicySet {
         self.version
     }
 
-    /// What configures `service`, if anything does.
+    /// What configures `service` (its qualified name, see `ferrule_proto::names`), if
+    /// anything does.
     pub fn service(&self, service: &str) -> Option<&ServicePolicies> {
         self.services.get(service)
     }
@@ -345,6 +356,43 @@ mod tests {
         assert_eq!(json["version"], 7);
         assert_eq!(json["resources"][0]["kind"], "HTTPRoute");
         assert_eq!(json["resources"][1]["spec"]["timeouts"]["request"], "3s");
+    }
+
+    /// A resource's names are relative to its namespace: `user` in `shop` is keyed and
+    /// routed as `user.shop`, apart from `user` in `default`.
+    #[test]
+    fn resources_in_a_namespace_configure_that_namespaces_service() {
+        let in_shop = |kind: &str, spec: serde_json::Value| ferrule_proto::v1::Resource {
+            namespace: "shop".into(),
+            ..resource(kind, "user", spec)
+        };
+        let snapshot = ConfigSnapshot {
+            version: 2,
+            subscription: 0,
+            resources: vec![
+                in_shop(
+                    "ServicePolicy",
+                    serde_json::json!({"service": "user", "timeouts": {"request": "4s"}}),
+                ),
+                in_shop(
+                    "HTTPRoute",
+                    serde_json::json!({"service": "user",
+                        "rules": [{"backends": [{"service": "user-v2"}, {"service": "pay.billing"}]}]}),
+                ),
+            ],
+        };
+        let set = PolicySet::from_snapshot(&snapshot).unwrap();
+        assert_eq!(set.policy("user"), &EffectivePolicy::default());
+        assert_eq!(
+            set.policy("user.shop").request_timeout,
+            Some(Duration::from_secs(4))
+        );
+        let routes = set.routes("user.shop").unwrap();
+        let rule = routes
+            .find(&http::Request::get("/").body(()).unwrap())
+            .unwrap();
+        let backends: Vec<_> = rule.backends().iter().map(|b| b.service.as_str()).collect();
+        assert_eq!(backends, ["user-v2.shop", "pay.billing"]);
     }
 
     #[tokio::test(start_paused = true)]

@@ -71,7 +71,7 @@ pub fn stack(
     concretes: Arc<Concretes>,
     metrics: PolicyMetrics,
 ) -> LogicalStack {
-    let guards = Arc::new(GuardsCell::new(target.service.service.clone()));
+    let guards = Arc::new(GuardsCell::new(target.service.name()));
     BoxCloneSyncService::new(
         ServiceBuilder::new()
             .layer(route::RouteLayer::new(

@@ -101,9 +101,9 @@ impl RouteLayer {
     {
         let set = self.policies.borrow().clone();
         let name = &self.target.name;
-        let service = self.target.service.service.as_str();
-        let rule = set.routes(service).and_then(|r| r.find(&req));
-        let policy = set.policy(service);
+        let service = self.target.service.name();
+        let rule = set.routes(&service).and_then(|r| r.find(&req));
+        let policy = set.policy(&service);
         let (retry, request_timeout, per_try_timeout) = match rule {
             Some(rule) => (
                 rule.retry().clone(),
@@ -137,13 +137,13 @@ impl RouteLayer {
         }
         let backend = match rule.and_then(|r| r.pick_backend(&mut rand::rng())) {
             Some(backend) => {
-                let target = ServiceRef {
-                    service: backend.service.clone(),
-                    port_name: backend
-                        .port
-                        .clone()
-                        .unwrap_or_else(|| self.target.service.port_name.clone()),
-                };
+                // The compiled route names its backends by qualified name.
+                let mut target = ServiceRef::parse(&backend.service)
+                    .unwrap_or_else(|_| self.target.service.clone());
+                target.port_name = backend
+                    .port
+                    .clone()
+                    .unwrap_or_else(|| self.target.service.port_name.clone());
                 if target == self.target.service {
                     self.parent.clone()
                 } else {
