@@ -114,6 +114,21 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// How long a CLI command a test runs may take before the test fails.
+pub const COMMAND_BOUND: Duration = Duration::from_secs(60);
+
+/// Runs `cmd` to completion without blocking the test's runtime, killed (and an error) after
+/// [`COMMAND_BOUND`].
+pub async fn output(cmd: std::process::Command) -> anyhow::Result<std::process::Output> {
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    let mut cmd = tokio::process::Command::from(cmd);
+    cmd.kill_on_drop(true);
+    tokio::time::timeout(COMMAND_BOUND, cmd.output())
+        .await
+        .with_context(|| format!("{program} did not finish within {COMMAND_BOUND:?}"))?
+        .with_context(|| format!("running {program}"))
+}
+
 /// Retries `check` until it returns `Some`, for at most `within`; the polling interval is
 /// short because each check is a cheap local read.
 pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut check: F) -> anyhow::Result<T>

@@ -29,14 +29,14 @@ fn status_of(response: &str) -> Result<u16> {
 
 /// Sends `method path` to `admin` from inside `ns` (bash's /dev/tcp: the namespace has no
 /// other client to rely on); returns the status.
-fn from_namespace(ns: &NetNs, admin: SocketAddr, method: &str, path: &str) -> Result<u16> {
+async fn from_namespace(ns: &NetNs, admin: SocketAddr, method: &str, path: &str) -> Result<u16> {
     const SCRIPT: &str = r#"exec 3<>"/dev/tcp/$1/$2" && printf '%s' "$3" >&3 && cat <&3"#;
-    let out = ns
-        .command("timeout")
-        .args(["10", "bash", "-c", SCRIPT, "client"])
+    let mut cmd = ns.command("timeout");
+    cmd.args(["10", "bash", "-c", SCRIPT, "client"])
         .args([admin.ip().to_string(), admin.port().to_string()])
-        .arg(request(method, path))
-        .output()
+        .arg(request(method, path));
+    let out = ferrule_harness::output(cmd)
+        .await
         .context("running the client in the namespace")?;
     if !out.status.success() {
         bail!(
@@ -74,14 +74,14 @@ async fn shutdown_is_refused_from_a_peer_that_is_not_loopback() -> Result<()> {
     let admin = proxy.admin;
 
     assert_eq!(
-        from_namespace(&ns, admin, "POST", "/shutdown")?,
+        from_namespace(&ns, admin, "POST", "/shutdown").await?,
         403,
         "peer {}",
         ns.ns_addr
     );
     assert!(proxy.process.running(), "log:\n{}", proxy.process.log());
     // Reading is anyone's: the same peer may check liveness.
-    assert_eq!(from_namespace(&ns, admin, "GET", "/live")?, 200);
+    assert_eq!(from_namespace(&ns, admin, "GET", "/live").await?, 200);
 
     assert_eq!(from_loopback(admin, "POST", "/shutdown").await?, 200);
     eventually(Duration::from_secs(10), "the proxy to exit", || {

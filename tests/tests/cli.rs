@@ -7,17 +7,17 @@ use std::time::Duration;
 use anyhow::{Result, bail};
 use ferrule_harness::{Controller, Etcd, Process, binary, eventually};
 
-fn ferrule(controller: &Controller, args: &[&str]) -> Result<Output> {
-    Ok(Command::new(binary("ferrule")?)
-        .arg("--controller")
+async fn ferrule(controller: &Controller, args: &[&str]) -> Result<Output> {
+    let mut cmd = Command::new(binary("ferrule")?);
+    cmd.arg("--controller")
         .arg(controller.grpc.to_string())
-        .args(args)
-        .output()?)
+        .args(args);
+    ferrule_harness::output(cmd).await
 }
 
 /// The endpoints of `service` as `ferrule get endpoints -o json` prints them.
-fn endpoints(controller: &Controller, service: &str) -> Result<Vec<(String, u64)>> {
-    let out = ferrule(controller, &["get", "endpoints", service, "-o", "json"])?;
+async fn endpoints(controller: &Controller, service: &str) -> Result<Vec<(String, u64)>> {
+    let out = ferrule(controller, &["get", "endpoints", service, "-o", "json"]).await?;
     if !out.status.success() {
         bail!(
             "get endpoints failed: {}",
@@ -76,15 +76,15 @@ async fn register_then_list_then_stop() -> Result<()> {
     )
     .await?;
     assert_eq!(
-        endpoints(&controller, "user")?,
+        endpoints(&controller, "user").await?,
         [("127.0.0.1".to_string(), 9001)]
     );
-    let out = ferrule(&controller, &["get", "services"])?;
+    let out = ferrule(&controller, &["get", "services"]).await?;
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.contains("NAME") && table.contains("user"), "{table}");
     first.terminate(Duration::from_secs(5)).await?;
     assert!(
-        endpoints(&controller, "user")?.is_empty(),
+        endpoints(&controller, "user").await?.is_empty(),
         "deregistered on SIGTERM"
     );
 
@@ -96,7 +96,7 @@ async fn register_then_list_then_stop() -> Result<()> {
     )
     .await?;
     assert_eq!(
-        endpoints(&controller, "user")?,
+        endpoints(&controller, "user").await?,
         [("127.0.0.1".to_string(), 9002)]
     );
     second.kill();
@@ -104,7 +104,12 @@ async fn register_then_list_then_stop() -> Result<()> {
     eventually(
         Duration::from_secs(4),
         "the endpoint's lease to expire",
-        || async { endpoints(&controller, "user").ok().filter(|e| e.is_empty()) },
+        || async {
+            endpoints(&controller, "user")
+                .await
+                .ok()
+                .filter(|e| e.is_empty())
+        },
     )
     .await?;
     assert!(killed_at.elapsed() <= Duration::from_secs(4));
@@ -127,7 +132,7 @@ async fn bad_input_names_the_argument() -> Result<()> {
         (&["register", "User", "127.0.0.1:9001"], "service"),
     ];
     for (args, named) in cases {
-        let out = ferrule(&controller, args)?;
+        let out = ferrule(&controller, args).await?;
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?} must fail");
         assert!(
@@ -137,13 +142,13 @@ async fn bad_input_names_the_argument() -> Result<()> {
     }
 
     // An unknown service is an empty list, not an error.
-    assert!(endpoints(&controller, "nobody")?.is_empty());
+    assert!(endpoints(&controller, "nobody").await?.is_empty());
 
     // An unreachable controller: one clear line and a non-zero exit.
     let (_refusing, dead) = ferrule_harness::refusing_addr()?;
-    let out = Command::new(binary("ferrule")?)
-        .args(["--controller", &dead.to_string(), "get", "services"])
-        .output()?;
+    let mut cmd = Command::new(binary("ferrule")?);
+    cmd.args(["--controller", &dead.to_string(), "get", "services"]);
+    let out = ferrule_harness::output(cmd).await?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
     assert!(

@@ -46,12 +46,12 @@ spec:
   service: web-v2
 ";
 
-fn ferrule(controller: &Controller, args: &[&str]) -> Result<Output> {
-    Ok(Command::new(binary("ferrule")?)
-        .arg("--controller")
+async fn ferrule(controller: &Controller, args: &[&str]) -> Result<Output> {
+    let mut cmd = Command::new(binary("ferrule")?);
+    cmd.arg("--controller")
         .arg(controller.grpc.to_string())
-        .args(args)
-        .output()?)
+        .args(args);
+    ferrule_harness::output(cmd).await
 }
 
 fn ok(out: Output) -> Result<String> {
@@ -73,9 +73,11 @@ fn write(dir: &Path, name: &str, text: &str) -> Result<String> {
 }
 
 /// The stored config as JSON: (version, resource count).
-fn stored(controller: &Controller) -> Result<(i64, usize)> {
+async fn stored(controller: &Controller) -> Result<(i64, usize)> {
     let doc: serde_json::Value =
-        serde_json::from_str(&ok(ferrule(controller, &["get", "config", "-o", "json"])?)?)?;
+        serde_json::from_str(&ok(
+            ferrule(controller, &["get", "config", "-o", "json"]).await?
+        )?)?;
     Ok((
         doc["version"].as_i64().unwrap_or(-1),
         doc["resources"].as_array().map_or(0, Vec::len),
@@ -93,16 +95,20 @@ async fn apply_get_diff_history_rollback_delete() -> Result<()> {
         &format!("{POLICY}---\n{CANARY}---\n{ROUTE}"),
     )?;
 
-    let out = ok(ferrule(&controller, &["apply", "-f", &both, "--dry-run"])?)?;
+    let out = ok(ferrule(&controller, &["apply", "-f", &both, "--dry-run"]).await?)?;
     assert!(
         out.contains("ServicePolicy/default/web created (dry run)"),
         "{out}"
     );
-    assert_eq!(stored(&controller)?, (0, 0), "a dry run stores nothing");
+    assert_eq!(
+        stored(&controller).await?,
+        (0, 0),
+        "a dry run stores nothing"
+    );
 
-    let out = ok(ferrule(&controller, &["apply", "-f", &both])?)?;
+    let out = ok(ferrule(&controller, &["apply", "-f", &both]).await?)?;
     assert!(out.contains("HTTPRoute/default/web-split created"), "{out}");
-    let (v1, n) = stored(&controller)?;
+    let (v1, n) = stored(&controller).await?;
     assert_eq!(n, 3);
     assert!(v1 > 0);
 
@@ -110,23 +116,27 @@ async fn apply_get_diff_history_rollback_delete() -> Result<()> {
     let yaml = ok(ferrule(
         &controller,
         &["get", "config", "ServicePolicy", "web", "-o", "yaml"],
-    )?)?;
+    )
+    .await?)?;
     let again = write(dir.path(), "again.yaml", &yaml)?;
-    let out = ok(ferrule(&controller, &["apply", "-f", &again])?)?;
+    let out = ok(ferrule(&controller, &["apply", "-f", &again]).await?)?;
     assert!(out.contains("unchanged"), "{out}");
     assert_eq!(
-        stored(&controller)?.0,
+        stored(&controller).await?.0,
         v1,
         "an unchanged apply keeps the version"
     );
 
     // diff: in sync → 0; a change → 1 with the changed line.
     assert_eq!(
-        ferrule(&controller, &["diff", "-f", &both])?.status.code(),
+        ferrule(&controller, &["diff", "-f", &both])
+            .await?
+            .status
+            .code(),
         Some(0)
     );
     let changed = write(dir.path(), "changed.yaml", &POLICY.replace("2s", "5s"))?;
-    let out = ferrule(&controller, &["diff", "-f", &changed])?;
+    let out = ferrule(&controller, &["diff", "-f", &changed]).await?;
     assert_eq!(out.status.code(), Some(1));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -134,28 +144,26 @@ async fn apply_get_diff_history_rollback_delete() -> Result<()> {
         "{text}"
     );
 
-    let out = ok(ferrule(&controller, &["apply", "-f", &changed])?)?;
+    let out = ok(ferrule(&controller, &["apply", "-f", &changed]).await?)?;
     assert!(
         out.contains("ServicePolicy/default/web configured"),
         "{out}"
     );
-    let (v2, _) = stored(&controller)?;
+    let (v2, _) = stored(&controller).await?;
     assert!(v2 > v1);
 
     let history: serde_json::Value = serde_json::from_str(&ok(ferrule(
         &controller,
         &["history", "ServicePolicy/web", "-o", "json"],
-    )?)?)?;
+    )
+    .await?)?)?;
     let versions: Vec<i64> = history["changes"]
         .as_array()
         .map(|a| a.iter().filter_map(|c| c["version"].as_i64()).collect())
         .unwrap_or_default();
     assert_eq!(versions, [v1, v2]);
 
-    let out = ok(ferrule(
-        &controller,
-        &["rollback", "--to", &v1.to_string()],
-    )?)?;
+    let out = ok(ferrule(&controller, &["rollback", "--to", &v1.to_string()]).await?)?;
     assert!(
         out.contains("ServicePolicy/default/web configured"),
         "{out}"
@@ -163,13 +171,17 @@ async fn apply_get_diff_history_rollback_delete() -> Result<()> {
     let yaml = ok(ferrule(
         &controller,
         &["get", "config", "servicepolicy", "web", "-o", "yaml"],
-    )?)?;
+    )
+    .await?)?;
     assert!(yaml.contains("request: 2s"), "rolled back: {yaml}");
-    assert!(stored(&controller)?.0 > v2, "a rollback is a new version");
+    assert!(
+        stored(&controller).await?.0 > v2,
+        "a rollback is a new version"
+    );
 
-    ok(ferrule(&controller, &["delete", "httproute", "web-split"])?)?;
-    assert_eq!(stored(&controller)?.1, 2);
-    let out = ferrule(&controller, &["delete", "httproute", "web-split"])?;
+    ok(ferrule(&controller, &["delete", "httproute", "web-split"]).await?)?;
+    assert_eq!(stored(&controller).await?.1, 2);
+    let out = ferrule(&controller, &["delete", "httproute", "web-split"]).await?;
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
     Ok(())
@@ -180,8 +192,8 @@ async fn invalid_resources_are_refused_naming_the_field() -> Result<()> {
     let controller = Controller::start("memory").await?;
     let dir = tempfile::tempdir()?;
     let good = write(dir.path(), "good.yaml", &format!("{POLICY}---\n{CANARY}"))?;
-    ok(ferrule(&controller, &["apply", "-f", &good])?)?;
-    let before = stored(&controller)?;
+    ok(ferrule(&controller, &["apply", "-f", &good]).await?)?;
+    let before = stored(&controller).await?;
 
     let two_rules = ROUTE.replace(
         "        - {service: web-v2, weight: 10}\n",
@@ -228,7 +240,7 @@ async fn invalid_resources_are_refused_naming_the_field() -> Result<()> {
         let file = write(dir.path(), "bad.yaml", &yaml)?;
         // Pair each bad document with a good one: the batch is all or nothing.
         let extra = write(dir.path(), "extra.yaml", &POLICY.replace("2s", "9s"))?;
-        let out = ferrule(&controller, &["apply", "-f", &extra, "-f", &file])?;
+        let out = ferrule(&controller, &["apply", "-f", &extra, "-f", &file]).await?;
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{what} must be refused");
         assert!(
@@ -236,7 +248,7 @@ async fn invalid_resources_are_refused_naming_the_field() -> Result<()> {
             "{what}: the error should name {field}: {stderr}"
         );
         assert_eq!(
-            stored(&controller)?,
+            stored(&controller).await?,
             before,
             "{what}: nothing stored, version unchanged"
         );

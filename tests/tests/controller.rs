@@ -313,9 +313,9 @@ async fn bad_input_is_refused_clearly() -> Result<()> {
         err.message()
     );
 
-    let output = std::process::Command::new(ferrule_harness::binary("ferrule-controller")?)
-        .args(["--store", "etcd:/oops"])
-        .output()?;
+    let mut cmd = std::process::Command::new(ferrule_harness::binary("ferrule-controller")?);
+    cmd.args(["--store", "etcd:/oops"]);
+    let output = ferrule_harness::output(cmd).await?;
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(

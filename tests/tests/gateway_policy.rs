@@ -38,20 +38,19 @@ routes:
     public: true
 ";
 
-fn ferrule(controller: &Controller, args: &[&str]) -> std::process::Output {
-    Command::new(binary("ferrule").expect("ferrule is built"))
-        .arg("--controller")
+async fn ferrule(controller: &Controller, args: &[&str]) -> std::process::Output {
+    let mut cmd = Command::new(binary("ferrule").expect("ferrule is built"));
+    cmd.arg("--controller")
         .arg(controller.grpc.to_string())
-        .args(args)
-        .output()
-        .expect("ferrule runs")
+        .args(args);
+    ferrule_harness::output(cmd).await.expect("ferrule runs")
 }
 
 /// Applies `yaml`; returns the stored config version.
-fn apply(controller: &Controller, dir: &Path, yaml: &str) -> Result<i64> {
+async fn apply(controller: &Controller, dir: &Path, yaml: &str) -> Result<i64> {
     let path = dir.join("config.yaml");
     std::fs::write(&path, yaml)?;
-    let out = ferrule(controller, &["apply", "-f", &path.display().to_string()]);
+    let out = ferrule(controller, &["apply", "-f", &path.display().to_string()]).await;
     if !out.status.success() {
         bail!(
             "ferrule apply failed: {}{}",
@@ -59,14 +58,14 @@ fn apply(controller: &Controller, dir: &Path, yaml: &str) -> Result<i64> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let out = ferrule(controller, &["get", "config", "-o", "json"]);
+    let out = ferrule(controller, &["get", "config", "-o", "json"]).await;
     let doc: Value = serde_json::from_slice(&out.stdout)?;
     doc["version"].as_i64().context("stored version")
 }
 
 /// The gateway's row of `ferrule status -o json`.
-fn gateway_status(controller: &Controller) -> Option<Value> {
-    let out = ferrule(controller, &["status", "-o", "json"]);
+async fn gateway_status(controller: &Controller) -> Option<Value> {
+    let out = ferrule(controller, &["status", "-o", "json"]).await;
     let doc: Value = serde_json::from_slice(&out.stdout).ok()?;
     doc["proxies"]
         .as_array()?
@@ -154,8 +153,8 @@ impl Mesh {
         Ok(statuses)
     }
 
-    fn apply(&self, yaml: &str) -> Result<i64> {
-        apply(&self.controller, self.dir.path(), yaml)
+    async fn apply(&self, yaml: &str) -> Result<i64> {
+        apply(&self.controller, self.dir.path(), yaml).await
     }
 
     /// Waits until the gateway runs config `version` (its admin `/config`).
@@ -210,7 +209,7 @@ async fn a_gateway_resource_is_applied_live_and_acked() -> Result<()> {
     assert_eq!(mesh.get("/limited/x").await?.status, 404, "not in the file");
 
     // Applied: the new route and its limit take effect without a restart.
-    let version = mesh.apply(&gateway_resource(LIMITED))?;
+    let version = mesh.apply(&gateway_resource(LIMITED)).await?;
     let config = mesh.wait_version(version).await?;
     assert_eq!(config["gateway"]["origin"]["from"], "resource", "{config}");
     let statuses = mesh.statuses(3, "/limited/x").await?;
@@ -218,7 +217,7 @@ async fn a_gateway_resource_is_applied_live_and_acked() -> Result<()> {
     assert_eq!(statuses[2], 429, "the burst of 2 is spent: {statuses:?}");
     assert_eq!(mesh.get("/api/users/1").await?.status, 200);
     eventually(WAIT, "ferrule status shows the gateway acked", || async {
-        let row = gateway_status(&mesh.controller)?;
+        let row = gateway_status(&mesh.controller).await?;
         (row["acked_version"].as_i64() == Some(version) && row["service"] == "gateway")
             .then_some(())
     })
@@ -231,7 +230,8 @@ async fn a_gateway_resource_is_applied_live_and_acked() -> Result<()> {
     let out = ferrule(
         &mesh.controller,
         &["apply", "-f", &path.display().to_string()],
-    );
+    )
+    .await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(
@@ -244,9 +244,9 @@ async fn a_gateway_resource_is_applied_live_and_acked() -> Result<()> {
     let unusable = format!(
         "  jwt:\n    providers:\n      - name: partners\n        hs256SecretFile: /nonexistent/ferrule-key\n{LIMITED}"
     );
-    let nacked = mesh.apply(&gateway_resource(&unusable))?;
+    let nacked = mesh.apply(&gateway_resource(&unusable)).await?;
     let row = eventually(WAIT, "the gateway nacks the unusable version", || async {
-        let row = gateway_status(&mesh.controller)?;
+        let row = gateway_status(&mesh.controller).await?;
         (row["nacked_version"].as_i64() == Some(nacked)).then_some(row)
     })
     .await?;
@@ -265,8 +265,9 @@ async fn user_policies_apply_through_the_gateway() -> Result<()> {
     let mesh = Mesh::start().await?;
 
     // An HTTPRoute aborting half the requests to `user`.
-    let version = mesh.apply(
-        "\
+    let version = mesh
+        .apply(
+            "\
 apiVersion: ferrule.io/v1
 kind: HTTPRoute
 metadata:
@@ -278,7 +279,8 @@ spec:
       fault:
         abort: {status: 503, percent: 50}
 ",
-    )?;
+        )
+        .await?;
     mesh.wait_version(version).await?;
     let statuses = mesh.statuses(40, "/api/users/1").await?;
     let aborted = statuses.iter().filter(|s| **s == 503).count();
@@ -301,13 +303,15 @@ spec:
 {extra}"
         )
     };
-    let out = ferrule(&mesh.controller, &["delete", "httproute", "user"]);
+    let out = ferrule(&mesh.controller, &["delete", "httproute", "user"]).await;
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let version = mesh.apply(&policy("  timeouts: {request: 300ms}\n"))?;
+    let version = mesh
+        .apply(&policy("  timeouts: {request: 300ms}\n"))
+        .await?;
     mesh.wait_version(version).await?;
     mesh.user.set_delay(Duration::from_secs(3));
     let reply = mesh.get("/api/users/1").await?;
@@ -319,7 +323,7 @@ spec:
     // the gateway succeeds.
     let version = mesh.apply(&policy(
         "  retries:\n    maxAttempts: 10\n    retryOn: {statusCodes: [503]}\n    backoff: {base: 1ms, max: 2ms}\n    budget: {ratio: 1.0, minPerSecond: 100, window: 10s}\n  circuitBreaker: {consecutiveFailures: 0}\n",
-    ))?;
+    )).await?;
     mesh.wait_version(version).await?;
     mesh.user.set_fail_per_mille(500);
     let before = mesh.user.requests();

@@ -18,12 +18,12 @@ use hyper_util::rt::TokioIo;
 
 const WAIT: Duration = Duration::from_secs(15);
 
-fn ferrule(controller: &Controller, args: &[&str]) -> Result<String> {
-    let out = Command::new(binary("ferrule")?)
-        .arg("--controller")
+async fn ferrule(controller: &Controller, args: &[&str]) -> Result<String> {
+    let mut cmd = Command::new(binary("ferrule")?);
+    cmd.arg("--controller")
         .arg(controller.grpc.to_string())
-        .args(args)
-        .output()?;
+        .args(args);
+    let out = ferrule_harness::output(cmd).await?;
     if !out.status.success() {
         bail!(
             "ferrule {args:?} failed: {}{}",
@@ -35,12 +35,12 @@ fn ferrule(controller: &Controller, args: &[&str]) -> Result<String> {
 }
 
 /// Applies `yaml` and returns the stored config version.
-fn apply(controller: &Controller, dir: &Path, yaml: &str) -> Result<i64> {
+async fn apply(controller: &Controller, dir: &Path, yaml: &str) -> Result<i64> {
     let path = dir.join("config.yaml");
     std::fs::write(&path, yaml)?;
-    ferrule(controller, &["apply", "-f", &path.display().to_string()])?;
+    ferrule(controller, &["apply", "-f", &path.display().to_string()]).await?;
     let doc: serde_json::Value =
-        serde_json::from_str(&ferrule(controller, &["get", "config", "-o", "json"])?)?;
+        serde_json::from_str(&ferrule(controller, &["get", "config", "-o", "json"]).await?)?;
     doc["version"].as_i64().context("stored version")
 }
 
@@ -176,7 +176,7 @@ impl Mesh {
 
     /// Applies `yaml` and waits until the client proxy runs it.
     async fn apply(&self, yaml: &str) -> Result<i64> {
-        let version = apply(&self.controller, self.dir.path(), yaml)?;
+        let version = apply(&self.controller, self.dir.path(), yaml).await?;
         wait_version(&self.client, version).await?;
         Ok(version)
     }
@@ -382,7 +382,8 @@ spec:
         let controller = &mesh.controller;
         move || async move {
             let doc: serde_json::Value =
-                serde_json::from_str(&ferrule(controller, &["status", "-o", "json"]).ok()?).ok()?;
+                serde_json::from_str(&ferrule(controller, &["status", "-o", "json"]).await.ok()?)
+                    .ok()?;
             let proxies = doc["proxies"].as_array()?;
             (doc["config_version"].as_i64() == Some(version)
                 && proxies.len() == 5
@@ -392,19 +393,15 @@ spec:
             .then_some(())
         }
     };
-    let doc: serde_json::Value = serde_json::from_str(&ferrule(
-        &mesh.controller,
-        &["get", "config", "-o", "json"],
-    )?)?;
+    let doc: serde_json::Value =
+        serde_json::from_str(&ferrule(&mesh.controller, &["get", "config", "-o", "json"]).await?)?;
     let current = doc["version"].as_i64().context("version")?;
     eventually(WAIT, "every proxy acked the route", in_sync(current)).await?;
     wait_version(&mesh.client, current).await?;
 
-    ferrule(&mesh.controller, &["rollback", "--to", &first.to_string()])?;
-    let doc: serde_json::Value = serde_json::from_str(&ferrule(
-        &mesh.controller,
-        &["get", "config", "-o", "json"],
-    )?)?;
+    ferrule(&mesh.controller, &["rollback", "--to", &first.to_string()]).await?;
+    let doc: serde_json::Value =
+        serde_json::from_str(&ferrule(&mesh.controller, &["get", "config", "-o", "json"]).await?)?;
     let rolled_back = doc["version"].as_i64().context("version")?;
     assert!(rolled_back > current);
     eventually(WAIT, "every proxy acked the rollback", in_sync(rolled_back)).await?;

@@ -406,10 +406,10 @@ async fn the_shop_walkthrough_through_dev_up() -> Result<()> {
         "apiVersion: ferrule.io/v1\nkind: HTTPRoute\nmetadata: {name: user}\nspec:\n  service: user\n  rules:\n    - name: chaos\n      fault: {abort: {status: 503}}\n",
     )?;
     let controller = mesh.state["controller"].as_str().context("controller")?;
-    let out = Command::new(binary("ferrule")?)
-        .args(["--controller", controller, "apply", "-f"])
-        .arg(&route)
-        .output()?;
+    let mut cmd = Command::new(binary("ferrule")?);
+    cmd.args(["--controller", controller, "apply", "-f"])
+        .arg(&route);
+    let out = ferrule_harness::output(cmd).await?;
     ensure!(
         out.status.success(),
         "ferrule apply: {}",

@@ -274,10 +274,11 @@ impl PolicyClient {
             .clone()
     }
 
-    /// The admin `/config` view: `{"version", "resources", "lastNack"}`.
+    /// The admin `/config` view: `{"version", "resources", "lastNack", "subscribed"}`.
     pub fn to_json(&self) -> serde_json::Value {
         let mut json = self.current().to_json();
         json["lastNack"] = serde_json::to_value(self.last_nack()).unwrap_or_default();
+        json["subscribed"] = serde_json::to_value(self.subscribed()).unwrap_or_default();
         json
     }
 }
@@ -669,6 +670,7 @@ mod tests {
             Some(Duration::from_secs(3))
         );
         assert_eq!(client.subscribed(), ["user"]);
+        assert_eq!(client.to_json()["subscribed"], serde_json::json!(["user"]));
 
         // One guard of two dropped: still subscribed. The last one: unsubscribed.
         drop(again);
