@@ -237,3 +237,180 @@ async fn forward(
         ),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use ferrule_config::{CircuitBreaker, ServicePolicySpec};
+    use ferrule_proto::v1::Endpoint;
+    use ferrule_proxy_core::metrics::Direction;
+    use ferrule_proxy_policy::balance::Algorithm;
+    use ferrule_proxy_policy::breaker::FailureAccrual;
+    use ferrule_proxy_policy::endpoint::EndpointTarget;
+    use ferrule_proxy_transport::client::{ClientConfig, Clients};
+    use ferrule_proxy_transport::metrics::PoolMetrics;
+    use tokio::time::Instant;
+
+    use super::*;
+    use crate::endpoint::EndpointConnector;
+
+    fn endpoints(ports: &[u32]) -> Endpoints {
+        let eps: Vec<Endpoint> = ports
+            .iter()
+            .map(|&port| Endpoint {
+                service: "user".into(),
+                address: "127.0.0.1".into(),
+                port,
+                ..Default::default()
+            })
+            .collect();
+        Endpoints {
+            version: 1,
+            endpoints: EndpointTarget::resolve_all(&eps),
+            synced: true,
+        }
+    }
+
+    fn accrual(consecutive_failures: u32) -> FailureAccrual {
+        let policy = ServicePolicySpec {
+            circuit_breaker: Some(CircuitBreaker {
+                consecutive_failures: Some(consecutive_failures),
+                max_ejection_percent: Some(100),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+        .effective();
+        FailureAccrual::new(&policy.circuit_breaker)
+    }
+
+    /// A balancer over `initial`, waiting at most `wait`.
+    fn balance(
+        initial: Endpoints,
+        wait: Duration,
+        accrual: FailureAccrual,
+    ) -> (watch::Sender<Endpoints>, Balance) {
+        let (tx, rx) = watch::channel(initial);
+        let target = Arc::new(BalanceTarget {
+            service: ServiceRef::parse("user").unwrap(),
+            name: "user".into(),
+            balancer: Balancer::new(rx.clone(), Algorithm::RoundRobin),
+            endpoints: rx,
+            wait,
+        });
+        let clients = Clients::new(
+            Direction::Outbound,
+            ClientConfig {
+                connect_timeout: Duration::from_secs(1),
+                idle_timeout: Duration::from_secs(1),
+            },
+            &PoolMetrics::default(),
+        );
+        let endpoints = NewEndpoint::new(
+            accrual,
+            EndpointConnector::new(clients),
+            Duration::from_secs(1),
+        );
+        (tx, Balance::new(target, endpoints))
+    }
+
+    fn key(port: u32) -> Arc<str> {
+        endpoints(&[port]).endpoints[0].key.clone()
+    }
+
+    fn picked_port(balance: &Balance) -> Option<u32> {
+        match &balance.state {
+            State::Picked(pick) => Some(pick.endpoint().port()),
+            _ => None,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn readiness_waits_for_discovery_then_holds_the_pick() {
+        let unsynced = Endpoints::default();
+        let (tx, mut balance) = balance(unsynced, Duration::from_secs(5), accrual(5));
+        let waiting = tokio::spawn(async move {
+            let ready = balance.ready().await.map(|_| ()).map_err(|e| e.reason);
+            (ready, balance)
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!waiting.is_finished(), "ready with no endpoint");
+        tx.send_replace(endpoints(&[9]));
+        let (ready, balance) = waiting.await.unwrap();
+        ready.unwrap();
+        assert_eq!(picked_port(&balance), Some(9));
+        // A clone picks for itself.
+        assert_eq!(picked_port(&balance.clone()), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn readiness_fails_with_the_reason_after_the_bounded_wait() {
+        let (_tx, mut unknown) =
+            balance(Endpoints::default(), Duration::from_millis(300), accrual(5));
+        let start = Instant::now();
+        let error = unknown.ready().await.err().unwrap();
+        assert_eq!(error.reason, Reason::NoEndpoints);
+        assert_eq!(Instant::now() - start, Duration::from_millis(300));
+
+        // Discovery answered, with no instance: the service is unknown.
+        let (_tx, mut none) = balance(endpoints(&[]), Duration::from_millis(300), accrual(5));
+        assert_eq!(
+            none.ready().await.err().unwrap().reason,
+            Reason::UnknownService
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ejected_endpoints_are_not_picked_and_all_ejected_fails_at_once() {
+        let breakers = accrual(1);
+        let (_tx, mut balance) =
+            balance(endpoints(&[1, 2]), Duration::from_secs(5), breakers.clone());
+        balance.ready().await.unwrap();
+        let first = picked_port(&balance).unwrap();
+        breakers.try_acquire(&key(first)).unwrap().failure();
+        for _ in 0..4 {
+            let mut next = balance.clone();
+            next.ready().await.unwrap();
+            assert_ne!(
+                picked_port(&next),
+                Some(first),
+                "an ejected endpoint was picked"
+            );
+        }
+        let other = if first == 1 { 2 } else { 1 };
+        breakers.try_acquire(&key(other)).unwrap().failure();
+        let start = Instant::now();
+        let mut next = balance.clone();
+        assert_eq!(
+            next.ready().await.err().unwrap().reason,
+            Reason::BreakerOpen
+        );
+        assert_eq!(Instant::now(), start, "waited for an ejected endpoint");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_for_endpoints_is_bounded() {
+        let (_tx, balance) = balance(Endpoints::default(), Duration::from_secs(5), accrual(5));
+        let waiters: Vec<_> = (0..MAX_WAITING)
+            .map(|_| {
+                let mut waiter = balance.clone();
+                tokio::spawn(async move { waiter.ready().await.map(|_| ()).map_err(|e| e.reason) })
+            })
+            .collect();
+        // Let every waiter register.
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let mut one_more = balance.clone();
+        let start = Instant::now();
+        let error = one_more.ready().await.err().unwrap();
+        assert_eq!(error.reason, Reason::Overloaded);
+        assert!(
+            error.message.contains("requests already wait"),
+            "{}",
+            error.message
+        );
+        assert_eq!(Instant::now(), start, "waited past MAX_WAITING");
+        for waiter in waiters {
+            assert_eq!(waiter.await.unwrap(), Err(Reason::NoEndpoints));
+        }
+    }
+}

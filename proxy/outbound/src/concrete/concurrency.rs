@@ -101,3 +101,108 @@ where
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use futures::FutureExt;
+    use tokio::sync::watch;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    /// A service whose calls answer once `open` is true.
+    fn gated(
+        open: watch::Receiver<bool>,
+    ) -> impl Service<
+        (),
+        Response = (),
+        Error = ProxyError,
+        Future = BoxFuture<'static, Result<(), ProxyError>>,
+    > + Clone {
+        tower::service_fn(move |()| {
+            let mut open = open.clone();
+            let answer: BoxFuture<'static, Result<(), ProxyError>> = Box::pin(async move {
+                let _ = open.wait_for(|open| *open).await;
+                Ok(())
+            });
+            answer
+        })
+    }
+
+    #[tokio::test]
+    async fn poll_ready_waits_for_a_slot_and_fails_fast_past_max_pending() {
+        let (release, open) = watch::channel(false);
+        let limit = ConcurrencyLimit::new(Some(1), Some(1));
+        let layer = ConcurrencyLimitLayer::new("user".into(), limit.clone());
+        let mut first = layer.layer(gated(open));
+        let mut second = first.clone();
+        let mut third = first.clone();
+
+        // The first request takes the only slot in poll_ready and holds it while in flight.
+        first.ready().await.unwrap();
+        let in_flight = tokio::spawn(first.call(()));
+
+        // The second is not ready: it waits, counted as pending.
+        assert!(
+            second.ready().now_or_never().is_none(),
+            "ready without a slot"
+        );
+        assert_eq!(limit.pending(), 1);
+
+        // The queue (maxPending 1) is full: the third fails at once, saying why.
+        let error = third
+            .ready()
+            .now_or_never()
+            .expect("failed fast")
+            .err()
+            .unwrap();
+        assert_eq!(error.reason, Reason::Overloaded);
+        assert!(
+            error.message.contains("1 requests in flight and 1 waiting"),
+            "{}",
+            error.message
+        );
+
+        // The first response frees the slot: the waiting request becomes ready.
+        release.send_replace(true);
+        tokio::time::timeout(Duration::from_secs(5), in_flight)
+            .await
+            .expect("the first request never finished")
+            .unwrap()
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), second.ready())
+            .await
+            .expect("the waiting request never got the slot")
+            .unwrap();
+        assert_eq!(limit.pending(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_waiter_leaves_the_queue_and_a_dropped_permit_frees_the_slot() {
+        let (_release, open) = watch::channel(false);
+        let limit = ConcurrencyLimit::new(Some(1), Some(1));
+        let layer = ConcurrencyLimitLayer::new("user".into(), limit.clone());
+        let mut holder = layer.layer(gated(open));
+        holder.ready().await.unwrap();
+
+        let mut waiter = holder.clone();
+        assert!(waiter.ready().now_or_never().is_none());
+        assert_eq!(limit.pending(), 1);
+        drop(waiter);
+        assert_eq!(
+            limit.pending(),
+            0,
+            "a dropped waiter still counts as pending"
+        );
+
+        // Ready but never called: dropping the service frees its slot.
+        let mut next = holder.clone();
+        drop(holder);
+        tokio::time::timeout(Duration::from_secs(5), next.ready())
+            .await
+            .expect("the slot of a dropped service was never freed")
+            .unwrap();
+    }
+}

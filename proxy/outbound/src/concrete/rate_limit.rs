@@ -95,3 +95,59 @@ where
         self.inner.call(req)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use ferrule_config::EffectiveRateLimit;
+    use ferrule_proxy_core::metrics::Metrics;
+    use futures::FutureExt;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn poll_ready_takes_a_token_or_refuses_before_the_layers_below() {
+        let limiter = RateLimiter::new(EffectiveRateLimit {
+            requests_per_second: 1,
+            burst: 1,
+        });
+        let layer = RateLimitLayer::new(
+            "user".into(),
+            Some(Arc::new(limiter)),
+            PolicyMetrics::register(&Metrics::new()),
+        );
+        let readied = Arc::new(AtomicUsize::new(0));
+        let inner = {
+            let readied = readied.clone();
+            tower::service_fn(move |()| {
+                readied.fetch_add(1, Ordering::Relaxed);
+                std::future::ready(Ok::<_, ProxyError>(()))
+            })
+        };
+        let mut first = layer.layer(inner);
+        let mut second = first.clone();
+        first.ready().await.unwrap();
+        first.call(()).await.unwrap();
+
+        let error = second
+            .ready()
+            .now_or_never()
+            .expect("refused at once")
+            .err()
+            .unwrap();
+        assert_eq!(error.reason, Reason::RateLimited);
+        assert_eq!(
+            readied.load(Ordering::Relaxed),
+            1,
+            "a refused request went on"
+        );
+
+        // The bucket refills: the next request is admitted.
+        tokio::time::advance(std::time::Duration::from_secs(1)).await;
+        second.ready().await.unwrap();
+        second.call(()).await.unwrap();
+        assert_eq!(readied.load(Ordering::Relaxed), 2);
+    }
+}

@@ -83,3 +83,103 @@ where
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use ferrule_config::{CircuitBreaker, ServicePolicySpec};
+    use ferrule_proxy_core::body;
+    use futures::FutureExt;
+    use http::StatusCode;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    fn answering(
+        status: StatusCode,
+    ) -> impl Service<
+        (),
+        Response = Response<BoxBody>,
+        Error = EndpointError,
+        Future = std::future::Ready<Result<Response<BoxBody>, EndpointError>>,
+    > + Clone {
+        tower::service_fn(move |()| {
+            let mut rsp = Response::new(body::empty());
+            *rsp.status_mut() = status;
+            std::future::ready(Ok(rsp))
+        })
+    }
+
+    fn accrual(consecutive_failures: u32) -> FailureAccrual {
+        let policy = ServicePolicySpec {
+            circuit_breaker: Some(CircuitBreaker {
+                consecutive_failures: Some(consecutive_failures),
+                max_ejection_percent: Some(100),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+        .effective();
+        let accrual = FailureAccrual::new(&policy.circuit_breaker);
+        accrual.set_endpoints(["ep".to_string()]);
+        accrual
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn outcomes_are_recorded_and_an_ejected_endpoint_is_not_ready() {
+        let breaker = accrual(2);
+        let ok = Accrual::new(breaker.clone(), "ep".into(), answering(StatusCode::OK));
+        let failing = Accrual::new(
+            breaker.clone(),
+            "ep".into(),
+            answering(StatusCode::BAD_GATEWAY),
+        );
+
+        failing.clone().oneshot(()).await.unwrap();
+        // A success in between resets the count: two more failures are needed.
+        ok.clone().oneshot(()).await.unwrap();
+        failing.clone().oneshot(()).await.unwrap();
+        assert!(breaker.is_available("ep"));
+        failing.clone().oneshot(()).await.unwrap();
+        assert!(
+            !breaker.is_available("ep"),
+            "two failures in a row did not eject"
+        );
+
+        let mut next = ok.clone();
+        let refused = next.ready().now_or_never().expect("refused at once");
+        assert!(matches!(refused, Err(EndpointError::Ejected)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn readiness_claims_the_single_probe_and_dropping_it_frees_the_probe() {
+        let breaker = accrual(1);
+        let ok = Accrual::new(breaker.clone(), "ep".into(), answering(StatusCode::OK));
+        let failing = Accrual::new(
+            breaker.clone(),
+            "ep".into(),
+            answering(StatusCode::INTERNAL_SERVER_ERROR),
+        );
+        failing.clone().oneshot(()).await.unwrap();
+        // Past the default base ejection time: half-open.
+        tokio::time::advance(std::time::Duration::from_secs(31)).await;
+
+        let mut probe = ok.clone();
+        probe.ready().await.unwrap();
+        let mut other = ok.clone();
+        assert!(
+            matches!(
+                other.ready().now_or_never(),
+                Some(Err(EndpointError::Ejected))
+            ),
+            "a second probe"
+        );
+
+        // A probe dropped before its outcome proved nothing: the next request probes.
+        drop(probe);
+        let mut probe = ok.clone();
+        probe.ready().await.unwrap();
+        probe.call(()).await.unwrap();
+        assert!(breaker.is_available("ep"));
+        ok.clone().oneshot(()).await.unwrap();
+    }
+}
