@@ -419,13 +419,6 @@ impl ConcurrencyLimit {
         Self::new(config.max_concurrent_requests, config.max_pending)
     }
 
-    /// A slot for one request: at once if one is free, after waiting if the queue has room,
-    /// else [`Overloaded`] at once.
-    pub async fn acquire(&self) -> Result<ConcurrencyPermit, Overloaded> {
-        let mut acquire = self.acquirer();
-        std::future::poll_fn(|cx| acquire.poll_acquire(cx)).await
-    }
-
     /// The state of one request's wait for a slot, for a service's `poll_ready`.
     pub fn acquirer(&self) -> Acquire {
         Acquire {
@@ -540,6 +533,14 @@ mod tests {
 
     fn state(b: &FailureAccrual, ep: &str) -> EndpointState {
         b.states().into_iter().find(|(k, _)| k == ep).unwrap().1
+    }
+
+    impl ConcurrencyLimit {
+        /// A slot for one request, as a service's `poll_ready` gets it.
+        async fn acquire(&self) -> Result<ConcurrencyPermit, Overloaded> {
+            let mut acquire = self.acquirer();
+            std::future::poll_fn(|cx| acquire.poll_acquire(cx)).await
+        }
     }
 
     async fn advance(d: Duration) {
