@@ -2,9 +2,9 @@
 //!
 //! A request goes through, in order: observe (metrics, access log) → respond (proxy errors
 //! become explained responses) → the logical level ([`super::logical`]: route → request
-//! timeout → retry) → the concrete backend the route chose ([`super::concrete`]: rate limit,
-//! concurrency limit, balancer with failure accrual) → endpoint (the connection, see
-//! [`super::endpoint`]).
+//! timeout → retry) → the concrete backend the route chose ([`super::concrete`]: rate limit →
+//! concurrency limit → balancer) → the endpoint it picked ([`super::endpoint`]: failure
+//! accrual → connection).
 
 use std::sync::Arc;
 

@@ -3,9 +3,9 @@
 //! Levels as in linkerd: [`target`] says which logical service a connection is for (or that
 //! it is not the mesh's, and passes it through as plain TCP); the
 //! logical level ([`logical`]) applies the service's routes and policy and chooses a concrete
-//! backend service; the concrete level ([`concrete`]) owns a balancer fed by discovery and the
-//! service's limits and breakers; the endpoint level ([`endpoint`]) connects to the address the
-//! balancer picked. [`http`] assembles the HTTP stack; connections that are not HTTP go
+//! backend service; the concrete level ([`concrete`]) owns the service's limits and a balancer
+//! fed by discovery; the endpoint level ([`endpoint`]) owns each endpoint's breaker and
+//! connects to the address the balancer picked. [`http`] assembles the HTTP stack; connections that are not HTTP go
 //! through [`opaque`] straight to the concrete service's balancer. One [`LogicalService`] is
 //! built per service on first use, shared by every connection for it, and kept in an idle
 //! cache: a target unused for `--target-idle-timeout` is dropped with everything it owns

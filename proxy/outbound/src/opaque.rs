@@ -1,9 +1,18 @@
 //! Opaque TCP to a logical service: pick an endpoint, connect (another endpoint if that
-//! fails), then copy bytes both ways with half-close passed through.
+//! fails, up to [`CONNECT_ATTEMPTS`]), then copy bytes both ways with half-close passed
+//! through.
+//!
+//! A connection uses the concrete service's [`Balancer`](ferrule_proxy_policy::balance::Balancer)
+//! directly rather than its stack: the concrete and endpoint layers are services of HTTP
+//! requests, and what they own has no TCP meaning here. A rate limit and a concurrency limit
+//! count requests (a long-lived connection would hold a request slot for its life), and the
+//! breaker classifies responses by status, which bytes do not have. What does apply is kept:
+//! the balancer's pick (the connection counts as in flight for least-request and EWMA while it
+//! lives), its bounded wait for endpoints, and the connect-failure takeout.
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::concrete::{BalanceTarget, CONNECT_ATTEMPTS};
+use super::concrete::balance::{BalanceTarget, CONNECT_ATTEMPTS};
 use ferrule_proxy_core::metrics::{Direction, Metrics};
 use ferrule_proxy_core::server::splice_tcp;
 use ferrule_proxy_transport::client::connect_tcp;

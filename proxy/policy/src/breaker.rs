@@ -18,16 +18,19 @@
 //! `tokio::time::Instant`, so tests drive it with a paused clock.
 //!
 //! **The concurrency limit** bounds requests in flight to a service from this proxy
-//! (`maxConcurrentRequests`) and those waiting for a slot (`maxPending`); a request beyond both
-//! fails at once ([`Overloaded`]) instead of queueing without bound.
+//! (`maxConcurrentRequests`) and those waiting for a slot (`maxPending`, [`DEFAULT_MAX_PENDING`]
+//! unless set); a request beyond both fails at once ([`Overloaded`]) instead of queueing
+//! without bound. [`Acquire`] is one request's wait, polled, for a service's `poll_ready`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
 
 use ferrule_config::EffectiveCircuitBreaker;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
+use tokio_util::sync::PollSemaphore;
 
 use super::window::Window;
 
@@ -388,10 +391,11 @@ pub struct ConcurrencyPermit {
     _permit: Option<OwnedSemaphorePermit>,
 }
 
-/// Counts one waiting request for as long as it waits (also when its future is dropped).
-struct Waiting<'a>(&'a AtomicU32);
+/// Counts one waiting request for as long as it waits (also when it is dropped waiting).
+#[derive(Debug)]
+struct Waiting(Arc<AtomicU32>);
 
-impl Drop for Waiting<'_> {
+impl Drop for Waiting {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
     }
@@ -415,40 +419,78 @@ impl ConcurrencyLimit {
         Self::new(config.max_concurrent_requests, config.max_pending)
     }
 
-    /// A slot for one request: at once if one is free, after waiting if the queue has room,
-    /// else [`Overloaded`] at once.
-    pub async fn acquire(&self) -> Result<ConcurrencyPermit, Overloaded> {
-        let Some((max_concurrent, semaphore)) = &self.limit else {
-            return Ok(ConcurrencyPermit { _permit: None });
-        };
-        if let Ok(permit) = semaphore.clone().try_acquire_owned() {
-            return Ok(ConcurrencyPermit {
-                _permit: Some(permit),
-            });
+    /// The state of one request's wait for a slot, for a service's `poll_ready`.
+    pub fn acquirer(&self) -> Acquire {
+        Acquire {
+            limit: self.clone(),
+            semaphore: None,
+            waiting: None,
         }
-        let overloaded = Overloaded {
-            max_concurrent: *max_concurrent,
-            max_pending: self.max_pending.unwrap_or(u32::MAX),
-        };
-        self.pending
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (self.max_pending.is_none_or(|max| n < max)).then_some(n + 1)
-            })
-            .map_err(|_| overloaded)?;
-        let _waiting = Waiting(&self.pending);
-        let permit = semaphore
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the semaphore is never closed");
-        Ok(ConcurrencyPermit {
-            _permit: Some(permit),
-        })
     }
 
     /// Requests waiting for a slot now.
     pub fn pending(&self) -> u32 {
         self.pending.load(Ordering::Acquire)
+    }
+}
+
+/// One request's wait for a slot of a [`ConcurrencyLimit`], polled (see
+/// [`Acquire::poll_acquire`]). Dropping it while waiting leaves the queue.
+#[derive(Debug)]
+pub struct Acquire {
+    limit: ConcurrencyLimit,
+    /// Set once the request had to wait.
+    semaphore: Option<PollSemaphore>,
+    /// Held while the request counts as pending.
+    waiting: Option<Waiting>,
+}
+
+impl Acquire {
+    /// A slot at once if one is free; `Pending` while waiting in the queue if it has room;
+    /// [`Overloaded`] at once if it has none.
+    pub fn poll_acquire(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<ConcurrencyPermit, Overloaded>> {
+        let Some((max_concurrent, semaphore)) = &self.limit.limit else {
+            return Poll::Ready(Ok(ConcurrencyPermit { _permit: None }));
+        };
+        if self.waiting.is_none() {
+            if let Ok(permit) = semaphore.clone().try_acquire_owned() {
+                return Poll::Ready(Ok(ConcurrencyPermit {
+                    _permit: Some(permit),
+                }));
+            }
+            let max_pending = self.limit.max_pending;
+            let overloaded = Overloaded {
+                max_concurrent: *max_concurrent,
+                max_pending: max_pending.unwrap_or(u32::MAX),
+            };
+            let pending = &self.limit.pending;
+            if pending
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (max_pending.is_none_or(|max| n < max)).then_some(n + 1)
+                })
+                .is_err()
+            {
+                return Poll::Ready(Err(overloaded));
+            }
+            self.waiting = Some(Waiting(pending.clone()));
+        }
+        let semaphore = self
+            .semaphore
+            .get_or_insert_with(|| PollSemaphore::new(semaphore.clone()));
+        match semaphore.poll_acquire(cx) {
+            Poll::Ready(permit) => {
+                self.waiting = None;
+                self.semaphore = None;
+                let permit = permit.expect("the semaphore is never closed");
+                Poll::Ready(Ok(ConcurrencyPermit {
+                    _permit: Some(permit),
+                }))
+            }
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 
@@ -491,6 +533,14 @@ mod tests {
 
     fn state(b: &FailureAccrual, ep: &str) -> EndpointState {
         b.states().into_iter().find(|(k, _)| k == ep).unwrap().1
+    }
+
+    impl ConcurrencyLimit {
+        /// A slot for one request, as a service's `poll_ready` gets it.
+        async fn acquire(&self) -> Result<ConcurrencyPermit, Overloaded> {
+            let mut acquire = self.acquirer();
+            std::future::poll_fn(|cx| acquire.poll_acquire(cx)).await
+        }
     }
 
     async fn advance(d: Duration) {

@@ -4,11 +4,12 @@
 //!
 //! The proxy's Config stream client (`ferrule_proxy_api::policy::PolicyClient`) follows `ferrule.v1.Config/Watch` and publishes each good
 //! snapshot as an `Arc<PolicySet>` on a `watch` channel (acking it; a snapshot that does not
-//! parse or compile is nacked and the last good set stays). Stacks read the set when they are
-//! built and rebuild when it changes. The stateful pieces (budgets, breakers, limiters) are
-//! not in the set: stacks own them, one [`ServiceGuards`] per service, and carry them to each
-//! new version with [`ServiceGuards::update`], so a config change never resets a breaker or a
-//! budget whose settings it did not touch, and in-flight requests keep the pieces they hold.
+//! parse or compile is nacked and the last good set stays). The logical level reads the set
+//! per request; the concrete level builds its stack per target and config version. The
+//! stateful pieces (budgets, breakers, limiters) are not in the set: each is a [`Guard`] that
+//! the layer using it keeps in a [`GuardsCell`], carried to each new version, so a config
+//! change never resets a breaker or a budget whose settings it did not touch, and in-flight
+//! requests keep the pieces they hold.
 //!
 //! Where each piece plugs into the outbound path, level by level (as in linkerd2-proxy):
 //! * **logical** (the service the app called): [`route::Routes::find`] picks the rule;
@@ -19,9 +20,11 @@
 //!   chooses the backend of a traffic split. Requests no rule matches use the service's own
 //!   `ServicePolicy` ([`PolicySet::policy`]).
 //! * **concrete** (a backend service, after the split): [`ratelimit::RateLimiter`] (the
-//!   backend's `rateLimit`), [`breaker::ConcurrencyLimit`], then the balancer.
+//!   backend's `rateLimit`), [`breaker::ConcurrencyLimit`], then the [`balance::Balancer`].
 //! * **endpoint** (one address the balancer chose): [`breaker::FailureAccrual`] admits or
 //!   refuses the endpoint and is told each attempt's outcome.
+//!
+//! The inbound side uses [`ServiceGuards`]: its own service's local rate limit.
 
 pub mod balance;
 pub mod breaker;
@@ -179,120 +182,143 @@ impl PolicySet {
     }
 }
 
-/// The stateful policy pieces of one service, built from its effective policy: the retry
-/// budget of requests to it, and, where it is a backend, its rate limit, concurrency limit and
-/// endpoint breakers. Stacks keep one per service and carry it to each new config version with
-/// [`ServiceGuards::update`], so breaker states, budgets and token buckets survive changes
-/// that do not touch their settings. Cheap to clone; clones share state.
-///
-/// A route rule whose `retries.budget` differs from its service's gets its own
-/// `RetryBudget::new(rule.retry().budget())`, kept per rule the same way.
-#[derive(Clone, Debug)]
-pub struct ServiceGuards {
-    pub retry_budget: Arc<RetryBudget>,
-    pub failure_accrual: FailureAccrual,
-    pub concurrency: ConcurrencyLimit,
-    /// Keyed by [`ratelimit::RateKey::Global`]; `None` without a `rateLimit`.
-    pub rate_limit: Option<Arc<RateLimiter>>,
-    policy: EffectivePolicy,
+/// One stateful policy piece a stack owns, built from a service's effective policy: a retry
+/// budget, a failure accrual, a concurrency limit, a rate limit. A layer keeps its piece in a
+/// [`GuardsCell`], which carries it to each new config version whose [`Guard::Settings`] for
+/// it are unchanged, so breaker states, budgets and token buckets survive changes that do not
+/// touch their settings. Cheap to clone; clones share state.
+pub trait Guard: Clone {
+    /// What the piece is built from; equal settings keep the piece (and its state).
+    type Settings: PartialEq + std::fmt::Debug;
+
+    fn settings(policy: &EffectivePolicy) -> Self::Settings;
+
+    fn build(policy: &EffectivePolicy) -> Self;
 }
 
-impl ServiceGuards {
-    pub fn new(policy: &EffectivePolicy) -> Self {
-        Self {
-            retry_budget: Arc::new(RetryBudget::new(RetryPolicy::new(&policy.retries).budget())),
-            failure_accrual: FailureAccrual::new(&policy.circuit_breaker),
-            concurrency: ConcurrencyLimit::from_config(&policy.circuit_breaker),
-            rate_limit: policy.rate_limit.map(|l| Arc::new(RateLimiter::new(l))),
-            policy: policy.clone(),
-        }
+/// The retry budget of requests to a service (the logical level's).
+impl Guard for Arc<RetryBudget> {
+    type Settings = retry::BudgetSettings;
+
+    fn settings(policy: &EffectivePolicy) -> Self::Settings {
+        RetryPolicy::new(&policy.retries).budget()
     }
 
-    /// How long a connection to one of the service's endpoints may stay unused
-    /// (`timeouts.idle`).
-    pub fn idle_timeout(&self) -> std::time::Duration {
-        self.policy.idle_timeout
+    fn build(policy: &EffectivePolicy) -> Self {
+        Arc::new(RetryBudget::new(Self::settings(policy)))
     }
+}
 
-    /// The guards for `policy`: each piece whose settings are unchanged is kept (state
-    /// included), the others are built afresh.
-    pub fn update(&self, policy: &EffectivePolicy) -> Self {
-        let fresh = Self::new(policy);
-        let old = &self.policy;
-        let budget = |p: &EffectivePolicy| RetryPolicy::new(&p.retries).budget();
-        let accrual = |p: &EffectivePolicy| EffectiveCircuitBreaker {
+/// The endpoint breakers of a backend service (the endpoint level's).
+impl Guard for FailureAccrual {
+    type Settings = EffectiveCircuitBreaker;
+
+    fn settings(policy: &EffectivePolicy) -> Self::Settings {
+        EffectiveCircuitBreaker {
             max_concurrent_requests: None,
             max_pending: None,
-            ..p.circuit_breaker.clone()
-        };
-        let concurrency = |p: &EffectivePolicy| {
-            (
-                p.circuit_breaker.max_concurrent_requests,
-                p.circuit_breaker.max_pending,
-            )
-        };
+            ..policy.circuit_breaker.clone()
+        }
+    }
+
+    fn build(policy: &EffectivePolicy) -> Self {
+        FailureAccrual::new(&policy.circuit_breaker)
+    }
+}
+
+/// The concurrency limit of a backend service (the concrete level's).
+impl Guard for ConcurrencyLimit {
+    type Settings = (Option<u32>, Option<u32>);
+
+    fn settings(policy: &EffectivePolicy) -> Self::Settings {
+        (
+            policy.circuit_breaker.max_concurrent_requests,
+            policy.circuit_breaker.max_pending,
+        )
+    }
+
+    fn build(policy: &EffectivePolicy) -> Self {
+        ConcurrencyLimit::from_config(&policy.circuit_breaker)
+    }
+}
+
+/// A service's `rateLimit`, keyed by [`ratelimit::RateKey::Global`]; `None` without one.
+impl Guard for Option<Arc<RateLimiter>> {
+    type Settings = Option<ferrule_config::EffectiveRateLimit>;
+
+    fn settings(policy: &EffectivePolicy) -> Self::Settings {
+        policy.rate_limit
+    }
+
+    fn build(policy: &EffectivePolicy) -> Self {
+        policy.rate_limit.map(|l| Arc::new(RateLimiter::new(l)))
+    }
+}
+
+/// What the inbound side guards its own service with: the local rate limit.
+#[derive(Clone, Debug)]
+pub struct ServiceGuards {
+    /// Keyed by [`ratelimit::RateKey::Global`]; `None` without a `rateLimit`.
+    pub rate_limit: Option<Arc<RateLimiter>>,
+}
+
+impl Guard for ServiceGuards {
+    type Settings = Option<ferrule_config::EffectiveRateLimit>;
+
+    fn settings(policy: &EffectivePolicy) -> Self::Settings {
+        policy.rate_limit
+    }
+
+    fn build(policy: &EffectivePolicy) -> Self {
         Self {
-            retry_budget: if budget(old) == budget(policy) {
-                self.retry_budget.clone()
-            } else {
-                fresh.retry_budget
-            },
-            failure_accrual: if accrual(old) == accrual(policy) {
-                self.failure_accrual.clone()
-            } else {
-                fresh.failure_accrual
-            },
-            concurrency: if concurrency(old) == concurrency(policy) {
-                self.concurrency.clone()
-            } else {
-                fresh.concurrency
-            },
-            rate_limit: if old.rate_limit == policy.rate_limit {
-                self.rate_limit.clone()
-            } else {
-                fresh.rate_limit
-            },
-            policy: policy.clone(),
+            rate_limit: Guard::build(policy),
         }
     }
 }
 
-/// The [`ServiceGuards`] of one service, brought up to date with each config version the
-/// first time a request of that version asks for them. Requests keep the guards they got, so a
-/// new version never takes a slot or a probe away from one in flight.
+/// One [`Guard`] of one service, brought up to date with each config version the first time
+/// a request of that version asks for it: kept when its settings did not change, built afresh
+/// when they did. Requests keep the piece they got, so a new version never takes a slot or a
+/// probe away from one in flight.
 #[derive(Debug)]
-pub struct GuardsCell {
+pub struct GuardsCell<G: Guard = ServiceGuards> {
     service: String,
-    state: Mutex<(i64, ServiceGuards)>,
+    /// (config version, the settings the piece was built from, the piece).
+    state: Mutex<(i64, G::Settings, G)>,
 }
 
-impl GuardsCell {
-    /// Guards for `service` under the defaults, until a set says otherwise.
+impl<G: Guard> GuardsCell<G> {
+    /// The piece for `service` under the defaults, until a set says otherwise.
     pub fn new(service: impl Into<String>) -> Self {
         Self {
             service: service.into(),
-            state: Mutex::new((0, ServiceGuards::new(&DEFAULT_POLICY))),
+            state: Mutex::new((0, G::settings(&DEFAULT_POLICY), G::build(&DEFAULT_POLICY))),
         }
     }
 
-    /// The guards for `set`: updated (see [`ServiceGuards::update`]) when `set` is of another
-    /// version than the last one asked for.
-    pub fn get(&self, set: &PolicySet) -> ServiceGuards {
-        // A poisoned lock still holds a whole (version, guards) pair.
+    /// The piece for `set`: updated when `set` is of another version than the last one asked
+    /// for and the service's settings for the piece changed.
+    pub fn get(&self, set: &PolicySet) -> G {
+        // A poisoned lock still holds a whole (version, piece) pair.
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         if state.0 != set.version() {
-            let guards = state.1.update(set.policy(&self.service));
-            *state = (set.version(), guards);
+            let policy = set.policy(&self.service);
+            let settings = G::settings(policy);
+            if state.1 != settings {
+                state.2 = G::build(policy);
+                state.1 = settings;
+            }
+            state.0 = set.version();
         }
-        state.1.clone()
+        state.2.clone()
     }
 
-    /// The guards as of the last version asked for, for metrics.
-    pub fn current(&self) -> ServiceGuards {
+    /// The piece as of the last version asked for, for metrics.
+    pub fn current(&self) -> G {
         self.state
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .1
+            .2
             .clone()
     }
 }
@@ -395,42 +421,54 @@ mod tests {
         assert_eq!(backends, ["user-v2.shop", "pay.billing"]);
     }
 
+    /// A set of version `version` with one `ServicePolicy` for `user`.
+    fn policy_set(version: i64, timeout: u64, consecutive: u32) -> PolicySet {
+        PolicySet::from_snapshot(&ConfigSnapshot {
+            version,
+            subscription: 0,
+            resources: vec![resource(
+                "ServicePolicy",
+                "user",
+                serde_json::json!({"service": "user",
+                    "timeouts": {"request": format!("{timeout}s")},
+                    "circuitBreaker": {"consecutiveFailures": consecutive,
+                                       "maxEjectionPercent": 100},
+                    "rateLimit": {"requestsPerSecond": 1}}),
+            )],
+        })
+        .unwrap()
+    }
+
     #[tokio::test(start_paused = true)]
     async fn guards_keep_state_across_unrelated_changes() {
-        let spec = |timeout: u64, consecutive: u32| ferrule_config::ServicePolicySpec {
-            service: "user".into(),
-            timeouts: Some(ferrule_config::Timeouts {
-                request: Some(Duration::from_secs(timeout)),
-                ..Default::default()
-            }),
-            circuit_breaker: Some(ferrule_config::CircuitBreaker {
-                consecutive_failures: Some(consecutive),
-                max_ejection_percent: Some(100),
-                ..Default::default()
-            }),
-            rate_limit: Some(ferrule_config::RateLimit {
-                requests_per_second: 1,
-                burst: None,
-            }),
-            ..Default::default()
-        };
-        let guards = ServiceGuards::new(&spec(1, 1).effective());
-        guards.failure_accrual.set_endpoints(["ep".to_string()]);
-        guards.failure_accrual.try_acquire("ep").unwrap().failure();
-        let limit = guards.rate_limit.as_ref().unwrap();
+        let budget = GuardsCell::<Arc<RetryBudget>>::new("user");
+        let accrual = GuardsCell::<FailureAccrual>::new("user");
+        let rate = GuardsCell::<Option<Arc<RateLimiter>>>::new("user");
+        let first = policy_set(1, 1, 1);
+        let breakers = accrual.get(&first);
+        breakers.set_endpoints(["ep".to_string()]);
+        breakers.try_acquire("ep").unwrap().failure();
+        let limit = rate.get(&first).unwrap();
         limit.check(&ratelimit::RateKey::Global).unwrap();
+        let first_budget = budget.get(&first);
 
         // Only the timeout changed: the ejection and the drained bucket carry over.
-        let kept = guards.update(&spec(2, 1).effective());
-        assert!(kept.failure_accrual.try_acquire("ep").is_none());
-        assert!(Arc::ptr_eq(&kept.retry_budget, &guards.retry_budget));
-        let limit = kept.rate_limit.as_ref().unwrap();
+        let kept = policy_set(2, 2, 1);
+        assert!(accrual.get(&kept).try_acquire("ep").is_none());
+        assert!(Arc::ptr_eq(&budget.get(&kept), &first_budget));
+        let limit = rate.get(&kept).unwrap();
         assert!(limit.check(&ratelimit::RateKey::Global).is_err());
 
         // The breaker settings changed: breakers start over.
-        let fresh = kept.update(&spec(2, 3).effective());
-        assert!(fresh.failure_accrual.try_acquire("ep").is_some());
-        assert!(fresh.rate_limit.is_some());
+        let fresh = policy_set(3, 2, 3);
+        assert!(accrual.get(&fresh).try_acquire("ep").is_some());
+        assert!(rate.get(&fresh).is_some());
+        // The inbound side's guards follow the same rule.
+        let inbound = GuardsCell::<ServiceGuards>::new("user");
+        let drained = inbound.get(&first).rate_limit.unwrap();
+        drained.check(&ratelimit::RateKey::Global).unwrap();
+        let limit = inbound.get(&kept).rate_limit.unwrap();
+        assert!(limit.check(&ratelimit::RateKey::Global).is_err());
     }
 
     #[test]

@@ -14,10 +14,12 @@
 //!    classifies the outcome as retryable, the method allows it, the body can be replayed and
 //!    the service's retry budget has room.
 //! 4. [`ConcreteRouter`](crate::concrete::ConcreteRouter): sends each attempt to the concrete
-//!    backend the route chose.
+//!    backend the route chose, through that backend's stack ([`crate::concrete`]).
 //!
-//! The retry budget belongs to the logical service (its own [`GuardsCell`]): it is spent by
-//! retries of requests to the service the app called, whichever backend a split chose.
+//! The retry budget belongs to the logical service (kept in its own [`GuardsCell`]): it is
+//! spent by retries of requests to the service the app called, whichever backend a split
+//! chose. The logical level holds no other policy piece: limits belong to the concrete level,
+//! breakers to the endpoint level.
 
 pub mod retry;
 pub mod route;
@@ -71,13 +73,13 @@ pub fn stack(
     concretes: Arc<Concretes>,
     metrics: PolicyMetrics,
 ) -> LogicalStack {
-    let guards = Arc::new(GuardsCell::new(target.service.name()));
+    let budget = Arc::new(GuardsCell::new(target.service.name()));
     BoxCloneSyncService::new(
         ServiceBuilder::new()
             .layer(route::RouteLayer::new(
                 target.clone(),
                 policies,
-                guards,
+                budget,
                 parent,
                 concretes,
                 metrics.clone(),

@@ -10,7 +10,7 @@ use ferrule_proto::names::ServiceRef;
 use ferrule_proxy_core::body::BoxBody;
 use ferrule_proxy_core::errors::{ProxyError, Reason};
 use ferrule_proxy_policy::metrics::PolicyMetrics;
-use ferrule_proxy_policy::retry::RetryPolicy;
+use ferrule_proxy_policy::retry::{RetryBudget, RetryPolicy};
 use ferrule_proxy_policy::{GuardsCell, PolicySet};
 use futures::future::BoxFuture;
 use http::{Request, Response};
@@ -24,8 +24,8 @@ use crate::concrete::{Concrete, Concretes};
 pub struct RouteLayer {
     target: LogicalTarget,
     policies: watch::Receiver<Arc<PolicySet>>,
-    /// The logical service's own guards: its retry budget.
-    guards: Arc<GuardsCell>,
+    /// The logical service's retry budget.
+    budget: Arc<GuardsCell<Arc<RetryBudget>>>,
     /// The concrete service of the same name: where requests go without a split.
     parent: Arc<Concrete>,
     concretes: Arc<Concretes>,
@@ -36,7 +36,7 @@ impl RouteLayer {
     pub fn new(
         target: LogicalTarget,
         policies: watch::Receiver<Arc<PolicySet>>,
-        guards: Arc<GuardsCell>,
+        budget: Arc<GuardsCell<Arc<RetryBudget>>>,
         parent: Arc<Concrete>,
         concretes: Arc<Concretes>,
         metrics: PolicyMetrics,
@@ -44,7 +44,7 @@ impl RouteLayer {
         Self {
             target,
             policies,
-            guards,
+            budget,
             parent,
             concretes,
             metrics,
@@ -154,7 +154,7 @@ impl RouteLayer {
         };
         let response_headers = rule.map(|r| r.response_headers().clone());
         let params = RouteParams {
-            budget: self.guards.get(&set).retry_budget,
+            budget: self.budget.get(&set),
             set: set.clone(),
             retry,
             request_timeout,

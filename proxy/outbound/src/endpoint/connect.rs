@@ -1,4 +1,13 @@
-//! One endpoint: how a request reaches the address the balancer picked.
+//! The connection service, the innermost of the endpoint level: how a request reaches the
+//! address the balancer picked.
+//!
+//! [`Connect`] takes a connection from the pool (or makes one: one handshake per cold key),
+//! adds the mesh header a meshed peer expects, and sends. Its `poll_ready` is always ready:
+//! which connection a request needs (HTTP/1, HTTP/2, an upgrade) is known only from the
+//! request, and the pool bounds connects per key itself. When nothing was sent (connecting
+//! failed, or the connection closed before the request left) the request comes back in
+//! [`EndpointError::Unsent`], as it arrived, for the balancer to send elsewhere; a connection
+//! that broke after the request left is [`EndpointError::Broken`].
 //!
 //! A meshed endpoint (another ferrule proxy's inbound listener) gets one multiplexed HTTP/2
 //! connection that carries every request, HTTP/1 ones included: they are marked with
@@ -6,16 +15,18 @@
 //! HTTP/1 connections of their own. A plain endpoint gets the request in the version the client
 //! spoke. This is where mTLS to meshed peers will be added.
 
-use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use ferrule_proxy_policy::endpoint::EndpointTarget;
-use http::{HeaderValue, Request, Version};
+use futures::future::BoxFuture;
+use http::{HeaderValue, Request, Response, Version};
+use tower::Service;
 
+use super::EndpointError;
 use ferrule_proxy_core::body::BoxBody;
-use ferrule_proxy_core::errors::{ProxyError, Reason};
 use ferrule_proxy_core::headers;
-use ferrule_proxy_transport::client::{ClientError, Clients, Conn, Dst, Protocol};
+use ferrule_proxy_transport::client::{ClientError, Clients, Conn, Dst, Protocol, SendError};
 use ferrule_proxy_transport::pool::Identity;
 
 #[derive(Clone)]
@@ -31,7 +42,7 @@ impl EndpointConnector {
     /// Connects to `ep` for a request that needs `protocol` (see [`Protocol::of`]); nothing
     /// is sent yet. A new connection closes after `idle_timeout` unused (the service's
     /// `timeouts.idle`).
-    pub async fn connect(
+    async fn connect(
         &self,
         ep: &EndpointTarget,
         protocol: Protocol,
@@ -55,7 +66,7 @@ impl EndpointConnector {
     /// leaves (only this proxy speaks for the mesh). Whether a request came from a meshed
     /// peer is never said in a header: the peer's side knows it from the connection
     /// (its authenticated identity, see `ConnMeta::peer_identity`).
-    pub fn prepare(&self, ep: &EndpointTarget, req: &mut Request<BoxBody>) {
+    fn prepare(&self, ep: &EndpointTarget, req: &mut Request<BoxBody>) {
         req.headers_mut().remove(headers::ORIG_PROTO);
         if !ep.meshed {
             return;
@@ -70,19 +81,83 @@ impl EndpointConnector {
 
     /// Undoes [`Self::prepare`] and the connection's fitting, before the request goes to
     /// another endpoint.
-    pub fn unprepare(&self, req: &mut Request<BoxBody>, version: Version) {
+    fn unprepare(&self, req: &mut Request<BoxBody>, version: Version) {
         req.headers_mut().remove(headers::ORIG_PROTO);
         *req.version_mut() = version;
     }
 }
 
-/// The error a request sees when no endpoint could be connected.
-pub fn connect_failure(service: &Arc<str>, error: &ClientError) -> ProxyError {
-    ProxyError::new(
-        Reason::UpstreamConnectFailure,
-        service.to_string(),
-        format!("could not connect to any endpoint of {service}: {error}"),
-    )
+/// The connection service of one endpoint: connect, prepare, send.
+#[derive(Clone)]
+pub struct Connect {
+    connector: EndpointConnector,
+    target: EndpointTarget,
+    /// How long a new connection may stay unused (the service's `timeouts.idle`).
+    idle_timeout: Duration,
+}
+
+impl Connect {
+    pub fn new(
+        connector: EndpointConnector,
+        target: EndpointTarget,
+        idle_timeout: Duration,
+    ) -> Self {
+        Self {
+            connector,
+            target,
+            idle_timeout,
+        }
+    }
+}
+
+impl Service<Request<BoxBody>> for Connect {
+    type Response = Response<BoxBody>;
+    type Error = EndpointError;
+    type Future = BoxFuture<'static, Result<Response<BoxBody>, EndpointError>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), EndpointError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: Request<BoxBody>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let version = req.version();
+            let protocol = Protocol::of(&req);
+            let conn = match this
+                .connector
+                .connect(&this.target, protocol, this.idle_timeout)
+                .await
+            {
+                Ok(conn) => conn,
+                Err(error) => {
+                    return Err(EndpointError::Unsent {
+                        error,
+                        req: Box::new(req),
+                    });
+                }
+            };
+            this.connector.prepare(&this.target, &mut req);
+            match conn.send(req).await {
+                Ok(rsp) => Ok(rsp),
+                // Undo what this endpoint's connection changed, for the next endpoint.
+                Err(SendError {
+                    error,
+                    unsent: Some(mut req),
+                }) => {
+                    this.connector.unprepare(&mut req, version);
+                    Err(EndpointError::Unsent {
+                        error,
+                        req: Box::new(req),
+                    })
+                }
+                Err(SendError {
+                    error,
+                    unsent: None,
+                }) => Err(EndpointError::Broken(error)),
+            }
+        })
+    }
 }
 
 #[cfg(test)]
