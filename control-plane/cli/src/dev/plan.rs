@@ -174,8 +174,8 @@ impl App {
         let mut env = vec![
             (format!("{prefix}_HTTP_ADDR"), ANY_PORT.to_string()),
             (
-                format!("{prefix}_DB"),
-                self.database.to_string_lossy().into_owned(),
+                format!("{prefix}_DATABASE_URL"),
+                format!("sqlite://{}", self.database.display()),
             ),
         ];
         if self.grpc {
@@ -469,8 +469,8 @@ mod tests {
     #[test]
     fn user_replicas_share_a_database_and_the_gateway_shares_their_key() {
         let (one, two) = (app("user-1").spec(&opts()), app("user-2").spec(&opts()));
-        assert_eq!(env(&one, "USER_DB"), "/state/user.db");
-        assert_eq!(env(&two, "USER_DB"), "/state/user.db");
+        assert_eq!(env(&one, "USER_DATABASE_URL"), "sqlite:///state/user.db");
+        assert_eq!(env(&two, "USER_DATABASE_URL"), "sqlite:///state/user.db");
         assert_eq!(env(&one, JWT_SECRET_ENV), "s3cret");
         let gateway = gateway(
             &opts(),
