@@ -119,10 +119,15 @@ impl PgServer {
     /// Stops the server at once, as a crash would (immediate shutdown): its clients lose their
     /// connections mid-use.
     pub fn kill(&mut self) -> Result<(), String> {
+        self.stop("QUIT")
+    }
+
+    /// Sends `sig` and waits (bounded) for the server to exit; kills it if it does not.
+    fn stop(&mut self, sig: &str) -> Result<(), String> {
         let Some(mut child) = self.child.take() else {
             return Ok(());
         };
-        signal(&child, "QUIT");
+        signal(&child, sig);
         let deadline = Instant::now() + WITHIN;
         loop {
             if let Ok(Some(_)) = child.try_wait() {
@@ -131,8 +136,11 @@ impl PgServer {
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!("PostgreSQL ignored SIGQUIT for {WITHIN:?}; killed"));
+                return Err(format!(
+                    "PostgreSQL ignored SIG{sig} for {WITHIN:?}; killed"
+                ));
             }
+            // The server is not a tokio child: there is no exit event to await.
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -187,7 +195,9 @@ impl PgServer {
 
 impl Drop for PgServer {
     fn drop(&mut self) {
-        if let Err(e) = self.kill() {
+        // A fast shutdown, which (unlike the immediate one of `kill`) releases the server's
+        // shared memory.
+        if let Err(e) = self.stop("INT") {
             eprintln!("stopping the test PostgreSQL server: {e}");
         }
         // Then `dir` removes the cluster.
