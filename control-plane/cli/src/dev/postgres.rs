@@ -187,3 +187,34 @@ fn unprivileged_owner() -> anyhow::Result<Option<(u32, u32)>> {
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_server_listens_on_loopback_only_and_apps_dial_their_sidecar() {
+        let cluster = Cluster {
+            bin: "/usr/lib/postgresql/15/bin".into(),
+            data: "/state/postgres/data".into(),
+            run_as: None,
+        };
+        assert_eq!(
+            cluster.server_args(5433),
+            [
+                "-D",
+                "/state/postgres/data",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                "5433",
+                "-k",
+                ""
+            ]
+        );
+        assert_eq!(
+            url("127.0.0.1:20003".parse().unwrap(), "order"),
+            "postgres://ferrule@127.0.0.1:20003/order"
+        );
+    }
+}
