@@ -7,8 +7,11 @@
 .SUFFIXES:
 
 CARGO = cargo
-# command:Debian-package pairs that `make deps` installs when the command is missing.
-DEPS = protoc:protobuf-compiler etcd:etcd-server iptables:iptables wrk:wrk h2load:nghttp2-client
+# command:Debian-package pairs that `make deps` installs when the command is missing. A command
+# given as an absolute path (a glob is fine) is looked for there instead of on PATH: Debian keeps
+# PostgreSQL's server binaries under /usr/lib/postgresql/<version>/bin, off PATH.
+DEPS = protoc:protobuf-compiler etcd:etcd-server iptables:iptables wrk:wrk h2load:nghttp2-client \
+	/usr/lib/postgresql/*/bin/initdb:postgresql
 
 help:
 	@echo 'Ferrule make targets:'
@@ -21,7 +24,8 @@ help:
 	@echo '  make bench   deps, release build, then bench/run.sh (writes bench/results/latest.md)'
 	@echo '               and bench/config.sh (config propagation: bench/results/config.md)'
 	@echo '  make deps    apt-get install what is missing of: protobuf-compiler, etcd-server,'
-	@echo '               iptables, wrk, nghttp2-client (root; otherwise prints the sudo command)'
+	@echo '               iptables, wrk, nghttp2-client, postgresql (root; otherwise prints the'
+	@echo '               sudo command)'
 	@echo '  make clean   remove build output'
 	@echo '  make help    this list'
 
@@ -31,8 +35,12 @@ deps:
 	@missing=''; \
 	for pair in $(DEPS); do \
 	  cmd=$${pair%%:*}; pkg=$${pair#*:}; \
-	  command -v "$$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$$cmd" ] || [ -x "/sbin/$$cmd" ] \
-	    || missing="$$missing $$pkg"; \
+	  case "$$cmd" in \
+	    /*) found=''; for path in $$cmd; do [ -x "$$path" ] && found=1; done; \
+	        [ -n "$$found" ] || missing="$$missing $$pkg";; \
+	    *) command -v "$$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$$cmd" ] || [ -x "/sbin/$$cmd" ] \
+	         || missing="$$missing $$pkg";; \
+	  esac; \
 	done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" -ne 0 ]; then \

@@ -7,12 +7,14 @@
 //! in `<state dir>/dev.json`, and [`walkthrough`] is what it prints once everything is ready. It
 //! runs until Ctrl-C or SIGTERM.
 //!
-//! Start-up order follows who needs whose address: the controller; the apps; each app's
+//! Start-up order follows who needs whose address: the controller; with `--postgres`, the
+//! PostgreSQL server ([`postgres`]), its databases and its sidecar; the apps; each app's
 //! sidecar (pointed at the ports its app reported); the gateway; then `dev up` waits until
 //! every sidecar and the gateway answer `/ready`.
 //! `dev down` stops a mesh that is still running from a state dir, through `dev.json`.
 
 mod plan;
+mod postgres;
 mod state;
 mod supervisor;
 mod walkthrough;
@@ -26,7 +28,8 @@ use clap::{Args, Subcommand};
 use rustix::process::Signal;
 use tokio::signal::unix::{SignalKind, signal};
 
-use self::plan::{App, AppAddrs, BINARIES, ControllerAddrs, Options, ProxyAddrs};
+use self::plan::{App, AppAddrs, BINARIES, ControllerAddrs, Options, POSTGRES_SERVICE, ProxyAddrs};
+use self::postgres::Cluster;
 use self::state::{DevState, ProcessRecord};
 use self::supervisor::{StartupError, Supervisor};
 
@@ -78,6 +81,12 @@ struct UpArgs {
     /// How long every process gets to become ready.
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
     ready_timeout: Duration,
+
+    /// Keep the shop's data in one PostgreSQL server (one database per service, in the state
+    /// dir) instead of SQLite files; the apps reach it through their sidecars as the mesh
+    /// service `postgres`. Needs Debian's `postgresql` package (`make deps`).
+    #[arg(long)]
+    postgres: bool,
 }
 
 #[derive(Debug, Args)]
@@ -121,12 +130,18 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         )
     })?;
 
+    let postgres = if args.postgres {
+        Some(Cluster::prepare(&state_dir).context("--postgres")?)
+    } else {
+        None
+    };
     let opts = Options {
         bin_dir,
         state_dir: state_dir.clone(),
         gateway: args.gateway_addr,
         etcd: args.etcd,
         jwt_secret: random_secret(),
+        postgres,
     };
     let gateway_config = plan::gateway_config(&opts);
     std::fs::write(&gateway_config, plan::gateway_yaml(opts.gateway))
@@ -154,10 +169,17 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         // Both known once they have started.
         controller: plan::ANY_PORT,
         gateway: opts.gateway,
+        postgres: None,
         processes: Vec::new(),
     };
     let apps = plan::apps(&opts, supervisor::chosen_addrs()?);
     let mut names = vec!["controller".to_string(), "gateway".to_string()];
+    if opts.postgres.is_some() {
+        names.extend([
+            POSTGRES_SERVICE.to_string(),
+            format!("{POSTGRES_SERVICE}-proxy"),
+        ]);
+    }
     names.extend(
         apps.iter()
             .flat_map(|a| [a.instance.clone(), a.sidecar_name()]),
@@ -222,6 +244,9 @@ async fn start(
         .await?
         .grpc;
     sup.set_addresses(controller, opts.gateway)?;
+    if let Some(cluster) = &opts.postgres {
+        start_postgres(sup, opts, cluster, controller, within).await?;
+    }
     for app in &apps {
         sup.spawn(&app.spec(opts))?;
     }
@@ -270,6 +295,45 @@ async fn start(
     let gateway = start_gateway(sup, opts, controller, within).await?;
     sup.set_addresses(controller, gateway)?;
     sup.wait_ready(within).await?;
+    Ok(())
+}
+
+/// Starts the PostgreSQL server (on a port chosen up front, again if it was taken), creates
+/// the services' databases, and starts the sidecar that registers it as `postgres`.
+async fn start_postgres(
+    sup: &mut Supervisor,
+    opts: &Options,
+    cluster: &Cluster,
+    controller: SocketAddr,
+    within: Duration,
+) -> anyhow::Result<()> {
+    let mut attempt = 1;
+    let addr = loop {
+        let [addr] = supervisor::chosen_addrs()?;
+        sup.spawn(&plan::postgres(cluster, addr))?;
+        match sup
+            .log_line(POSTGRES_SERVICE, postgres::READY_LINE, within)
+            .await
+        {
+            Ok(()) => break addr,
+            Err(StartupError::Exited { .. })
+                if attempt < PORT_ATTEMPTS && sup.lost_a_port(POSTGRES_SERVICE) =>
+            {
+                println!("postgres: its port was taken; starting it again");
+                attempt += 1;
+                sup.discard(POSTGRES_SERVICE).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    for database in ["user", "order", "payment"] {
+        cluster.create_database(addr.port(), database).await?;
+    }
+    sup.set_postgres(addr)?;
+    let sidecar = format!("{POSTGRES_SERVICE}-proxy");
+    sup.spawn(&plan::postgres_sidecar(opts, controller, addr))?;
+    let proxy = sup.ready_line::<ProxyAddrs>(&sidecar, within).await?;
+    sup.set_admin(&sidecar, proxy.admin)?;
     Ok(())
 }
 

@@ -2,9 +2,10 @@
 //! in one struct, parsed by clap.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::time::Duration;
 
 use http::Uri;
+use shop_db::DatabaseUrl;
 
 /// How to run the order service.
 #[derive(Debug, Clone, clap::Parser)]
@@ -17,9 +18,18 @@ pub struct Config {
     /// Address of the HTTP listener.
     #[arg(long, env = "ORDER_HTTP_ADDR", default_value = "127.0.0.1:8002")]
     pub http_addr: SocketAddr,
-    /// SQLite database file; created and migrated on start.
-    #[arg(long, env = "ORDER_DB", default_value = "./order.db")]
-    pub db: PathBuf,
+    /// The database: sqlite://PATH (created on start) or postgres://USER@HOST:PORT/DATABASE;
+    /// migrated on start.
+    #[arg(
+        long,
+        env = "ORDER_DATABASE_URL",
+        default_value = "sqlite://./order.db",
+        value_name = "URL"
+    )]
+    pub database_url: DatabaseUrl,
+    /// How long to keep trying to reach the database at start before giving up.
+    #[arg(long, env = "ORDER_DATABASE_WAIT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub database_wait: Duration,
     /// gRPC address of the user service (in the mesh: the sidecar's local port for `user`).
     #[arg(
         long,

@@ -1,7 +1,7 @@
 //! The order service's HTTP API: `POST /orders`, `GET /orders/{id}`, `GET /orders?user_id=` and
 //! `GET /health`. Every error is JSON `{"error": "..."}`: 400 for a bad request, 404 for an
 //! unknown order, 422 for an order naming a user that does not exist, 502 when the user or
-//! payment service fails.
+//! payment service fails, 503 while the order database cannot be reached.
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
@@ -11,12 +11,13 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use shop_db::DbError;
 use shop_proto::payment::v1::CreatePaymentRequest;
 use shop_proto::user::v1::GetUserRequest;
 use tower_http::trace::TraceLayer;
 
 use crate::OrderApp;
-use crate::store::{Item, Order, OrderStatus, StoreError};
+use crate::store::{Item, Order, OrderStatus};
 use crate::trace::{self, TraceContext};
 
 /// Orders are charged in this currency.
@@ -47,7 +48,7 @@ enum ApiError {
         status: tonic::Status,
     },
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Store(#[from] DbError),
 }
 
 impl From<JsonRejection> for ApiError {
@@ -71,6 +72,10 @@ impl IntoResponse for ApiError {
             Self::Upstream { service, status } => {
                 tracing::warn!(service, code = ?status.code(), message = status.message(), "upstream call failed");
                 StatusCode::BAD_GATEWAY
+            }
+            Self::Store(error) if error.is_unavailable() => {
+                tracing::warn!(%error, "database unavailable");
+                StatusCode::SERVICE_UNAVAILABLE
             }
             Self::Store(error) => {
                 tracing::error!(%error, "query failed");

@@ -3,7 +3,8 @@
 //! `POST /orders` checks the user with the user service (gRPC `GetUser`), stores the order as
 //! pending, charges it through the payment service (gRPC `CreatePayment`, with the order id as
 //! idempotency key) and stores the outcome. `GET /orders/{id}` and `GET /orders?user_id=` read
-//! the service's own SQLite file; `GET /health` says it is up.
+//! the service's own database (a SQLite file or a PostgreSQL database, `--database-url`);
+//! `GET /health` says it is up and its database answers.
 //!
 //! It is a plain application: it calls its upstreams at fixed addresses from its configuration
 //! (in the mesh, the sidecar's local ports) and only copies the caller's trace headers onto those
@@ -15,7 +16,7 @@ mod store;
 mod trace;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use ::http::Uri;
 use shop_proto::payment::v1::payment_service_client::PaymentServiceClient;
@@ -25,17 +26,15 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 
 pub use config::Config;
+pub use shop_db::{DatabaseUrl, DbError};
 
 use store::Store;
 
 /// Why the order service could not start or stopped serving.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("opening order database {path}: {source}")]
-    Database {
-        path: PathBuf,
-        source: rusqlite::Error,
-    },
+    #[error("order database: {0}")]
+    Database(#[from] DbError),
     #[error("binding HTTP listener on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -62,18 +61,23 @@ pub struct OrderApp {
 }
 
 impl OrderApp {
-    /// Opens (creating and migrating as needed) the database at `db`. Upstream connections are
-    /// made on first use, so the upstreams need not be up yet. Must run inside a tokio runtime.
-    pub fn open(db: &Path, upstreams: Upstreams) -> Result<Self, Error> {
-        let store = Store::open(db).map_err(|source| Error::Database {
-            path: db.to_owned(),
-            source,
-        })?;
+    /// The service over the database at `db`. Nothing is connected yet: requests answer 503
+    /// until [`OrderApp::prepare`] has succeeded; upstream connections are made on first use,
+    /// so the upstreams need not be up yet. Must run inside a tokio runtime.
+    pub fn new(db: &DatabaseUrl, upstreams: Upstreams) -> Result<Self, Error> {
         Ok(Self {
-            store,
+            store: Store::new(db)?,
             users: UserServiceClient::new(Endpoint::from(upstreams.user).connect_lazy()),
             payments: PaymentServiceClient::new(Endpoint::from(upstreams.payment).connect_lazy()),
         })
+    }
+
+    /// Connects to the database (retrying for up to `wait` while it is unreachable) and
+    /// migrates it. Safe to repeat.
+    pub async fn prepare(&self, wait: Duration) -> Result<(), Error> {
+        self.store.prepare(wait).await?;
+        tracing::info!(database = %self.store.url(), "database ready");
+        Ok(())
     }
 
     /// The HTTP routes (`/orders`, `/orders/{id}`, `/health`).
@@ -103,7 +107,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         user: config.user_grpc_addr.clone(),
         payment: config.payment_grpc_addr.clone(),
     };
-    let app = OrderApp::open(&config.db, upstreams)?;
+    let app = OrderApp::new(&config.database_url, upstreams)?;
     let bind_error = |source| Error::Bind {
         addr: config.http_addr,
         source,
@@ -118,10 +122,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     );
     tracing::info!(
         http = %http_addr,
-        db = %config.db.display(),
+        database = %config.database_url,
         user = %config.user_grpc_addr,
         payment = %config.payment_grpc_addr,
         "order service listening"
     );
-    app.serve(listener, shutdown).await
+    // Listening first, connecting second: in the mesh the database is reached through the
+    // sidecar, which starts once the app is listening. Until then /health answers 503.
+    let serving = app.serve(listener, shutdown);
+    tokio::pin!(serving);
+    tokio::select! {
+        stopped = &mut serving => return stopped,
+        prepared = app.prepare(config.database_wait) => prepared?,
+    }
+    serving.await
 }

@@ -1,35 +1,39 @@
-//! The order service's own SQLite database: `orders` and their `order_items`, and their
-//! migrations.
-//!
-//! rusqlite is synchronous, so every query runs on tokio's blocking pool behind one connection.
+//! The order service's own database (SQLite or PostgreSQL, see `shop-db`): `orders` and
+//! their `order_items`, and their migrations.
 
-use std::path::Path;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde::{Deserialize, Serialize};
+use shop_db::{Database, DatabaseUrl, DbError, Migration, Row, Statement};
 
-/// How long a statement waits for another connection's write lock.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Schema changes in order; `PRAGMA user_version` records how many have been applied.
-const MIGRATIONS: &[&str] = &["CREATE TABLE orders (
-        id          TEXT PRIMARY KEY,
-        user_id     TEXT NOT NULL,
-        status      TEXT NOT NULL,
-        total_cents INTEGER NOT NULL,
-        payment_id  TEXT
-    );
-    CREATE INDEX orders_by_user ON orders (user_id);
-    CREATE TABLE order_items (
-        order_id         TEXT NOT NULL REFERENCES orders (id),
-        position         INTEGER NOT NULL,
-        sku              TEXT NOT NULL,
-        quantity         INTEGER NOT NULL,
-        unit_price_cents INTEGER NOT NULL,
-        PRIMARY KEY (order_id, position)
-    );"];
+/// Schema changes in order; the database records how many have been applied.
+const MIGRATIONS: &[Migration] = &[
+    Migration::portable(
+        "CREATE TABLE orders (
+            id          TEXT PRIMARY KEY,
+            user_id     TEXT NOT NULL,
+            status      TEXT NOT NULL,
+            total_cents BIGINT NOT NULL,
+            payment_id  TEXT
+        );
+        CREATE INDEX orders_by_user ON orders (user_id);
+        CREATE TABLE order_items (
+            order_id         TEXT NOT NULL REFERENCES orders (id),
+            position         INTEGER NOT NULL,
+            sku              TEXT NOT NULL,
+            quantity         BIGINT NOT NULL,
+            unit_price_cents BIGINT NOT NULL,
+            PRIMARY KEY (order_id, position)
+        );",
+    ),
+    // A user's orders are listed in the order they were placed, `ORDER BY rowid`: SQLite
+    // numbers every row in its hidden `rowid`; PostgreSQL, which has none, gets a column of
+    // that name numbered the same way, so the queries are the same on both.
+    Migration {
+        sqlite: "-- rowid is built in",
+        postgres: "ALTER TABLE orders ADD COLUMN rowid BIGINT GENERATED ALWAYS AS IDENTITY",
+    },
+];
 
 /// Where an order is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -51,16 +55,12 @@ impl OrderStatus {
         }
     }
 
-    fn parse(s: &str) -> rusqlite::Result<Self> {
+    fn parse(s: &str) -> Result<Self, DbError> {
         match s {
             "pending" => Ok(Self::Pending),
             "paid" => Ok(Self::Paid),
             "payment_failed" => Ok(Self::PaymentFailed),
-            other => Err(rusqlite::Error::InvalidColumnType(
-                2,
-                format!("status {other:?}"),
-                rusqlite::types::Type::Text,
-            )),
+            other => Err(DbError::Column(format!("unknown order status {other:?}"))),
         }
     }
 }
@@ -84,88 +84,61 @@ pub(crate) struct Order {
     pub payment_id: Option<String>,
 }
 
-/// A query that could not run.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum StoreError {
-    #[error("order database: {0}")]
-    Sqlite(#[from] rusqlite::Error),
-    #[error("order database task: {0}")]
-    Task(#[from] tokio::task::JoinError),
-}
-
 #[derive(Clone)]
 pub(crate) struct Store {
-    conn: Arc<Mutex<Connection>>,
+    db: Database,
 }
 
 impl Store {
-    /// Opens the database file and applies pending migrations.
-    pub fn open(path: &Path) -> rusqlite::Result<Self> {
-        let mut conn = Connection::open(path)?;
-        // Replicas may share the file: wait for another process's write instead of failing.
-        conn.busy_timeout(BUSY_TIMEOUT)?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "foreign_keys", true)?;
-        migrate(&mut conn)?;
+    /// The database at `url`; nothing is connected until [`Store::prepare`].
+    pub fn new(url: &DatabaseUrl) -> Result<Self, DbError> {
         Ok(Self {
-            conn: Arc::new(Mutex::new(conn)),
+            db: Database::new(url, MIGRATIONS)?,
         })
     }
 
-    /// Runs `query` on the blocking pool with the connection.
-    async fn call<T, F>(&self, query: F) -> Result<T, StoreError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
-    {
-        let conn = self.conn.clone();
-        let result = tokio::task::spawn_blocking(move || {
-            // Statements and transactions are atomic in SQLite, so a lock poisoned by a panic
-            // still guards a consistent database.
-            let mut conn = conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            query(&mut conn)
-        })
-        .await?;
-        Ok(result?)
+    pub fn url(&self) -> &DatabaseUrl {
+        self.db.url()
+    }
+
+    /// Connects (retrying for up to `wait` while the server is unreachable) and applies
+    /// pending migrations.
+    pub async fn prepare(&self, wait: Duration) -> Result<(), DbError> {
+        self.db.prepare(wait, &[]).await.map(drop)
     }
 
     /// Checks that the database answers.
-    pub async fn ping(&self) -> Result<(), StoreError> {
-        self.call(|conn| conn.query_row("SELECT 1", [], |_| Ok(())))
-            .await
+    pub async fn ping(&self) -> Result<(), DbError> {
+        self.db.ping().await
     }
 
     /// Stores a new order with its items.
-    pub async fn insert(&self, order: Order) -> Result<(), StoreError> {
-        self.call(move |conn| {
-            let tx = conn.transaction()?;
-            tx.execute(
-                "INSERT INTO orders (id, user_id, status, total_cents, payment_id)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![
-                    order.id,
-                    order.user_id,
-                    order.status.as_str(),
-                    order.total_cents,
-                    order.payment_id
+    pub async fn insert(&self, order: Order) -> Result<(), DbError> {
+        let mut statements = vec![Statement::new(
+            "INSERT INTO orders (id, user_id, status, total_cents, payment_id)
+             VALUES ($1, $2, $3, $4, $5)",
+            vec![
+                order.id.clone().into(),
+                order.user_id.into(),
+                order.status.as_str().into(),
+                order.total_cents.into(),
+                order.payment_id.into(),
+            ],
+        )];
+        for (position, item) in (0_i64..).zip(order.items) {
+            statements.push(Statement::new(
+                "INSERT INTO order_items (order_id, position, sku, quantity, unit_price_cents)
+                 VALUES ($1, $2, $3, $4, $5)",
+                vec![
+                    order.id.clone().into(),
+                    position.into(),
+                    item.sku.into(),
+                    item.quantity.into(),
+                    item.unit_price_cents.into(),
                 ],
-            )?;
-            for (position, item) in (0_i64..).zip(&order.items) {
-                tx.execute(
-                    "INSERT INTO order_items (order_id, position, sku, quantity, unit_price_cents)
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
-                    params![
-                        order.id,
-                        position,
-                        item.sku,
-                        item.quantity,
-                        item.unit_price_cents
-                    ],
-                )?;
-            }
-            tx.commit()
-        })
-        .await
+            ));
+        }
+        self.db.atomically(statements).await.map(drop)
     }
 
     /// Records how an order's payment ended.
@@ -174,89 +147,79 @@ impl Store {
         id: String,
         status: OrderStatus,
         payment_id: Option<String>,
-    ) -> Result<(), StoreError> {
-        self.call(move |conn| {
-            conn.execute(
-                "UPDATE orders SET status = ?2, payment_id = ?3 WHERE id = ?1",
-                params![id, status.as_str(), payment_id],
+    ) -> Result<(), DbError> {
+        self.db
+            .execute(
+                "UPDATE orders SET status = $2, payment_id = $3 WHERE id = $1",
+                vec![id.into(), status.as_str().into(), payment_id.into()],
             )
+            .await
             .map(drop)
-        })
-        .await
     }
 
-    pub async fn order(&self, id: String) -> Result<Option<Order>, StoreError> {
-        self.call(move |conn| {
-            let Some(mut order) = conn
-                .query_row(
-                    "SELECT id, user_id, status, total_cents, payment_id FROM orders WHERE id = ?1",
-                    [id],
-                    order_from_row,
-                )
-                .optional()?
-            else {
-                return Ok(None);
-            };
-            order.items = items(conn, &order.id)?;
-            Ok(Some(order))
-        })
-        .await
+    pub async fn order(&self, id: String) -> Result<Option<Order>, DbError> {
+        let Some(row) = self
+            .db
+            .query_opt(
+                "SELECT id, user_id, status, total_cents, payment_id FROM orders WHERE id = $1",
+                vec![id.into()],
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        let mut order = order_from_row(&row)?;
+        order.items = self.items(&order.id).await?;
+        Ok(Some(order))
     }
 
     /// The user's orders, oldest first.
-    pub async fn orders_of(&self, user_id: String) -> Result<Vec<Order>, StoreError> {
-        self.call(move |conn| {
-            let mut orders = conn
-                .prepare_cached(
-                    "SELECT id, user_id, status, total_cents, payment_id FROM orders
-                     WHERE user_id = ?1 ORDER BY rowid",
-                )?
-                .query_map([user_id], order_from_row)?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            for order in &mut orders {
-                order.items = items(conn, &order.id)?;
-            }
-            Ok(orders)
-        })
-        .await
+    pub async fn orders_of(&self, user_id: String) -> Result<Vec<Order>, DbError> {
+        let rows = self
+            .db
+            .query(
+                "SELECT id, user_id, status, total_cents, payment_id FROM orders
+                 WHERE user_id = $1 ORDER BY rowid",
+                vec![user_id.into()],
+            )
+            .await?;
+        let mut orders = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let mut order = order_from_row(row)?;
+            order.items = self.items(&order.id).await?;
+            orders.push(order);
+        }
+        Ok(orders)
+    }
+
+    async fn items(&self, order_id: &str) -> Result<Vec<Item>, DbError> {
+        self.db
+            .query(
+                "SELECT sku, quantity, unit_price_cents FROM order_items
+                 WHERE order_id = $1 ORDER BY position",
+                vec![order_id.into()],
+            )
+            .await?
+            .iter()
+            .map(|row| {
+                Ok(Item {
+                    sku: row.text(0)?,
+                    quantity: row.int(1)?,
+                    unit_price_cents: row.int(2)?,
+                })
+            })
+            .collect()
     }
 }
 
 /// An order without its items, which `items` adds.
-fn order_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Order> {
+fn order_from_row(row: &Row) -> Result<Order, DbError> {
     Ok(Order {
-        id: row.get(0)?,
-        user_id: row.get(1)?,
-        status: OrderStatus::parse(&row.get::<_, String>(2)?)?,
-        total_cents: row.get(3)?,
-        payment_id: row.get(4)?,
+        id: row.text(0)?,
+        user_id: row.text(1)?,
+        status: OrderStatus::parse(&row.text(2)?)?,
+        total_cents: row.int(3)?,
+        payment_id: row.opt_text(4)?,
         items: Vec::new(),
     })
-}
-
-fn items(conn: &Connection, order_id: &str) -> rusqlite::Result<Vec<Item>> {
-    conn.prepare_cached(
-        "SELECT sku, quantity, unit_price_cents FROM order_items
-         WHERE order_id = ?1 ORDER BY position",
-    )?
-    .query_map([order_id], |row| {
-        Ok(Item {
-            sku: row.get(0)?,
-            quantity: row.get(1)?,
-            unit_price_cents: row.get(2)?,
-        })
-    })?
-    .collect()
-}
-
-/// Applies the migrations not applied yet. The transaction takes the write lock before reading
-/// the version, so two processes starting on one file migrate it once.
-fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let applied: i64 = tx.pragma_query_value(None, "user_version", |row| row.get(0))?;
-    for migration in MIGRATIONS.iter().skip(applied.try_into().unwrap_or(0)) {
-        tx.execute_batch(migration)?;
-    }
-    tx.pragma_update(None, "user_version", MIGRATIONS.len() as i64)?;
-    tx.commit()
 }

@@ -1,6 +1,9 @@
 //! The order service end to end: the real user and payment services run in-process on loopback
 //! sockets, each with its own throw-away database, and their gRPC servers record the headers of
-//! every call so the tests can check what order propagated.
+//! every call so the tests can check what order propagated. Every behaviour test runs twice, on
+//! SQLite and on a real PostgreSQL server the test starts and removes (`sqlite::*` and
+//! `postgres::*`, one server with a database per service); the PostgreSQL ones fail when
+//! PostgreSQL is not installed.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -8,7 +11,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use serde_json::{Value, json};
-use shop_order::{OrderApp, Upstreams};
+use shop_db::on_both_backends;
+use shop_db::test_server::{Backend, TestDb};
+use shop_order::{DatabaseUrl, OrderApp, Upstreams};
 use shop_payment::{FailRate, PaymentApp};
 use shop_proto::payment::v1::GetPaymentRequest;
 use shop_proto::payment::v1::payment_service_client::PaymentServiceClient;
@@ -45,7 +50,7 @@ struct Shop {
     user_calls: Seen,
     payment_calls: Seen,
     shutdown: CancellationToken,
-    _dir: tempfile::TempDir,
+    db: TestDb,
 }
 
 impl Drop for Shop {
@@ -54,15 +59,27 @@ impl Drop for Shop {
     }
 }
 
-async fn start_shop(payment_fail_rate: f64) -> anyhow::Result<Shop> {
-    let dir = tempfile::tempdir()?;
+on_both_backends!(
+    an_order_is_checked_charged_stored_and_traced,
+    an_unknown_user_is_422_and_nothing_is_charged_or_stored,
+    invalid_orders_are_400_with_the_reason,
+    a_failed_payment_is_502_and_the_order_is_kept_as_failed,
+    lookups_and_health,
+);
+
+async fn start_shop(backend: Backend, payment_fail_rate: f64) -> anyhow::Result<Shop> {
+    let db = TestDb::new(backend, "order")
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let sibling = |name| db.sibling(name);
     let shutdown = CancellationToken::new();
 
-    let user = UserApp::open(
-        &dir.path().join("user.db"),
+    let user = UserApp::new(
+        &sibling("user").await.map_err(anyhow::Error::msg)?,
         b"secret",
         Duration::from_secs(60),
     )?;
+    user.prepare(BOUND).await?;
     let user_listener = TcpListener::bind("127.0.0.1:0").await?;
     let user_grpc = user_listener.local_addr()?;
     let user_calls = Seen::default();
@@ -77,7 +94,11 @@ async fn start_shop(payment_fail_rate: f64) -> anyhow::Result<Shop> {
     );
 
     let fail_rate = FailRate::new(payment_fail_rate).map_err(anyhow::Error::msg)?;
-    let payment = PaymentApp::open(&dir.path().join("payment.db"), fail_rate)?;
+    let payment = PaymentApp::new(
+        &sibling("payment").await.map_err(anyhow::Error::msg)?,
+        fail_rate,
+    )?;
+    payment.prepare(BOUND).await?;
     let payment_listener = TcpListener::bind("127.0.0.1:0").await?;
     let payment_grpc = payment_listener.local_addr()?;
     let payment_calls = Seen::default();
@@ -91,19 +112,19 @@ async fn start_shop(payment_fail_rate: f64) -> anyhow::Result<Shop> {
             ),
     );
 
-    let order = start_order(&dir, user_grpc, payment_grpc, shutdown.clone()).await?;
+    let order = start_order(db.url(), user_grpc, payment_grpc, shutdown.clone()).await?;
     Ok(Shop {
         order,
         payment_grpc,
         user_calls,
         payment_calls,
         shutdown,
-        _dir: dir,
+        db,
     })
 }
 
 async fn start_order(
-    dir: &tempfile::TempDir,
+    db: &DatabaseUrl,
     user: SocketAddr,
     payment: SocketAddr,
     shutdown: CancellationToken,
@@ -112,7 +133,8 @@ async fn start_order(
         user: format!("http://{user}").parse()?,
         payment: format!("http://{payment}").parse()?,
     };
-    let order = OrderApp::open(&dir.path().join("order.db"), upstreams)?;
+    let order = OrderApp::new(db, upstreams)?;
+    order.prepare(BOUND).await?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move { order.serve(listener, shutdown).await });
@@ -156,9 +178,8 @@ fn call_headers(calls: &Seen, path: &str) -> anyhow::Result<http::HeaderMap> {
     Ok(headers.clone())
 }
 
-#[tokio::test]
-async fn an_order_is_checked_charged_stored_and_traced() -> anyhow::Result<()> {
-    let shop = start_shop(0.0).await?;
+async fn an_order_is_checked_charged_stored_and_traced(backend: Backend) -> anyhow::Result<()> {
+    let shop = start_shop(backend, 0.0).await?;
     let (status, created) = post_order(
         shop.order,
         &book_order("123"),
@@ -238,9 +259,10 @@ async fn an_order_is_checked_charged_stored_and_traced() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test]
-async fn an_unknown_user_is_422_and_nothing_is_charged_or_stored() -> anyhow::Result<()> {
-    let shop = start_shop(0.0).await?;
+async fn an_unknown_user_is_422_and_nothing_is_charged_or_stored(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let shop = start_shop(backend, 0.0).await?;
     let (status, body) = post_order(shop.order, &book_order("999"), &[]).await?;
     assert_eq!(status, 422);
     assert_eq!(body, json!({"error": "user 999 does not exist"}));
@@ -250,9 +272,8 @@ async fn an_unknown_user_is_422_and_nothing_is_charged_or_stored() -> anyhow::Re
     Ok(())
 }
 
-#[tokio::test]
-async fn invalid_orders_are_400_with_the_reason() -> anyhow::Result<()> {
-    let shop = start_shop(0.0).await?;
+async fn invalid_orders_are_400_with_the_reason(backend: Backend) -> anyhow::Result<()> {
+    let shop = start_shop(backend, 0.0).await?;
     let cases = [
         (json!({"user_id": "123", "items": []}), "at least one item"),
         (
@@ -283,9 +304,10 @@ async fn invalid_orders_are_400_with_the_reason() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test]
-async fn a_failed_payment_is_502_and_the_order_is_kept_as_failed() -> anyhow::Result<()> {
-    let shop = start_shop(1.0).await?;
+async fn a_failed_payment_is_502_and_the_order_is_kept_as_failed(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let shop = start_shop(backend, 1.0).await?;
     let (status, body) = post_order(shop.order, &book_order("123"), &[]).await?;
     assert_eq!(status, 502, "{body}");
     let error = body["error"].as_str().context("error field")?;
@@ -298,12 +320,14 @@ async fn a_failed_payment_is_502_and_the_order_is_kept_as_failed() -> anyhow::Re
 
 #[tokio::test]
 async fn an_unreachable_user_service_is_502() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
+    let db = TestDb::new(Backend::Sqlite, "order")
+        .await
+        .map_err(anyhow::Error::msg)?;
     // A port nothing listens on any more.
     let closed = TcpListener::bind("127.0.0.1:0").await?.local_addr()?;
     let shutdown = CancellationToken::new();
     let _stop = shutdown.clone().drop_guard();
-    let order = start_order(&dir, closed, closed, shutdown).await?;
+    let order = start_order(db.url(), closed, closed, shutdown).await?;
     let (status, body) = post_order(order, &book_order("123"), &[]).await?;
     assert_eq!(status, 502, "{body}");
     let error = body["error"].as_str().context("error field")?;
@@ -311,9 +335,8 @@ async fn an_unreachable_user_service_is_502() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test]
-async fn lookups_and_health() -> anyhow::Result<()> {
-    let shop = start_shop(0.0).await?;
+async fn lookups_and_health(backend: Backend) -> anyhow::Result<()> {
+    let shop = start_shop(backend, 0.0).await?;
     let (status, body) = get_json(format!("http://{}/orders/nope", shop.order)).await?;
     assert_eq!(
         (status, body),
@@ -324,5 +347,40 @@ async fn lookups_and_health() -> anyhow::Result<()> {
     assert!(body["error"].as_str().context("error")?.contains("user_id"));
     let (status, body) = get_json(format!("http://{}/health", shop.order)).await?;
     assert_eq!((status, body), (200, json!({"status": "ok"})));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_postgres_outage_is_503_and_orders_resume_when_it_is_back() -> anyhow::Result<()> {
+    let mut shop = start_shop(Backend::Postgres, 0.0).await?;
+    let (status, created) = post_order(shop.order, &book_order("123"), &[]).await?;
+    assert_eq!(status, 201, "{created}");
+
+    let server = shop.db.server().context("a PostgreSQL server")?;
+    server.kill().map_err(anyhow::Error::msg)?;
+    let (status, body) = get_json(format!("http://{}/orders?user_id=123", shop.order)).await?;
+    assert_eq!(status, 503, "{body}");
+    let error = body["error"].as_str().context("error field")?;
+    assert!(error.starts_with("database postgres://"), "{error}");
+    assert!(error.contains("unavailable"), "{error}");
+    // The user service's database is on the same server: order says which service failed.
+    let (status, body) = post_order(shop.order, &book_order("123"), &[]).await?;
+    assert_eq!(status, 502, "{body}");
+    let error = body["error"].as_str().context("error field")?;
+    assert!(
+        error.starts_with("user service failed (Unavailable)"),
+        "{error}"
+    );
+
+    let server = shop.db.server().context("a PostgreSQL server")?;
+    server.restart().map_err(anyhow::Error::msg)?;
+    let (status, created) = post_order(shop.order, &book_order("123"), &[]).await?;
+    assert_eq!(status, 201, "{created}");
+    let (_, listed) = get_json(format!("http://{}/orders?user_id=123", shop.order)).await?;
+    assert_eq!(
+        listed["orders"].as_array().map(Vec::len),
+        Some(2),
+        "{listed}"
+    );
     Ok(())
 }

@@ -2,8 +2,10 @@
 //! default in one struct, parsed by clap.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::str::FromStr;
+use std::time::Duration;
+
+use shop_db::DatabaseUrl;
 
 /// How to run the payment service.
 #[derive(Debug, Clone, clap::Parser)]
@@ -19,9 +21,18 @@ pub struct Config {
     /// Address of the gRPC listener.
     #[arg(long, env = "PAYMENT_GRPC_ADDR", default_value = "127.0.0.1:50053")]
     pub grpc_addr: SocketAddr,
-    /// SQLite database file; created and migrated on start.
-    #[arg(long, env = "PAYMENT_DB", default_value = "./payment.db")]
-    pub db: PathBuf,
+    /// The database: sqlite://PATH (created on start) or postgres://USER@HOST:PORT/DATABASE;
+    /// migrated on start.
+    #[arg(
+        long,
+        env = "PAYMENT_DATABASE_URL",
+        default_value = "sqlite://./payment.db",
+        value_name = "URL"
+    )]
+    pub database_url: DatabaseUrl,
+    /// How long to keep trying to reach the database at start before giving up.
+    #[arg(long, env = "PAYMENT_DATABASE_WAIT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub database_wait: Duration,
     /// Share of CreatePayment calls to fail with UNAVAILABLE, from 0 to 1 (resilience demos).
     #[arg(long, env = "PAYMENT_FAIL_RATE", default_value = "0")]
     pub fail_rate: FailRate,

@@ -7,7 +7,9 @@ use shop_proto::payment::v1::{
 use tonic::{Request, Response, Status};
 
 use crate::config::FailRate;
-use crate::store::{Created, Store, StoreError};
+use shop_db::DbError;
+
+use crate::store::{Created, Store};
 
 /// The `PaymentService` implementation, writing the service's own database.
 pub struct PaymentApi {
@@ -21,8 +23,13 @@ impl PaymentApi {
     }
 }
 
-impl From<StoreError> for Status {
-    fn from(error: StoreError) -> Self {
+/// UNAVAILABLE while the database cannot be reached (the caller may try again), INTERNAL for a
+/// query that failed.
+fn status(error: DbError) -> Status {
+    if error.is_unavailable() {
+        tracing::warn!(%error, "database unavailable");
+        Status::unavailable(error.to_string())
+    } else {
         tracing::error!(%error, "query failed");
         Status::internal(error.to_string())
     }
@@ -44,7 +51,7 @@ impl PaymentService for PaymentApi {
                 self.fail_rate.get()
             )));
         }
-        let payment = match self.store.create(request.clone()).await? {
+        let payment = match self.store.create(request.clone()).await.map_err(status)? {
             Created::New(payment) => {
                 tracing::info!(payment_id = %payment.payment_id, order_id = %payment.order_id, amount_cents = payment.amount_cents, "payment created");
                 payment
@@ -70,7 +77,12 @@ impl PaymentService for PaymentApi {
         if payment_id.is_empty() {
             return Err(Status::invalid_argument("payment_id is required"));
         }
-        match self.store.payment(payment_id.clone()).await? {
+        match self
+            .store
+            .payment(payment_id.clone())
+            .await
+            .map_err(status)?
+        {
             Some(payment) => Ok(Response::new(GetPaymentResponse {
                 payment: Some(payment),
             })),

@@ -1,7 +1,8 @@
 //! The shop's payment service: charges orders, exactly once per idempotency key.
 //!
 //! It serves gRPC `shop.payment.v1.PaymentService` (`CreatePayment`, `GetPayment`) and an HTTP
-//! `GET /health`. Payments live in the service's own SQLite file, created and migrated on start.
+//! `GET /health`. Payments live in the service's own database, a SQLite file or a PostgreSQL
+//! database (`--database-url`), migrated on start.
 //! For resilience demos it can be told to fail a share of its charges (`PAYMENT_FAIL_RATE`), so
 //! the mesh's retries and circuit breakers have something to do.
 //!
@@ -14,7 +15,7 @@ mod store;
 mod trace;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use shop_proto::payment::v1::payment_service_server::PaymentServiceServer;
 use tokio::net::TcpListener;
@@ -24,17 +25,15 @@ use tower_http::trace::TraceLayer;
 
 pub use config::{Config, FailRate};
 pub use grpc::PaymentApi;
+pub use shop_db::{DatabaseUrl, DbError};
 
 use store::Store;
 
 /// Why the payment service could not start or stopped serving.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("opening payment database {path}: {source}")]
-    Database {
-        path: PathBuf,
-        source: rusqlite::Error,
-    },
+    #[error("payment database: {0}")]
+    Database(#[from] DbError),
     #[error("binding {what} listener on {addr}: {source}")]
     Bind {
         what: &'static str,
@@ -55,14 +54,22 @@ pub struct PaymentApp {
 }
 
 impl PaymentApp {
-    /// Opens (creating and migrating as needed) the database at `db`; `fail_rate` of the
-    /// `CreatePayment` calls will fail with UNAVAILABLE.
-    pub fn open(db: &Path, fail_rate: FailRate) -> Result<Self, Error> {
-        let store = Store::open(db).map_err(|source| Error::Database {
-            path: db.to_owned(),
-            source,
-        })?;
-        Ok(Self { store, fail_rate })
+    /// The service over the database at `db`; `fail_rate` of the `CreatePayment` calls will
+    /// fail with UNAVAILABLE. Nothing is connected yet: requests fail with UNAVAILABLE (503 on
+    /// HTTP) until [`PaymentApp::prepare`] has succeeded. Must run inside a tokio runtime.
+    pub fn new(db: &DatabaseUrl, fail_rate: FailRate) -> Result<Self, Error> {
+        Ok(Self {
+            store: Store::new(db)?,
+            fail_rate,
+        })
+    }
+
+    /// Connects to the database (retrying for up to `wait` while it is unreachable) and
+    /// migrates it. Safe to repeat.
+    pub async fn prepare(&self, wait: Duration) -> Result<(), Error> {
+        self.store.prepare(wait).await?;
+        tracing::info!(database = %self.store.url(), "database ready");
+        Ok(())
     }
 
     /// The gRPC `PaymentService`, for callers that build their own tonic server around it.
@@ -100,7 +107,7 @@ impl PaymentApp {
 /// Once listening it prints one line to stdout, `shop-payment ready: {JSON}`, with the bound
 /// addresses ("http" and "grpc"), so a caller can configure port 0 and read the port back.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
-    let app = PaymentApp::open(&config.db, config.fail_rate)?;
+    let app = PaymentApp::new(&config.database_url, config.fail_rate)?;
     let (http, http_addr) = bind("HTTP", config.http_addr).await?;
     let (grpc, grpc_addr) = bind("gRPC", config.grpc_addr).await?;
     println!(
@@ -110,11 +117,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     tracing::info!(
         http = %http_addr,
         grpc = %grpc_addr,
-        db = %config.db.display(),
+        database = %config.database_url,
         fail_rate = config.fail_rate.get(),
         "payment service listening"
     );
-    app.serve(http, grpc, shutdown).await
+    // Listening first, connecting second: in the mesh the database is reached through the
+    // sidecar, which starts once the app is listening. Until then /health answers 503.
+    let serving = app.serve(http, grpc, shutdown);
+    tokio::pin!(serving);
+    tokio::select! {
+        stopped = &mut serving => return stopped,
+        prepared = app.prepare(config.database_wait) => prepared?,
+    }
+    serving.await
 }
 
 /// Binds `addr`; returns the listener and the address it got (the port the system chose when

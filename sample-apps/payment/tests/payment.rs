@@ -1,11 +1,15 @@
 //! The payment service on real loopback sockets with a throw-away database: idempotent charges,
-//! lookups, validation, injected failures and health.
+//! lookups, validation, injected failures and health. Every behaviour test runs twice, on
+//! SQLite and on a real PostgreSQL server the test starts and removes (`sqlite::*` and
+//! `postgres::*`); the PostgreSQL ones fail when PostgreSQL is not installed.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context;
 use serde_json::{Value, json};
+use shop_db::on_both_backends;
+use shop_db::test_server::{Backend, TestDb};
 use shop_payment::{FailRate, PaymentApp};
 use shop_proto::payment::v1::payment_service_client::PaymentServiceClient;
 use shop_proto::payment::v1::{CreatePaymentRequest, GetPaymentRequest, PaymentStatus};
@@ -20,9 +24,8 @@ const BOUND: Duration = Duration::from_secs(10);
 struct Running {
     http: SocketAddr,
     grpc: SocketAddr,
-    db: std::path::PathBuf,
+    db: TestDb,
     shutdown: CancellationToken,
-    _dir: tempfile::TempDir,
 }
 
 impl Drop for Running {
@@ -31,10 +34,24 @@ impl Drop for Running {
     }
 }
 
-async fn start(fail_rate: f64) -> anyhow::Result<Running> {
-    let dir = tempfile::tempdir()?;
-    let db = dir.path().join("payment.db");
-    let app = PaymentApp::open(&db, FailRate::new(fail_rate).map_err(anyhow::Error::msg)?)?;
+on_both_backends!(
+    the_same_idempotency_key_charges_once,
+    reusing_a_key_for_another_charge_is_refused,
+    invalid_charges_and_unknown_payments_are_rejected,
+    a_fail_rate_of_one_fails_every_charge_and_stores_nothing,
+    health_answers_json,
+);
+
+/// The payment service on a new database, prepared and serving.
+async fn start(backend: Backend, fail_rate: f64) -> anyhow::Result<Running> {
+    let db = TestDb::new(backend, "payment")
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let app = PaymentApp::new(
+        db.url(),
+        FailRate::new(fail_rate).map_err(anyhow::Error::msg)?,
+    )?;
+    app.prepare(BOUND).await?;
     let http = TcpListener::bind("127.0.0.1:0").await?;
     let grpc = TcpListener::bind("127.0.0.1:0").await?;
     let (http_addr, grpc_addr) = (http.local_addr()?, grpc.local_addr()?);
@@ -46,7 +63,6 @@ async fn start(fail_rate: f64) -> anyhow::Result<Running> {
         grpc: grpc_addr,
         db,
         shutdown,
-        _dir: dir,
     })
 }
 
@@ -68,9 +84,8 @@ fn charge(key: &str, amount_cents: i64) -> CreatePaymentRequest {
     }
 }
 
-#[tokio::test]
-async fn the_same_idempotency_key_charges_once() -> anyhow::Result<()> {
-    let payment = start(0.0).await?;
+async fn the_same_idempotency_key_charges_once(backend: Backend) -> anyhow::Result<()> {
+    let payment = start(backend, 0.0).await?;
     let mut client = client(payment.grpc).await?;
     let first = timeout(BOUND, client.create_payment(charge("order-1", 2598)))
         .await??
@@ -95,8 +110,11 @@ async fn the_same_idempotency_key_charges_once() -> anyhow::Result<()> {
         .context("payment in response")?;
     assert_ne!(other.payment_id, first.payment_id);
 
-    let conn = rusqlite::Connection::open(&payment.db)?;
-    let rows: i64 = conn.query_row("SELECT COUNT(*) FROM payments", [], |row| row.get(0))?;
+    let rows = payment
+        .db
+        .scalar("SELECT COUNT(*) FROM payments")
+        .await
+        .map_err(anyhow::Error::msg)?;
     assert_eq!(rows, 2);
 
     let fetched = timeout(
@@ -112,9 +130,8 @@ async fn the_same_idempotency_key_charges_once() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test]
-async fn reusing_a_key_for_another_charge_is_refused() -> anyhow::Result<()> {
-    let payment = start(0.0).await?;
+async fn reusing_a_key_for_another_charge_is_refused(backend: Backend) -> anyhow::Result<()> {
+    let payment = start(backend, 0.0).await?;
     let mut client = client(payment.grpc).await?;
     timeout(BOUND, client.create_payment(charge("order-1", 100))).await??;
     let refused = timeout(BOUND, client.create_payment(charge("order-1", 999)))
@@ -129,9 +146,8 @@ async fn reusing_a_key_for_another_charge_is_refused() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test]
-async fn invalid_charges_and_unknown_payments_are_rejected() -> anyhow::Result<()> {
-    let payment = start(0.0).await?;
+async fn invalid_charges_and_unknown_payments_are_rejected(backend: Backend) -> anyhow::Result<()> {
+    let payment = start(backend, 0.0).await?;
     let mut client = client(payment.grpc).await?;
     let mut lower_case = charge("k", 100);
     lower_case.currency = "usd".into();
@@ -158,16 +174,20 @@ async fn invalid_charges_and_unknown_payments_are_rejected() -> anyhow::Result<(
     Ok(())
 }
 
-#[tokio::test]
-async fn a_fail_rate_of_one_fails_every_charge_and_stores_nothing() -> anyhow::Result<()> {
-    let payment = start(1.0).await?;
+async fn a_fail_rate_of_one_fails_every_charge_and_stores_nothing(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let payment = start(backend, 1.0).await?;
     let mut client = client(payment.grpc).await?;
     let failed = timeout(BOUND, client.create_payment(charge("order-1", 100)))
         .await?
         .expect_err("fail rate 1");
     assert_eq!(failed.code(), tonic::Code::Unavailable);
-    let conn = rusqlite::Connection::open(&payment.db)?;
-    let rows: i64 = conn.query_row("SELECT COUNT(*) FROM payments", [], |row| row.get(0))?;
+    let rows = payment
+        .db
+        .scalar("SELECT COUNT(*) FROM payments")
+        .await
+        .map_err(anyhow::Error::msg)?;
     assert_eq!(rows, 0);
     Ok(())
 }
@@ -180,9 +200,8 @@ fn fail_rates_outside_zero_to_one_are_refused() {
     assert!("often".parse::<FailRate>().is_err());
 }
 
-#[tokio::test]
-async fn health_answers_json() -> anyhow::Result<()> {
-    let payment = start(0.0).await?;
+async fn health_answers_json(backend: Backend) -> anyhow::Result<()> {
+    let payment = start(backend, 0.0).await?;
     let response = timeout(
         BOUND,
         reqwest::get(format!("http://{}/health", payment.http)),

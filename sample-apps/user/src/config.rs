@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use shop_db::DatabaseUrl;
+
 use crate::Error;
 
 /// How to run the user service.
@@ -21,9 +23,18 @@ pub struct Config {
     /// Address of the gRPC listener.
     #[arg(long, env = "USER_GRPC_ADDR", default_value = "127.0.0.1:50051")]
     pub grpc_addr: SocketAddr,
-    /// SQLite database file; created, migrated and seeded on start.
-    #[arg(long, env = "USER_DB", default_value = "./user.db")]
-    pub db: PathBuf,
+    /// The database: sqlite://PATH (created on start) or postgres://USER@HOST:PORT/DATABASE;
+    /// migrated and seeded on start.
+    #[arg(
+        long,
+        env = "USER_DATABASE_URL",
+        default_value = "sqlite://./user.db",
+        value_name = "URL"
+    )]
+    pub database_url: DatabaseUrl,
+    /// How long to keep trying to reach the database at start before giving up.
+    #[arg(long, env = "USER_DATABASE_WAIT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub database_wait: Duration,
     /// Key that signs login tokens (HS256). Exactly one of this and --jwt-secret-file is required.
     #[arg(long, env = "USER_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,

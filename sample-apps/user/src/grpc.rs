@@ -4,7 +4,9 @@ use shop_proto::user::v1::user_service_server::UserService;
 use shop_proto::user::v1::{GetUserRequest, GetUserResponse, ListUsersRequest, ListUsersResponse};
 use tonic::{Request, Response, Status};
 
-use crate::store::{Store, StoreError};
+use shop_db::DbError;
+
+use crate::store::Store;
 
 /// Page size when the caller asks for 0.
 const DEFAULT_PAGE_SIZE: u32 = 10;
@@ -22,8 +24,13 @@ impl UserApi {
     }
 }
 
-impl From<StoreError> for Status {
-    fn from(error: StoreError) -> Self {
+/// UNAVAILABLE while the database cannot be reached (the caller may try again), INTERNAL for a
+/// query that failed.
+fn status(error: DbError) -> Status {
+    if error.is_unavailable() {
+        tracing::warn!(%error, "database unavailable");
+        Status::unavailable(error.to_string())
+    } else {
         tracing::error!(%error, "query failed");
         Status::internal(error.to_string())
     }
@@ -39,7 +46,7 @@ impl UserService for UserApi {
         if user_id.is_empty() {
             return Err(Status::invalid_argument("user_id is required"));
         }
-        match self.store.user(user_id.clone()).await? {
+        match self.store.user(user_id.clone()).await.map_err(status)? {
             Some(user) => Ok(Response::new(GetUserResponse {
                 user: Some(user.into()),
             })),
@@ -67,7 +74,11 @@ impl UserService for UserApi {
             }
         };
         // One row more than the page tells whether another page follows.
-        let mut users = self.store.users_after(page_token, page_size + 1).await?;
+        let mut users = self
+            .store
+            .users_after(page_token, page_size + 1)
+            .await
+            .map_err(status)?;
         let next_page_token = if users.len() > page_size as usize {
             users.truncate(page_size as usize);
             users.last().map(|u| u.user_id.clone()).unwrap_or_default()

@@ -16,7 +16,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tower_http::trace::TraceLayer;
 
-use crate::store::{Store, StoreError, User};
+use shop_db::DbError;
+
+use crate::store::{Store, User};
 use crate::token::TokenIssuer;
 use crate::trace;
 
@@ -45,6 +47,9 @@ enum ApiError {
     Unauthorized,
     #[error("{0}")]
     NotFound(String),
+    /// The database cannot be reached: try again later.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -55,9 +60,13 @@ impl From<JsonRejection> for ApiError {
     }
 }
 
-impl From<StoreError> for ApiError {
-    fn from(error: StoreError) -> Self {
-        Self::Internal(error.to_string())
+impl From<DbError> for ApiError {
+    fn from(error: DbError) -> Self {
+        if error.is_unavailable() {
+            Self::Unavailable(error.to_string())
+        } else {
+            Self::Internal(error.to_string())
+        }
     }
 }
 
@@ -67,6 +76,10 @@ impl IntoResponse for ApiError {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::Unavailable(error) => {
+                tracing::warn!(%error, "database unavailable");
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::Internal(error) => {
                 tracing::error!(%error, "request failed");
                 StatusCode::INTERNAL_SERVER_ERROR

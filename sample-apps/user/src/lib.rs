@@ -15,7 +15,6 @@ mod token;
 mod trace;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,6 +26,7 @@ use tower_http::trace::TraceLayer;
 
 pub use config::Config;
 pub use grpc::UserApi;
+pub use shop_db::{DatabaseUrl, DbError};
 
 use store::Store;
 use token::TokenIssuer;
@@ -34,11 +34,8 @@ use token::TokenIssuer;
 /// Why the user service could not start or stopped serving.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("opening user database {path}: {source}")]
-    Database {
-        path: PathBuf,
-        source: rusqlite::Error,
-    },
+    #[error("user database: {0}")]
+    Database(#[from] DbError),
     #[error("JWT signing key: {0}")]
     SigningKey(String),
     #[error("binding {what} listener on {addr}: {source}")]
@@ -61,20 +58,25 @@ pub struct UserApp {
 }
 
 impl UserApp {
-    /// Opens (creating, migrating and seeding as needed) the database at `db` and signs login
-    /// tokens with `signing_key`, valid for `token_ttl`.
-    pub fn open(db: &Path, signing_key: &[u8], token_ttl: Duration) -> Result<Self, Error> {
+    /// The service over the database at `db`, signing login tokens with `signing_key`, valid
+    /// for `token_ttl`. Nothing is connected yet: requests answer 503 until
+    /// [`UserApp::prepare`] has succeeded. Must run inside a tokio runtime.
+    pub fn new(db: &DatabaseUrl, signing_key: &[u8], token_ttl: Duration) -> Result<Self, Error> {
         if signing_key.is_empty() {
             return Err(Error::SigningKey("the key is empty".into()));
         }
-        let store = Store::open(db).map_err(|source| Error::Database {
-            path: db.to_owned(),
-            source,
-        })?;
         Ok(Self {
-            store,
+            store: Store::new(db)?,
             tokens: Arc::new(TokenIssuer::new(signing_key, token_ttl)),
         })
+    }
+
+    /// Connects to the database (retrying for up to `wait` while it is unreachable), migrates
+    /// it and adds the missing demo users. Safe to repeat, and from several replicas at once.
+    pub async fn prepare(&self, wait: Duration) -> Result<(), Error> {
+        self.store.prepare(wait).await?;
+        tracing::info!(database = %self.store.url(), "database ready");
+        Ok(())
     }
 
     /// The gRPC `UserService`, for callers that build their own tonic server around it.
@@ -113,15 +115,23 @@ impl UserApp {
 /// addresses ("http" and "grpc"), so a caller can configure port 0 and read the port back.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
     let key = config.signing_key()?;
-    let app = UserApp::open(&config.db, &key, config.jwt_ttl)?;
+    let app = UserApp::new(&config.database_url, &key, config.jwt_ttl)?;
     let (http, http_addr) = bind("HTTP", config.http_addr).await?;
     let (grpc, grpc_addr) = bind("gRPC", config.grpc_addr).await?;
     println!(
         "shop-user ready: {}",
         serde_json::json!({ "http": http_addr, "grpc": grpc_addr })
     );
-    tracing::info!(http = %http_addr, grpc = %grpc_addr, db = %config.db.display(), "user service listening");
-    app.serve(http, grpc, shutdown).await
+    tracing::info!(http = %http_addr, grpc = %grpc_addr, database = %config.database_url, "user service listening");
+    // Listening first, connecting second: in the mesh the database is reached through the
+    // sidecar, which starts once the app is listening. Until then /health answers 503.
+    let serving = app.serve(http, grpc, shutdown);
+    tokio::pin!(serving);
+    tokio::select! {
+        stopped = &mut serving => return stopped,
+        prepared = app.prepare(config.database_wait) => prepared?,
+    }
+    serving.await
 }
 
 /// Binds `addr`; returns the listener and the address it got (the port the system chose when

@@ -1,27 +1,22 @@
-//! The user service's own SQLite database: the `users` table, its migrations and its demo seed.
-//!
-//! rusqlite is synchronous, so every query runs on tokio's blocking pool behind one connection
-//! (SQLite serialises writers anyway, and this service mostly reads).
+//! The user service's own database (SQLite or PostgreSQL, see `shop-db`): the `users` table,
+//! its migrations and its demo seed.
 
-use std::path::Path;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde::Serialize;
+use shop_db::{Database, DatabaseUrl, DbError, Migration, Row, Statement};
 
-/// How long a statement waits for another connection's write lock.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Schema changes in order; `PRAGMA user_version` records how many have been applied.
-const MIGRATIONS: &[&str] = &["CREATE TABLE users (
+/// Schema changes in order; the database records how many have been applied.
+const MIGRATIONS: &[Migration] = &[Migration::portable(
+    "CREATE TABLE users (
         user_id       TEXT PRIMARY KEY,
         username      TEXT NOT NULL UNIQUE,
         password_hash TEXT NOT NULL,
         name          TEXT NOT NULL,
         email         TEXT NOT NULL,
         age           INTEGER NOT NULL
-    )"];
+    )",
+)];
 
 /// Demo users created on first start: (user_id, username, argon2id hash of the password, name,
 /// email, age). The passwords are "wonderland", "builder" and "christmas" (see the README);
@@ -73,132 +68,101 @@ impl From<User> for shop_proto::user::v1::User {
     }
 }
 
-/// A query that could not run.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum StoreError {
-    #[error("user database: {0}")]
-    Sqlite(#[from] rusqlite::Error),
-    #[error("user database task: {0}")]
-    Task(#[from] tokio::task::JoinError),
-}
-
 #[derive(Clone)]
 pub(crate) struct Store {
-    conn: Arc<Mutex<Connection>>,
+    db: Database,
 }
 
 impl Store {
-    /// Opens the database file, applies pending migrations and adds missing demo users.
-    pub fn open(path: &Path) -> rusqlite::Result<Self> {
-        let mut conn = Connection::open(path)?;
-        // Replicas may share the file: wait for another process's write instead of failing.
-        conn.busy_timeout(BUSY_TIMEOUT)?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        migrate(&mut conn)?;
-        seed(&conn)?;
+    /// The database at `url`; nothing is connected until [`Store::prepare`].
+    pub fn new(url: &DatabaseUrl) -> Result<Self, DbError> {
         Ok(Self {
-            conn: Arc::new(Mutex::new(conn)),
+            db: Database::new(url, MIGRATIONS)?,
         })
     }
 
-    /// Runs `query` on the blocking pool with the connection.
-    async fn call<T, F>(&self, query: F) -> Result<T, StoreError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
-    {
-        let conn = self.conn.clone();
-        let result = tokio::task::spawn_blocking(move || {
-            // A panic while holding the lock cannot leave SQLite half-written: each statement
-            // is atomic, so a poisoned lock is still safe to use.
-            let conn = conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            query(&conn)
-        })
-        .await?;
-        Ok(result?)
+    pub fn url(&self) -> &DatabaseUrl {
+        self.db.url()
+    }
+
+    /// Connects (retrying for up to `wait` while the server is unreachable), applies pending
+    /// migrations and adds missing demo users; existing rows (and changed passwords) are kept.
+    pub async fn prepare(&self, wait: Duration) -> Result<(), DbError> {
+        let seed: Vec<Statement> = SEED
+            .iter()
+            .map(|&(user_id, username, password_hash, name, email, age)| {
+                Statement::new(
+                    "INSERT INTO users (user_id, username, password_hash, name, email, age)
+                     VALUES ($1, $2, $3, $4, $5, $6)
+                     ON CONFLICT DO NOTHING",
+                    vec![
+                        user_id.into(),
+                        username.into(),
+                        password_hash.into(),
+                        name.into(),
+                        email.into(),
+                        age.into(),
+                    ],
+                )
+            })
+            .collect();
+        let added = self.db.prepare(wait, &seed).await?;
+        for (&(user_id, username, ..), added) in SEED.iter().zip(added) {
+            if added == 1 {
+                tracing::info!(user_id, username, "seeded demo user");
+            }
+        }
+        Ok(())
     }
 
     /// Checks that the database answers.
-    pub async fn ping(&self) -> Result<(), StoreError> {
-        self.call(|conn| conn.query_row("SELECT 1", [], |_| Ok(())))
-            .await
+    pub async fn ping(&self) -> Result<(), DbError> {
+        self.db.ping().await
     }
 
-    pub async fn user(&self, user_id: String) -> Result<Option<User>, StoreError> {
-        self.call(move |conn| {
-            conn.query_row(
-                "SELECT user_id, name, email, age FROM users WHERE user_id = ?1",
-                [user_id],
-                user_from_row,
+    pub async fn user(&self, user_id: String) -> Result<Option<User>, DbError> {
+        self.db
+            .query_opt(
+                "SELECT user_id, name, email, age FROM users WHERE user_id = $1",
+                vec![user_id.into()],
             )
-            .optional()
-        })
-        .await
+            .await?
+            .map(|row| user_from_row(&row))
+            .transpose()
     }
 
     /// At most `limit` users whose id sorts after `after`, in id order.
-    pub async fn users_after(&self, after: String, limit: u32) -> Result<Vec<User>, StoreError> {
-        self.call(move |conn| {
-            conn.prepare_cached(
+    pub async fn users_after(&self, after: String, limit: u32) -> Result<Vec<User>, DbError> {
+        self.db
+            .query(
                 "SELECT user_id, name, email, age FROM users
-                 WHERE user_id > ?1 ORDER BY user_id LIMIT ?2",
-            )?
-            .query_map(params![after, limit], user_from_row)?
+                 WHERE user_id > $1 ORDER BY user_id LIMIT $2",
+                vec![after.into(), limit.into()],
+            )
+            .await?
+            .iter()
+            .map(user_from_row)
             .collect()
-        })
-        .await
     }
 
     /// The user with this username and their password hash (a PHC string).
-    pub async fn credentials(
-        &self,
-        username: String,
-    ) -> Result<Option<(User, String)>, StoreError> {
-        self.call(move |conn| {
-            conn.query_row(
-                "SELECT user_id, name, email, age, password_hash FROM users WHERE username = ?1",
-                [username],
-                |row| Ok((user_from_row(row)?, row.get(4)?)),
+    pub async fn credentials(&self, username: String) -> Result<Option<(User, String)>, DbError> {
+        self.db
+            .query_opt(
+                "SELECT user_id, name, email, age, password_hash FROM users WHERE username = $1",
+                vec![username.into()],
             )
-            .optional()
-        })
-        .await
+            .await?
+            .map(|row| Ok((user_from_row(&row)?, row.text(4)?)))
+            .transpose()
     }
 }
 
-fn user_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<User> {
+fn user_from_row(row: &Row) -> Result<User, DbError> {
     Ok(User {
-        user_id: row.get(0)?,
-        name: row.get(1)?,
-        email: row.get(2)?,
-        age: row.get(3)?,
+        user_id: row.text(0)?,
+        name: row.text(1)?,
+        email: row.text(2)?,
+        age: row.int(3)?,
     })
-}
-
-/// Applies the migrations not applied yet. The transaction takes the write lock before reading
-/// the version, so two processes starting on one file migrate it once.
-fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let applied: i64 = tx.pragma_query_value(None, "user_version", |row| row.get(0))?;
-    for migration in MIGRATIONS.iter().skip(applied.try_into().unwrap_or(0)) {
-        tx.execute_batch(migration)?;
-    }
-    tx.pragma_update(None, "user_version", MIGRATIONS.len() as i64)?;
-    tx.commit()
-}
-
-/// Adds the demo users that are missing; existing rows (and changed passwords) are kept.
-fn seed(conn: &Connection) -> rusqlite::Result<()> {
-    for &(user_id, username, password_hash, name, email, age) in SEED {
-        let added = conn.execute(
-            "INSERT INTO users (user_id, username, password_hash, name, email, age)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-             ON CONFLICT DO NOTHING",
-            params![user_id, username, password_hash, name, email, age],
-        )?;
-        if added == 1 {
-            tracing::info!(user_id, username, "seeded demo user");
-        }
-    }
-    Ok(())
 }

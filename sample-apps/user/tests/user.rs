@@ -1,5 +1,7 @@
 //! The user service on real loopback sockets with a throw-away database: logins, the HTTP user
-//! lookup, gRPC lookups and paging, idempotent start-up and graceful shutdown.
+//! lookup, gRPC lookups and paging, idempotent start-up and graceful shutdown. Every behaviour
+//! test runs twice, on SQLite and on a real PostgreSQL server the test starts and removes
+//! (`sqlite::*` and `postgres::*`); the PostgreSQL ones fail when PostgreSQL is not installed.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -7,9 +9,11 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::Deserialize;
 use serde_json::{Value, json};
+use shop_db::on_both_backends;
+use shop_db::test_server::{Backend, TestDb};
 use shop_proto::user::v1::user_service_client::UserServiceClient;
 use shop_proto::user::v1::{GetUserRequest, ListUsersRequest};
-use shop_user::UserApp;
+use shop_user::{DatabaseUrl, UserApp};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
@@ -24,7 +28,7 @@ struct Running {
     grpc: SocketAddr,
     shutdown: CancellationToken,
     task: JoinHandle<Result<(), shop_user::Error>>,
-    _dir: tempfile::TempDir,
+    db: TestDb,
 }
 
 impl Drop for Running {
@@ -33,13 +37,27 @@ impl Drop for Running {
     }
 }
 
-async fn start() -> anyhow::Result<Running> {
-    let dir = tempfile::tempdir()?;
-    let app = UserApp::open(
-        &dir.path().join("user.db"),
-        SECRET,
-        Duration::from_secs(600),
-    )?;
+on_both_backends!(
+    login_returns_a_token_signed_with_the_configured_key,
+    bad_credentials_are_401_and_bad_bodies_400,
+    http_serves_users_and_health,
+    grpc_get_user_finds_seeded_users_only,
+    grpc_list_users_pages_through_everyone_once,
+    replicas_sharing_a_database_migrate_and_seed_it_once,
+    a_newer_schema_is_refused,
+);
+
+async fn test_db(backend: Backend) -> anyhow::Result<TestDb> {
+    TestDb::new(backend, "user")
+        .await
+        .map_err(anyhow::Error::msg)
+}
+
+/// The user service on a new database, prepared (migrated and seeded) and serving.
+async fn start(backend: Backend) -> anyhow::Result<Running> {
+    let db = test_db(backend).await?;
+    let app = UserApp::new(db.url(), SECRET, Duration::from_secs(600))?;
+    app.prepare(BOUND).await?;
     let http = TcpListener::bind("127.0.0.1:0").await?;
     let grpc = TcpListener::bind("127.0.0.1:0").await?;
     let (http_addr, grpc_addr) = (http.local_addr()?, grpc.local_addr()?);
@@ -51,7 +69,7 @@ async fn start() -> anyhow::Result<Running> {
         grpc: grpc_addr,
         shutdown,
         task,
-        _dir: dir,
+        db,
     })
 }
 
@@ -87,9 +105,10 @@ struct Claims {
     iss: String,
 }
 
-#[tokio::test]
-async fn login_returns_a_token_signed_with_the_configured_key() -> anyhow::Result<()> {
-    let user = start().await?;
+async fn login_returns_a_token_signed_with_the_configured_key(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let user = start(backend).await?;
     let (status, body) = post_login(
         user.http,
         json!({"username": "alice", "password": "wonderland"}),
@@ -141,9 +160,8 @@ async fn login_returns_a_token_signed_with_the_configured_key() -> anyhow::Resul
     Ok(())
 }
 
-#[tokio::test]
-async fn bad_credentials_are_401_and_bad_bodies_400() -> anyhow::Result<()> {
-    let user = start().await?;
+async fn bad_credentials_are_401_and_bad_bodies_400(backend: Backend) -> anyhow::Result<()> {
+    let user = start(backend).await?;
     for body in [
         json!({"username": "alice", "password": "looking-glass"}),
         json!({"username": "mallory", "password": "wonderland"}),
@@ -159,9 +177,8 @@ async fn bad_credentials_are_401_and_bad_bodies_400() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test]
-async fn http_serves_users_and_health() -> anyhow::Result<()> {
-    let user = start().await?;
+async fn http_serves_users_and_health(backend: Backend) -> anyhow::Result<()> {
+    let user = start(backend).await?;
     let (status, body) = get_json(format!("http://{}/users/123", user.http)).await?;
     assert_eq!(status, 200);
     assert_eq!(
@@ -178,9 +195,8 @@ async fn http_serves_users_and_health() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test]
-async fn grpc_get_user_finds_seeded_users_only() -> anyhow::Result<()> {
-    let user = start().await?;
+async fn grpc_get_user_finds_seeded_users_only(backend: Backend) -> anyhow::Result<()> {
+    let user = start(backend).await?;
     let mut client = grpc_client(user.grpc).await?;
     let found = timeout(
         BOUND,
@@ -208,9 +224,8 @@ async fn grpc_get_user_finds_seeded_users_only() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test]
-async fn grpc_list_users_pages_through_everyone_once() -> anyhow::Result<()> {
-    let user = start().await?;
+async fn grpc_list_users_pages_through_everyone_once(backend: Backend) -> anyhow::Result<()> {
+    let user = start(backend).await?;
     let mut client = grpc_client(user.grpc).await?;
     let mut seen = Vec::new();
     let mut page_token = String::new();
@@ -256,35 +271,126 @@ async fn grpc_list_users_pages_through_everyone_once() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test]
-async fn replicas_sharing_a_database_migrate_and_seed_it_once() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let path = dir.path().join("user.db");
+async fn replicas_sharing_a_database_migrate_and_seed_it_once(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let db = test_db(backend).await?;
     // Two replicas starting at once, then a restart.
-    let starts: Vec<_> = (0..2)
-        .map(|_| {
-            let path = path.clone();
-            std::thread::spawn(move || {
-                UserApp::open(&path, SECRET, Duration::from_secs(60)).map(drop)
-            })
-        })
-        .collect();
-    for start in starts {
-        start
-            .join()
-            .map_err(|_| anyhow::anyhow!("opening thread panicked"))??;
-    }
-    UserApp::open(&path, SECRET, Duration::from_secs(60))?;
-    let conn = rusqlite::Connection::open(&path)?;
-    let users: i64 = conn.query_row("SELECT COUNT(*) FROM users", [], |row| row.get(0))?;
+    let replica = || async {
+        let app = UserApp::new(db.url(), SECRET, Duration::from_secs(60))?;
+        app.prepare(BOUND).await
+    };
+    let (one, two) = tokio::join!(replica(), replica());
+    one?;
+    two?;
+    replica().await?;
+    let users = db
+        .scalar("SELECT COUNT(*) FROM users")
+        .await
+        .map_err(anyhow::Error::msg)?;
     assert_eq!(users, 3);
     Ok(())
 }
 
+async fn a_newer_schema_is_refused(backend: Backend) -> anyhow::Result<()> {
+    let user = start(backend).await?;
+    let newer = match backend {
+        Backend::Sqlite => "PRAGMA user_version = 7",
+        Backend::Postgres => "UPDATE schema_version SET version = 7",
+    };
+    user.db.execute(newer).await.map_err(anyhow::Error::msg)?;
+    let app = UserApp::new(user.db.url(), SECRET, Duration::from_secs(60))?;
+    let error = app.prepare(BOUND).await.expect_err("schema 7 is unknown");
+    let message = error.to_string();
+    assert!(
+        message.contains("schema version 7, newer than the 1 this build knows"),
+        "{message}"
+    );
+    Ok(())
+}
+
+/// On SQLite only: stopping does not depend on the database.
 #[tokio::test]
 async fn serve_returns_once_shutdown_is_cancelled() -> anyhow::Result<()> {
-    let mut user = start().await?;
+    let mut user = start(Backend::Sqlite).await?;
     user.shutdown.cancel();
     timeout(BOUND, &mut user.task).await???;
     Ok(())
+}
+
+#[tokio::test]
+async fn a_postgres_outage_is_503_until_the_server_is_back() -> anyhow::Result<()> {
+    let mut user = start(Backend::Postgres).await?;
+    let health = format!("http://{}/health", user.http);
+    let (status, _) = get_json(health.clone()).await?;
+    assert_eq!(status, 200);
+
+    let server = user.db.server().context("a PostgreSQL server")?;
+    server.kill().map_err(anyhow::Error::msg)?;
+    let (status, body) = get_json(format!("http://{}/users/123", user.http)).await?;
+    assert_eq!(status, 503, "{body}");
+    let error = body["error"].as_str().context("error field")?;
+    assert!(error.contains("unavailable"), "{error}");
+    let (status, _) = get_json(health.clone()).await?;
+    assert_eq!(status, 503);
+    let mut client = grpc_client(user.grpc).await?;
+    let failed = timeout(
+        BOUND,
+        client.get_user(GetUserRequest {
+            user_id: "123".into(),
+        }),
+    )
+    .await?
+    .expect_err("the database is down");
+    assert_eq!(failed.code(), tonic::Code::Unavailable, "{failed:?}");
+
+    // Back without restarting the app: its pool connects again.
+    let server = user.db.server().context("a PostgreSQL server")?;
+    server.restart().map_err(anyhow::Error::msg)?;
+    let (status, body) = get_json(format!("http://{}/users/123", user.http)).await?;
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = get_json(health).await?;
+    assert_eq!(status, 200);
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_unreachable_postgres_at_start_is_retried_then_given_up() -> anyhow::Result<()> {
+    // A port nothing listens on.
+    let closed = TcpListener::bind("127.0.0.1:0").await?.local_addr()?;
+    let url: DatabaseUrl = format!("postgres://shop@{closed}/user")
+        .parse()
+        .map_err(anyhow::Error::msg)?;
+    let app = UserApp::new(&url, SECRET, Duration::from_secs(60))?;
+    // Not prepared yet: requests are 503, not 500.
+    let http = TcpListener::bind("127.0.0.1:0").await?;
+    let grpc = TcpListener::bind("127.0.0.1:0").await?;
+    let http_addr = http.local_addr()?;
+    let shutdown = CancellationToken::new();
+    let _stop = shutdown.clone().drop_guard();
+    let serving = app.clone();
+    tokio::spawn(async move { serving.serve(http, grpc, shutdown).await });
+    let (status, body) = get_json(format!("http://{http_addr}/health")).await?;
+    assert_eq!(status, 503, "{body}");
+
+    let started = std::time::Instant::now();
+    let error = timeout(BOUND, app.prepare(Duration::from_millis(1500)))
+        .await?
+        .expect_err("nothing listens there");
+    let message = error.to_string();
+    assert!(message.contains("--database-wait"), "{message}");
+    assert!(message.contains(&closed.to_string()), "{message}");
+    assert!(started.elapsed() >= Duration::from_millis(1500));
+    Ok(())
+}
+
+#[test]
+fn a_malformed_database_url_names_the_flag() {
+    use clap::Parser;
+    let error =
+        shop_user::Config::try_parse_from(["shop-user", "--database-url", "mysql://user.db"])
+            .expect_err("not a database URL");
+    let text = error.to_string();
+    assert!(text.contains("--database-url"), "{text}");
+    assert!(text.contains("sqlite://PATH"), "{text}");
 }

@@ -9,16 +9,26 @@
 //! sidecar opens one local listener per upstream (`user:grpc`, `payment:grpc`) and `order` is
 //! pointed at those.
 //!
+//! With `--postgres` the apps' databases are on one PostgreSQL server (one database per
+//! service) instead of SQLite files, and that server is a mesh service too: a sidecar of its
+//! own registers it as `postgres` (an opaque TCP port, health-checked by TCP connect), and each
+//! app dials its own sidecar's local listener for `postgres`, so the database traffic crosses
+//! the mesh like the shop's HTTP and gRPC.
+//!
 //! Every listener binds port 0 ([`ANY_PORT`]) and the process reports the port it got on its
 //! ready line, except three that must be known before their process starts: the gateway's
 //! client-facing address (the user's `--gateway-addr`), its admin listener (the gateway has no
-//! ready line yet) and `order`'s upstream listeners on its sidecar (`order` and its sidecar each
-//! need the other's address, so one side is chosen up front).
+//! ready line yet), the sidecars' upstream listeners (`order`'s for `user` and `payment`, and
+//! every app's for `postgres`: an app and its sidecar each need the other's address, so one
+//! side is chosen up front), and PostgreSQL's port (it reports none).
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 
+use rustix::process::Signal;
 use serde::Deserialize;
+
+use super::postgres::{self, Cluster};
 
 /// The binaries the mesh runs; all must sit next to `ferrule`.
 pub const BINARIES: [&str; 5] = [
@@ -38,6 +48,14 @@ pub const API_RATE_LIMIT: u32 = 10;
 /// A loopback listener on a port the system picks; the process reports which.
 pub const ANY_PORT: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0));
 
+/// How many sidecar listeners [`apps`] needs chosen up front: `order`'s for `user:grpc` and
+/// `payment:grpc`, then one for `postgres` per app, in start order (unused without
+/// `--postgres`).
+pub const CHOSEN_PORTS: usize = 6;
+
+/// The mesh service name of the PostgreSQL server.
+pub const POSTGRES_SERVICE: &str = "postgres";
+
 /// What `ferrule dev up` was asked for.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -51,6 +69,8 @@ pub struct Options {
     pub etcd: Option<String>,
     /// The key `user` signs tokens with and the gateway checks them with.
     pub jwt_secret: String,
+    /// `--postgres`: the cluster the apps' databases are in; SQLite files when `None`.
+    pub postgres: Option<Cluster>,
 }
 
 /// One process of the mesh.
@@ -66,6 +86,10 @@ pub struct Spec {
     pub ready_line: Option<&'static str>,
     /// The app's SQLite file.
     pub database: Option<PathBuf>,
+    /// The user and group to run as (PostgreSQL, when `dev up` runs as root).
+    pub run_as: Option<(u32, u32)>,
+    /// What asks the process to stop.
+    pub stop_signal: Signal,
 }
 
 /// The JSON of `ferrule-controller ready: ...`.
@@ -103,6 +127,63 @@ pub fn controller(opts: &Options) -> Spec {
         env: Vec::new(),
         ready_line: Some("ferrule-controller"),
         database: None,
+        run_as: None,
+        stop_signal: Signal::TERM,
+    }
+}
+
+/// The PostgreSQL server of `--postgres`, on `addr`.
+pub fn postgres(cluster: &Cluster, addr: SocketAddr) -> Spec {
+    Spec {
+        name: POSTGRES_SERVICE.into(),
+        program: cluster.bin.join("postgres"),
+        args: cluster.server_args(addr.port()),
+        env: Vec::new(),
+        // It prints no `ready:` line: `dev up` waits for [`postgres::READY_LINE`].
+        ready_line: None,
+        database: None,
+        run_as: cluster.run_as,
+        // Fast shutdown: SIGTERM would wait for every client to disconnect first.
+        stop_signal: Signal::INT,
+    }
+}
+
+/// The sidecar that registers the PostgreSQL server at `server` as the mesh service
+/// `postgres`: one opaque port (never detected: the client speaks first, but PostgreSQL is
+/// still no protocol the mesh knows), health-checked by TCP connect.
+pub fn postgres_sidecar(opts: &Options, controller: SocketAddr, server: SocketAddr) -> Spec {
+    let any = ANY_PORT.to_string();
+    Spec {
+        name: format!("{POSTGRES_SERVICE}-proxy"),
+        program: opts.bin_dir.join("ferrule-proxy"),
+        args: strings(&[
+            "--controller",
+            &controller.to_string(),
+            "--service",
+            POSTGRES_SERVICE,
+            "--proxy-id",
+            POSTGRES_SERVICE,
+            "--label",
+            &format!("instance={POSTGRES_SERVICE}"),
+            "--app-addr",
+            &server.to_string(),
+            "--opaque-ports",
+            &server.port().to_string(),
+            "--admin-addr",
+            &any,
+            "--inbound-addr",
+            &any,
+            "--outbound-addr",
+            &any,
+            "--shutdown-grace",
+            "5s",
+            "--access-log",
+        ]),
+        env: Vec::new(),
+        ready_line: Some("ferrule-proxy"),
+        database: None,
+        run_as: None,
+        stop_signal: Signal::TERM,
     }
 }
 
@@ -116,25 +197,42 @@ pub struct App {
     env_prefix: &'static str,
     /// Whether it serves gRPC besides HTTP.
     grpc: bool,
-    database: PathBuf,
+    database: Database,
     /// Extra environment: upstream addresses, the JWT key.
     env: Vec<(String, String)>,
     /// The sidecar's local listeners for the services the app calls.
     upstreams: Vec<(&'static str, SocketAddr)>,
 }
 
-/// The shop's apps, in start order. `order` calls `user` and `payment` through its sidecar's
-/// listeners at `order_upstreams` (for `user:grpc`, `payment:grpc`).
-pub fn apps(opts: &Options, order_upstreams: [SocketAddr; 2]) -> Vec<App> {
-    let user_db = opts.state_dir.join("user.db");
+/// Where an app's database is.
+#[derive(Debug, Clone)]
+enum Database {
+    /// A file in the state dir.
+    Sqlite(PathBuf),
+    /// The database named after the service on the `--postgres` server, reached through the
+    /// sidecar's listener for `postgres` at this address.
+    Postgres(SocketAddr),
+}
+
+/// The shop's apps, in start order, with the sidecar listeners `chosen` up front (see
+/// [`CHOSEN_PORTS`]): `order` calls `user` and `payment` through its sidecar's listeners at
+/// `chosen[0]` and `chosen[1]`, and with `--postgres` each app reaches the database through
+/// its own sidecar's listener at `chosen[2..]`.
+pub fn apps(opts: &Options, chosen: [SocketAddr; CHOSEN_PORTS]) -> Vec<App> {
+    let [to_user, to_payment, to_database @ ..] = chosen;
+    let mut to_database = to_database.into_iter();
+    let mut database = |service: &str| match opts.postgres {
+        Some(_) => Database::Postgres(to_database.next().expect("one port per app")),
+        // One database per service, shared by its replicas.
+        None => Database::Sqlite(opts.state_dir.join(format!("{service}.db"))),
+    };
     let mut apps: Vec<App> = (1..=2)
         .map(|replica| App {
             service: "user",
             instance: format!("user-{replica}"),
             env_prefix: "USER",
             grpc: true,
-            // One database per service, shared by its replicas.
-            database: user_db.clone(),
+            database: database("user"),
             env: vec![(JWT_SECRET_ENV.into(), opts.jwt_secret.clone())],
             upstreams: Vec::new(),
         })
@@ -144,17 +242,16 @@ pub fn apps(opts: &Options, order_upstreams: [SocketAddr; 2]) -> Vec<App> {
         instance: "payment".into(),
         env_prefix: "PAYMENT",
         grpc: true,
-        database: opts.state_dir.join("payment.db"),
+        database: database("payment"),
         env: Vec::new(),
         upstreams: Vec::new(),
     });
-    let [to_user, to_payment] = order_upstreams;
     apps.push(App {
         service: "order",
         instance: "order".into(),
         env_prefix: "ORDER",
         grpc: false,
-        database: opts.state_dir.join("order.db"),
+        database: database("order"),
         env: vec![
             ("ORDER_USER_GRPC_ADDR".into(), format!("http://{to_user}")),
             (
@@ -171,12 +268,13 @@ impl App {
     /// The app itself, on [`ANY_PORT`]s.
     pub fn spec(&self, opts: &Options) -> Spec {
         let prefix = self.env_prefix;
+        let database_url = match &self.database {
+            Database::Sqlite(path) => format!("sqlite://{}", path.display()),
+            Database::Postgres(local) => postgres::url(*local, self.service),
+        };
         let mut env = vec![
             (format!("{prefix}_HTTP_ADDR"), ANY_PORT.to_string()),
-            (
-                format!("{prefix}_DB"),
-                self.database.to_string_lossy().into_owned(),
-            ),
+            (format!("{prefix}_DATABASE_URL"), database_url),
         ];
         if self.grpc {
             env.push((format!("{prefix}_GRPC_ADDR"), ANY_PORT.to_string()));
@@ -192,7 +290,12 @@ impl App {
                 "payment" => "shop-payment",
                 _ => "shop-order",
             }),
-            database: Some(self.database.clone()),
+            database: match &self.database {
+                Database::Sqlite(path) => Some(path.clone()),
+                Database::Postgres(_) => None,
+            },
+            run_as: None,
+            stop_signal: Signal::TERM,
         }
     }
 
@@ -236,6 +339,15 @@ impl App {
         for (service, listen) in &self.upstreams {
             args.extend(strings(&["--upstream", &format!("{service}={listen}")]));
         }
+        if let Database::Postgres(local) = self.database {
+            args.extend(strings(&[
+                "--upstream",
+                &format!("{POSTGRES_SERVICE}={local}"),
+                // Forwarded as bytes, never detected.
+                "--opaque-ports",
+                &local.port().to_string(),
+            ]));
+        }
         Spec {
             name: self.sidecar_name(),
             program: opts.bin_dir.join("ferrule-proxy"),
@@ -243,6 +355,8 @@ impl App {
             env: Vec::new(),
             ready_line: Some("ferrule-proxy"),
             database: None,
+            run_as: None,
+            stop_signal: Signal::TERM,
         }
     }
 
@@ -253,7 +367,7 @@ impl App {
     /// True when the sidecar binds ports chosen before it started (which another process may
     /// have taken meanwhile).
     pub fn has_chosen_ports(&self) -> bool {
-        !self.upstreams.is_empty()
+        !self.upstreams.is_empty() || matches!(self.database, Database::Postgres(_))
     }
 }
 
@@ -284,6 +398,8 @@ pub fn gateway(opts: &Options, controller: SocketAddr, admin: SocketAddr) -> Spe
         env: vec![(JWT_SECRET_ENV.into(), opts.jwt_secret.clone())],
         ready_line: None,
         database: None,
+        run_as: None,
+        stop_signal: Signal::TERM,
     }
 }
 
@@ -362,16 +478,32 @@ mod tests {
             gateway: "127.0.0.1:8000".parse().unwrap(),
             etcd: None,
             jwt_secret: "s3cret".into(),
+            postgres: None,
         }
     }
 
-    const ORDER_UPSTREAMS: [SocketAddr; 2] = [
-        SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 20001)),
-        SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 20002)),
-    ];
+    fn with_postgres() -> Options {
+        Options {
+            postgres: Some(Cluster {
+                bin: "/usr/lib/postgresql/15/bin".into(),
+                data: "/state/postgres/data".into(),
+                run_as: Some((101, 104)),
+            }),
+            ..opts()
+        }
+    }
+
+    /// 127.0.0.1:20001, :20002...
+    fn chosen() -> [SocketAddr; CHOSEN_PORTS] {
+        std::array::from_fn(|i| SocketAddr::from((Ipv4Addr::LOCALHOST, 20001 + i as u16)))
+    }
 
     fn app(instance: &str) -> App {
-        apps(&opts(), ORDER_UPSTREAMS)
+        app_of(&opts(), instance)
+    }
+
+    fn app_of(opts: &Options, instance: &str) -> App {
+        apps(opts, chosen())
             .into_iter()
             .find(|a| a.instance == instance)
             .unwrap_or_else(|| panic!("no app {instance}"))
@@ -405,7 +537,7 @@ mod tests {
 
     #[test]
     fn the_shop_is_two_users_payment_and_order() {
-        let names: Vec<String> = apps(&opts(), ORDER_UPSTREAMS)
+        let names: Vec<String> = apps(&opts(), chosen())
             .iter()
             .flat_map(|a| [a.instance.clone(), a.sidecar_name()])
             .collect();
@@ -469,8 +601,8 @@ mod tests {
     #[test]
     fn user_replicas_share_a_database_and_the_gateway_shares_their_key() {
         let (one, two) = (app("user-1").spec(&opts()), app("user-2").spec(&opts()));
-        assert_eq!(env(&one, "USER_DB"), "/state/user.db");
-        assert_eq!(env(&two, "USER_DB"), "/state/user.db");
+        assert_eq!(env(&one, "USER_DATABASE_URL"), "sqlite:///state/user.db");
+        assert_eq!(env(&two, "USER_DATABASE_URL"), "sqlite:///state/user.db");
         assert_eq!(env(&one, JWT_SECRET_ENV), "s3cret");
         let gateway = gateway(
             &opts(),
@@ -550,6 +682,89 @@ mod tests {
             spec.rate_limits["api"].key(),
             ferrule_config::RateLimitKey::ClientIp
         );
+    }
+
+    #[test]
+    fn with_postgres_every_app_reaches_its_database_through_its_sidecar() {
+        let opts = with_postgres();
+        let bound = |grpc: bool| AppAddrs {
+            http: "127.0.0.1:30001".parse().unwrap(),
+            grpc: grpc.then(|| "127.0.0.1:30002".parse().unwrap()),
+        };
+        for (instance, prefix, database) in [
+            ("user-1", "USER", "user"),
+            ("user-2", "USER", "user"),
+            ("payment", "PAYMENT", "payment"),
+            ("order", "ORDER", "order"),
+        ] {
+            let app = app_of(&opts, instance);
+            assert!(app.has_chosen_ports(), "{instance}");
+            let spec = app.spec(&opts);
+            let url = env(&spec, &format!("{prefix}_DATABASE_URL"));
+            let local = url
+                .strip_prefix("postgres://ferrule@")
+                .and_then(|rest| rest.strip_suffix(&format!("/{database}")))
+                .unwrap_or_else(|| panic!("{instance}: {url}"));
+            assert_eq!(spec.database, None, "{instance}");
+            let sidecar = app.sidecar(
+                &opts,
+                "127.0.0.1:30000".parse().unwrap(),
+                bound(instance != "order"),
+            );
+            assert!(
+                flag(&sidecar, "--upstream").contains(&format!("postgres={local}").as_str()),
+                "{instance}: {:?}",
+                sidecar.args
+            );
+            let port = local.rsplit(':').next().unwrap();
+            assert_eq!(flag(&sidecar, "--opaque-ports"), [port], "{instance}");
+        }
+        // Each app has its own local port for postgres.
+        let locals: std::collections::HashSet<String> = apps(&opts, chosen())
+            .iter()
+            .map(|a| a.spec(&opts).env[1].1.clone())
+            .collect();
+        assert_eq!(locals.len(), 4);
+    }
+
+    #[test]
+    fn postgres_runs_unprivileged_on_loopback_behind_an_opaque_sidecar() {
+        let opts = with_postgres();
+        let addr: SocketAddr = "127.0.0.1:25432".parse().unwrap();
+        let server = postgres(opts.postgres.as_ref().unwrap(), addr);
+        assert_eq!(server.run_as, Some((101, 104)));
+        assert_eq!(server.stop_signal, Signal::INT);
+        assert_eq!(flag(&server, "-h"), ["127.0.0.1"]);
+        assert_eq!(flag(&server, "-p"), ["25432"]);
+        assert_eq!(flag(&server, "-D"), ["/state/postgres/data"]);
+        let sidecar = postgres_sidecar(&opts, "127.0.0.1:30000".parse().unwrap(), addr);
+        assert_eq!(flag(&sidecar, "--service"), ["postgres"]);
+        assert_eq!(flag(&sidecar, "--app-addr"), ["127.0.0.1:25432"]);
+        assert_eq!(flag(&sidecar, "--opaque-ports"), ["25432"]);
+        assert!(
+            flag(&sidecar, "--health-path").is_empty(),
+            "TCP health check"
+        );
+    }
+
+    #[test]
+    fn without_postgres_the_apps_keep_their_sqlite_files() {
+        for app in apps(&opts(), chosen()) {
+            let spec = app.spec(&opts());
+            assert!(spec.env.iter().any(|(k, v)| k.ends_with("_DATABASE_URL")
+                && v.starts_with("sqlite:///state/")));
+            let sidecar = app.sidecar(
+                &opts(),
+                "127.0.0.1:30000".parse().unwrap(),
+                AppAddrs {
+                    http: "127.0.0.1:30001".parse().unwrap(),
+                    grpc: None,
+                },
+            );
+            assert!(flag(&sidecar, "--opaque-ports").is_empty());
+            assert!(!sidecar.args.iter().any(|a| a.starts_with("postgres=")));
+            assert_eq!(app.has_chosen_ports(), app.instance == "order");
+        }
     }
 
     #[test]

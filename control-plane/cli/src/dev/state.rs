@@ -24,6 +24,9 @@ pub struct DevState {
     pub supervisor: ProcessRecord,
     pub controller: SocketAddr,
     pub gateway: SocketAddr,
+    /// Where the `--postgres` server listens (user `ferrule`, one database per service).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<SocketAddr>,
     /// Children in start order.
     pub processes: Vec<ProcessRecord>,
 }
@@ -158,6 +161,7 @@ mod tests {
             supervisor: record(1, "/bin/ferrule".into()),
             controller: "127.0.0.1:1".parse().unwrap(),
             gateway: "127.0.0.1:2".parse().unwrap(),
+            postgres: None,
             processes: vec![ProcessRecord {
                 admin: Some("127.0.0.1:3".parse().unwrap()),
                 ..record(2, "/bin/ferrule-proxy".into())

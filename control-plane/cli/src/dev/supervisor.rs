@@ -57,6 +57,8 @@ struct Child {
     record: ProcessRecord,
     /// The ready line's program name, from its [`Spec`].
     ready_line: Option<&'static str>,
+    /// What asks it to stop, from its [`Spec`].
+    stop_signal: Signal,
     /// The admin listener whose `GET /ready` tells that the process is ready, once known.
     probe: Option<SocketAddr>,
     process: tokio::process::Child,
@@ -172,8 +174,12 @@ impl Supervisor {
             .stderr(log)
             .process_group(0)
             .kill_on_drop(true);
+        if let Some((uid, gid)) = spec.run_as {
+            cmd.uid(uid).gid(gid);
+        }
         let parent = getpid();
-        // SAFETY: the closure runs in the forked child before exec, where only
+        // SAFETY: the closure runs in the forked child before exec (after any change of user,
+        // which would clear the death signal), where only
         // async-signal-safe calls are allowed: it makes two raw system calls (prctl, getppid)
         // and builds an io::Error from an errno, none of which allocates or takes a lock. The
         // death signal is tied to the thread that forks: `ferrule` runs a current-thread tokio
@@ -210,6 +216,7 @@ impl Supervisor {
         self.children.push(Child {
             record,
             ready_line: spec.ready_line,
+            stop_signal: spec.stop_signal,
             probe: None,
             process,
             exited: None,
@@ -317,6 +324,46 @@ impl Supervisor {
             }
             tokio::time::sleep(READY_LINE_POLL).await;
         }
+    }
+
+    /// Waits until a line of `name`'s log contains `needle`, for a process that prints no
+    /// ready line (PostgreSQL).
+    pub async fn log_line(
+        &mut self,
+        name: &str,
+        needle: &str,
+        within: Duration,
+    ) -> Result<(), StartupError> {
+        let deadline = Instant::now() + within;
+        let log = self.child(name).record.log.clone();
+        loop {
+            let text = log
+                .as_deref()
+                .and_then(|p| std::fs::read_to_string(p).ok())
+                .unwrap_or_default();
+            if text.contains(needle) {
+                return Ok(());
+            }
+            if let Some(status) = self.exit_status(name) {
+                return Err(StartupError::Exited {
+                    name: name.to_string(),
+                    status,
+                });
+            }
+            if Instant::now() >= deadline {
+                return Err(StartupError::NotReady {
+                    names: vec![name.to_string()],
+                    within,
+                });
+            }
+            tokio::time::sleep(READY_LINE_POLL).await;
+        }
+    }
+
+    /// Records where the `--postgres` server listens, in `dev.json`.
+    pub fn set_postgres(&mut self, addr: SocketAddr) -> anyhow::Result<()> {
+        self.state.postgres = Some(addr);
+        self.store()
     }
 
     /// How `name` exited, once it has.
@@ -464,15 +511,15 @@ impl Supervisor {
     }
 }
 
-/// SIGTERM to every running process of `children`, then waits until `grace` has passed and
-/// kills what is left.
+/// Its stop signal (SIGTERM, SIGINT for PostgreSQL) to every running process of `children`,
+/// then waits until `grace` has passed and kills what is left.
 async fn terminate(children: &mut [Child], grace: Duration) {
     for child in children.iter() {
         // An unreaped child keeps its PID, so this cannot hit a recycled one.
         if child.exited.is_none()
             && let Some(pid) = child.process.id().and_then(|p| Pid::from_raw(p as i32))
         {
-            let _ = kill_process(pid, Signal::TERM);
+            let _ = kill_process(pid, child.stop_signal);
         }
     }
     let deadline = Instant::now() + grace;

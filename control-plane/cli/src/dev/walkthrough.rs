@@ -58,6 +58,19 @@ Metrics (Prometheus text):
             let _ = writeln!(out, "  {:<width$}  http://{admin}/metrics", process.name);
         }
     }
+    if let Some(postgres) = state.postgres {
+        let _ = write!(
+            out,
+            "
+PostgreSQL (--postgres) on {postgres}, one database per service (user, order, payment); the
+apps reach it through their sidecars, as the mesh service `postgres`:
+  psql -h {ip} -p {port} -U {user} order -c 'SELECT id, status, total_cents FROM orders'
+",
+            ip = postgres.ip(),
+            port = postgres.port(),
+            user = super::postgres::USER,
+        );
+    }
     let _ = write!(
         out,
         "
@@ -96,6 +109,7 @@ mod tests {
             supervisor: record("ferrule dev up", None),
             controller: "127.0.0.1:1".parse().unwrap(),
             gateway: "127.0.0.1:8000".parse().unwrap(),
+            postgres: None,
             processes: vec![
                 record("user-1", None),
                 record("user-1-proxy", Some("127.0.0.1:4191")),
