@@ -8,7 +8,8 @@
 
 CARGO = cargo
 # command:Debian-package pairs that `make deps` installs when the command is missing.
-DEPS = protoc:protobuf-compiler etcd:etcd-server iptables:iptables wrk:wrk h2load:nghttp2-client
+DEPS = protoc:protobuf-compiler etcd:etcd-server iptables:iptables wrk:wrk h2load:nghttp2-client \
+	nginx:nginx haproxy:haproxy perf:linux-perf curl:curl
 
 help:
 	@echo 'Ferrule make targets:'
@@ -18,10 +19,13 @@ help:
 	@echo '               (cargo-nextest profile "ci" when installed, cargo test otherwise)'
 	@echo '  make build   debug build of every binary'
 	@echo '  make release release build of every binary'
-	@echo '  make bench   deps, release build, then bench/run.sh (writes bench/results/latest.md)'
-	@echo '               and bench/config.sh (config propagation: bench/results/config.md)'
+	@echo '  make bench   deps, then bench/run.sh: direct vs nginx, HAProxy and Ferrule pairs side by'
+	@echo '               side (bench/results/latest.md and .png; BENCH_* settings in bench/README.md,'
+	@echo '               BENCH_BASELINE_REV=REV adds the proxy built at REV) and bench/config.sh'
+	@echo '               (config propagation: bench/results/config.md)'
 	@echo '  make deps    apt-get install what is missing of: protobuf-compiler, etcd-server,'
-	@echo '               iptables, wrk, nghttp2-client (root; otherwise prints the sudo command)'
+	@echo '               iptables, wrk, nghttp2-client, nginx, haproxy, linux-perf, curl (root;'
+	@echo '               otherwise prints the sudo command); bench/run.sh installs oha itself'
 	@echo '  make clean   remove build output'
 	@echo '  make help    this list'
 
@@ -70,11 +74,9 @@ demo: release
 	@bin="$${CARGO_TARGET_DIR:-target}/release"; \
 	exec "$$bin/ferrule" dev up
 
-bench: release
-	@if [ ! -f bench/run.sh ]; then \
-	  echo 'make bench: bench/run.sh does not exist yet: there is no benchmark to run' >&2; \
-	  exit 1; \
-	fi
+# bench/run.sh builds only what it runs (ferrule-proxy and the bench backend), bench/config.sh
+# the controller side; neither needs the whole workspace built first.
+bench: deps
 	mkdir -p bench/results
 	bash bench/run.sh
 	bash bench/config.sh
