@@ -87,16 +87,22 @@ wait "$LOAD" || true
     echo "## Self time by shared object"
     echo
     perf report -i "$DATA_DIR/client.data" --stdio --no-children --sort dso -g none \
-        --percent-limit 0.5 2>/dev/null | grep -v '^#' | grep -v '^$'
+        --percent-limit 0.5 2>/dev/null | grep -v '^#' | grep -v '^$' | sed 's/ *- *- *$//; s/ *$//'
     echo
     echo "## Self time by symbol (top 60)"
     echo
     perf report -i "$DATA_DIR/client.data" --stdio --no-children --no-inline --sort symbol \
-        -g none --percent-limit 0.3 2>/dev/null | grep -v '^#' | grep -v '^$' | head -60
+        -g none --percent-limit 0.3 2>/dev/null | grep -v '^#' | grep -v '^$' | sed 's/ *- *- *$//; s/ *$//' | head -60
     echo
     echo "## Time including callees (top 60)"
     echo
     perf report -i "$DATA_DIR/client.data" --stdio --children --no-inline --sort symbol \
-        -g none --percent-limit 2 2>/dev/null | grep -v '^#' | grep -v '^$' | head -60
+        -g none --percent-limit 2 2>/dev/null | grep -v '^#' | grep -v '^$' | sed 's/ *- *- *$//; s/ *$//' | head -60
+    echo
+    echo "## Ferrule, hyper and h2 frames including callees (top 40)"
+    echo
+    perf report -i "$DATA_DIR/client.data" --stdio --children --no-inline --sort symbol \
+        -g none --percent-limit 1 2>/dev/null | grep -E 'ferrule|hyper|h2::|tower' \
+        | sed 's/ *- *- *$//; s/ *$//' | head -40
 } >"$OUT"
 echo "perf.sh: profile in $OUT; perf report -i $DATA_DIR/client.data for the call graphs" >&2

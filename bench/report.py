@@ -138,9 +138,18 @@ def main():
         w(f"* **{meta['baseline']}**: the same pair with `ferrule-proxy` built at that revision "
           "(the last commit before the proxy rebuild), interleaved in the same rounds.")
     w("")
-    w("Every peer carries every scenario here. Load generators do not check `grpc-status`: a "
-      "gRPC call counts as done on HTTP 200 and a complete stream. Server-streaming calls "
-      f"answer {meta.get('stream_messages')} empty messages each; their req/s is calls/s.")
+    missing = []
+    for k, v in meta.items():
+        if k.startswith("carries.") and v != "yes":
+            _, path, scenario = k.split(".", 2)
+            missing.append(f"{meta.get('label.' + path, path)} / {SCENARIO_NAMES.get(scenario, scenario)}")
+    w("Before measuring, each path is checked to carry each scenario whole (the answer, every "
+      "gRPC message and `grpc-status: 0` in the trailers); "
+      + ("every path carried every scenario in this run. " if not missing else
+         "these did not and were skipped: " + ", ".join(missing) + ". ")
+      + "The load generators themselves do not check `grpc-status`: during the load a gRPC "
+      "call counts as done on HTTP 200 and a complete stream. Server-streaming calls answer "
+      f"{meta.get('stream_messages')} empty messages each; their req/s is calls/s.")
     w("")
 
     if "h1" in scenarios:

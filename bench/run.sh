@@ -197,7 +197,7 @@ haproxy_common() {
     cat <<EOF
 global
     nbthread 1
-    maxconn 16384
+    maxconn 4096
 defaults
     mode http
     option http-keep-alive
@@ -280,12 +280,53 @@ if [[ " $PATHS " == *" baseline "* ]]; then
     ferrule_pair baseline "$BASE_PROXY" 127.0.0.1:18341 127.0.0.1:18343 127.0.0.1:18391 127.0.0.1:18392
 fi
 
+url_for() { # path scenario
+    case $2 in
+        h1) echo "http://${ADDR_H1[$1]}/" ;;
+        h2) echo "http://${ADDR_H2[$1]}/" ;;
+        grpc) echo "http://${ADDR_H2[$1]}/bench.Echo/Unary" ;;
+        grpc-stream) echo "http://${ADDR_H2[$1]}/bench.Echo/Stream" ;;
+    esac
+}
+
 for path in $PATHS; do
     [ "$path" = direct ] && continue
     wait_http "http://${ADDR_H1[$path]}/" "${CLIENT_PID[$path]}"
 done
 
+# Each path must carry each scenario whole before it is measured: the answer, and for gRPC
+# every message and grpc-status 0 in the trailers. A path that does not is skipped for that
+# scenario and the report says so.
 printf '\x00\x00\x00\x00\x00' >"$WORK/grpc-req.bin"
+declare -A CARRIES
+carries() { # path scenario
+    local url
+    url="$(url_for "$1" "$2")"
+    case $2 in
+        h1) curl -fsS --max-time 5 "$url" 2>&1 | grep -qx ok ;;
+        h2) curl -fsS --max-time 5 --http2-prior-knowledge "$url" 2>&1 | grep -qx ok ;;
+        grpc | grpc-stream)
+            local want=5
+            [ "$2" = grpc-stream ] && want=$((5 * STREAM_MESSAGES))
+            curl -sS --max-time 5 --http2-prior-knowledge -v -X POST \
+                -H 'content-type: application/grpc' -H 'te: trailers' \
+                --data-binary @"$WORK/grpc-req.bin" -o "$WORK/carry.bin" "$url" 2>"$WORK/carry.log" &&
+                grep -qi '^< grpc-status: 0' "$WORK/carry.log" &&
+                [ "$(wc -c <"$WORK/carry.bin")" -eq "$want" ]
+            ;;
+    esac
+}
+for path in $PATHS; do
+    for scenario in $SCENARIOS; do
+        if carries "$path" "$scenario"; then
+            CARRIES[$path,$scenario]=yes
+        else
+            CARRIES[$path,$scenario]=no
+            log "${LABEL[$path]} does not carry $scenario whole: skipped for it"
+        fi
+    done
+done
+
 CLK_TCK="$(getconf CLK_TCK)"
 RSS_TSV="$WORK/rss.tsv"
 RAW="$WORK/raw.tsv"
@@ -305,14 +346,6 @@ for path in $PATHS; do
     IDLE_KIB[$path,server]="$(status_kib "${SERVER_PID[$path]}" VmRSS)"
 done
 
-url_for() { # path scenario
-    case $2 in
-        h1) echo "http://${ADDR_H1[$1]}/" ;;
-        h2) echo "http://${ADDR_H2[$1]}/" ;;
-        grpc) echo "http://${ADDR_H2[$1]}/bench.Echo/Unary" ;;
-        grpc-stream) echo "http://${ADDR_H2[$1]}/bench.Echo/Stream" ;;
-    esac
-}
 
 # Each measuring function prints: rps requests errors p50_ms p99_ms p999_ms ("-" if none).
 saturate() { # scenario url
@@ -396,6 +429,7 @@ for round in $(seq 1 "$ROUNDS"); do
     for scenario in $SCENARIOS; do
         for load in sat $RATES; do
             for path in "${order[@]}"; do
+                [ "${CARRIES[$path,$scenario]}" = yes ] || continue
                 run_one "$round" "$scenario" "$load" "$path"
             done
         done
@@ -456,7 +490,12 @@ META="$WORK/meta.tsv"
     printf 'rustc\t%s\n' "$(rustc --version)"
     printf 'stream_messages\t%s\n' "$STREAM_MESSAGES"
     printf 'idle_conns\t%s\n' "$IDLE_CONNS"
-    for path in $PATHS; do printf 'label.%s\t%s\n' "$path" "${LABEL[$path]}"; done
+    for path in $PATHS; do
+        printf 'label.%s\t%s\n' "$path" "${LABEL[$path]}"
+        for scenario in $SCENARIOS; do
+            printf 'carries.%s.%s\t%s\n' "$path" "$scenario" "${CARRIES[$path,$scenario]}"
+        done
+    done
 } >"$META"
 
 mkdir -p "$RESULTS"

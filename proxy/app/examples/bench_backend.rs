@@ -25,7 +25,10 @@ type Body = UnsyncBoxBody<Bytes, Infallible>;
 /// One gRPC message: uncompressed, empty.
 const EMPTY_MESSAGE: &[u8] = &[0, 0, 0, 0, 0];
 
-async fn handle(req: Request<Incoming>, stream_messages: usize) -> Result<Response<Body>, Infallible> {
+async fn handle(
+    req: Request<Incoming>,
+    stream_messages: usize,
+) -> Result<Response<Body>, Infallible> {
     let grpc = req
         .headers()
         .get("content-type")
