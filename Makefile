@@ -25,7 +25,7 @@ help:
 	@echo '               (config propagation: bench/results/config.md)'
 	@echo '  make deps    apt-get install what is missing of: protobuf-compiler, etcd-server,'
 	@echo '               iptables, wrk, nghttp2-client, nginx, haproxy, linux-perf, curl (root;'
-	@echo '               otherwise prints the sudo command); bench/run.sh installs oha itself'
+	@echo '               otherwise prints the sudo command)'
 	@echo '  make clean   remove build output'
 	@echo '  make help    this list'
 

@@ -111,7 +111,8 @@ def main():
     w(f"Run {meta.get('started')} ({meta.get('wall')} wall), `{meta.get('command')}`; "
       f"{meta.get('settings')}.")
     w("")
-    w(f"Machine: {meta.get('nproc')} CPUs, {meta.get('cpu')}, {meta.get('kernel')}; loopback only. "
+    w(f"Machine: {meta.get('nproc')} CPUs, {meta.get('cpu')}, {meta.get('kernel')}; loopback only; "
+      f"load average (1, 5, 15 min) {meta.get('loadavg')}. "
       "The load generator, the backend and every proxy share these CPUs, and all paths run "
       "in the same process set for the whole run, so the figures compare paths with each other; "
       "they are not what a proxy does on a machine of its own.")
@@ -119,7 +120,7 @@ def main():
     w(f"Versions: Ferrule {meta.get('git')} ({meta.get('rustc')}, release)"
       + (f"; {meta['baseline']}" if meta.get("baseline") else "")
       + f"; {meta.get('nginx')}; {meta.get('haproxy')}; {meta.get('wrk')}; {meta.get('h2load')}; "
-      f"{meta.get('oha')}.")
+      "fixed-rate load from proxy/app/examples/bench_load.rs (same build).")
     w("")
     w("Paths, each in front of the same backend (proxy/app/examples/bench_backend.rs, hyper, "
       "two runtime threads):")
@@ -203,10 +204,17 @@ def main():
     w("")
 
     for rate in rates:
-        w(f"## Latency at {rate} req/s (oha -q {rate} --latency-correction), ms")
+        lags = [num(r["pacer_lag_ms"]) for r in rows if r["load"] == rate]
+        lags = [x for x in lags if x is not None]
+        w(f"## Latency at {rate} req/s (bench_load, open loop), ms")
         w("")
         w("p50 / p99 / p99.9 (medians over the rounds); the p99's min–max and the achieved "
-          "rate below each.")
+          "rate below each. The generator dispatches request i at start + i/rate whatever the "
+          "answers do and counts latency from the dispatch, a wait for a free HTTP/1.1 "
+          "connection included (coordinated omission corrected); HTTP/1.1 over 50 keep-alive "
+          "connections, HTTP/2 and gRPC over 10 connections"
+          + (f"; its pacer fired up to {max(lags):.1f} ms late (median of the runs' worst: "
+             f"{statistics.median(lags):.1f} ms), a measure of how busy the machine was." if lags else "."))
         w("")
         w("| path | " + " | ".join(SCENARIO_NAMES.get(s, s) for s in scenarios) + " |")
         w("| --- |" + " --- |" * len(scenarios))

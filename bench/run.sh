@@ -14,8 +14,9 @@
 #                   with `git worktree remove --force target-baseline/src-REV`).
 # Scenarios: HTTP/1.1 GET, HTTP/2 GET, unary gRPC, server-streaming gRPC (BENCH_STREAM_MESSAGES
 # messages per call). Each scenario is run at saturation (wrk for HTTP/1.1, h2load for the
-# others) and at fixed rates with oha (-q RATE --latency-correction: the rate is held and latency
-# counts from when a request was due, so coordinated omission is corrected). Rounds are
+# others) and at fixed rates with proxy/app/examples/bench_load.rs (open loop: the rate is held
+# whatever the answers do, and latency counts from each request's dispatch, waiting for a free
+# connection included, so coordinated omission is corrected). Rounds are
 # interleaved: every round runs every scenario on every path, the path order rotating per round,
 # so machine noise hits every path alike; the report gives medians and the min-max spread.
 # Around each run the CPU time (utime+stime from /proc/PID/stat) of each proxy process is read,
@@ -29,8 +30,8 @@
 #   BENCH_ROUNDS [3]  BENCH_SAT_SECONDS [3]  BENCH_RATE_SECONDS [4]  BENCH_RATES ["1000 5000"]
 #   BENCH_SCENARIOS ["h1 h2 grpc grpc-stream"]  BENCH_PATHS ["direct nginx haproxy ferrule"]
 #   BENCH_BASELINE_REV [unset]  BENCH_STREAM_MESSAGES [10]  BENCH_IDLE_CONNS [1000]
-#   CARGO_TARGET_DIR [./target]; oha is installed into $CARGO_TARGET_DIR/tools when missing and
-#   matplotlib into the venv $CARGO_TARGET_DIR/venv (for the chart).
+#   CARGO_TARGET_DIR [./target]; matplotlib is installed into the venv $CARGO_TARGET_DIR/venv
+#   (for the chart).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -49,6 +50,7 @@ export CARGO_TARGET_DIR="$TARGET_DIR"
 RESULTS="$ROOT/bench/results"
 STARTED_AT="$(date -u '+%Y-%m-%d %H:%M UTC')"
 START_SECONDS=$SECONDS
+LOADAVG_AT_START="$(cut -d' ' -f1-3 /proc/loadavg)"
 WORK="$(mktemp -d)"
 PIDS=()
 
@@ -72,17 +74,6 @@ done
 export PATH="$PATH:/usr/sbin"
 export RUST_LOG=warn
 
-# oha (crates.io) holds a fixed rate and corrects for coordinated omission; built once.
-OHA="$(command -v oha || true)"
-if [ -z "$OHA" ]; then
-    OHA="$TARGET_DIR/tools/bin/oha"
-    if [ ! -x "$OHA" ]; then
-        log "installing oha into $TARGET_DIR/tools (once)..."
-        CARGO_TARGET_DIR="$TARGET_DIR/oha-build" cargo install --quiet --locked oha \
-            --no-default-features --root "$TARGET_DIR/tools"
-    fi
-fi
-
 # matplotlib for the chart, in a venv of its own; the report is written without it if pip fails.
 VENV="$TARGET_DIR/venv"
 PYTHON=python3
@@ -95,9 +86,11 @@ else
 fi
 
 log "building (release)..."
-cargo build --quiet --release -p ferrule-proxy --bin ferrule-proxy --example bench_backend
+cargo build --quiet --release -p ferrule-proxy --bin ferrule-proxy --example bench_backend \
+    --example bench_load
 PROXY="$TARGET_DIR/release/ferrule-proxy"
 BACKEND_BIN="$TARGET_DIR/release/examples/bench_backend"
+LOAD_BIN="$TARGET_DIR/release/examples/bench_load"
 
 BASELINE_LABEL=""
 if [ -n "$BASELINE_REV" ]; then
@@ -331,7 +324,7 @@ CLK_TCK="$(getconf CLK_TCK)"
 RSS_TSV="$WORK/rss.tsv"
 RAW="$WORK/raw.tsv"
 printf 'path\trole\tidle_kib\tpeak_kib\tconns_kib\n' >"$RSS_TSV"
-printf 'round\tscenario\tload\tpath\trps\trequests\terrors\tp50_ms\tp99_ms\tp999_ms\tcpu_client_s\tcpu_server_s\n' >"$RAW"
+printf 'round\tscenario\tload\tpath\trps\trequests\terrors\tp50_ms\tp99_ms\tp999_ms\tpacer_lag_ms\tcpu_client_s\tcpu_server_s\n' >"$RAW"
 
 status_kib() { awk -v k="$2:" '$1 == k {print $2}' "/proc/$1/status"; }
 cpu_ticks() { # utime + stime of the whole process (all threads)
@@ -347,7 +340,8 @@ for path in $PATHS; do
 done
 
 
-# Each measuring function prints: rps requests errors p50_ms p99_ms p999_ms ("-" if none).
+# Each measuring function prints: rps requests errors p50_ms p99_ms p999_ms pacer_lag_ms
+# ("-" if none).
 saturate() { # scenario url
     local out
     if [ "$1" = h1 ]; then
@@ -364,7 +358,7 @@ saturate() { # scenario url
                 if (v ~ /s$/) return sprintf("%.3f", v * 1000)
                 return "-"
             }
-            END {printf "%.0f %d %d %s %s -\n", rps, n, err, ms(p50), ms(p99)}' <<<"$out"
+            END {printf "%.0f %d %d %s %s - -\n", rps, n, err, ms(p50), ms(p99)}' <<<"$out"
     else
         local grpc=()
         [ "$1" = h2 ] || grpc=(-H 'content-type: application/grpc' -H 'te: trailers' -d "$WORK/grpc-req.bin")
@@ -373,31 +367,17 @@ saturate() { # scenario url
             /^finished in/ {gsub(",", "", $4); rps = $4}
             /^requests:/ {n = $8; err = $10 + $12 + $14}
             /^status codes:/ {gsub(",", ""); err += $5 + $7 + $9}
-            END {printf "%.0f %d %d - - -\n", rps, n, err}' <<<"$out"
+            END {printf "%.0f %d %d - - - -\n", rps, n, err}' <<<"$out"
     fi
 }
 
 at_rate() { # scenario url rate
-    local args=(-z "${RATE_SECONDS}s" -q "$3" --latency-correction --no-tui --output-format json)
+    local conns=10 mode=h2
     case $1 in
-        h1) args+=(-c 50) ;;
-        h2) args+=(--http2 -c 10 -p 10) ;;
-        grpc | grpc-stream) args+=(--http2 -c 10 -p 10 -m POST -H 'content-type: application/grpc'
-            -H 'te: trailers' -D "$WORK/grpc-req.bin") ;;
+        h1) conns=50 mode=h1 ;;
+        grpc | grpc-stream) mode=grpc ;;
     esac
-    timeout $((RATE_SECONDS + 30)) "$OHA" "${args[@]}" "$2" >"$WORK/oha.json"
-    python3 - "$WORK/oha.json" <<'PY'
-import json, sys
-d = json.load(open(sys.argv[1]))
-codes = d.get("statusCodeDistribution", {})
-ok = sum(v for k, v in codes.items() if k.startswith("2"))
-bad = sum(v for k, v in codes.items() if not k.startswith("2"))
-bad += sum(d.get("errorDistribution", {}).values())
-p = d.get("latencyPercentiles", {})
-ms = lambda k: "-" if p.get(k) is None else "%.3f" % (p[k] * 1000)
-rps = ok / d["summary"]["total"] if d["summary"].get("total") else 0
-print("%.0f %d %d %s %s %s" % (rps, ok, bad, ms("p50"), ms("p99"), ms("p99.9")))
-PY
+    timeout $((RATE_SECONDS + 30)) "$LOAD_BIN" "$2" "$3" "$RATE_SECONDS" "$conns" "$mode"
 }
 
 run_one() { # round scenario load path
@@ -405,16 +385,21 @@ run_one() { # round scenario load path
     url="$(url_for "$path" "$scenario")"
     c0="$(cpu_ticks "${CLIENT_PID[$path]:-}")"
     s0="$(cpu_ticks "${SERVER_PID[$path]:-}")"
+    # A failed load run is recorded as such (and its output shown) rather than ending the bench.
     if [ "$load" = sat ]; then
-        result="$(saturate "$scenario" "$url")"
+        result="$(saturate "$scenario" "$url" 2>"$WORK/load.err")" || result=""
     else
-        result="$(at_rate "$scenario" "$url" "$load")"
+        result="$(at_rate "$scenario" "$url" "$load" 2>"$WORK/load.err")" || result=""
+    fi
+    if [ -z "$result" ]; then
+        log "round $round $scenario $load ${LABEL[$path]}: the load run failed: $(tail -n 3 "$WORK/load.err")"
+        result="0 0 1 - - - -"
     fi
     c1="$(cpu_ticks "${CLIENT_PID[$path]:-}")"
     s1="$(cpu_ticks "${SERVER_PID[$path]:-}")"
-    read -r rps requests errors p50 p99 p999 <<<"$result"
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$scenario" "$load" \
-        "$path" "$rps" "$requests" "$errors" "$p50" "$p99" "$p999" \
+    read -r rps requests errors p50 p99 p999 lag <<<"$result"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$scenario" "$load" \
+        "$path" "$rps" "$requests" "$errors" "$p50" "$p99" "$p999" "$lag" \
         "$(awk -v t=$((c1 - c0)) -v h="$CLK_TCK" 'BEGIN {printf "%.2f", t / h}')" \
         "$(awk -v t=$((s1 - s0)) -v h="$CLK_TCK" 'BEGIN {printf "%.2f", t / h}')" >>"$RAW"
     log "round $round $scenario $load ${LABEL[$path]}: $rps req/s, $errors errors, p50/p99 $p50/$p99 ms"
@@ -480,11 +465,11 @@ META="$WORK/meta.tsv"
     printf 'nproc\t%s\n' "$(nproc)"
     printf 'cpu\t%s\n' "$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)"
     printf 'kernel\t%s\n' "$(uname -sr)"
+    printf 'loadavg\t%s at the start, %s at the end\n' "$LOADAVG_AT_START" "$(cut -d' ' -f1-3 /proc/loadavg)"
     printf 'git\t%s\n' "$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- proxy || echo ' (proxy/ modified)')"
     printf 'baseline\t%s\n' "$BASELINE_LABEL"
     printf 'wrk\t%s\n' "$(wrk --version 2>&1 | head -1 | cut -d' ' -f1-2)"
     printf 'h2load\t%s\n' "$(h2load --version | head -1)"
-    printf 'oha\t%s\n' "$("$OHA" --version | head -1)"
     printf 'nginx\t%s\n' "$(nginx -v 2>&1 | head -1)"
     printf 'haproxy\t%s\n' "$(haproxy -v | head -1 | cut -d' ' -f1-3)"
     printf 'rustc\t%s\n' "$(rustc --version)"
