@@ -148,8 +148,9 @@ def main():
       "gRPC message and `grpc-status: 0` in the trailers); "
       + ("every path carried every scenario in this run. " if not missing else
          "these did not and were skipped: " + ", ".join(missing) + ". ")
-      + "The load generators themselves do not check `grpc-status`: during the load a gRPC "
-      "call counts as done on HTTP 200 and a complete stream. Server-streaming calls answer "
+      + "During the load, h2load counts a gRPC call as done on HTTP 200 and a complete "
+      "stream (it does not read `grpc-status`); bench_load also requires `grpc-status: 0`. "
+      "Server-streaming calls answer "
       f"{meta.get('stream_messages')} empty messages each; their req/s is calls/s.")
     w("")
 
@@ -253,7 +254,10 @@ def main():
     w("")
     w("VmRSS when started (idle, after the readiness check), VmHWM (peak) after every load run, "
       f"and VmRSS with {meta.get('idle_conns')} idle keep-alive client connections open to the "
-      "client proxy (each carried one HTTP/1.1 request first; bench/idle_conns.py).")
+      "client proxy (each carried one HTTP/1.1 request first; bench/idle_conns.py). The "
+      "connections are opened after all the load runs, in the same processes, so the last "
+      "column also holds whatever each process kept from its peak (the 5,000 req/s runs "
+      "queue requests on paths that cannot carry that rate here): compare it with the peak.")
     w("")
     w("| path | process | idle | peak over the run | with idle connections |")
     w("| --- | --- | --- | --- | --- |")
@@ -324,7 +328,10 @@ def draw_chart(out, paths, label, scenarios, rates, col):
                          padding=3)
         ax.set_xticks(range(len(scenarios)))
         ax.set_xticklabels([SCENARIO_NAMES.get(s, s) for s in scenarios])
-        ax.set_title(title)
+        if key != "rps":
+            # Latencies span four orders of magnitude between an idle path and an overloaded one.
+            ax.set_yscale("log")
+        ax.set_title(title + (", log scale" if key != "rps" else ""))
         ax.margins(y=0.2)
         ax.grid(axis="y", alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:
