@@ -252,20 +252,19 @@ def main():
 
     w("## Memory, MiB")
     w("")
-    w("VmRSS when started (idle, after the readiness check), VmHWM (peak) after every load run, "
-      f"and VmRSS with {meta.get('idle_conns')} idle keep-alive client connections open to the "
-      "client proxy (each carried one HTTP/1.1 request first; bench/idle_conns.py). The "
-      "connections are opened after all the load runs, in the same processes, so the last "
-      "column also holds whatever each process kept from its peak (the 5,000 req/s runs "
-      "queue requests on paths that cannot carry that rate here): compare it with the peak.")
+    w("VmRSS when started (idle, after the readiness check); VmRSS with "
+      f"{meta.get('idle_conns')} idle keep-alive client connections open to the client proxy "
+      "(each carried one HTTP/1.1 request first; bench/idle_conns.py), measured before any "
+      "load; VmHWM (peak) after every load run (the 5,000 req/s runs queue requests on paths "
+      "that cannot carry that rate on this machine, which shows in the peak).")
     w("")
-    w("| path | process | idle | peak over the run | with idle connections |")
+    w("| path | process | idle | with idle connections | peak over the run |")
     w("| --- | --- | --- | --- | --- |")
     for p in proxied:
         for role in ("client", "server"):
             r = rss_of.get((p, role), {})
-            w(f"| {label[p]} | {role} | {mib(r.get('idle_kib'))} | {mib(r.get('peak_kib'))} "
-              f"| {mib(r.get('conns_kib'))} |")
+            w(f"| {label[p]} | {role} | {mib(r.get('idle_kib'))} | {mib(r.get('conns_kib'))} "
+              f"| {mib(r.get('peak_kib'))} |")
     w("")
 
     failed = [r for r in rows if (num(r["errors"]) or 0) > 0]

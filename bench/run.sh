@@ -20,8 +20,8 @@
 # interleaved: every round runs every scenario on every path, the path order rotating per round,
 # so machine noise hits every path alike; the report gives medians and the min-max spread.
 # Around each run the CPU time (utime+stime from /proc/PID/stat) of each proxy process is read,
-# giving CPU-seconds per 1,000 requests. At the end each pair gets 1,000 idle keep-alive client
-# connections (bench/idle_conns.py) and the proxies' VmRSS is read with them open.
+# giving CPU-seconds per 1,000 requests. Before the load each pair gets 1,000 idle keep-alive
+# client connections (bench/idle_conns.py) and the proxies' VmRSS is read with them open.
 #
 # Everything listens on 127.0.0.1; every load run is bounded by its duration (and `timeout`);
 # every process started here is killed on exit, also on failure.
@@ -30,6 +30,7 @@
 #   BENCH_ROUNDS [3]  BENCH_SAT_SECONDS [3]  BENCH_RATE_SECONDS [4]  BENCH_RATES ["1000 5000"]
 #   BENCH_SCENARIOS ["h1 h2 grpc grpc-stream"]  BENCH_PATHS ["direct nginx haproxy ferrule"]
 #   BENCH_BASELINE_REV [unset]  BENCH_STREAM_MESSAGES [10]  BENCH_IDLE_CONNS [1000]
+#   BENCH_RESULTS_DIR [bench/results] (where the report, samples and chart go)
 #   CARGO_TARGET_DIR [./target]; matplotlib is installed into the venv $CARGO_TARGET_DIR/venv
 #   (for the chart).
 set -euo pipefail
@@ -47,7 +48,7 @@ STREAM_MESSAGES="${BENCH_STREAM_MESSAGES:-10}"
 IDLE_CONNS="${BENCH_IDLE_CONNS:-1000}"
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 export CARGO_TARGET_DIR="$TARGET_DIR"
-RESULTS="$ROOT/bench/results"
+RESULTS="${BENCH_RESULTS_DIR:-$ROOT/bench/results}"
 STARTED_AT="$(date -u '+%Y-%m-%d %H:%M UTC')"
 START_SECONDS=$SECONDS
 LOADAVG_AT_START="$(cut -d' ' -f1-3 /proc/loadavg)"
@@ -339,6 +340,37 @@ for path in $PATHS; do
     IDLE_KIB[$path,server]="$(status_kib "${SERVER_PID[$path]}" VmRSS)"
 done
 
+# RSS with idle client connections held open, before any load, so that it is not mixed with
+# what a process kept from a load peak.
+declare -A CONNS_KIB
+for path in $PATHS; do
+    [ "$path" = direct ] && continue
+    client=${CLIENT_PID[$path]}
+    server=${SERVER_PID[$path]}
+    rm -f "$WORK/idle.ready"
+    timeout 120 python3 "$ROOT/bench/idle_conns.py" "${ADDR_H1[$path]}" "$IDLE_CONNS" 60 \
+        "$WORK/idle.ready" >"$WORK/idle-$path.log" 2>&1 &
+    idle_pid=$!
+    PIDS+=("$idle_pid")
+    for _ in $(seq 1 600); do
+        [ -f "$WORK/idle.ready" ] && break
+        kill -0 "$idle_pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    if [ -f "$WORK/idle.ready" ]; then
+        sleep 1
+        CONNS_KIB[$path,client]="$(status_kib "$client" VmRSS)"
+        CONNS_KIB[$path,server]="$(status_kib "$server" VmRSS)"
+        log "${LABEL[$path]}: $(cat "$WORK/idle.ready"); client VmRSS ${CONNS_KIB[$path,client]} KiB"
+    else
+        log "${LABEL[$path]}: idle connections not established: $(cat "$WORK/idle-$path.log")"
+        CONNS_KIB[$path,client]=-
+        CONNS_KIB[$path,server]=-
+    fi
+    kill "$idle_pid" 2>/dev/null || true
+    wait "$idle_pid" 2>/dev/null || true
+done
+
 
 # Each measuring function prints: rps requests errors p50_ms p99_ms p999_ms pacer_lag_ms
 # ("-" if none).
@@ -421,37 +453,13 @@ for round in $(seq 1 "$ROUNDS"); do
     done
 done
 
-# Peak RSS over the load, then RSS with idle client connections held open.
+# Peak RSS over everything above.
 for path in $PATHS; do
     [ "$path" = direct ] && continue
-    client=${CLIENT_PID[$path]}
-    server=${SERVER_PID[$path]}
-    peak_c="$(status_kib "$client" VmHWM)"
-    peak_s="$(status_kib "$server" VmHWM)"
-    rm -f "$WORK/idle.ready"
-    timeout 120 python3 "$ROOT/bench/idle_conns.py" "${ADDR_H1[$path]}" "$IDLE_CONNS" 60 \
-        "$WORK/idle.ready" >"$WORK/idle-$path.log" 2>&1 &
-    idle_pid=$!
-    PIDS+=("$idle_pid")
-    for _ in $(seq 1 600); do
-        [ -f "$WORK/idle.ready" ] && break
-        kill -0 "$idle_pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    if [ -f "$WORK/idle.ready" ]; then
-        sleep 1
-        conns_c="$(status_kib "$client" VmRSS)"
-        conns_s="$(status_kib "$server" VmRSS)"
-        log "${LABEL[$path]}: $(cat "$WORK/idle.ready"); client VmRSS ${conns_c} KiB"
-    else
-        log "${LABEL[$path]}: idle connections not established: $(cat "$WORK/idle-$path.log")"
-        conns_c=-
-        conns_s=-
-    fi
-    kill "$idle_pid" 2>/dev/null || true
-    wait "$idle_pid" 2>/dev/null || true
-    printf '%s\tclient\t%s\t%s\t%s\n' "$path" "${IDLE_KIB[$path,client]}" "$peak_c" "$conns_c" >>"$RSS_TSV"
-    printf '%s\tserver\t%s\t%s\t%s\n' "$path" "${IDLE_KIB[$path,server]}" "$peak_s" "$conns_s" >>"$RSS_TSV"
+    printf '%s\tclient\t%s\t%s\t%s\n' "$path" "${IDLE_KIB[$path,client]}" \
+        "$(status_kib "${CLIENT_PID[$path]}" VmHWM)" "${CONNS_KIB[$path,client]}" >>"$RSS_TSV"
+    printf '%s\tserver\t%s\t%s\t%s\n' "$path" "${IDLE_KIB[$path,server]}" \
+        "$(status_kib "${SERVER_PID[$path]}" VmHWM)" "${CONNS_KIB[$path,server]}" >>"$RSS_TSV"
 done
 
 # Everything the report prints about how it was made.
@@ -487,4 +495,4 @@ mkdir -p "$RESULTS"
 cp "$RAW" "$RESULTS/latest.tsv"
 "$PYTHON" "$ROOT/bench/report.py" --raw "$RAW" --rss "$RSS_TSV" --meta "$META" \
     --out "$RESULTS/latest.md" --chart "$RESULTS/latest.png"
-log "results in bench/results/latest.md (wall time $((SECONDS - START_SECONDS)) s)"
+log "results in $RESULTS/latest.md (wall time $((SECONDS - START_SECONDS)) s)"
