@@ -22,7 +22,8 @@ help:
 	@echo '  make bench   deps, then bench/run.sh: direct vs nginx, HAProxy and Ferrule pairs side by'
 	@echo '               side (bench/results/latest.md and .png; BENCH_* settings in bench/README.md,'
 	@echo '               BENCH_BASELINE_REV=REV adds the proxy built at REV) and bench/config.sh'
-	@echo '               (config propagation: bench/results/config.md)'
+	@echo '               (config propagation: bench/results/config.md), bench/cp-scale.sh (10,000'
+	@echo '               watch streams, 100 proxies: bench/results/config-scale.md)'
 	@echo '  make deps    apt-get install what is missing of: protobuf-compiler, etcd-server,'
 	@echo '               iptables, wrk, nghttp2-client, nginx, haproxy, linux-perf, curl (root;'
 	@echo '               otherwise prints the sudo command)'
@@ -80,7 +81,8 @@ bench: deps
 	mkdir -p bench/results
 	bash bench/run.sh
 	bash bench/config.sh
-	@echo 'make bench: results in bench/results/latest.md and bench/results/config.md'
+	bash bench/cp-scale.sh
+	@echo 'make bench: results in bench/results/latest.md, config.md and config-scale.md'
 
 clean:
 	$(CARGO) clean
