@@ -12,6 +12,8 @@ CARGO = cargo
 # PostgreSQL's server binaries under /usr/lib/postgresql/<version>/bin, off PATH.
 DEPS = protoc:protobuf-compiler etcd:etcd-server iptables:iptables wrk:wrk h2load:nghttp2-client \
 	/usr/lib/postgresql/*/bin/initdb:postgresql
+# What only `make bench` needs besides: the peers it compares with, perf and curl.
+BENCH_DEPS = nginx:nginx haproxy:haproxy perf:linux-perf curl:curl
 
 help:
 	@echo 'Ferrule make targets:'
@@ -21,11 +23,14 @@ help:
 	@echo '               (cargo-nextest profile "ci" when installed, cargo test otherwise)'
 	@echo '  make build   debug build of every binary'
 	@echo '  make release release build of every binary'
-	@echo '  make bench   deps, release build, then bench/run.sh (writes bench/results/latest.md)'
-	@echo '               and bench/config.sh (config propagation: bench/results/config.md)'
+	@echo '  make bench   deps, then bench/run.sh: direct vs nginx, HAProxy and Ferrule pairs side by'
+	@echo '               side (bench/results/latest.md and .png; BENCH_* settings in bench/README.md,'
+	@echo '               BENCH_BASELINE_REV=REV adds the proxy built at REV) and bench/config.sh'
+	@echo '               (config propagation: bench/results/config.md), bench/cp-scale.sh (10,000'
+	@echo '               watch streams, 100 proxies: bench/results/config-scale.md)'
 	@echo '  make deps    apt-get install what is missing of: protobuf-compiler, etcd-server,'
 	@echo '               iptables, wrk, nghttp2-client, postgresql (root; otherwise prints the'
-	@echo '               sudo command)'
+	@echo '               sudo command); make bench also installs nginx, haproxy, linux-perf, curl'
 	@echo '  make clean   remove build output'
 	@echo '  make help    this list'
 
@@ -78,15 +83,15 @@ demo: release
 	@bin="$${CARGO_TARGET_DIR:-target}/release"; \
 	exec "$$bin/ferrule" dev up
 
-bench: release
-	@if [ ! -f bench/run.sh ]; then \
-	  echo 'make bench: bench/run.sh does not exist yet: there is no benchmark to run' >&2; \
-	  exit 1; \
-	fi
+# bench/run.sh builds only what it runs (ferrule-proxy and the bench backend), bench/config.sh
+# the controller side; neither needs the whole workspace built first.
+bench: deps
+	@$(MAKE) --no-print-directory deps DEPS='$(BENCH_DEPS)'
 	mkdir -p bench/results
 	bash bench/run.sh
 	bash bench/config.sh
-	@echo 'make bench: results in bench/results/latest.md and bench/results/config.md'
+	bash bench/cp-scale.sh
+	@echo 'make bench: results in bench/results/latest.md, config.md and config-scale.md'
 
 clean:
 	$(CARGO) clean

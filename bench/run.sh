@@ -1,186 +1,498 @@
 #!/usr/bin/env bash
-# Benchmarks ferrule-proxy on loopback and writes bench/results/latest.md.
+# Side-by-side data-plane benchmark (issue #9, item 1): writes bench/results/latest.md, the raw
+# samples bench/results/latest.tsv and the chart bench/results/latest.png.
 #
-# Load generators: wrk (HTTP/1.1) and h2load (HTTP/2, unary gRPC), both from Debian.
-# Backend: proxy/app/examples/bench_backend.rs (hyper; "ok" for HTTP/1.1, an empty unary gRPC
-# answer with grpc-status trailers for application/grpc).
-# Paths measured: direct to the backend, through one proxy (client proxy -> backend, plain
-# endpoint), and through a proxy pair (client proxy -> server proxy over the mesh's h2 -> backend).
-# Discovery is static (--static-endpoint), so no controller is needed.
+# Every path is a client-side proxy and a server-side proxy in front of the same backend
+# (proxy/app/examples/bench_backend.rs, hyper: HTTP/1.1, h2c, unary and server-streaming gRPC):
+#   direct          client -> backend
+#   nginx pair      client -> nginx -> nginx -> backend          (one worker each)
+#   HAProxy pair    client -> haproxy -> h2 -> haproxy -> backend (nbthread 1 each)
+#   Ferrule pair    client -> client sidecar -> mesh h2 -> server sidecar -> backend
+#                   (static discovery, no controller)
+#   Ferrule pair (baseline REV), with BENCH_BASELINE_REV=REV: the same, ferrule-proxy built at
+#                   REV in a git worktree under target-baseline/ (kept for the next run; remove
+#                   with `git worktree remove --force target-baseline/src-REV`).
+# Scenarios: HTTP/1.1 GET, HTTP/2 GET, unary gRPC, server-streaming gRPC (BENCH_STREAM_MESSAGES
+# messages per call). Each scenario is run at saturation (wrk for HTTP/1.1, h2load for the
+# others) and at fixed rates with proxy/app/examples/bench_load.rs (open loop: the rate is held
+# whatever the answers do, and latency counts from each request's dispatch, waiting for a free
+# connection included, so coordinated omission is corrected). Rounds are
+# interleaved: every round runs every scenario on every path, the path order rotating per round,
+# so machine noise hits every path alike; the report gives medians and the min-max spread.
+# Around each run the CPU time (utime+stime from /proc/PID/stat) of each proxy process is read,
+# giving CPU-seconds per 1,000 requests. Before the load each pair gets 1,000 idle keep-alive
+# client connections (bench/idle_conns.py) and the proxies' VmRSS is read with them open.
 #
-# Environment: BENCH_DURATION (seconds per run, default 5), CARGO_TARGET_DIR.
+# Everything listens on 127.0.0.1; every load run is bounded by its duration (and `timeout`);
+# every process started here is killed on exit, also on failure.
+#
+# Environment (defaults in brackets):
+#   BENCH_ROUNDS [3]  BENCH_SAT_SECONDS [3]  BENCH_RATE_SECONDS [4]  BENCH_RATES ["1000 5000"]
+#   BENCH_SCENARIOS ["h1 h2 grpc grpc-stream"]  BENCH_PATHS ["direct nginx haproxy ferrule"]
+#   BENCH_BASELINE_REV [unset]  BENCH_STREAM_MESSAGES [10]  BENCH_IDLE_CONNS [1000]
+#   BENCH_RESULTS_DIR [bench/results] (where the report, samples and chart go)
+#   CARGO_TARGET_DIR [./target]; matplotlib is installed into the venv $CARGO_TARGET_DIR/venv
+#   (for the chart).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
-DURATION="${BENCH_DURATION:-5}"
+ROUNDS="${BENCH_ROUNDS:-3}"
+SAT_SECONDS="${BENCH_SAT_SECONDS:-3}"
+RATE_SECONDS="${BENCH_RATE_SECONDS:-4}"
+RATES="${BENCH_RATES:-1000 5000}"
+SCENARIOS="${BENCH_SCENARIOS:-h1 h2 grpc grpc-stream}"
+PATHS="${BENCH_PATHS:-direct nginx haproxy ferrule}"
+BASELINE_REV="${BENCH_BASELINE_REV:-}"
+STREAM_MESSAGES="${BENCH_STREAM_MESSAGES:-10}"
+IDLE_CONNS="${BENCH_IDLE_CONNS:-1000}"
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
-OUT="$ROOT/bench/results/latest.md"
+export CARGO_TARGET_DIR="$TARGET_DIR"
+RESULTS="${BENCH_RESULTS_DIR:-$ROOT/bench/results}"
+STARTED_AT="$(date -u '+%Y-%m-%d %H:%M UTC')"
+START_SECONDS=$SECONDS
+LOADAVG_AT_START="$(cut -d' ' -f1-3 /proc/loadavg)"
 WORK="$(mktemp -d)"
 PIDS=()
 
 cleanup() {
-    for pid in "${PIDS[@]}"; do
-        kill "$pid" 2>/dev/null || true
-    done
-    for pid in "${PIDS[@]}"; do
-        wait "$pid" 2>/dev/null || true
-    done
+    local pid
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
     rm -rf "$WORK"
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM
 
-for tool in wrk h2load curl; do
-    command -v "$tool" >/dev/null || { echo "bench needs $tool (apt-get install wrk nghttp2-client curl)" >&2; exit 1; }
+log() { echo "bench: $*" >&2; }
+
+for tool in wrk h2load curl nginx haproxy python3; do
+    command -v "$tool" >/dev/null || [ -x "/usr/sbin/$tool" ] || {
+        echo "bench needs $tool: run make deps (Debian: wrk nghttp2-client curl nginx haproxy python3)" >&2
+        exit 1
+    }
 done
+export PATH="$PATH:/usr/sbin"
+export RUST_LOG=warn
 
-echo "building (release)..." >&2
-cargo build --quiet --release -p ferrule-proxy --bin ferrule-proxy --example bench_backend
+# matplotlib for the chart, in a venv of its own; the report is written without it if pip fails.
+VENV="$TARGET_DIR/venv"
+PYTHON=python3
+if "$VENV/bin/python" -c 'import matplotlib' 2>/dev/null; then
+    PYTHON="$VENV/bin/python"
+elif python3 -m venv "$VENV" && "$VENV/bin/pip" install --quiet matplotlib; then
+    PYTHON="$VENV/bin/python"
+else
+    log "matplotlib could not be installed: the report will have no chart"
+fi
+
+log "building (release)..."
+cargo build --quiet --release -p ferrule-proxy --bin ferrule-proxy --example bench_backend \
+    --example bench_load
 PROXY="$TARGET_DIR/release/ferrule-proxy"
 BACKEND_BIN="$TARGET_DIR/release/examples/bench_backend"
+LOAD_BIN="$TARGET_DIR/release/examples/bench_load"
+
+BASELINE_LABEL=""
+if [ -n "$BASELINE_REV" ]; then
+    BASELINE_SHORT="$(git rev-parse --short "$BASELINE_REV^{commit}")"
+    BASELINE_LABEL="Ferrule pair (baseline $BASELINE_SHORT)"
+    BASE_DIR="$ROOT/target-baseline"
+    BASE_SRC="$BASE_DIR/src-$BASELINE_SHORT"
+    if [ ! -d "$BASE_SRC" ]; then
+        git worktree add --detach "$BASE_SRC" "$BASELINE_SHORT" >&2
+    fi
+    log "building the baseline proxy at $BASELINE_SHORT (release, $BASE_DIR/target)..."
+    (cd "$BASE_SRC" && CARGO_TARGET_DIR="$BASE_DIR/target" cargo build --quiet --release \
+        -p ferrule-proxy --bin ferrule-proxy)
+    BASE_PROXY="$BASE_DIR/target/release/ferrule-proxy"
+    PATHS="$PATHS baseline"
+fi
+
+# 1,000 idle connections on a proxy, plus the load's.
+ulimit -n 16384 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 # Fixed loopback ports; a busy one fails loudly at bind.
 BACKEND=127.0.0.1:18080
-SERVER_IN=127.0.0.1:18143
-ONE=127.0.0.1:18140
-PAIR=127.0.0.1:18141
+declare -A ADDR_H1 ADDR_H2 CLIENT_PID SERVER_PID LABEL
+LABEL[direct]="direct"
+LABEL[nginx]="nginx pair"
+LABEL[haproxy]="HAProxy pair"
+LABEL[ferrule]="Ferrule pair"
+LABEL[baseline]="$BASELINE_LABEL"
 
-"$BACKEND_BIN" "$BACKEND" 2>"$WORK/backend.log" &
-PIDS+=($!)
-RUST_LOG=warn "$PROXY" --service=bench --app-addr="$BACKEND" --inbound-addr="$SERVER_IN" \
-    --admin-addr=127.0.0.1:18191 2>"$WORK/server-proxy.log" &
-SERVER_PID=$!
-PIDS+=($SERVER_PID)
-RUST_LOG=warn "$PROXY" --upstream=bench="$ONE" --static-endpoint=bench="$BACKEND" \
-    --admin-addr=127.0.0.1:18192 2>"$WORK/one-proxy.log" &
-ONE_PID=$!
-PIDS+=($ONE_PID)
-RUST_LOG=warn "$PROXY" --upstream=bench="$PAIR" --static-endpoint=bench="$SERVER_IN/meshed" \
-    --admin-addr=127.0.0.1:18193 2>"$WORK/pair-proxy.log" &
-PAIR_PID=$!
-PIDS+=($PAIR_PID)
+# start NAME CMD...: runs CMD in the background, logging to $WORK/NAME.log; sets STARTED_PID.
+start() {
+    local name=$1
+    shift
+    "$@" >"$WORK/$name.log" 2>&1 &
+    STARTED_PID=$!
+    PIDS+=("$STARTED_PID")
+}
 
-wait_ready() {
+wait_http() {
+    local url=$1 pid=$2 _
     for _ in $(seq 1 100); do
-        if curl -fsS -o /dev/null "$1"; then return 0; fi
+        curl -fsS -o /dev/null --max-time 1 "$url" 2>/dev/null && return 0
+        kill -0 "$pid" 2>/dev/null || { log "process $pid for $url exited:"; cat "$WORK"/*.log >&2; exit 1; }
         sleep 0.1
     done
-    echo "not ready: $1" >&2
+    log "not ready: $url"
     exit 1
 }
-wait_ready "http://$BACKEND/"
-for admin in 18191 18192 18193; do wait_ready "http://127.0.0.1:$admin/ready"; done
 
-# wrk paced by a Lua delay: each connection waits DELAY ms after each response, so the rate
-# is at most connections * 1000 / DELAY (wrk reports the rate it reached).
-cat >"$WORK/paced.lua" <<'LUA'
-local ms = tonumber(os.getenv("WRK_DELAY_MS"))
-function delay() return ms end
-LUA
-printf '\x00\x00\x00\x00\x00' >"$WORK/grpc-req.bin"
+start backend "$BACKEND_BIN" "$BACKEND" "$STREAM_MESSAGES"
+BACKEND_PID=$STARTED_PID
+wait_http "http://$BACKEND/" "$BACKEND_PID"
+ADDR_H1[direct]=$BACKEND
+ADDR_H2[direct]=$BACKEND
 
-# wrk output -> "rps p50 p99"
-wrk_run() {
-    local out
-    out="$("$@")"
-    local rps p50 p99
-    rps="$(awk '/^Requests\/sec:/ {printf "%.0f", $2}' <<<"$out")"
-    p50="$(awk '$1=="50%" {print $2}' <<<"$out")"
-    p99="$(awk '$1=="99%" {print $2}' <<<"$out")"
-    local errors
-    errors="$(awk '/Non-2xx|Socket errors/ {print}' <<<"$out" | tr '\n' ' ')"
-    echo "$rps $p50 $p99 ${errors:-}"
+# nginx: one process (master_process off, one worker's worth), HTTP/1.1 and h2c listeners.
+# nginx proxies HTTP only over HTTP/1.1 upstream, so its pair's hop is HTTP/1.1 for HTTP/1.1
+# and HTTP/2 requests and HTTP/2 (grpc_pass) for gRPC.
+nginx_conf() { # dir listen_h1 listen_h2 upstream_h1 upstream_grpc
+    local dir=$1
+    mkdir -p "$dir/logs"
+    cat >"$dir/nginx.conf" <<EOF
+daemon off;
+master_process off;
+worker_processes 1;
+worker_rlimit_nofile 16384;
+error_log $dir/logs/error.log warn;
+pid $dir/nginx.pid;
+events { worker_connections 8192; }
+http {
+    access_log off;
+    client_body_temp_path $dir/tmp-body;
+    proxy_temp_path $dir/tmp-proxy;
+    fastcgi_temp_path $dir/tmp-fastcgi;
+    uwsgi_temp_path $dir/tmp-uwsgi;
+    scgi_temp_path $dir/tmp-scgi;
+    keepalive_requests 10000000;
+    keepalive_timeout 120s;
+    upstream up_h1 { server $4; keepalive 256; keepalive_requests 10000000; }
+    upstream up_grpc { server $5; keepalive 256; keepalive_requests 10000000; }
+    server {
+        listen $2;
+        location / { proxy_pass http://up_h1; proxy_http_version 1.1; proxy_set_header Connection ""; }
+    }
+    server {
+        listen $3 http2;
+        location / { proxy_pass http://up_h1; proxy_http_version 1.1; proxy_set_header Connection ""; }
+        location /bench.Echo/ { grpc_pass grpc://up_grpc; }
+    }
+}
+EOF
 }
 
-# h2load with a per-request log -> "rps p50 p99 failed"
-h2_run() {
-    local log="$WORK/h2.log"
-    rm -f "$log"
-    local out
-    out="$(h2load --log-file="$log" -H 'content-type: application/grpc' -H 'te: trailers' \
-        -d "$WORK/grpc-req.bin" "$@")"
-    local rps failed
-    rps="$(awk '/^finished in/ {gsub(",", "", $4); printf "%.0f", $4}' <<<"$out")"
-    failed="$(awk '/^requests:/ {for (i=1;i<=NF;i++) if ($(i+1)=="failed,") print $i}' <<<"$out")"
-    # Third column: microseconds until the end of the response.
-    read -r p50 p99 < <(cut -f3 "$log" | sort -n | awk '{v[NR]=$1} END {
-        if (NR == 0) { print "- -"; exit }
-        i50 = int(NR*0.50); if (i50 < 1) i50 = 1
-        i99 = int(NR*0.99); if (i99 < 1) i99 = 1
-        printf "%.2fms %.2fms\n", v[i50]/1000, v[i99]/1000 }')
-    echo "$rps $p50 $p99 ${failed:-0}"
+# HAProxy: one thread each, HTTP/2 between the two (as the mesh's hop), HTTP/1.1 to the
+# backend for HTTP and HTTP/2 for gRPC.
+haproxy_common() {
+    cat <<EOF
+global
+    nbthread 1
+    maxconn 4096
+defaults
+    mode http
+    option http-keep-alive
+    timeout connect 5s
+    timeout client 120s
+    timeout server 120s
+    timeout http-keep-alive 120s
+EOF
 }
 
-declare -A RESULT
-for path in direct one pair; do
-    case $path in
-        direct) addr=$BACKEND ;;
-        one) addr=$ONE ;;
-        pair) addr=$PAIR ;;
+if [[ " $PATHS " == *" nginx "* ]]; then
+    nginx_conf "$WORK/nginx-server" 127.0.0.1:18250 127.0.0.1:18251 "$BACKEND" "$BACKEND"
+    start nginx-server nginx -p "$WORK/nginx-server" -c "$WORK/nginx-server/nginx.conf"
+    SERVER_PID[nginx]=$STARTED_PID
+    nginx_conf "$WORK/nginx-client" 127.0.0.1:18240 127.0.0.1:18241 127.0.0.1:18250 127.0.0.1:18251
+    start nginx-client nginx -p "$WORK/nginx-client" -c "$WORK/nginx-client/nginx.conf"
+    CLIENT_PID[nginx]=$STARTED_PID
+    ADDR_H1[nginx]=127.0.0.1:18240
+    ADDR_H2[nginx]=127.0.0.1:18241
+fi
+
+if [[ " $PATHS " == *" haproxy "* ]]; then
+    {
+        haproxy_common
+        cat <<EOF
+frontend mesh_in
+    bind 127.0.0.1:18270 proto h2
+    use_backend app_h2 if { req.hdr(content-type) -m beg application/grpc }
+    default_backend app_h1
+backend app_h1
+    http-reuse always
+    server app $BACKEND
+backend app_h2
+    http-reuse always
+    server app $BACKEND proto h2
+EOF
+    } >"$WORK/haproxy-server.cfg"
+    {
+        haproxy_common
+        cat <<EOF
+frontend app_h1
+    bind 127.0.0.1:18260
+    default_backend peer
+frontend app_h2
+    bind 127.0.0.1:18261 proto h2
+    default_backend peer
+backend peer
+    http-reuse always
+    server peer 127.0.0.1:18270 proto h2
+EOF
+    } >"$WORK/haproxy-client.cfg"
+    start haproxy-server haproxy -db -f "$WORK/haproxy-server.cfg"
+    SERVER_PID[haproxy]=$STARTED_PID
+    start haproxy-client haproxy -db -f "$WORK/haproxy-client.cfg"
+    CLIENT_PID[haproxy]=$STARTED_PID
+    ADDR_H1[haproxy]=127.0.0.1:18260
+    ADDR_H2[haproxy]=127.0.0.1:18261
+fi
+
+# A Ferrule pair: the server sidecar fronts the backend, the client sidecar has a local
+# listener for the service with the server sidecar as its one static, meshed endpoint.
+# The same flags exist at 4ee83cb (the baseline) and now.
+ferrule_pair() { # key binary listen inbound admin_client admin_server
+    local key=$1 bin=$2
+    start "$key-server" "$bin" --service=bench --app-addr="$BACKEND" \
+        --inbound-addr="$4" --admin-addr="$6"
+    SERVER_PID[$key]=$STARTED_PID
+    start "$key-client" "$bin" --upstream=bench="$3" \
+        --static-endpoint=bench="$4/meshed" --admin-addr="$5"
+    CLIENT_PID[$key]=$STARTED_PID
+    wait_http "http://$6/ready" "${SERVER_PID[$key]}"
+    wait_http "http://$5/ready" "${CLIENT_PID[$key]}"
+    ADDR_H1[$key]=$3
+    ADDR_H2[$key]=$3
+}
+if [[ " $PATHS " == *" ferrule "* ]]; then
+    ferrule_pair ferrule "$PROXY" 127.0.0.1:18141 127.0.0.1:18143 127.0.0.1:18191 127.0.0.1:18192
+fi
+if [[ " $PATHS " == *" baseline "* ]]; then
+    ferrule_pair baseline "$BASE_PROXY" 127.0.0.1:18341 127.0.0.1:18343 127.0.0.1:18391 127.0.0.1:18392
+fi
+
+url_for() { # path scenario
+    case $2 in
+        h1) echo "http://${ADDR_H1[$1]}/" ;;
+        h2) echo "http://${ADDR_H2[$1]}/" ;;
+        grpc) echo "http://${ADDR_H2[$1]}/bench.Echo/Unary" ;;
+        grpc-stream) echo "http://${ADDR_H2[$1]}/bench.Echo/Stream" ;;
     esac
-    echo "measuring $path ($addr)..." >&2
-    RESULT[$path,h1sat]="$(wrk_run wrk -t2 -c32 -d"${DURATION}s" --latency "http://$addr/")"
-    RESULT[$path,h1r1k]="$(WRK_DELAY_MS=10 wrk_run wrk -t1 -c10 -d"${DURATION}s" --latency -s "$WORK/paced.lua" "http://$addr/")"
-    RESULT[$path,h1r5k]="$(WRK_DELAY_MS=10 wrk_run wrk -t2 -c50 -d"${DURATION}s" --latency -s "$WORK/paced.lua" "http://$addr/")"
-    RESULT[$path,grpcsat]="$(h2_run -D "$DURATION" -t2 -c8 -m16 "http://$addr/bench.Echo/Unary")"
-    RESULT[$path,grpc1]="$(h2_run -D "$DURATION" -t1 -c1 -m1 "http://$addr/bench.Echo/Unary")"
+}
+
+for path in $PATHS; do
+    [ "$path" = direct ] && continue
+    wait_http "http://${ADDR_H1[$path]}/" "${CLIENT_PID[$path]}"
 done
 
-rss() { awk '/VmHWM/ {printf "%.1f MiB", $2/1024}' "/proc/$1/status"; }
-RSS_SERVER="$(rss $SERVER_PID)"
-RSS_ONE="$(rss $ONE_PID)"
-RSS_PAIR="$(rss $PAIR_PID)"
-
-field() { awk -v n="$2" '{print $n}' <<<"${RESULT[$1]}"; }
-extra() { cut -d' ' -f4- <<<"${RESULT[$1]}"; }
-
-mkdir -p "$(dirname "$OUT")"
-{
-    echo "# ferrule-proxy benchmark"
-    echo
-    echo "$(date -u '+%Y-%m-%d %H:%M UTC') on $(nproc) CPUs ($(uname -m)), loopback, ${DURATION}s per run."
-    echo "Load generators: $(wrk --version 2>&1 | head -1 | cut -d' ' -f1-2) (HTTP/1.1) and $(h2load --version | head -1) (unary gRPC over HTTP/2)."
-    echo "Backend: proxy/app/examples/bench_backend.rs (hyper). Proxies: release build, static discovery."
-    echo "The load generator, the backend and the proxies share the same CPUs, so saturation numbers"
-    echo "are lower bounds of what the proxy alone could do."
-    echo
-    echo "Paths: **direct** (client -> backend), **one proxy** (client -> ferrule-proxy -> backend),"
-    echo "**pair** (client -> client proxy -> mesh HTTP/2 -> server proxy -> backend)."
-    echo
-    echo "## HTTP/1.1 GET (wrk)"
-    echo
-    echo "| path | saturation req/s (32 conns) | p50 / p99 at saturation | ~1,000 req/s: achieved, p50 / p99 | ~5,000 req/s: achieved, p50 / p99 |"
-    echo "| --- | --- | --- | --- | --- |"
-    for path in direct one pair; do
-        echo "| $path | $(field $path,h1sat 1) | $(field $path,h1sat 2) / $(field $path,h1sat 3) | $(field $path,h1r1k 1), $(field $path,h1r1k 2) / $(field $path,h1r1k 3) | $(field $path,h1r5k 1), $(field $path,h1r5k 2) / $(field $path,h1r5k 3) |"
+# Each path must carry each scenario whole before it is measured: the answer, and for gRPC
+# every message and grpc-status 0 in the trailers. A path that does not is skipped for that
+# scenario and the report says so.
+printf '\x00\x00\x00\x00\x00' >"$WORK/grpc-req.bin"
+declare -A CARRIES
+carries() { # path scenario
+    local url
+    url="$(url_for "$1" "$2")"
+    case $2 in
+        h1) curl -fsS --max-time 5 "$url" 2>&1 | grep -qx ok ;;
+        h2) curl -fsS --max-time 5 --http2-prior-knowledge "$url" 2>&1 | grep -qx ok ;;
+        grpc | grpc-stream)
+            local want=5
+            [ "$2" = grpc-stream ] && want=$((5 * STREAM_MESSAGES))
+            curl -sS --max-time 5 --http2-prior-knowledge -v -X POST \
+                -H 'content-type: application/grpc' -H 'te: trailers' \
+                --data-binary @"$WORK/grpc-req.bin" -o "$WORK/carry.bin" "$url" 2>"$WORK/carry.log" &&
+                grep -qi '^< grpc-status: 0' "$WORK/carry.log" &&
+                [ "$(wc -c <"$WORK/carry.bin")" -eq "$want" ]
+            ;;
+    esac
+}
+for path in $PATHS; do
+    for scenario in $SCENARIOS; do
+        if carries "$path" "$scenario"; then
+            CARRIES[$path,$scenario]=yes
+        else
+            CARRIES[$path,$scenario]=no
+            log "${LABEL[$path]} does not carry $scenario whole: skipped for it"
+        fi
     done
-    echo
-    echo "Paced runs: wrk waits 10 ms after each response per connection (10 connections for"
-    echo "~1,000 req/s, 50 for ~5,000 req/s); the achieved rate is shown."
-    echo
-    echo "## Unary gRPC (h2load)"
-    echo
-    echo "| path | saturation req/s (8 conns x 16 streams) | p50 / p99 at saturation | p50 / p99 at concurrency 1 (req/s) | failed |"
-    echo "| --- | --- | --- | --- | --- |"
-    for path in direct one pair; do
-        echo "| $path | $(field $path,grpcsat 1) | $(field $path,grpcsat 2) / $(field $path,grpcsat 3) | $(field $path,grpc1 2) / $(field $path,grpc1 3) ($(field $path,grpc1 1)) | $(field $path,grpcsat 4) |"
+done
+
+CLK_TCK="$(getconf CLK_TCK)"
+RSS_TSV="$WORK/rss.tsv"
+RAW="$WORK/raw.tsv"
+printf 'path\trole\tidle_kib\tpeak_kib\tconns_kib\n' >"$RSS_TSV"
+printf 'round\tscenario\tload\tpath\trps\trequests\terrors\tp50_ms\tp99_ms\tp999_ms\tpacer_lag_ms\tcpu_client_s\tcpu_server_s\n' >"$RAW"
+
+status_kib() { awk -v k="$2:" '$1 == k {print $2}' "/proc/$1/status"; }
+cpu_ticks() { # utime + stime of the whole process (all threads)
+    if [ -z "${1:-}" ]; then echo 0; return; fi
+    awk '{print $14 + $15}' "/proc/$1/stat"
+}
+
+declare -A IDLE_KIB
+for path in $PATHS; do
+    [ "$path" = direct ] && continue
+    IDLE_KIB[$path,client]="$(status_kib "${CLIENT_PID[$path]}" VmRSS)"
+    IDLE_KIB[$path,server]="$(status_kib "${SERVER_PID[$path]}" VmRSS)"
+done
+
+# RSS with idle client connections held open, before any load, so that it is not mixed with
+# what a process kept from a load peak.
+declare -A CONNS_KIB
+for path in $PATHS; do
+    [ "$path" = direct ] && continue
+    client=${CLIENT_PID[$path]}
+    server=${SERVER_PID[$path]}
+    rm -f "$WORK/idle.ready"
+    timeout 120 python3 "$ROOT/bench/idle_conns.py" "${ADDR_H1[$path]}" "$IDLE_CONNS" 60 \
+        "$WORK/idle.ready" >"$WORK/idle-$path.log" 2>&1 &
+    idle_pid=$!
+    PIDS+=("$idle_pid")
+    for _ in $(seq 1 600); do
+        [ -f "$WORK/idle.ready" ] && break
+        kill -0 "$idle_pid" 2>/dev/null || break
+        sleep 0.1
     done
-    echo
-    echo "h2load cannot pace requests, so gRPC latency is reported at saturation and with a single"
-    echo "request in flight rather than at a fixed rate."
-    echo
-    echo "## Peak RSS (VmHWM)"
-    echo
-    echo "| proxy | peak RSS |"
-    echo "| --- | --- |"
-    echo "| one proxy (client side) | $RSS_ONE |"
-    echo "| pair, client side | $RSS_PAIR |"
-    echo "| pair, server side | $RSS_SERVER |"
-    for path in direct one pair; do
-        for k in h1sat h1r1k h1r5k; do
-            e="$(extra $path,$k)"
-            if [ -n "$e" ]; then echo; echo "Note ($path, $k): $e"; fi
+    if [ -f "$WORK/idle.ready" ]; then
+        sleep 1
+        CONNS_KIB[$path,client]="$(status_kib "$client" VmRSS)"
+        CONNS_KIB[$path,server]="$(status_kib "$server" VmRSS)"
+        log "${LABEL[$path]}: $(cat "$WORK/idle.ready"); client VmRSS ${CONNS_KIB[$path,client]} KiB"
+    else
+        log "${LABEL[$path]}: idle connections not established: $(cat "$WORK/idle-$path.log")"
+        CONNS_KIB[$path,client]=-
+        CONNS_KIB[$path,server]=-
+    fi
+    kill "$idle_pid" 2>/dev/null || true
+    wait "$idle_pid" 2>/dev/null || true
+done
+
+
+# Each measuring function prints: rps requests errors p50_ms p99_ms p999_ms pacer_lag_ms
+# ("-" if none).
+saturate() { # scenario url
+    local out
+    if [ "$1" = h1 ]; then
+        out="$(timeout $((SAT_SECONDS + 30)) wrk -t1 -c50 -d"${SAT_SECONDS}s" --latency "$2")"
+        awk '
+            /^Requests\/sec:/ {rps = $2}
+            / requests in / {n = $1}
+            /Non-2xx/ {err += $NF}
+            /Socket errors/ {gsub(",", ""); err += $4 + $6 + $8 + $10}
+            $1 == "50%" {p50 = $2} $1 == "99%" {p99 = $2}
+            function ms(v) {
+                if (v ~ /us$/) return sprintf("%.3f", v / 1000)
+                if (v ~ /ms$/) return sprintf("%.3f", v + 0)
+                if (v ~ /s$/) return sprintf("%.3f", v * 1000)
+                return "-"
+            }
+            END {printf "%.0f %d %d %s %s - -\n", rps, n, err, ms(p50), ms(p99)}' <<<"$out"
+    else
+        local grpc=()
+        [ "$1" = h2 ] || grpc=(-H 'content-type: application/grpc' -H 'te: trailers' -d "$WORK/grpc-req.bin")
+        out="$(timeout $((SAT_SECONDS + 30)) h2load -t1 -c10 -m10 -D "$SAT_SECONDS" "${grpc[@]}" "$2")"
+        awk '
+            /^finished in/ {gsub(",", "", $4); rps = $4}
+            /^requests:/ {n = $8; err = $10 + $12 + $14}
+            /^status codes:/ {gsub(",", ""); err += $5 + $7 + $9}
+            END {printf "%.0f %d %d - - - -\n", rps, n, err}' <<<"$out"
+    fi
+}
+
+at_rate() { # scenario url rate
+    local conns=10 mode=h2
+    case $1 in
+        h1) conns=50 mode=h1 ;;
+        grpc | grpc-stream) mode=grpc ;;
+    esac
+    timeout $((RATE_SECONDS + 30)) "$LOAD_BIN" "$2" "$3" "$RATE_SECONDS" "$conns" "$mode"
+}
+
+run_one() { # round scenario load path
+    local round=$1 scenario=$2 load=$3 path=$4 url c0 s0 c1 s1 result
+    url="$(url_for "$path" "$scenario")"
+    c0="$(cpu_ticks "${CLIENT_PID[$path]:-}")"
+    s0="$(cpu_ticks "${SERVER_PID[$path]:-}")"
+    # A failed load run is recorded as such (and its output shown) rather than ending the bench.
+    if [ "$load" = sat ]; then
+        result="$(saturate "$scenario" "$url" 2>"$WORK/load.err")" || result=""
+    else
+        result="$(at_rate "$scenario" "$url" "$load" 2>"$WORK/load.err")" || result=""
+    fi
+    if [ -z "$result" ]; then
+        log "round $round $scenario $load ${LABEL[$path]}: the load run failed: $(tail -n 3 "$WORK/load.err")"
+        result="0 0 1 - - - -"
+    fi
+    c1="$(cpu_ticks "${CLIENT_PID[$path]:-}")"
+    s1="$(cpu_ticks "${SERVER_PID[$path]:-}")"
+    read -r rps requests errors p50 p99 p999 lag <<<"$result"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$scenario" "$load" \
+        "$path" "$rps" "$requests" "$errors" "$p50" "$p99" "$p999" "$lag" \
+        "$(awk -v t=$((c1 - c0)) -v h="$CLK_TCK" 'BEGIN {printf "%.2f", t / h}')" \
+        "$(awk -v t=$((s1 - s0)) -v h="$CLK_TCK" 'BEGIN {printf "%.2f", t / h}')" >>"$RAW"
+    log "round $round $scenario $load ${LABEL[$path]}: $rps req/s, $errors errors, p50/p99 $p50/$p99 ms"
+}
+
+read -ra PATH_LIST <<<"$PATHS"
+for round in $(seq 1 "$ROUNDS"); do
+    # Rotate the path order each round so that no path always runs first after a change.
+    n=${#PATH_LIST[@]}
+    order=()
+    for i in $(seq 0 $((n - 1))); do order+=("${PATH_LIST[$(((i + round - 1) % n))]}"); done
+    for scenario in $SCENARIOS; do
+        for load in sat $RATES; do
+            for path in "${order[@]}"; do
+                [ "${CARRIES[$path,$scenario]}" = yes ] || continue
+                run_one "$round" "$scenario" "$load" "$path"
+            done
         done
     done
-} >"$OUT"
-cat "$OUT"
+done
+
+# Peak RSS over everything above.
+for path in $PATHS; do
+    [ "$path" = direct ] && continue
+    printf '%s\tclient\t%s\t%s\t%s\n' "$path" "${IDLE_KIB[$path,client]}" \
+        "$(status_kib "${CLIENT_PID[$path]}" VmHWM)" "${CONNS_KIB[$path,client]}" >>"$RSS_TSV"
+    printf '%s\tserver\t%s\t%s\t%s\n' "$path" "${IDLE_KIB[$path,server]}" \
+        "$(status_kib "${SERVER_PID[$path]}" VmHWM)" "${CONNS_KIB[$path,server]}" >>"$RSS_TSV"
+done
+
+# Everything the report prints about how it was made.
+META="$WORK/meta.tsv"
+{
+    printf 'started\t%s\n' "$STARTED_AT"
+    printf 'wall\t%s s\n' "$((SECONDS - START_SECONDS))"
+    printf 'command\t%s\n' "$(env | grep -E '^BENCH_' | sort | tr '\n' ' ')bash bench/run.sh"
+    printf 'settings\t%s rounds; saturation %s s per run; fixed rates %s req/s for %s s per run; scenarios %s\n' \
+        "$ROUNDS" "$SAT_SECONDS" "$RATES" "$RATE_SECONDS" "$SCENARIOS"
+    printf 'nproc\t%s\n' "$(nproc)"
+    printf 'cpu\t%s\n' "$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)"
+    printf 'kernel\t%s\n' "$(uname -sr)"
+    printf 'loadavg\t%s at the start, %s at the end\n' "$LOADAVG_AT_START" "$(cut -d' ' -f1-3 /proc/loadavg)"
+    printf 'git\t%s\n' "$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- proxy || echo ' (proxy/ modified)')"
+    printf 'baseline\t%s\n' "$BASELINE_LABEL"
+    printf 'wrk\t%s\n' "$(wrk --version 2>&1 | head -1 | cut -d' ' -f1-2)"
+    printf 'h2load\t%s\n' "$(h2load --version | head -1)"
+    printf 'nginx\t%s\n' "$(nginx -v 2>&1 | head -1)"
+    printf 'haproxy\t%s\n' "$(haproxy -v | head -1 | cut -d' ' -f1-3)"
+    printf 'rustc\t%s\n' "$(rustc --version)"
+    printf 'stream_messages\t%s\n' "$STREAM_MESSAGES"
+    printf 'idle_conns\t%s\n' "$IDLE_CONNS"
+    for path in $PATHS; do
+        printf 'label.%s\t%s\n' "$path" "${LABEL[$path]}"
+        for scenario in $SCENARIOS; do
+            printf 'carries.%s.%s\t%s\n' "$path" "$scenario" "${CARRIES[$path,$scenario]}"
+        done
+    done
+} >"$META"
+
+mkdir -p "$RESULTS"
+cp "$RAW" "$RESULTS/latest.tsv"
+"$PYTHON" "$ROOT/bench/report.py" --raw "$RAW" --rss "$RSS_TSV" --meta "$META" \
+    --out "$RESULTS/latest.md" --chart "$RESULTS/latest.png"
+log "results in $RESULTS/latest.md (wall time $((SECONDS - START_SECONDS)) s)"
