@@ -13,6 +13,7 @@
 pub mod backend;
 mod client;
 mod controller;
+pub mod dev_mesh;
 mod etcd;
 pub mod netns;
 mod process;

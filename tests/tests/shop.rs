@@ -5,20 +5,18 @@
 //! runs into the rate limit, and sees an `HTTPRoute` fault on `user` apply to requests through
 //! the gateway.
 //!
-//! The mesh is owned by [`Mesh`], which runs `ferrule dev down` when dropped and kills `dev up`
+//! The mesh is owned by `ferrule_harness::dev_mesh::DevMesh`, which runs `ferrule dev down` when dropped and kills `dev up`
 //! after it, so nothing outlives the test, whether it passes or fails.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail, ensure};
-use bytes::Bytes;
-use ferrule_harness::{ANY_PORT, Process, Reply, binary, eventually, http_get, http1};
+use ferrule_harness::dev_mesh::{DevMesh, metric_sum};
+use ferrule_harness::{Reply, binary, eventually, http_get};
 use ferrule_proto::v1::{ListEndpointsRequest, admin_client::AdminClient};
-use http::Request;
-use http_body_util::Full;
 use serde_json::{Value, json};
 
 /// Start-up of ten debug-build processes on a busy machine; `dev up` itself gives up at 60 s.
@@ -26,136 +24,16 @@ const UP_WITHIN: Duration = Duration::from_secs(90);
 /// The demo gateway's limit on `/api`: requests per second and burst, per client IP.
 const API_LIMIT: usize = 10;
 
-/// A running `ferrule dev up` with its state in a temporary folder.
-struct Mesh {
-    process: Process,
-    state_dir: PathBuf,
-    gateway: SocketAddr,
-    /// `dev.json`, read once the mesh is ready.
-    state: Value,
-    _dir: tempfile::TempDir,
+/// The SQLite file of the app `name`, from `dev.json`.
+fn database(mesh: &DevMesh, name: &str) -> Result<PathBuf> {
+    let db = mesh.process(name)?["database"]
+        .as_str()
+        .context("database")?;
+    Ok(PathBuf::from(db))
 }
 
-impl Mesh {
-    async fn up() -> Result<Mesh> {
-        let dir = tempfile::Builder::new().prefix("ferrule-shop-").tempdir()?;
-        let state_dir = dir.path().join("state");
-        let mut cmd = Command::new(binary("ferrule")?);
-        // Port 0: `dev up` reads the port the gateway got back and writes it to dev.json.
-        cmd.args(["dev", "up", "--quiet", "--gateway-addr", ANY_PORT])
-            .arg("--state-dir")
-            .arg(&state_dir);
-        let process = Process::spawn("ferrule dev up", cmd, &dir.path().join("dev-up.log"))?;
-        // The guard exists before the wait, so a failed start-up is cleaned up too.
-        let mut mesh = Mesh {
-            process,
-            state_dir,
-            gateway: ANY_PORT.parse()?,
-            state: Value::Null,
-            _dir: dir,
-        };
-        mesh.process.wait_for_line("ready:", UP_WITHIN).await?;
-        let json = std::fs::read(mesh.state_dir.join("dev.json")).context("reading dev.json")?;
-        mesh.state = serde_json::from_slice(&json).context("parsing dev.json")?;
-        mesh.gateway = mesh.state["gateway"]
-            .as_str()
-            .and_then(|a| a.parse().ok())
-            .context("the gateway's address in dev.json")?;
-        Ok(mesh)
-    }
-
-    /// `dev.json`'s record of the process called `name`.
-    fn process(&self, name: &str) -> Result<&Value> {
-        self.state["processes"]
-            .as_array()
-            .and_then(|ps| ps.iter().find(|p| p["name"] == name))
-            .with_context(|| format!("no process {name} in dev.json: {}", self.state))
-    }
-
-    fn pid(&self, name: &str) -> Result<u32> {
-        let pid = self.process(name)?["pid"].as_u64().context("pid")?;
-        Ok(u32::try_from(pid)?)
-    }
-
-    fn admin(&self, name: &str) -> Result<SocketAddr> {
-        let admin = self.process(name)?["admin"].as_str().context("admin")?;
-        Ok(admin.parse()?)
-    }
-
-    fn database(&self, name: &str) -> Result<PathBuf> {
-        let db = self.process(name)?["database"]
-            .as_str()
-            .context("database")?;
-        Ok(PathBuf::from(db))
-    }
-
-    fn controller_url(&self) -> Result<String> {
-        let addr = self.state["controller"].as_str().context("controller")?;
-        Ok(format!("http://{addr}"))
-    }
-
-    /// One request to the gateway.
-    async fn call(
-        &self,
-        method: &str,
-        path: &str,
-        token: Option<&str>,
-        body: Option<&Value>,
-    ) -> Result<Reply> {
-        let mut req = Request::builder()
-            .method(method)
-            .uri(format!("http://{}{path}", self.gateway))
-            .header("host", self.gateway.to_string());
-        if let Some(token) = token {
-            req = req.header("authorization", format!("Bearer {token}"));
-        }
-        let body = match body {
-            Some(body) => {
-                req = req.header("content-type", "application/json");
-                Bytes::from(body.to_string())
-            }
-            None => Bytes::new(),
-        };
-        http1(self.gateway, req.body(Full::new(body))?).await
-    }
-}
-
-impl Drop for Mesh {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            print_logs(&self.state_dir.join("logs"));
-        }
-        // `dev down` is itself bounded: SIGTERM, a wait, then SIGKILL.
-        match Command::new(binary("ferrule").expect("ferrule was found at start"))
-            .args(["dev", "down", "--state-dir"])
-            .arg(&self.state_dir)
-            .output()
-        {
-            Ok(out) if out.status.success() => {}
-            Ok(out) => eprintln!(
-                "ferrule dev down failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            ),
-            Err(e) => eprintln!("could not run ferrule dev down: {e}"),
-        }
-        // Then the `Process` field kills `dev up` if it is still there.
-    }
-}
-
-/// The end of every process's log, for a failing test's output.
-fn print_logs(logs: &Path) {
-    let Ok(entries) = std::fs::read_dir(logs) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        eprintln!(
-            "--- {} (last 30 lines) ---\n{}",
-            entry.path().display(),
-            lines[lines.len().saturating_sub(30)..].join("\n")
-        );
-    }
+fn controller_url(mesh: &DevMesh) -> Result<String> {
+    Ok(format!("http://{}", mesh.addr("controller")?))
 }
 
 fn json_body(reply: &Reply) -> Result<Value> {
@@ -191,24 +69,12 @@ async fn requests(
     admin: SocketAddr,
     select: impl Fn(&prometheus_parse::Labels) -> bool,
 ) -> Result<f64> {
-    let (status, text) = http_get(admin, "/metrics").await?;
-    ensure!(status == 200, "/metrics on {admin} answered {status}");
-    let lines = text.lines().map(|l| Ok(l.to_string()));
-    let scrape = prometheus_parse::Scrape::parse(lines).context("metrics parse")?;
-    Ok(scrape
-        .samples
-        .iter()
-        .filter(|s| s.metric == "request_total" && select(&s.labels))
-        .map(|s| match s.value {
-            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
-            _ => 0.0,
-        })
-        .sum())
+    metric_sum(admin, "request_total", select).await
 }
 
 /// Waits until the controller lists `n` endpoints of `service`.
-async fn wait_endpoints(mesh: &Mesh, service: &'static str, n: usize) -> Result<()> {
-    let url = mesh.controller_url()?;
+async fn wait_endpoints(mesh: &DevMesh, service: &'static str, n: usize) -> Result<()> {
+    let url = controller_url(mesh)?;
     eventually(
         Duration::from_secs(20),
         &format!("{n} endpoints of {service}"),
@@ -237,22 +103,10 @@ async fn let_the_rate_limit_refill() {
 
 #[tokio::test]
 async fn the_shop_walkthrough_through_dev_up() -> Result<()> {
-    let mesh = Mesh::up().await?;
+    let mesh = DevMesh::up(&[], UP_WITHIN).await?;
 
     // Log in: /login is public.
-    let reply = mesh
-        .call(
-            "POST",
-            "/login",
-            None,
-            Some(&json!({"username": "alice", "password": "wonderland"})),
-        )
-        .await?;
-    ensure!(reply.status == 200, "login: {reply:?}");
-    let token = json_body(&reply)?["token"]
-        .as_str()
-        .context("login answered no token")?
-        .to_string();
+    let token = mesh.login().await?;
 
     // A user, with the token.
     let reply = mesh
@@ -335,7 +189,7 @@ async fn the_shop_walkthrough_through_dev_up() -> Result<()> {
 
     // The order is in order's own database, and readable through the gateway.
     let db = rusqlite::Connection::open_with_flags(
-        mesh.database("order")?,
+        database(&mesh, "order")?,
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
     )?;
     let (status, total): (String, i64) = db.query_row(

@@ -12,15 +12,12 @@
 
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use bytes::Bytes;
-use ferrule_harness::{ANY_PORT, Process, Reply, binary, eventually, http_get, http1};
-use http::Request;
-use http_body_util::Full;
+use ferrule_harness::dev_mesh::{DevMesh, metric_sum as metric};
+use ferrule_harness::{Process, Reply, eventually};
 use serde_json::{Value, json};
 
 /// Start-up of twelve debug-build processes and a PostgreSQL cluster on a busy machine.
@@ -30,98 +27,10 @@ const RECOVER_WITHIN: Duration = Duration::from_secs(60);
 /// The line PostgreSQL logs once it accepts connections.
 const PG_READY: &str = "database system is ready to accept connections";
 
-/// A running `ferrule dev up --postgres` with its state in a temporary folder; `ferrule dev
-/// down` when dropped, then `dev up` is killed if still there.
-struct Mesh {
-    process: Process,
-    state_dir: PathBuf,
-    gateway: SocketAddr,
-    postgres: SocketAddr,
-    state: Value,
-    dir: tempfile::TempDir,
-}
+/// The mesh's PostgreSQL server, read by the test over connections of its own.
+struct Postgres(SocketAddr);
 
-impl Mesh {
-    async fn up() -> Result<Mesh> {
-        let dir = tempfile::Builder::new()
-            .prefix("ferrule-shop-pg-")
-            .tempdir()?;
-        let state_dir = dir.path().join("state");
-        let mut cmd = Command::new(binary("ferrule")?);
-        cmd.args([
-            "dev",
-            "up",
-            "--postgres",
-            "--quiet",
-            "--gateway-addr",
-            ANY_PORT,
-        ])
-        .arg("--state-dir")
-        .arg(&state_dir);
-        let process = Process::spawn("ferrule dev up", cmd, &dir.path().join("dev-up.log"))?;
-        let mut mesh = Mesh {
-            process,
-            state_dir,
-            gateway: ANY_PORT.parse()?,
-            postgres: ANY_PORT.parse()?,
-            state: Value::Null,
-            dir,
-        };
-        mesh.process.wait_for_line("ready:", UP_WITHIN).await?;
-        let json = std::fs::read(mesh.state_dir.join("dev.json")).context("reading dev.json")?;
-        mesh.state = serde_json::from_slice(&json).context("parsing dev.json")?;
-        let addr = |key: &str| -> Result<SocketAddr> {
-            mesh.state[key]
-                .as_str()
-                .and_then(|a| a.parse().ok())
-                .with_context(|| format!("{key} in dev.json: {}", mesh.state))
-        };
-        mesh.gateway = addr("gateway")?;
-        mesh.postgres = addr("postgres")?;
-        Ok(mesh)
-    }
-
-    fn process(&self, name: &str) -> Result<&Value> {
-        self.state["processes"]
-            .as_array()
-            .and_then(|ps| ps.iter().find(|p| p["name"] == name))
-            .with_context(|| format!("no process {name} in dev.json: {}", self.state))
-    }
-
-    fn pid(&self, name: &str) -> Result<u32> {
-        let pid = self.process(name)?["pid"].as_u64().context("pid")?;
-        Ok(u32::try_from(pid)?)
-    }
-
-    fn admin(&self, name: &str) -> Result<SocketAddr> {
-        let admin = self.process(name)?["admin"].as_str().context("admin")?;
-        Ok(admin.parse()?)
-    }
-
-    async fn call(
-        &self,
-        method: &str,
-        path: &str,
-        token: Option<&str>,
-        body: Option<&Value>,
-    ) -> Result<Reply> {
-        let mut req = Request::builder()
-            .method(method)
-            .uri(format!("http://{}{path}", self.gateway))
-            .header("host", self.gateway.to_string());
-        if let Some(token) = token {
-            req = req.header("authorization", format!("Bearer {token}"));
-        }
-        let body = match body {
-            Some(body) => {
-                req = req.header("content-type", "application/json");
-                Bytes::from(body.to_string())
-            }
-            None => Bytes::new(),
-        };
-        http1(self.gateway, req.body(Full::new(body))?).await
-    }
-
+impl Postgres {
     /// One row of `sql` in the service database `database`, read over a connection of the
     /// test's own, straight to the server.
     async fn row(
@@ -132,8 +41,8 @@ impl Mesh {
     ) -> Result<tokio_postgres::Row> {
         let config = format!(
             "host={} port={} user=ferrule dbname={database}",
-            self.postgres.ip(),
-            self.postgres.port()
+            self.0.ip(),
+            self.0.port()
         );
         let (client, connection) = tokio::time::timeout(
             Duration::from_secs(10),
@@ -152,66 +61,8 @@ impl Mesh {
     }
 }
 
-impl Drop for Mesh {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            print_logs(&self.state_dir.join("logs"));
-        }
-        match Command::new(binary("ferrule").expect("ferrule was found at start"))
-            .args(["dev", "down", "--state-dir"])
-            .arg(&self.state_dir)
-            .output()
-        {
-            Ok(out) if out.status.success() => {}
-            Ok(out) => eprintln!(
-                "ferrule dev down failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            ),
-            Err(e) => eprintln!("could not run ferrule dev down: {e}"),
-        }
-    }
-}
-
-fn print_logs(logs: &std::path::Path) {
-    let Ok(entries) = std::fs::read_dir(logs) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        eprintln!(
-            "--- {} (last 30 lines) ---\n{}",
-            entry.path().display(),
-            lines[lines.len().saturating_sub(30)..].join("\n")
-        );
-    }
-}
-
 fn json_body(reply: &Reply) -> Result<Value> {
     serde_json::from_str(&reply.body).with_context(|| format!("not JSON: {reply:?}"))
-}
-
-/// The sum of the samples of `metric` on a proxy whose labels satisfy `select`.
-async fn metric(
-    admin: SocketAddr,
-    metric: &str,
-    select: impl Fn(&prometheus_parse::Labels) -> bool,
-) -> Result<f64> {
-    let (status, text) = http_get(admin, "/metrics").await?;
-    ensure!(status == 200, "/metrics on {admin} answered {status}");
-    let lines = text.lines().map(|l| Ok(l.to_string()));
-    let scrape = prometheus_parse::Scrape::parse(lines).context("metrics parse")?;
-    Ok(scrape
-        .samples
-        .iter()
-        .filter(|s| s.metric == metric && select(&s.labels))
-        .map(|s| match s.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => v,
-            _ => 0.0,
-        })
-        .sum())
 }
 
 /// Labels of traffic `direction` to the service `postgres`.
@@ -247,7 +98,8 @@ fn command_of(pid: u32) -> Result<Command> {
 
 #[tokio::test]
 async fn the_shop_on_postgres_through_the_mesh() -> Result<()> {
-    let mesh = Mesh::up().await?;
+    let mesh = DevMesh::up(&["--postgres"], UP_WITHIN).await?;
+    let db = Postgres(mesh.addr("postgres")?);
     for sqlite in ["user.db", "order.db", "payment.db"] {
         assert!(
             !mesh.state_dir.join(sqlite).exists(),
@@ -256,19 +108,7 @@ async fn the_shop_on_postgres_through_the_mesh() -> Result<()> {
     }
 
     // Log in and place an order through the gateway, as the walkthrough does.
-    let reply = mesh
-        .call(
-            "POST",
-            "/login",
-            None,
-            Some(&json!({"username": "alice", "password": "wonderland"})),
-        )
-        .await?;
-    ensure!(reply.status == 200, "login: {reply:?}");
-    let token = json_body(&reply)?["token"]
-        .as_str()
-        .context("login answered no token")?
-        .to_string();
+    let token = mesh.login().await?;
     let order = json!({"user_id": "123", "items": [{"sku": "book", "quantity": 2, "unit_price_cents": 1299}]});
     let reply = mesh
         .call("POST", "/api/orders", Some(&token), Some(&order))
@@ -283,7 +123,7 @@ async fn the_shop_on_postgres_through_the_mesh() -> Result<()> {
         .to_string();
 
     // The rows, in each service's own database on the one server.
-    let row = mesh
+    let row = db
         .row(
             "order",
             "SELECT status, total_cents FROM orders WHERE id = $1",
@@ -294,7 +134,7 @@ async fn the_shop_on_postgres_through_the_mesh() -> Result<()> {
         (row.get::<_, String>(0), row.get::<_, i64>(1)),
         ("paid".to_string(), 2598)
     );
-    let row = mesh
+    let row = db
         .row(
             "order",
             "SELECT COUNT(*) FROM order_items WHERE order_id = $1",
@@ -302,7 +142,7 @@ async fn the_shop_on_postgres_through_the_mesh() -> Result<()> {
         )
         .await?;
     assert_eq!(row.get::<_, i64>(0), 1);
-    let row = mesh
+    let row = db
         .row(
             "payment",
             "SELECT order_id, amount_cents, status FROM payments WHERE payment_id = $1",
@@ -312,7 +152,7 @@ async fn the_shop_on_postgres_through_the_mesh() -> Result<()> {
     assert_eq!(row.get::<_, String>(0), id);
     assert_eq!(row.get::<_, i64>(1), 2598);
     assert_eq!(row.get::<_, String>(2), "PAYMENT_STATUS_SUCCEEDED");
-    let row = mesh
+    let row = db
         .row(
             "user",
             "SELECT username FROM users WHERE user_id = $1",
@@ -398,7 +238,7 @@ async fn the_shop_on_postgres_through_the_mesh() -> Result<()> {
     let mut restarted = Process::spawn(
         "postgres (restarted)",
         restart,
-        &mesh.dir.path().join("postgres-restarted.log"),
+        &mesh.dir().join("postgres-restarted.log"),
     )?;
     restarted
         .wait_for_line(PG_READY, Duration::from_secs(30))

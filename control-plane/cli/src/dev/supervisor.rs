@@ -293,37 +293,20 @@ impl Supervisor {
         name: &str,
         within: Duration,
     ) -> Result<T, StartupError> {
-        let deadline = Instant::now() + within;
         let child = self.child(name);
         let prefix = format!("{} ready: ", child.ready_line.unwrap_or(name));
-        let log = child.record.log.clone();
-        loop {
-            let text = log
-                .as_deref()
-                .and_then(|p| std::fs::read_to_string(p).ok())
-                .unwrap_or_default();
-            // Only whole lines: the last one may still be being written.
-            let whole = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
-            if let Some(json) = whole.lines().find_map(|l| l.strip_prefix(&prefix)) {
-                return serde_json::from_str(json).map_err(|e| StartupError::BadReadyLine {
-                    name: name.to_string(),
-                    error: format!("{json:?}: {e}"),
-                });
-            }
-            if let Some(status) = self.exit_status(name) {
-                return Err(StartupError::Exited {
-                    name: name.to_string(),
-                    status,
-                });
-            }
-            if Instant::now() >= deadline {
-                return Err(StartupError::NotReady {
-                    names: vec![name.to_string()],
-                    within,
-                });
-            }
-            tokio::time::sleep(READY_LINE_POLL).await;
-        }
+        let json = self
+            .watch_log(name, within, |whole| {
+                whole
+                    .lines()
+                    .find_map(|l| l.strip_prefix(&prefix))
+                    .map(str::to_string)
+            })
+            .await?;
+        serde_json::from_str(&json).map_err(|e| StartupError::BadReadyLine {
+            name: name.to_string(),
+            error: format!("{json:?}: {e}"),
+        })
     }
 
     /// Waits until a line of `name`'s log contains `needle`, for a process that prints no
@@ -334,6 +317,18 @@ impl Supervisor {
         needle: &str,
         within: Duration,
     ) -> Result<(), StartupError> {
+        self.watch_log(name, within, |whole| whole.contains(needle).then_some(()))
+            .await
+    }
+
+    /// Reads `name`'s log (its whole lines: the last one may still be being written) until
+    /// `found` finds what it looks for, the process exits, or `within` passes.
+    async fn watch_log<T>(
+        &mut self,
+        name: &str,
+        within: Duration,
+        found: impl Fn(&str) -> Option<T>,
+    ) -> Result<T, StartupError> {
         let deadline = Instant::now() + within;
         let log = self.child(name).record.log.clone();
         loop {
@@ -341,8 +336,9 @@ impl Supervisor {
                 .as_deref()
                 .and_then(|p| std::fs::read_to_string(p).ok())
                 .unwrap_or_default();
-            if text.contains(needle) {
-                return Ok(());
+            let whole = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+            if let Some(value) = found(whole) {
+                return Ok(value);
             }
             if let Some(status) = self.exit_status(name) {
                 return Err(StartupError::Exited {
