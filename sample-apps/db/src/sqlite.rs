@@ -107,7 +107,12 @@ impl Sqlite {
     pub async fn atomically(&self, statements: Vec<Statement>) -> Result<Vec<u64>, DbError> {
         let error = self.error();
         self.call(move |conn| {
-            let tx = conn.transaction().map_err(&error)?;
+            // The write lock from the start: a deferred transaction that read and then
+            // writes fails at once (SQLITE_BUSY, no busy wait) when another connection wrote
+            // in between, as replicas sharing one file do.
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(&error)?;
             let mut changed = Vec::with_capacity(statements.len());
             for statement in statements {
                 let n = tx
@@ -165,7 +170,20 @@ fn placeholders(sql: &str) -> String {
 fn open(path: &std::path::Path) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
-    conn.pragma_update(None, "journal_mode", "WAL")?;
+    // Switching a new file to WAL takes an exclusive lock and can answer SQLITE_BUSY without
+    // waiting while another process opens the same file; try again, bounded.
+    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+    loop {
+        match conn.pragma_update(None, "journal_mode", "WAL") {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            result => break result?,
+        }
+    }
     conn.pragma_update(None, "foreign_keys", true)?;
     Ok(conn)
 }
