@@ -10,6 +10,7 @@ pub mod v1 {
     tonic::include_proto!("ferrule.v1");
 }
 
+pub mod identity;
 pub mod names;
 
 pub mod ports {
