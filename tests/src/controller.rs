@@ -33,12 +33,18 @@ impl Controller {
     /// [`Controller::start`] with its gRPC listener on `grpc` (an address of a network
     /// namespace the test made, so proxies inside it can reach the controller).
     pub async fn start_on(store: &str, grpc: SocketAddr) -> anyhow::Result<Self> {
+        Self::start_with(store, grpc, &[]).await
+    }
+
+    /// [`Controller::start_on`] with more flags (`--identity-dir`, say).
+    pub async fn start_with(store: &str, grpc: SocketAddr, args: &[&str]) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("ferrule-controller-")
             .tempdir()?;
         let mut cmd = Command::new(binary("ferrule-controller")?);
         cmd.args(["--store", store])
             .args(["--grpc-addr", &grpc.to_string(), "--admin-addr", ANY_PORT])
+            .args(args)
             .env("RUST_LOG", "info,ferrule_controller=debug");
         let mut process = Process::spawn(
             "ferrule-controller",

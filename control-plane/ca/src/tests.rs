@@ -71,7 +71,7 @@ fn signs_the_authenticated_identity_and_nothing_else() {
 fn leaf_verifies_as_client_and_server_against_the_bundle() {
     let m = mesh(30 * DAY);
     let (_, der) = csr(&[]);
-    let leaf = CertificateDer::from(m.ca.sign(&der, &id("user"), DAY, now()).unwrap());
+    let leaf = m.ca.sign(&der, &id("user"), DAY, now()).unwrap();
     let mut roots = rustls::RootCertStore::empty();
     roots.add(m.ca.anchors()[0].clone()).unwrap();
     let roots = std::sync::Arc::new(roots);

@@ -2,7 +2,7 @@
 //!
 //! It talks to `ferrule-controller` only through the `ferrule.v1` gRPC API, never to the store.
 //! This file holds the top-level flags and dispatch; each verb group has its own module
-//! ([`config`], [`dev`], [`get`], [`register`], [`version`]), [`client`] connects to the controller and
+//! ([`config`], [`dev`], [`get`], [`identity`], [`register`], [`version`]), [`client`] connects to the controller and
 //! turns its failures into one readable line, [`output`] renders tables, JSON and YAML, and
 //! [`parse`] holds the argument parsers that refuse bad input before anything is sent.
 
@@ -10,6 +10,7 @@ mod client;
 mod config;
 mod dev;
 mod get;
+mod identity;
 mod output;
 mod parse;
 mod register;
@@ -64,6 +65,8 @@ enum Command {
     Dev(dev::DevArgs),
     /// List what the controller knows: services, endpoints or proxies.
     Get(get::GetArgs),
+    /// The mesh CA: create its files, join tokens, status (docs/identity.md).
+    Identity(identity::IdentityArgs),
     /// Register an endpoint that runs without a ferrule proxy (a database, say) and keep it
     /// registered until interrupted.
     Register(register::RegisterArgs),
@@ -86,6 +89,7 @@ async fn main() -> ExitCode {
         Command::Status => config::status(&cli.controller, cli.output).await,
         Command::Dev(args) => dev::run(args).await,
         Command::Get(args) => get::run(args, &cli.controller, cli.output).await,
+        Command::Identity(args) => identity::run(args, &cli.controller, cli.output).await,
         Command::Register(args) => {
             if let Err(conflict) = args.check() {
                 let mut cmd = Cli::command();

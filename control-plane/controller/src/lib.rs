@@ -12,10 +12,10 @@ pub mod admin;
 pub mod config;
 pub mod discovery;
 pub mod http;
+pub mod identity;
 pub mod keys;
 pub mod metrics;
 pub mod registry;
-mod stubs;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -31,6 +31,13 @@ use tokio_util::sync::CancellationToken;
 /// How long a stopping controller waits for clients to close their connections.
 pub const DRAIN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// What a controller is besides registry, discovery and configuration.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// The mesh CA's files; `None` runs without a CA (Identity answers FAILED_PRECONDITION).
+    pub identity: Option<identity::CaFiles>,
+}
+
 /// Runs the controller on already-bound listeners until `shutdown` is cancelled.
 pub async fn serve(
     store: Arc<dyn Store>,
@@ -38,7 +45,25 @@ pub async fn serve(
     admin: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    serve_with(store, grpc, admin, Options::default(), shutdown).await
+}
+
+/// A CSR, a token or a certificate is a few kilobytes; nothing sent to the CA needs more.
+const MAX_IDENTITY_MESSAGE: usize = 64 * 1024;
+
+/// [`serve`] with [`Options`].
+pub async fn serve_with(
+    store: Arc<dyn Store>,
+    grpc: TcpListener,
+    admin: TcpListener,
+    options: Options,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let metrics = Arc::new(metrics::Metrics::default());
+    let ca = match options.identity {
+        Some(files) => identity::CaHandle::load(files, metrics.clone(), shutdown.clone())?,
+        None => identity::CaHandle::disabled(),
+    };
     let hub = discovery::Hub::new(store.clone(), metrics.clone());
     let grpc_addr: SocketAddr = grpc.local_addr()?;
     let admin_addr: SocketAddr = admin.local_addr()?;
@@ -60,7 +85,14 @@ pub async fn serve(
             config::ConfigHub::spawn(store.clone()),
             shutdown.clone(),
         )))
-        .add_service(IdentityServer::new(stubs::IdentityStub));
+        .add_service(
+            IdentityServer::new(identity::IdentityService::new(
+                store.clone(),
+                ca,
+                metrics.clone(),
+            ))
+            .max_decoding_message_size(MAX_IDENTITY_MESSAGE),
+        );
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
     let grpc_shutdown = shutdown.clone();
     let grpc_task = async {

@@ -25,6 +25,24 @@ struct Config {
     #[arg(long, env = "FERRULE_ADMIN_ADDR", default_value = "127.0.0.1:9990")]
     admin_addr: SocketAddr,
 
+    /// The mesh CA's files: `trust-anchors.pem` (the trust bundle, one or more anchors),
+    /// `issuer.pem` and `issuer.key`, as `ferrule identity init` writes them (in Kubernetes,
+    /// a mounted Secret). Without it the controller is no CA and proxies run without mTLS.
+    #[arg(long, env = "FERRULE_IDENTITY_DIR")]
+    identity_dir: Option<std::path::PathBuf>,
+
+    /// The mesh's trust domain: the `<trust-domain>` of every `spiffe://` identity.
+    #[arg(long, env = "FERRULE_TRUST_DOMAIN", default_value = ferrule_proto::identity::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+
+    /// Lifetime of the workload certificates the CA signs (never past the issuer's).
+    #[arg(long, env = "FERRULE_IDENTITY_LEAF_LIFETIME", default_value = "24h", value_parser = humantime::parse_duration)]
+    identity_leaf_lifetime: std::time::Duration,
+
+    /// How often the CA's files are re-read and the issuer's expiry checked.
+    #[arg(long, env = "FERRULE_IDENTITY_CHECK_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    identity_check_interval: std::time::Duration,
+
     /// Log format.
     #[arg(long, env = "FERRULE_LOG_FORMAT", default_value = "plain", value_parser = ["plain", "json"])]
     log_format: String,
@@ -47,6 +65,18 @@ async fn main() -> anyhow::Result<()> {
             .init();
     }
 
+    let identity = config.identity_dir.as_deref().map(|dir| {
+        let mut files = ferrule_controller::identity::CaFiles::in_dir(dir, &config.trust_domain);
+        files.leaf_lifetime = config.identity_leaf_lifetime;
+        files.check_interval = config.identity_check_interval;
+        files
+    });
+    if let Some(files) = &identity {
+        files
+            .check()
+            .context("loading the mesh CA (--identity-dir)")?;
+    }
+
     let store = ferrule_store::connect(&config.store)
         .await
         .with_context(|| format!("opening the store {}", config.store))?;
@@ -61,7 +91,10 @@ async fn main() -> anyhow::Result<()> {
 
     let shutdown = CancellationToken::new();
     tokio::spawn(signal_shutdown(shutdown.clone()));
-    ferrule_controller::serve(store, grpc, admin, shutdown).await?;
+    let options = ferrule_controller::Options { identity };
+    ferrule_controller::serve_with(store, grpc, admin, options, shutdown)
+        .await
+        .context("the controller stopped with an error")?;
     tracing::info!("controller stopped");
     Ok(())
 }

@@ -1,7 +1,9 @@
 //! The controller's Prometheus metrics, served on the admin listener's `/metrics`.
 
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
@@ -15,6 +17,19 @@ pub struct Metrics {
     pub service_watches: Gauge,
     /// Store calls that failed inside background watches.
     pub store_errors: Counter,
+    /// Workload certificates the mesh CA signed.
+    pub identity_issued: Counter,
+    /// Certificate requests refused, by reason.
+    pub identity_refused: Family<ReasonLabel, Counter>,
+    /// Times the CA's files changed but did not load (the CA in use stayed).
+    pub identity_reload_failures: Counter,
+    /// Seconds until the issuer expires (negative once it has).
+    pub identity_issuer_expiry_seconds: Gauge,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
 }
 
 impl Metrics {
@@ -40,6 +55,26 @@ impl Metrics {
             "store_errors",
             "Store calls that failed in background watches",
             self.store_errors.clone(),
+        );
+        registry.register(
+            "identity_certificates_issued",
+            "Workload certificates the mesh CA signed",
+            self.identity_issued.clone(),
+        );
+        registry.register(
+            "identity_requests_refused",
+            "Certificate requests refused, by reason",
+            self.identity_refused.clone(),
+        );
+        registry.register(
+            "identity_reload_failures",
+            "Times the CA files changed but did not load; the CA in use stayed",
+            self.identity_reload_failures.clone(),
+        );
+        registry.register(
+            "identity_issuer_expiry_seconds",
+            "Seconds until the mesh CA's issuer certificate expires (negative once it has)",
+            self.identity_issuer_expiry_seconds.clone(),
         );
         let mut out = String::new();
         encode(&mut out, &registry).expect("writing to a String cannot fail");

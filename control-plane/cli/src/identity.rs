@@ -1,0 +1,376 @@
+//! `ferrule identity`: the mesh CA's files and credentials.
+//!
+//! * `init` creates a new mesh's trust anchor and issuer in a directory (nothing is ever
+//!   generated silently elsewhere: the controller only loads what this wrote, or what the
+//!   user's own PKI made).
+//! * `issuer` makes a new issuer from an existing anchor (issuer rotation).
+//! * `token create` asks the controller for a join token for one service.
+//! * `status` shows the CA's anchors and issuer, with expiry.
+
+use std::fs::OpenOptions;
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use ferrule_proto::identity::DEFAULT_TRUST_DOMAIN;
+use ferrule_proto::v1::{
+    CreateJoinTokenRequest, IdentityStatusRequest, identity_client::IdentityClient,
+};
+use serde::Serialize;
+
+use crate::client::{self, ControllerAddr};
+use crate::output::{self, Format, Render};
+
+/// Files `init` writes, as the controller's `--identity-dir` expects them.
+pub const TRUST_ANCHORS: &str = "trust-anchors.pem";
+pub const ANCHOR_KEY: &str = "anchor.key";
+pub const ISSUER_CERT: &str = "issuer.pem";
+pub const ISSUER_KEY: &str = "issuer.key";
+
+#[derive(Debug, Args)]
+pub struct IdentityArgs {
+    #[command(subcommand)]
+    command: IdentityCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum IdentityCommand {
+    /// Create a new mesh's trust anchor and issuer in a directory.
+    ///
+    /// Writes trust-anchors.pem, anchor.key, issuer.pem and issuer.key (keys readable by the
+    /// owner only). Start the controller with `--identity-dir DIR`. Keep anchor.key offline:
+    /// the controller needs only the issuer's key; the anchor's makes the next issuer.
+    ///
+    /// Example: ferrule identity init --dir ./mesh-ca --trust-domain cluster.local
+    Init(InitArgs),
+    /// Make a new issuer signed by an existing trust anchor (issuer rotation).
+    ///
+    /// Example: ferrule identity issuer --anchor-dir ./mesh-ca --out-dir ./next-issuer
+    Issuer(IssuerArgs),
+    /// Join tokens: bootstrap credentials for workloads outside Kubernetes.
+    Token(TokenArgs),
+    /// Show the mesh CA: trust anchors, the issuer and when it expires.
+    ///
+    /// Example: ferrule identity status -o json
+    Status,
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// Directory to write the files into (created if missing).
+    #[arg(long, value_name = "DIR")]
+    dir: PathBuf,
+    /// The mesh's trust domain: the `<trust-domain>` in `spiffe://<trust-domain>/ns/...`.
+    #[arg(long, default_value = DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+    /// How long the trust anchor is valid.
+    #[arg(long, default_value = "10years", value_parser = humantime::parse_duration)]
+    anchor_lifetime: Duration,
+    /// How long the issuer is valid (rotate it before; the controller warns).
+    #[arg(long, default_value = "365days", value_parser = humantime::parse_duration)]
+    issuer_lifetime: Duration,
+    /// Replace files that already exist (an existing mesh's CA would be lost).
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct IssuerArgs {
+    /// Directory holding the anchor to sign with (trust-anchors.pem's first certificate must be
+    /// the anchor whose key is anchor.key).
+    #[arg(long, value_name = "DIR")]
+    anchor_dir: PathBuf,
+    /// Where to write issuer.pem and issuer.key.
+    #[arg(long, value_name = "DIR")]
+    out_dir: PathBuf,
+    #[arg(long, default_value = DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+    /// How long the issuer is valid.
+    #[arg(long, default_value = "365days", value_parser = humantime::parse_duration)]
+    issuer_lifetime: Duration,
+    /// Replace files that already exist.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    #[command(subcommand)]
+    command: TokenCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Create a join token for one service; print it once (the controller keeps only a hash).
+    ///
+    /// Start the service's proxy with `--identity-token TOKEN` (or FERRULE_IDENTITY_TOKEN).
+    ///
+    /// Example: ferrule identity token create --service payment -n shop --ttl 1h
+    Create(TokenCreateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TokenCreateArgs {
+    /// The service the token proves (its identity is spiffe://<domain>/ns/<ns>/sa/<service>).
+    #[arg(long)]
+    service: String,
+    /// The service's namespace.
+    #[arg(short = 'n', long, default_value = "default")]
+    namespace: String,
+    /// How long the token may be used to get a first certificate (renewals need no token).
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    ttl: Duration,
+}
+
+pub async fn run(args: IdentityArgs, addr: &ControllerAddr, format: Format) -> anyhow::Result<()> {
+    match args.command {
+        IdentityCommand::Init(args) => init(args),
+        IdentityCommand::Issuer(args) => issuer(args),
+        IdentityCommand::Token(TokenArgs {
+            command: TokenCommand::Create(args),
+        }) => token_create(args, addr, format).await,
+        IdentityCommand::Status => status(addr, format).await,
+    }
+}
+
+fn init(args: InitArgs) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.dir)
+        .with_context(|| format!("creating {}", args.dir.display()))?;
+    let anchor = ferrule_ca::new_trust_anchor(&args.trust_domain, args.anchor_lifetime)?;
+    let issuer = ferrule_ca::new_issuer(
+        &anchor.cert_pem,
+        &anchor.key_pem,
+        &args.trust_domain,
+        args.issuer_lifetime,
+    )?;
+    let files = [
+        (TRUST_ANCHORS, &anchor.cert_pem, false),
+        (ANCHOR_KEY, &anchor.key_pem, true),
+        (ISSUER_CERT, &issuer.cert_pem, false),
+        (ISSUER_KEY, &issuer.key_pem, true),
+    ];
+    refuse_overwrite(&args.dir, files.iter().map(|f| f.0), args.force)?;
+    for (name, text, secret) in files {
+        write_file(&args.dir.join(name), text, secret)?;
+    }
+    println!(
+        "mesh CA for trust domain {} written to {}:\n  {TRUST_ANCHORS}  trust bundle (give to every controller)\n  {ISSUER_CERT}, {ISSUER_KEY}  issuer (the controller signs with it)\n  {ANCHOR_KEY}  the anchor's key: move it offline, it is needed only to make the next issuer\nstart the controller with: ferrule-controller --identity-dir {} --trust-domain {}",
+        args.trust_domain,
+        args.dir.display(),
+        args.dir.display(),
+        args.trust_domain,
+    );
+    Ok(())
+}
+
+fn issuer(args: IssuerArgs) -> anyhow::Result<()> {
+    let read = |name: &str| {
+        let path = args.anchor_dir.join(name);
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
+    };
+    let issuer = ferrule_ca::new_issuer(
+        &read(TRUST_ANCHORS)?,
+        &read(ANCHOR_KEY)?,
+        &args.trust_domain,
+        args.issuer_lifetime,
+    )?;
+    std::fs::create_dir_all(&args.out_dir)
+        .with_context(|| format!("creating {}", args.out_dir.display()))?;
+    refuse_overwrite(
+        &args.out_dir,
+        [ISSUER_CERT, ISSUER_KEY].into_iter(),
+        args.force,
+    )?;
+    write_file(&args.out_dir.join(ISSUER_CERT), &issuer.cert_pem, false)?;
+    write_file(&args.out_dir.join(ISSUER_KEY), &issuer.key_pem, true)?;
+    println!(
+        "new issuer written to {}: copy {ISSUER_CERT} and {ISSUER_KEY} over the controller's; it reloads them by itself",
+        args.out_dir.display()
+    );
+    Ok(())
+}
+
+fn refuse_overwrite<'a>(
+    dir: &Path,
+    names: impl Iterator<Item = &'a str>,
+    force: bool,
+) -> anyhow::Result<()> {
+    if force {
+        return Ok(());
+    }
+    let existing: Vec<&str> = names.filter(|n| dir.join(n).exists()).collect();
+    if !existing.is_empty() {
+        bail!(
+            "{} already holds {}: refusing to replace a mesh's CA (use --force if you mean it)",
+            dir.display(),
+            existing.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// Writes `text` to `path`; a secret is readable by its owner only from the moment it exists.
+fn write_file(path: &Path, text: &str, secret: bool) -> anyhow::Result<()> {
+    let mut options = OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    options.mode(if secret { 0o600 } else { 0o644 });
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    file.write_all(text.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+#[derive(Debug, Serialize)]
+struct Token {
+    token: String,
+    identity: String,
+    expires_at: i64,
+}
+
+impl Render for Token {
+    fn write_human(&self, out: &mut dyn Write) -> io::Result<()> {
+        writeln!(out, "{}", self.token)?;
+        // The token alone goes to stdout so `$(ferrule identity token create ...)` works.
+        eprintln!(
+            "join token for {}, usable until {} (unix {})",
+            self.identity,
+            humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + Duration::from_secs(self.expires_at.max(0) as u64)
+            ),
+            self.expires_at
+        );
+        Ok(())
+    }
+}
+
+async fn token_create(
+    args: TokenCreateArgs,
+    addr: &ControllerAddr,
+    format: Format,
+) -> anyhow::Result<()> {
+    let mut identity = IdentityClient::new(client::connect(addr).await?);
+    let rsp = client::call(
+        addr,
+        "Identity/CreateJoinToken",
+        identity.create_join_token(CreateJoinTokenRequest {
+            service: args.service,
+            namespace: args.namespace,
+            ttl_seconds: args.ttl.as_secs().max(1),
+        }),
+    )
+    .await?;
+    let doc = Token {
+        token: rsp.token,
+        identity: rsp.identity,
+        expires_at: rsp.expires_at,
+    };
+    output::render(&doc, format, &mut io::stdout().lock())
+}
+
+#[derive(Debug, Serialize)]
+struct Status {
+    enabled: bool,
+    trust_domain: String,
+    trust_anchors: Vec<Cert>,
+    issuer: Option<Cert>,
+    /// Fingerprint of the anchor the issuer chains to.
+    issuer_anchor: String,
+    problem: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct Cert {
+    subject: String,
+    not_before: String,
+    not_after: String,
+    fingerprint: String,
+}
+
+fn rfc3339(unix: i64) -> String {
+    humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + Duration::from_secs(unix.max(0) as u64),
+    )
+    .to_string()
+}
+
+impl From<ferrule_proto::v1::CertificateSummary> for Cert {
+    fn from(c: ferrule_proto::v1::CertificateSummary) -> Self {
+        Self {
+            subject: c.subject,
+            not_before: rfc3339(c.not_before),
+            not_after: rfc3339(c.not_after),
+            fingerprint: c.fingerprint,
+        }
+    }
+}
+
+impl Render for Status {
+    fn write_human(&self, out: &mut dyn Write) -> io::Result<()> {
+        if !self.enabled {
+            writeln!(
+                out,
+                "identity: disabled ({})",
+                self.problem.as_deref().unwrap_or("")
+            )?;
+            return Ok(());
+        }
+        writeln!(out, "trust domain: {}", self.trust_domain)?;
+        let short = |f: &str| f.get(..16).unwrap_or(f).to_string();
+        let mut rows = Vec::new();
+        for anchor in &self.trust_anchors {
+            let used = if anchor.fingerprint == self.issuer_anchor {
+                "yes"
+            } else {
+                "no"
+            };
+            rows.push(vec![
+                "anchor".into(),
+                anchor.subject.clone(),
+                anchor.not_after.clone(),
+                short(&anchor.fingerprint),
+                used.into(),
+            ]);
+        }
+        if let Some(issuer) = &self.issuer {
+            rows.push(vec![
+                "issuer".into(),
+                issuer.subject.clone(),
+                issuer.not_after.clone(),
+                short(&issuer.fingerprint),
+                "-".into(),
+            ]);
+        }
+        output::write_table(
+            out,
+            &["KIND", "SUBJECT", "EXPIRES", "FINGERPRINT", "SIGNS ISSUER"],
+            &rows,
+        )?;
+        if let Some(problem) = &self.problem {
+            writeln!(out, "problem: {problem}")?;
+        }
+        Ok(())
+    }
+}
+
+async fn status(addr: &ControllerAddr, format: Format) -> anyhow::Result<()> {
+    let mut identity = IdentityClient::new(client::connect(addr).await?);
+    let rsp = client::call(
+        addr,
+        "Identity/Status",
+        identity.status(IdentityStatusRequest {}),
+    )
+    .await?;
+    let doc = Status {
+        enabled: rsp.enabled,
+        trust_domain: rsp.trust_domain,
+        trust_anchors: rsp.trust_anchors.into_iter().map(Cert::from).collect(),
+        issuer: rsp.issuer.map(Cert::from),
+        issuer_anchor: rsp.issuer_anchor,
+        problem: (!rsp.problem.is_empty()).then_some(rsp.problem),
+    };
+    output::render(&doc, format, &mut io::stdout().lock())
+}
