@@ -85,6 +85,12 @@ pub struct RegistrationConfig {
     pub zone: String,
     pub ttl: Duration,
     pub health: HealthCheck,
+    /// The identity peers must see proven by this proxy's certificate (`spiffe://...`);
+    /// empty without mutual TLS.
+    pub identity: String,
+    /// Registers only while this is true as well as the app is healthy (the proxy holds a
+    /// certificate, so peers that find the endpoint can complete mutual TLS with it).
+    pub gate: Option<watch::Receiver<bool>>,
 }
 
 /// What `/ready` and metrics read; see [`Registration::status`].
@@ -117,7 +123,11 @@ impl Registration {
     ) -> Self {
         let stop = shutdown.child_token();
         let controllers = crate::control::parse_or_log(&controllers, "registration");
-        let (health_tx, health_rx) = watch::channel(false);
+        let (health_tx, app_health) = watch::channel(false);
+        let health_rx = match config.gate.clone() {
+            Some(gate) => gated(app_health, gate, stop.clone()),
+            None => app_health,
+        };
         let (status_tx, status_rx) = watch::channel(RegistrationStatus::default());
         let (deregister_tx, deregister_rx) = mpsc::channel(1);
         tokio::spawn(check_health(
@@ -639,6 +649,27 @@ async fn next_response(
     }
 }
 
+/// `health` and `gate` both true.
+fn gated(
+    mut health: watch::Receiver<bool>,
+    mut gate: watch::Receiver<bool>,
+    stop: CancellationToken,
+) -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        loop {
+            let both = *health.borrow_and_update() && *gate.borrow_and_update();
+            tx.send_if_modified(|v| std::mem::replace(v, both) != both);
+            tokio::select! {
+                changed = health.changed() => if changed.is_err() { return },
+                changed = gate.changed() => if changed.is_err() { return },
+                () = stop.cancelled() => return,
+            }
+        }
+    });
+    rx
+}
+
 async fn sleep_until_some(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
@@ -657,7 +688,7 @@ fn endpoint(config: &RegistrationConfig, port: &RegisteredPort) -> Endpoint {
         port_name: port.port_name.clone(),
         address: port.advertise.ip().to_string(),
         port: port.advertise.port().into(),
-        identity: String::new(),
+        identity: config.identity.clone(),
         labels: config.labels.iter().cloned().collect::<HashMap<_, _>>(),
         zone: config.zone.clone(),
         protocol_hint: port.protocol_hint.into(),
@@ -907,6 +938,8 @@ mod tests {
                 healthy_threshold: 2,
                 unhealthy_threshold: 3,
             },
+            identity: String::new(),
+            gate: None,
         }
     }
 

@@ -174,6 +174,83 @@ pub struct CommonArgs {
     #[arg(long, env = "FERRULE_PROXY_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     #[serde(serialize_with = "humantime_ser")]
     pub shutdown_grace: Duration,
+
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub identity: IdentityArgs,
+}
+
+/// The proxy's workload identity and mutual TLS (docs/identity.md).
+#[derive(Debug, Clone, clap::Args, Serialize)]
+pub struct IdentityArgs {
+    /// Join token for the proxy's first certificate (`ferrule identity token create`). With a
+    /// token (or a token file) the proxy gets a certificate from the controller's mesh CA and
+    /// speaks mutual TLS to peers that have an identity; without, it runs without identity.
+    #[arg(
+        long,
+        env = "FERRULE_IDENTITY_TOKEN",
+        conflicts_with = "identity_token_file"
+    )]
+    #[serde(skip)]
+    pub identity_token: Option<String>,
+
+    /// File holding the bootstrap token (a Kubernetes projected service-account token, or a
+    /// join token), read when the first certificate is asked for.
+    #[arg(long, env = "FERRULE_IDENTITY_TOKEN_FILE")]
+    pub identity_token_file: Option<std::path::PathBuf>,
+
+    /// The mesh's trust domain (the controller's `--trust-domain`).
+    #[arg(long, env = "FERRULE_TRUST_DOMAIN", default_value = ferrule_proto::identity::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+
+    /// The workload's service account: the `<sa>` of its identity
+    /// `spiffe://<trust-domain>/ns/<namespace>/sa/<sa>`. Default: the service name.
+    #[arg(long, env = "FERRULE_SERVICE_ACCOUNT")]
+    pub service_account: Option<String>,
+
+    /// Accept only mutual TLS on the inbound listeners: plaintext connections (from clients
+    /// outside the mesh) are closed and counted. Default: served, as unauthenticated.
+    #[arg(long, env = "FERRULE_PROXY_REQUIRE_MTLS")]
+    pub require_mtls: bool,
+}
+
+impl IdentityArgs {
+    /// The identity settings, when the proxy is to have an identity; `account` is the
+    /// default service account (the service name), `namespace` the workload's.
+    pub fn settings(
+        &self,
+        account: &str,
+        namespace: &str,
+    ) -> Result<Option<ferrule_proxy_api::identity::IdentitySettings>, ConfigError> {
+        let token = match (&self.identity_token, &self.identity_token_file) {
+            (Some(token), _) => token.trim().to_string(),
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .map_err(|e| ConfigError::Invalid {
+                    flag: "--identity-token-file",
+                    reason: format!("reading {}: {e}", path.display()),
+                })?
+                .trim()
+                .to_string(),
+            (None, None) => return Ok(None),
+        };
+        if token.is_empty() {
+            return Err(ConfigError::Invalid {
+                flag: "--identity-token",
+                reason: "is empty".into(),
+            });
+        }
+        let account = self.service_account.as_deref().unwrap_or(account);
+        let expected =
+            ferrule_proto::identity::SpiffeId::new(&self.trust_domain, namespace, account)
+                .map_err(|e| ConfigError::Invalid {
+                    flag: "--service-account",
+                    reason: e.to_string(),
+                })?;
+        Ok(Some(ferrule_proxy_api::identity::IdentitySettings {
+            token,
+            expected: expected.to_string(),
+        }))
+    }
 }
 
 impl CommonArgs {
@@ -319,6 +396,8 @@ pub enum ConfigError {
     InboundPortWithoutApp(String),
     #[error("app port name {0:?} appears twice")]
     DuplicateAppPort(String),
+    #[error("{flag}: {reason}")]
+    Invalid { flag: &'static str, reason: String },
 }
 
 /// An app port with the address its inbound listener binds.

@@ -25,13 +25,14 @@ use ferrule_proxy_api::registration::{
 use ferrule_proxy_core::lifecycle::{Drain, Lifecycle};
 use ferrule_proxy_core::metrics::{Direction, Metrics};
 use ferrule_proxy_inbound::http::LocalRateLimit;
-use ferrule_proxy_inbound::{Inbound, InboundConfig, InboundPort};
+use ferrule_proxy_inbound::{Inbound, InboundConfig, InboundPort, InboundTls};
 use ferrule_proxy_outbound::target::{Fixed, OrigDst};
 use ferrule_proxy_outbound::{Outbound, OutboundConfig};
 use ferrule_proxy_policy::PolicySet;
 use ferrule_proxy_policy::metrics::PolicyMetrics;
 use ferrule_proxy_transport::client::{ClientConfig, Clients};
 use ferrule_proxy_transport::metrics::PoolMetrics;
+use ferrule_proxy_transport::tls::MeshTls;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -43,6 +44,26 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+}
+
+/// Bounds a mutual TLS handshake on an inbound listener.
+const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// True once the proxy holds a certificate.
+fn has_certificate(
+    tls: &MeshTls,
+    shutdown: &CancellationToken,
+) -> tokio::sync::watch::Receiver<bool> {
+    let mut credentials = tls.watch();
+    let (tx, rx) = tokio::sync::watch::channel(credentials.borrow().is_some());
+    let shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = credentials.wait_for(Option::is_some) => { let _ = tx.send(true); }
+            () = shutdown.cancelled() => {}
+        }
+    });
+    rx
 }
 
 /// Where each listener is bound (useful when configured with port 0).
@@ -138,13 +159,43 @@ impl Proxy {
         let policy_metrics = PolicyMetrics::register(&metrics);
         ferrule_proxy_api::metrics::register(&metrics, discovery.clone(), Some(policies.clone()));
         let pool_metrics = PoolMetrics::register(&metrics);
+        // The workload's identity: a certificate from the mesh CA, renewed in the background.
+        let service_name = config.service.clone().unwrap_or_default();
+        let identity = config
+            .common
+            .identity
+            .settings(&service_name, &config.namespace)?;
+        let tls = match identity {
+            Some(settings) => {
+                let controllers =
+                    ferrule_proxy_api::control::Controllers::parse(&config.common.controllers)
+                        .map_err(|e| ConfigError::Invalid {
+                            flag: "--controller",
+                            reason: format!("identity needs the controller's CA: {e}"),
+                        })?;
+                let expected = settings.expected.clone();
+                let tls = ferrule_proxy_api::identity::spawn(
+                    controllers,
+                    settings,
+                    &metrics,
+                    shutdown.child_token(),
+                )
+                .map_err(|reason| ConfigError::Invalid {
+                    flag: "--identity-token",
+                    reason,
+                })?;
+                Some((tls, expected))
+            }
+            None => None,
+        };
         let pool_config = ClientConfig {
             connect_timeout: config.common.connect_timeout,
             idle_timeout: config.common.idle_timeout,
         };
         // A pool per side: the app's address and an endpoint's never share a connection.
         let app_clients = Clients::new(Direction::Inbound, pool_config, &pool_metrics);
-        let peer_clients = Clients::new(Direction::Outbound, pool_config, &pool_metrics);
+        let peer_clients = Clients::new(Direction::Outbound, pool_config, &pool_metrics)
+            .with_tls(tls.as_ref().map(|(tls, _)| tls.clone()));
 
         let admin_listener = bind("admin", config.common.admin_addr).await?;
         let mut inbound_listeners = Vec::new();
@@ -229,6 +280,11 @@ impl Proxy {
             InboundConfig {
                 detect_timeout: config.common.detect_timeout,
                 access_log: config.common.access_log,
+                tls: tls.as_ref().map(|(tls, _)| InboundTls {
+                    tls: tls.clone(),
+                    require: config.common.identity.require_mtls,
+                    handshake_timeout: TLS_HANDSHAKE_TIMEOUT,
+                }),
             },
             app_clients,
             LocalRateLimit::new(policies.watch(), &service, policy_metrics),
@@ -289,6 +345,8 @@ impl Proxy {
                         zone: config.zone.clone(),
                         ttl: config.register_ttl,
                         health,
+                        identity: tls.as_ref().map(|(_, id)| id.clone()).unwrap_or_default(),
+                        gate: tls.as_ref().map(|(tls, _)| has_certificate(tls, &shutdown)),
                     },
                     config.common.controllers.clone(),
                     shutdown.child_token(),

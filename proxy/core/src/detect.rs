@@ -50,6 +50,40 @@ where
     Ok((result, PrefixedIo::new(buf.freeze(), io)))
 }
 
+/// Whether a connection starts with a TLS ClientHello: `Some(true)`, `Some(false)` (anything
+/// else, including a connection that sent nothing within `timeout`, such as a client waiting
+/// for its server to speak first), with the bytes read put back in front.
+pub async fn detect_tls<T>(mut io: T, timeout: Duration) -> io::Result<(bool, PrefixedIo<T>)>
+where
+    T: AsyncRead + Unpin,
+{
+    let mut buf = BytesMut::with_capacity(512);
+    let read_until_known = async {
+        loop {
+            if let Some(known) = is_client_hello(&buf) {
+                return Ok::<_, io::Error>(known);
+            }
+            if io.read_buf(&mut buf).await? == 0 {
+                return Ok(false);
+            }
+        }
+    };
+    let tls = tokio::time::timeout(timeout, read_until_known)
+        .await
+        .unwrap_or(Ok(false))?;
+    Ok((tls, PrefixedIo::new(buf.freeze(), io)))
+}
+
+/// Whether `prefix` starts a TLS ClientHello: a handshake record (22) of version 3.1–3.4 whose
+/// first message is a ClientHello (1). `None` while too few bytes have come to tell.
+pub fn is_client_hello(prefix: &[u8]) -> Option<bool> {
+    match prefix {
+        [] | [0x16] | [0x16, 0x03] => None,
+        [0x16, 0x03, minor, ..] if *minor <= 0x04 => prefix.get(5).map(|&kind| kind == 0x01),
+        _ => Some(false),
+    }
+}
+
 /// `None` while more bytes could change the answer; `done` means no more bytes will come.
 fn classify(buf: &[u8], done: bool) -> Option<DetectResult> {
     if buf.is_empty() {
@@ -241,5 +275,19 @@ mod tests {
     async fn partial_preface_then_close_is_opaque() {
         let (r, _) = detect_bytes(b"PRI * HT", true).await;
         assert_eq!(r, DetectResult::Opaque);
+    }
+
+    #[test]
+    fn client_hello_detection() {
+        let hello = [0x16, 0x03, 0x01, 0x00, 0xf0, 0x01, 0x00];
+        assert_eq!(is_client_hello(&hello), Some(true));
+        assert_eq!(is_client_hello(&hello[..3]), None);
+        assert_eq!(is_client_hello(b"GET / HTTP/1.1\r\n"), Some(false));
+        assert_eq!(is_client_hello(b"PRI * HTTP/2.0"), Some(false));
+        assert_eq!(is_client_hello(&[0x16, 0x03, 0x09, 0, 0, 1]), Some(false));
+        assert_eq!(
+            is_client_hello(&[0x16, 0x03, 0x03, 0, 5, 0x02]),
+            Some(false)
+        );
     }
 }

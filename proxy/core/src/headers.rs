@@ -12,6 +12,9 @@ use http::{Method, Request, Version};
 pub const ORIG_PROTO: &str = "ferrule-orig-proto";
 /// The only value of [`ORIG_PROTO`] this proxy writes.
 pub const ORIG_PROTO_HTTP1: &str = "HTTP/1.1";
+/// The client's identity as its mutual TLS certificate proved it, set by the inbound proxy for
+/// the app; any value a client sent is removed first, so an app can trust it.
+pub const CLIENT_ID: &str = "ferrule-client-id";
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
 const HOP_BY_HOP: [HeaderName; 6] = [

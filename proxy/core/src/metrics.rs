@@ -69,6 +69,10 @@ pub enum DetectResult {
     Timeout,
     /// Looked like an HTTP/1 request line but was not one: answered 400.
     MalformedHttp,
+    /// A TLS ClientHello: mutual TLS terminated here (the inner protocol is counted too).
+    Tls,
+    /// Plaintext where this proxy accepts only mutual TLS: closed.
+    PlaintextRefused,
 }
 
 impl EncodeLabelValue for DetectResult {
@@ -80,6 +84,8 @@ impl EncodeLabelValue for DetectResult {
             DetectResult::OpaquePort => "opaque_port",
             DetectResult::Timeout => "timeout",
             DetectResult::MalformedHttp => "malformed_http",
+            DetectResult::Tls => "tls",
+            DetectResult::PlaintextRefused => "plaintext_refused",
         };
         fmt::Write::write_str(encoder, s)
     }

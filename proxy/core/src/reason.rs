@@ -41,10 +41,13 @@ pub enum Reason {
     BreakerOpen,
     /// A route's fault injection answered instead of the service.
     FaultInjected,
+    /// A mutual TLS handshake with a peer proxy failed (inbound: the client's certificate was
+    /// refused; counted, the connection closed).
+    TlsHandshake,
 }
 
 impl Reason {
-    const ALL: [Reason; 14] = [
+    const ALL: [Reason; 15] = [
         Reason::UnknownService,
         Reason::NoEndpoints,
         Reason::EndpointsUnavailable,
@@ -59,6 +62,7 @@ impl Reason {
         Reason::Overloaded,
         Reason::BreakerOpen,
         Reason::FaultInjected,
+        Reason::TlsHandshake,
     ];
 
     /// The reason named `s` (a `ferrule-error` value, as a peer proxy sent it).
@@ -82,6 +86,7 @@ impl Reason {
             Reason::Overloaded => "overloaded",
             Reason::BreakerOpen => "breaker_open",
             Reason::FaultInjected => "fault_injected",
+            Reason::TlsHandshake => "tls_handshake_failure",
         }
     }
 
@@ -90,7 +95,9 @@ impl Reason {
             Reason::UnknownService | Reason::NoEndpoints | Reason::EndpointsUnavailable => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            Reason::UpstreamConnectFailure | Reason::UpstreamFailure => StatusCode::BAD_GATEWAY,
+            Reason::UpstreamConnectFailure | Reason::UpstreamFailure | Reason::TlsHandshake => {
+                StatusCode::BAD_GATEWAY
+            }
             Reason::BadRequest => StatusCode::BAD_REQUEST,
             Reason::Unauthenticated => StatusCode::UNAUTHORIZED,
             Reason::RateLimited => StatusCode::TOO_MANY_REQUESTS,
@@ -114,6 +121,7 @@ impl Reason {
             | Reason::EndpointsUnavailable
             | Reason::UpstreamConnectFailure
             | Reason::UpstreamFailure
+            | Reason::TlsHandshake
             | Reason::Overloaded
             | Reason::BreakerOpen => GrpcCode::Unavailable,
             // The request could not be carried as it is: a transport-level fault, not an

@@ -78,6 +78,27 @@ impl Dispatcher {
         Fut: std::future::Future<Output = ()>,
     {
         let io = series.count_io(stream);
+        self.dispatch_io(io, peer, None, series, opaque_port, http, opaque)
+            .await;
+    }
+
+    /// [`Dispatcher::dispatch`] for a connection already counted and possibly unwrapped from
+    /// TLS, whose client proved `peer_identity` (the inbound side after mutual TLS).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn dispatch_io<I, F, Fut>(
+        &self,
+        io: I,
+        peer: SocketAddr,
+        peer_identity: Option<Arc<str>>,
+        series: &Arc<TargetMetrics>,
+        opaque_port: bool,
+        http: HttpStack,
+        opaque: Option<F>,
+    ) where
+        I: Io,
+        F: FnOnce(BoxIo) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
         if opaque_port {
             self.metrics
                 .detected(self.direction, DetectResult::OpaquePort);
@@ -98,8 +119,7 @@ impl Dispatcher {
             direction: self.direction,
             target: series.target().clone(),
             client: peer,
-            // Plaintext: no peer is authenticated until mTLS terminates here.
-            peer_identity: None,
+            peer_identity,
         };
         let version = match result {
             DetectResult::Http1 => HttpVersion::Http1,
@@ -108,7 +128,11 @@ impl Dispatcher {
                 refuse_malformed(io, &meta, &self.metrics, series).await;
                 return;
             }
-            DetectResult::Opaque | DetectResult::Timeout | DetectResult::OpaquePort => {
+            DetectResult::Opaque
+            | DetectResult::Timeout
+            | DetectResult::OpaquePort
+            | DetectResult::Tls
+            | DetectResult::PlaintextRefused => {
                 match opaque {
                     Some(opaque) => opaque(Box::new(io)).await,
                     None => tracing::debug!(%peer, ?result, "not HTTP: connection closed"),

@@ -2,9 +2,10 @@
 //! the app on loopback.
 //!
 //! Requests from a meshed peer lose the mesh headers here: `ferrule-orig-proto` turns an
-//! HTTP/2-carried HTTP/1 request back into HTTP/1, and `ferrule-meshed` (already noted in the
-//! request context) is removed. The app is spoken to in the version the request now has;
-//! authorization will be a layer before forwarding.
+//! HTTP/2-carried HTTP/1 request back into HTTP/1. `ferrule-client-id` is always removed and,
+//! when the connection's mutual TLS proved the client's identity, set to it: the app can trust
+//! it. The app is spoken to in the version the request now has; authorization will be a layer
+//! before forwarding.
 //!
 //! The proxy's own service's `ServicePolicy.rateLimit`, if any, is checked first
 //! ([`LocalRateLimit`]): a request over it is answered 429 with `Retry-After` and never
@@ -15,13 +16,14 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures::future::BoxFuture;
-use http::{Request, Response, Version};
+use http::{HeaderValue, Request, Response, Version};
 use tower::util::BoxCloneSyncService;
 use tower::{Service, ServiceBuilder};
 
 use tokio::sync::watch;
 
 use ferrule_proxy_core::body::BoxBody;
+use ferrule_proxy_core::context::RequestContext;
 use ferrule_proxy_core::errors::{ProxyError, Reason, RespondLayer};
 use ferrule_proxy_core::headers;
 use ferrule_proxy_core::metrics::{Direction, Metrics};
@@ -103,8 +105,19 @@ struct ForwardToApp {
     limit: Arc<LocalRateLimit>,
 }
 
-/// Undoes what the outbound proxy of a meshed peer did to the request.
+/// Undoes what the outbound proxy of a meshed peer did to the request, and says who the
+/// client is as only the connection can.
 fn strip_mesh_headers(req: &mut Request<BoxBody>) {
+    req.headers_mut().remove(headers::CLIENT_ID);
+    let identity = req
+        .extensions()
+        .get::<RequestContext>()
+        .and_then(|ctx| ctx.peer_identity.clone());
+    if let Some(identity) = identity
+        && let Ok(value) = HeaderValue::from_str(&identity)
+    {
+        req.headers_mut().insert(headers::CLIENT_ID, value);
+    }
     if let Some(orig) = req.headers_mut().remove(headers::ORIG_PROTO) {
         if orig == headers::ORIG_PROTO_HTTP1 {
             *req.version_mut() = Version::HTTP_11;
@@ -167,5 +180,38 @@ mod tests {
         assert_eq!(req.version(), Version::HTTP_11);
         assert!(!req.headers().contains_key(headers::ORIG_PROTO));
         assert_eq!(Protocol::of(&req), Protocol::Http1);
+    }
+
+    #[test]
+    fn client_id_comes_only_from_the_connection() {
+        let forged = || {
+            Request::get("http://user/x")
+                .header(
+                    headers::CLIENT_ID,
+                    "spiffe://cluster.local/ns/shop/sa/admin",
+                )
+                .body(body::empty())
+                .unwrap()
+        };
+        let ctx = |peer_identity: Option<&str>| RequestContext {
+            id: "1".into(),
+            direction: Direction::Inbound,
+            target: "user".into(),
+            client: "127.0.0.1:1".parse().unwrap(),
+            start: std::time::Instant::now(),
+            peer_identity: peer_identity.map(Arc::from),
+        };
+        // Plaintext: the forged value is removed and nothing replaces it.
+        let mut req = forged();
+        req.extensions_mut().insert(ctx(None));
+        strip_mesh_headers(&mut req);
+        assert!(!req.headers().contains_key(headers::CLIENT_ID));
+        // Mutual TLS: the verified identity replaces it.
+        let mut req = forged();
+        req.extensions_mut()
+            .insert(ctx(Some("spiffe://cluster.local/ns/shop/sa/order")));
+        strip_mesh_headers(&mut req);
+        let values: Vec<_> = req.headers().get_all(headers::CLIENT_ID).iter().collect();
+        assert_eq!(values, ["spiffe://cluster.local/ns/shop/sa/order"]);
     }
 }

@@ -1,8 +1,11 @@
 //! The inbound side: traffic from peers and clients to the app this proxy fronts.
 //!
-//! One listener per app port. Each accepted connection is detected (unless the port is
+//! One listener per app port. With mesh TLS ([`InboundTls`]) a connection that starts with a
+//! TLS ClientHello is terminated here first (mutual TLS: the client's verified identity becomes
+//! the connection's `peer_identity`); plaintext is served too unless the proxy requires mutual
+//! TLS, when it is closed and counted. Then the protocol is detected (unless the port is
 //! opaque): HTTP goes through the port's stack ([`http`]), anything else is copied to the app
-//! as bytes. mTLS termination will happen here, before detection.
+//! as bytes.
 
 pub mod http;
 
@@ -14,10 +17,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use ferrule_proxy_core::detect::detect_tls;
 use ferrule_proxy_core::errors::Reason;
+use ferrule_proxy_core::metrics::DetectResult;
 use ferrule_proxy_core::metrics::{Direction, Metrics, TargetMetrics};
 use ferrule_proxy_core::server::{self, BoxIo, Dispatcher, HttpStack};
 use ferrule_proxy_transport::client::{Clients, connect_tcp};
+use ferrule_proxy_transport::tls::MeshTls;
 
 /// One app port this proxy fronts.
 #[derive(Debug, Clone)]
@@ -33,6 +39,18 @@ pub struct InboundPort {
 pub struct InboundConfig {
     pub detect_timeout: Duration,
     pub access_log: bool,
+    /// Mutual TLS from peer proxies; `None` when the proxy has no identity.
+    pub tls: Option<InboundTls>,
+}
+
+/// How the inbound side takes mutual TLS.
+#[derive(Debug, Clone)]
+pub struct InboundTls {
+    pub tls: MeshTls,
+    /// Close plaintext connections instead of serving them as unauthenticated.
+    pub require: bool,
+    /// Bounds the TLS handshake.
+    pub handshake_timeout: Duration,
 }
 
 pub struct Inbound {
@@ -101,10 +119,72 @@ impl Inbound {
 
     async fn handle(self: Arc<Self>, stream: TcpStream, peer: SocketAddr, port: Arc<Port>) {
         let opaque = |io: BoxIo| self.forward_opaque(io, &port.port);
+        let Some(tls) = &self.config.tls else {
+            self.dispatcher
+                .dispatch(
+                    stream,
+                    peer,
+                    &port.series,
+                    port.port.opaque,
+                    port.http.clone(),
+                    Some(opaque),
+                )
+                .await;
+            return;
+        };
+        let io = port.series.count_io(stream);
+        // Peer proxies always speak first (the ClientHello), so this never stalls a meshed
+        // client; a plaintext client of a server-speaks-first app waits at most the detection
+        // timeout before it is served (or refused, when mutual TLS is required).
+        let (is_tls, io) = match detect_tls(io, self.config.detect_timeout).await {
+            Ok(detected) => detected,
+            Err(error) => {
+                tracing::debug!(%peer, %error, "connection failed during TLS detection");
+                return;
+            }
+        };
+        if !is_tls {
+            if tls.require {
+                self.metrics
+                    .detected(Direction::Inbound, DetectResult::PlaintextRefused);
+                tracing::info!(%peer, service = %port.port.name, "plaintext connection refused: this proxy requires mutual TLS");
+                return;
+            }
+            self.dispatcher
+                .dispatch_io(
+                    io,
+                    peer,
+                    None,
+                    &port.series,
+                    port.port.opaque,
+                    port.http.clone(),
+                    Some(opaque),
+                )
+                .await;
+            return;
+        }
+        self.metrics.detected(Direction::Inbound, DetectResult::Tls);
+        let accepted = tokio::time::timeout(tls.handshake_timeout, tls.tls.accept(io)).await;
+        let (io, identity) = match accepted {
+            Ok(Ok(accepted)) => accepted,
+            Ok(Err(error)) => {
+                self.metrics
+                    .proxy_error(Direction::Inbound, Reason::TlsHandshake);
+                tracing::info!(%peer, %error, "mutual TLS refused");
+                return;
+            }
+            Err(_) => {
+                self.metrics
+                    .proxy_error(Direction::Inbound, Reason::TlsHandshake);
+                tracing::info!(%peer, timeout = ?tls.handshake_timeout, "mutual TLS handshake timed out");
+                return;
+            }
+        };
         self.dispatcher
-            .dispatch(
-                stream,
+            .dispatch_io(
+                io,
                 peer,
+                Some(identity),
                 &port.series,
                 port.port.opaque,
                 port.http.clone(),

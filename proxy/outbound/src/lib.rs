@@ -226,11 +226,11 @@ impl Outbound {
             tracing::debug!(%service, "no policy snapshot for a new target in time; using the policy in force");
         }
         let series = logical.tcp.clone();
-        let connect_timeout = self.clients.connect_timeout();
+        let clients = self.clients.clone();
         let http = logical.http.clone();
         let metrics = self.metrics.clone();
         let opaque = |io: BoxIo| async move {
-            opaque::forward(io, &logical.concrete.balance, connect_timeout, &metrics).await;
+            opaque::forward(io, &logical.concrete.balance, &clients, &metrics).await;
         };
         self.dispatcher
             .dispatch(stream, peer, &series, opaque_port, http, Some(opaque))

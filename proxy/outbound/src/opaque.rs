@@ -8,22 +8,20 @@
 //! count requests (a long-lived connection would hold a request slot for its life), and the
 //! breaker classifies responses by status, which bytes do not have. What does apply is kept:
 //! the balancer's pick (the connection counts as in flight for least-request and EWMA while it
-//! lives), its bounded wait for endpoints, and the connect-failure takeout.
+//! lives), its bounded wait for endpoints, and the connect-failure takeout. An endpoint with an
+//! identity gets mutual TLS, as HTTP to it does.
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::concrete::balance::{BalanceTarget, CONNECT_ATTEMPTS};
 use ferrule_proxy_core::metrics::{Direction, Metrics};
 use ferrule_proxy_core::server::splice_tcp;
-use ferrule_proxy_transport::client::connect_tcp;
+use ferrule_proxy_transport::client::{Clients, Dst};
+use ferrule_proxy_transport::pool::Identity;
 
 /// Forwards the connection `io` to an endpoint of `target`.
-pub async fn forward<I>(
-    io: I,
-    target: &BalanceTarget,
-    connect_timeout: std::time::Duration,
-    metrics: &Metrics,
-) where
+pub async fn forward<I>(io: I, target: &BalanceTarget, clients: &Clients, metrics: &Metrics)
+where
     I: AsyncRead + AsyncWrite + Unpin,
 {
     for _ in 0..CONNECT_ATTEMPTS {
@@ -36,8 +34,14 @@ pub async fn forward<I>(
                 return;
             }
         };
-        let addr = pick.endpoint().addr;
-        let connected = connect_tcp(addr, connect_timeout).await.map(|s| (addr, s));
+        let endpoint = pick.endpoint();
+        let addr = endpoint.addr;
+        let dst = Dst {
+            addr,
+            identity: endpoint.identity.clone().map(Identity::new),
+            idle_timeout: None,
+        };
+        let connected = clients.connect_stream(&dst).await.map(|s| (addr, s));
         match connected {
             Ok((addr, upstream)) => {
                 // The pick is held for the connection's life so least-request counts it.

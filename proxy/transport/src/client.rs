@@ -6,8 +6,9 @@
 //! request; HTTP/1 gets a small pool of keep-alive connections per key; upgrades (`Upgrade`,
 //! `CONNECT`) get a fresh HTTP/1 connection each, spliced to the client's once both sides have
 //! switched. Connecting is a step of its own ([`Clients::connect`]) so a caller can try another
-//! endpoint when it fails: nothing of the request has been sent yet. TLS will wrap the stream
-//! here, verifying the [`Dst::identity`].
+//! endpoint when it fails: nothing of the request has been sent yet. A [`Dst`] with an
+//! identity gets mutual TLS (when the pool has [`MeshTls`]) and the peer must prove that
+//! identity.
 
 use std::io;
 use std::net::SocketAddr;
@@ -29,6 +30,7 @@ use ferrule_proxy_core::metrics::Direction;
 
 use crate::metrics::PoolMetrics;
 use crate::pool::{Checkout, Driver, Identity, Lease, Pool, PoolKey, PoolProtocol, Sender};
+use crate::tls::{MeshTls, TlsError};
 
 const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -46,6 +48,8 @@ pub enum ClientError {
     },
     #[error("connecting to {addr}: no answer within {timeout:?}")]
     ConnectTimeout { addr: SocketAddr, timeout: Duration },
+    #[error("mTLS with {addr}: {source}")]
+    Tls { addr: SocketAddr, source: TlsError },
     #[error("HTTP handshake with {addr}: {source}")]
     Handshake {
         addr: SocketAddr,
@@ -120,6 +124,7 @@ pub struct ClientConfig {
 pub struct Clients {
     pool: Arc<Pool>,
     config: ClientConfig,
+    tls: Option<MeshTls>,
 }
 
 impl Clients {
@@ -130,7 +135,32 @@ impl Clients {
         Self {
             pool: Arc::new(Pool::new(direction, metrics.clone())),
             config,
+            tls: None,
         }
+    }
+
+    /// Connections to a [`Dst`] with an identity use mutual TLS with `tls`.
+    pub fn with_tls(mut self, tls: Option<MeshTls>) -> Self {
+        self.tls = tls;
+        self
+    }
+
+    /// The TLS this pool uses towards peers with an identity, if any.
+    pub fn tls(&self) -> Option<&MeshTls> {
+        self.tls.as_ref()
+    }
+
+    /// A TCP connection to `dst`, with mutual TLS when it has an identity and this pool has
+    /// TLS, for opaque traffic.
+    pub async fn connect_stream(&self, dst: &Dst) -> Result<Box<dyn MeshIo>, ClientError> {
+        let timeout = self.config.connect_timeout;
+        let addr = dst.addr;
+        tokio::time::timeout(
+            timeout,
+            stream(addr, dst.identity.as_ref(), self.tls.as_ref()),
+        )
+        .await
+        .map_err(|_| ClientError::ConnectTimeout { addr, timeout })?
     }
 
     /// A connection to `dst` ready to carry one request of `protocol`: a pooled one when the
@@ -146,7 +176,7 @@ impl Clients {
             Protocol::Http1 => PoolProtocol::Http1,
             Protocol::Http2 => PoolProtocol::Http2,
             Protocol::Upgrade => {
-                let sender = self.upgrade_handshake(addr).await?;
+                let sender = self.upgrade_handshake(&dst).await?;
                 return Ok(Conn {
                     addr,
                     kind: Kind::Upgrade(sender),
@@ -163,7 +193,7 @@ impl Clients {
             let mut checkout = self
                 .pool
                 .checkout(&key, idle_timeout, || {
-                    handshake(&key, self.config.connect_timeout)
+                    handshake(&key, self.tls.as_ref(), self.config.connect_timeout)
                 })
                 .await?;
             // HTTP/1 carries one request at a time: wait until hyper has finished with the
@@ -197,9 +227,10 @@ impl Clients {
 
     async fn upgrade_handshake(
         &self,
-        addr: SocketAddr,
+        dst: &Dst,
     ) -> Result<http1::SendRequest<BoxBody>, ClientError> {
-        let io = TokioIo::new(connect_tcp(addr, self.config.connect_timeout).await?);
+        let addr = dst.addr;
+        let io = TokioIo::new(self.connect_stream(dst).await?);
         let (mut sender, conn) = http1::handshake(io)
             .await
             .map_err(|source| handshake_error(addr, source))?;
@@ -216,12 +247,38 @@ impl Clients {
     }
 }
 
+/// A connection's byte stream: plain TCP, or TLS over it.
+pub trait MeshIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> MeshIo for T {}
+
+/// TCP to `addr`, then mutual TLS when the peer has an identity to prove and the proxy has TLS.
+async fn stream(
+    addr: SocketAddr,
+    identity: Option<&Identity>,
+    tls: Option<&MeshTls>,
+) -> Result<Box<dyn MeshIo>, ClientError> {
+    let tcp = tcp(addr).await?;
+    match (identity, tls) {
+        (Some(identity), Some(tls)) => {
+            let stream = tls
+                .connect(tcp, identity.as_arc())
+                .await
+                .map_err(|source| ClientError::Tls { addr, source })?;
+            Ok(Box::new(stream))
+        }
+        _ => Ok(Box::new(tcp)),
+    }
+}
+
 /// Makes a new connection for `key`, within `timeout`.
-async fn handshake(key: &PoolKey, timeout: Duration) -> Result<(Sender, Driver), ClientError> {
+async fn handshake(
+    key: &PoolKey,
+    tls: Option<&MeshTls>,
+    timeout: Duration,
+) -> Result<(Sender, Driver), ClientError> {
     let addr = key.addr;
     let made = async {
-        let io = TokioIo::new(tcp(addr).await?);
-        // mTLS goes here: with `key.identity`, wrap `io` and verify the peer proves it.
+        let io = TokioIo::new(stream(addr, key.identity.as_ref(), tls).await?);
         Ok(match key.protocol {
             PoolProtocol::Http2 => {
                 let (sender, conn) = http2::Builder::new(TokioExecutor::new())

@@ -54,8 +54,8 @@ pub const HTTP1_HANDSHAKES_PER_KEY: usize = 8;
 const MAX_IDLE_HTTP1_PER_KEY: usize = 32;
 
 /// The identity a peer is expected to prove: its SPIFFE id as discovery announces it
-/// (`spiffe://cluster.local/ns/shop/sa/user`). It is part of the pool key now; mTLS will verify
-/// it when connecting.
+/// (`spiffe://cluster.local/ns/shop/sa/user`). Part of the pool key; mutual TLS verifies it
+/// when connecting (see [`crate::tls`]).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Identity(Arc<str>);
 
@@ -65,6 +65,10 @@ impl Identity {
     }
 
     pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn as_arc(&self) -> &Arc<str> {
         &self.0
     }
 }

@@ -55,7 +55,7 @@ impl EndpointConnector {
         };
         let dst = Dst {
             addr,
-            // The identity is part of the pool key now; mTLS will verify it.
+            // Part of the pool key; mutual TLS makes the peer prove it.
             identity: ep.identity.clone().map(Identity::new),
             idle_timeout: Some(idle_timeout),
         };

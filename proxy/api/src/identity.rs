@@ -1,0 +1,306 @@
+//! The proxy's workload identity: its own key, its certificate from the mesh CA, renewed
+//! before it expires, and the trust bundle, followed live.
+//!
+//! * The key is made here at start (ECDSA P-256) and never leaves the process.
+//! * The first certificate is asked for with the bootstrap credential (a join token); each
+//!   renewal proves the identity with the current certificate and a CSR of the same key, so
+//!   a short-lived join token only has to last until the first certificate.
+//! * Renewal starts at about 70 % of the certificate's lifetime, with jitter so a fleet does
+//!   not renew in lockstep. While it fails the proxy keeps serving with the certificate it
+//!   has, retries with backoff, counts the failures and logs why; only an expired certificate
+//!   stops mutual TLS (peers refuse it), and the logs say so.
+//! * The trust bundle comes with each certificate and from the controller's
+//!   `WatchTrustBundle` stream, so added or removed anchors apply without a restart.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use ferrule_proto::v1::{CertifyRequest, WatchTrustBundleRequest, identity_client::IdentityClient};
+use ferrule_proxy_core::metrics::Metrics;
+use ferrule_proxy_transport::tls::{Credentials, MeshTls};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use rand::Rng;
+use rcgen::{CertificateParams, DnType, KeyPair};
+use rustls_pki_types::CertificateDer;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::control::{Backoff, Controllers};
+
+/// Share of a certificate's lifetime after which it is renewed (before jitter).
+const RENEW_AT: f64 = 0.7;
+/// Jitter around [`RENEW_AT`], as a share of the lifetime.
+const RENEW_JITTER: f64 = 0.05;
+/// Bounds one Certify call.
+const CERTIFY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the proxy needs to get its identity.
+#[derive(Debug, Clone)]
+pub struct IdentitySettings {
+    /// Bootstrap credential for the first certificate.
+    pub token: String,
+    /// The identity the proxy expects to be given (`spiffe://...`); the CA refuses instead of
+    /// issuing another. Empty: whatever the token proves.
+    pub expected: String,
+}
+
+/// Counters of the identity client, on `/metrics`.
+#[derive(Clone, Default)]
+struct IdentityMetrics {
+    renewals: Counter,
+    failures: Counter,
+    expiry: Gauge,
+}
+
+/// Starts getting and renewing the proxy's certificate; the returned TLS state has none until
+/// the first one arrives (see [`MeshTls::credentials`]).
+pub fn spawn(
+    controllers: Controllers,
+    settings: IdentitySettings,
+    metrics: &Metrics,
+    shutdown: CancellationToken,
+) -> Result<MeshTls, String> {
+    let key = KeyPair::generate().map_err(|e| format!("making the proxy's key: {e}"))?;
+    let (tx, rx) = watch::channel(None);
+    let m = IdentityMetrics::default();
+    metrics.register(
+        "identity_certificates_renewed",
+        "Certificates the proxy obtained from the mesh CA (the first one included)",
+        m.renewals.clone(),
+    );
+    metrics.register(
+        "identity_renewal_failures",
+        "Failed attempts to obtain or renew the proxy's certificate",
+        m.failures.clone(),
+    );
+    metrics.register(
+        "identity_certificate_expiry_timestamp_seconds",
+        "When the proxy's current certificate expires (unix seconds; 0 before the first)",
+        m.expiry.clone(),
+    );
+    let client = Client {
+        controllers,
+        settings,
+        key: Arc::new(key),
+        credentials: tx,
+        metrics: m,
+        bundle_version: Arc::new(AtomicU64::new(0)),
+    };
+    tokio::spawn(client.clone().renew_loop(shutdown.clone()));
+    tokio::spawn(client.follow_bundle(shutdown));
+    Ok(MeshTls::new(rx))
+}
+
+#[derive(Clone)]
+struct Client {
+    controllers: Controllers,
+    settings: IdentitySettings,
+    key: Arc<KeyPair>,
+    credentials: watch::Sender<Option<Arc<Credentials>>>,
+    metrics: IdentityMetrics,
+    /// Bumped on each credentials change, so a bundle update never overwrites a newer
+    /// certificate with an older one.
+    bundle_version: Arc<AtomicU64>,
+}
+
+impl Client {
+    fn csr(&self) -> Result<Vec<u8>, String> {
+        let mut params = CertificateParams::default();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "ferrule-proxy");
+        params
+            .serialize_request(self.key.as_ref())
+            .map(|csr| csr.der().to_vec())
+            .map_err(|e| format!("making the CSR: {e}"))
+    }
+
+    async fn renew_loop(self, shutdown: CancellationToken) {
+        let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+        loop {
+            let next = match self.certify().await {
+                Ok(lifetime) => {
+                    backoff.reset();
+                    self.metrics.renewals.inc();
+                    renew_after(lifetime)
+                }
+                Err(error) => {
+                    self.metrics.failures.inc();
+                    let current = self.credentials.borrow().clone();
+                    match current {
+                        Some(c) if c.not_after() > SystemTime::now() => tracing::warn!(
+                            %error,
+                            expires = %humantime::format_rfc3339_seconds(c.not_after()),
+                            "certificate renewal failed; serving with the current certificate until it expires"
+                        ),
+                        Some(_) => tracing::error!(
+                            %error,
+                            "certificate renewal failed and the current certificate has expired: peers refuse mutual TLS with this proxy"
+                        ),
+                        None => tracing::warn!(%error, "no certificate from the mesh CA yet"),
+                    }
+                    backoff.next_delay()
+                }
+            };
+            tokio::select! {
+                () = tokio::time::sleep(next) => {}
+                () = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    /// Asks for a certificate; returns its remaining lifetime.
+    async fn certify(&self) -> Result<Duration, String> {
+        let current = self.credentials.borrow().clone();
+        let current_cert = current
+            .as_ref()
+            .filter(|c| c.not_after() > SystemTime::now())
+            .and_then(|c| c.leaf_der());
+        let request = CertifyRequest {
+            identity: self.settings.expected.clone(),
+            token: if current_cert.is_some() {
+                String::new()
+            } else {
+                self.settings.token.clone()
+            },
+            csr_der: self.csr()?,
+            current_certificate_der: current_cert.unwrap_or_default(),
+        };
+        let (address, channel) = self
+            .controllers
+            .connect()
+            .await
+            .map_err(|e| e.to_string())?;
+        let response = tokio::time::timeout(
+            CERTIFY_TIMEOUT,
+            IdentityClient::new(channel).certify(request),
+        )
+        .await
+        .map_err(|_| format!("controller {address}: no answer within {CERTIFY_TIMEOUT:?}"))?
+        .map_err(|status| {
+            format!(
+                "controller {address}: {}: {}",
+                status.code(),
+                status.message()
+            )
+        })?
+        .into_inner();
+        let mut chain = vec![CertificateDer::from(response.leaf_certificate_der)];
+        chain.extend(
+            response
+                .intermediate_certificates_der
+                .into_iter()
+                .map(CertificateDer::from),
+        );
+        let anchors: Vec<CertificateDer<'static>> = response
+            .trust_anchors_der
+            .into_iter()
+            .map(CertificateDer::from)
+            .collect();
+        let credentials = Credentials::new(chain, self.key.serialize_der(), &anchors)
+            .map_err(|e| format!("the certificate the CA sent is unusable: {e}"))?;
+        let not_after = credentials.not_after();
+        let renewed = current.is_some();
+        tracing::info!(
+            identity = %credentials.identity(),
+            expires = %humantime::format_rfc3339_seconds(not_after),
+            renewed,
+            "certificate from the mesh CA"
+        );
+        self.metrics.expiry.set(
+            not_after
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64),
+        );
+        self.bundle_version.fetch_add(1, Ordering::Relaxed);
+        self.credentials.send_replace(Some(Arc::new(credentials)));
+        Ok(not_after
+            .duration_since(SystemTime::now())
+            .unwrap_or_default())
+    }
+
+    /// Follows the controller's trust bundle stream; an anchor change replaces the bundle of
+    /// the current credentials.
+    async fn follow_bundle(self, shutdown: CancellationToken) {
+        let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+        loop {
+            let result = tokio::select! {
+                result = self.bundle_stream() => result,
+                () = shutdown.cancelled() => return,
+            };
+            if let Err(error) = result {
+                tracing::debug!(%error, "trust bundle stream ended");
+            }
+            tokio::select! {
+                () = tokio::time::sleep(backoff.next_delay()) => {}
+                () = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    async fn bundle_stream(&self) -> Result<(), String> {
+        let (_, channel) = self
+            .controllers
+            .connect()
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut stream = IdentityClient::new(channel)
+            .watch_trust_bundle(WatchTrustBundleRequest {})
+            .await
+            .map_err(|s| s.message().to_string())?
+            .into_inner();
+        while let Some(bundle) = stream
+            .message()
+            .await
+            .map_err(|s| s.message().to_string())?
+        {
+            let anchors: Vec<CertificateDer<'static>> = bundle
+                .trust_anchors_der
+                .into_iter()
+                .map(CertificateDer::from)
+                .collect();
+            let version = self.bundle_version.load(Ordering::Relaxed);
+            let Some(current) = self.credentials.borrow().clone() else {
+                continue;
+            };
+            if current.anchors() == anchors.len() && current.same_anchors(&anchors) {
+                continue;
+            }
+            match current.with_anchors(&anchors) {
+                Ok(updated) if self.bundle_version.load(Ordering::Relaxed) == version => {
+                    tracing::info!(anchors = anchors.len(), "trust bundle changed");
+                    self.credentials.send_replace(Some(Arc::new(updated)));
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::warn!(%error, "unusable trust bundle from the controller; keeping the one in use")
+                }
+            }
+        }
+        Err("the controller closed the stream".into())
+    }
+}
+
+/// When to renew a certificate with `lifetime` left: about 70 % of it, jittered.
+fn renew_after(lifetime: Duration) -> Duration {
+    let share = RENEW_AT + rand::rng().random_range(-RENEW_JITTER..=RENEW_JITTER);
+    lifetime.mul_f64(share)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewal_is_due_at_about_seventy_percent() {
+        for _ in 0..100 {
+            let at = renew_after(Duration::from_secs(1000));
+            assert!(
+                (Duration::from_secs(650)..=Duration::from_secs(750)).contains(&at),
+                "{at:?}"
+            );
+        }
+    }
+}
