@@ -2,7 +2,8 @@
 //! tonic client generated from `proto/shop/order.proto` speaks h2c to the gateway, which routes
 //! `/shop.order.v1.OrderService/` to `order:grpc` through the mesh after the same checks as for
 //! HTTP: a JWT from user's `/login` in the `authorization` metadata, the request size limit and
-//! the `/api` rate limit. The gateway's own refusals reach the client as gRPC statuses.
+//! the `/api` rate limit. The gateway's own refusals reach the client as gRPC statuses, and
+//! the route (`grpc: true`) refuses what is not gRPC.
 //!
 //! The mesh is owned by `ferrule_harness::dev_mesh::DevMesh`, which runs `ferrule dev down`
 //! when dropped, so nothing outlives the test, whether it passes or fails.
@@ -172,6 +173,24 @@ async fn orders_over_grpc_through_the_gateway() -> Result<()> {
     );
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
     assert!(status.message().contains("invalid token"), "{status:?}");
+
+    // The route is `grpc: true`: a plain HTTP request on it is refused by the gateway with a
+    // reason, instead of reaching a gRPC server that cannot answer it.
+    let reply = mesh
+        .call(
+            "POST",
+            "/shop.order.v1.OrderService/CreateOrder",
+            Some(&token),
+            Some(&serde_json::json!({"user_id": "123"})),
+        )
+        .await?;
+    assert_eq!(reply.status, 400, "{reply:?}");
+    assert_eq!(
+        reply.header("ferrule-error"),
+        Some("bad_request"),
+        "{reply:?}"
+    );
+    assert!(reply.body.contains("takes gRPC only"), "{reply:?}");
 
     // A message larger than maxRequestBytes: RESOURCE_EXHAUSTED from the size limit.
     let huge = pb::Item {

@@ -470,6 +470,7 @@ routes:
   - name: orders-grpc
     pathPrefix: {ORDER_GRPC_PREFIX}
     service: order:grpc
+    grpc: true
     rateLimit: api
 "
     )
@@ -679,7 +680,7 @@ mod tests {
             "    pathPrefix: /api/users\n    rewritePrefix: /users\n    service: user:http\n    rateLimit: api",
             "    pathPrefix: /api/orders\n    rewritePrefix: /orders\n    service: order:http\n    rateLimit: api",
             "    pathPrefix: /login\n    service: user:http\n    public: true",
-            "    pathPrefix: /shop.order.v1.OrderService/\n    service: order:grpc\n    rateLimit: api",
+            "    pathPrefix: /shop.order.v1.OrderService/\n    service: order:grpc\n    grpc: true\n    rateLimit: api",
         ] {
             assert!(yaml.contains(line), "missing {line:?} in\n{yaml}");
         }
@@ -694,7 +695,10 @@ mod tests {
         let names: Vec<&str> = spec.routes.iter().map(|r| r.name.as_str()).collect();
         assert_eq!(names, ["login", "users", "orders", "orders-grpc"]);
         let grpc = &spec.routes[3];
-        assert!(!grpc.public, "gRPC orders need a JWT like HTTP ones");
+        assert!(
+            grpc.grpc && !grpc.public,
+            "gRPC orders need a JWT like HTTP ones"
+        );
         assert_eq!(
             grpc.rewrite_prefix, None,
             "gRPC paths are forwarded as they are"
