@@ -2,7 +2,7 @@
 //! protobuf-compiler).
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["user.proto", "payment.proto"];
+    let files = ["user.proto", "payment.proto", "order.proto"];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
     }

@@ -229,6 +229,12 @@ pub struct GatewayRoute {
     /// The name of a bucket in `rateLimits`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<String>,
+    /// The route carries gRPC: it takes only gRPC requests (`content-type:
+    /// application/grpc*`, over h2c) and forwards their paths unchanged, so `pathPrefix` names
+    /// a gRPC service (`/package.Service/`) or method (`/package.Service/Method`), or is `/`,
+    /// and `rewritePrefix` is refused.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub grpc: bool,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -382,6 +388,19 @@ impl GatewaySpec {
             {
                 fail(&field("rewritePrefix"), reason);
             }
+            if route.grpc {
+                if check_prefix(&route.path_prefix).is_ok()
+                    && let Err(reason) = check_grpc_prefix(&route.path_prefix)
+                {
+                    fail(&field("pathPrefix"), reason);
+                }
+                if route.rewrite_prefix.is_some() {
+                    fail(
+                        &field("rewritePrefix"),
+                        "a gRPC route forwards paths unchanged: the path names the method called (/package.Service/Method), so a rewrite would call another; remove rewritePrefix or `grpc: true`".into(),
+                    );
+                }
+            }
             if let Err(e) = ServiceRef::parse(&route.service) {
                 fail(&field("service"), e.to_string());
             }
@@ -445,6 +464,31 @@ fn check_prefix(prefix: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// A gRPC route's prefix: `/`, a fully-qualified service (`/shop.order.v1.OrderService`, a
+/// trailing slash allowed) or one of its methods (`/shop.order.v1.OrderService/CreateOrder`).
+fn check_grpc_prefix(prefix: &str) -> Result<(), String> {
+    let is_identifier = |s: &str| {
+        s.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+            && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    };
+    let trimmed = prefix
+        .strip_prefix('/')
+        .unwrap_or(prefix)
+        .trim_end_matches('/');
+    let valid = match trimmed.split_once('/') {
+        _ if trimmed.is_empty() => true,
+        None => trimmed.split('.').all(is_identifier),
+        Some((service, method)) => service.split('.').all(is_identifier) && is_identifier(method),
+    };
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "{prefix:?} is not a gRPC service or method path: a gRPC route matches /package.Service/ (e.g. /shop.order.v1.OrderService/) or /package.Service/Method"
+        ))
+    }
 }
 
 fn check_cors(cors: &Cors, fail: &mut dyn FnMut(&str, String)) {

@@ -60,10 +60,11 @@ fn the_documented_file_parses_unchanged() {
         (api.requests_per_second, api.burst(), api.key()),
         (10, 10, RateLimitKey::ClientIp)
     );
-    assert_eq!(spec.routes.len(), 3);
+    assert_eq!(spec.routes.len(), 4);
     assert!(spec.routes[0].public);
     assert_eq!(spec.routes[1].rewrite_prefix.as_deref(), Some("/users"));
     assert_eq!(spec.routes[2].rate_limit.as_deref(), Some("api"));
+    assert!(spec.routes[3].grpc && !spec.routes[2].grpc);
     assert_eq!(
         spec.services().into_iter().collect::<Vec<_>>(),
         ["order", "user"]
@@ -193,6 +194,16 @@ fn bad_files() -> Vec<(String, &'static str, &'static str)> {
             "routes: [{name: a, pathPrefix: /a, service: web}]".into(),
             "routes[0].public",
             "no `jwt` section",
+        ),
+        (
+            "routes: [{name: g, pathPrefix: /api/v1/orders, service: 'order:grpc', public: true, grpc: true}]".into(),
+            "routes[0].pathPrefix",
+            "not a gRPC service or method path",
+        ),
+        (
+            "routes: [{name: g, pathPrefix: /pkg.Svc/, rewritePrefix: /x, service: 'order:grpc', public: true, grpc: true}]".into(),
+            "routes[0].rewritePrefix",
+            "forwards paths unchanged",
         ),
         (
             with("rateLimits: {api: {requestsPerSecond: 0}}"),

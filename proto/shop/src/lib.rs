@@ -1,5 +1,5 @@
-//! The sample shop's own gRPC APIs, generated from `user.proto` and `payment.proto` beside this
-//! crate.
+//! The sample shop's own gRPC APIs, generated from `user.proto`, `payment.proto` and
+//! `order.proto` beside this crate.
 //!
 //! The shop's services (`sample-apps/`) are plain applications: this is the only shared crate
 //! they import, and it holds nothing of Ferrule, so the mesh around them stays invisible.
@@ -19,5 +19,14 @@ pub mod payment {
         //! Generated from `payment.proto`.
         #![allow(clippy::all, missing_docs)]
         tonic::include_proto!("shop.payment.v1");
+    }
+}
+
+pub mod order {
+    //! `shop.order.v1`: the order service (clients and server traits).
+    pub mod v1 {
+        //! Generated from `order.proto`.
+        #![allow(clippy::all, missing_docs)]
+        tonic::include_proto!("shop.order.v1");
     }
 }

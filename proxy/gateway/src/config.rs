@@ -196,6 +196,63 @@ mod tests {
         );
     }
 
+    /// A `grpc: true` route: its prefix must name a gRPC service or method, its paths are never
+    /// rewritten; each refusal names the field and why.
+    #[test]
+    fn grpc_routes_name_a_service_and_are_never_rewritten() {
+        let parse = |route: &str| {
+            GatewayConfig::parse(
+                &format!(
+                    "routes: [{{name: g, service: 'order:grpc', public: true, grpc: true, {route}}}]"
+                ),
+                Path::new("/etc/ferrule/gateway.yaml"),
+            )
+        };
+        for ok in [
+            "pathPrefix: /shop.order.v1.OrderService/",
+            "pathPrefix: /shop.order.v1.OrderService",
+            "pathPrefix: /shop.order.v1.OrderService/CreateOrder",
+            "pathPrefix: /Greeter",
+            "pathPrefix: /",
+        ] {
+            let config = parse(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+            assert!(config.routes[0].grpc);
+        }
+        for (bad, reason) in [
+            (
+                "pathPrefix: /api/orders/list",
+                "routes[0].pathPrefix: \"/api/orders/list\" is not a gRPC service or method path",
+            ),
+            (
+                "pathPrefix: /shop..OrderService/",
+                "routes[0].pathPrefix: \"/shop..OrderService/\" is not a gRPC service or method path",
+            ),
+            (
+                "pathPrefix: /shop.order.v1.OrderService/Create-Order",
+                "routes[0].pathPrefix: \"/shop.order.v1.OrderService/Create-Order\" is not a gRPC",
+            ),
+            (
+                "pathPrefix: /shop.order.v1.OrderService/, rewritePrefix: /orders",
+                "routes[0].rewritePrefix: a gRPC route forwards paths unchanged",
+            ),
+        ] {
+            let err = parse(bad).unwrap_err().to_string();
+            assert!(
+                err.starts_with(&format!(
+                    "gateway config /etc/ferrule/gateway.yaml: {reason}"
+                )),
+                "{bad}: {err}"
+            );
+        }
+        // Without `grpc: true` the same prefixes are plain HTTP routes, rewrites allowed.
+        let http = GatewayConfig::parse(
+            "routes: [{name: h, pathPrefix: /shop.order.v1.OrderService/, rewritePrefix: /x, service: 'order:grpc', public: true}]",
+            Path::new("gateway.yaml"),
+        )
+        .unwrap();
+        assert!(!http.routes[0].grpc);
+    }
+
     #[test]
     fn unreadable_file_names_the_path() {
         let err = GatewayConfig::load(Path::new("/nonexistent/gateway.yaml")).unwrap_err();

@@ -30,6 +30,11 @@ pub enum GatewayError {
     /// The rewritten path is not a valid URI.
     #[error("cannot rewrite the path: {0}")]
     BadRewrite(String),
+    /// A request that is not gRPC on a route marked `grpc: true`.
+    #[error(
+        "route {route:?} takes gRPC only (HTTP/2 with content-type application/grpc), got {content_type}"
+    )]
+    NotGrpc { route: String, content_type: String },
 }
 
 impl GatewayError {
@@ -41,7 +46,7 @@ impl GatewayError {
             GatewayError::RateLimited { .. } => Reason::RateLimited,
             GatewayError::NoRoute(_) => Reason::NoRoute,
             GatewayError::PayloadTooLarge => Reason::PayloadTooLarge,
-            GatewayError::BadRewrite(_) => Reason::BadRequest,
+            GatewayError::BadRewrite(_) | GatewayError::NotGrpc { .. } => Reason::BadRequest,
         }
     }
 
@@ -98,6 +103,14 @@ mod tests {
             ),
             (GatewayError::NoRoute("/x".into()), 404, "no route for /x"),
             (GatewayError::PayloadTooLarge, 413, "Payload Too Large"),
+            (
+                GatewayError::NotGrpc {
+                    route: "orders-grpc".into(),
+                    content_type: "no content-type".into(),
+                },
+                400,
+                "route \"orders-grpc\" takes gRPC only (HTTP/2 with content-type application/grpc), got no content-type",
+            ),
         ];
         for (error, status, message) in cases {
             let reason = error.reason();
@@ -115,10 +128,13 @@ mod tests {
         }
     }
 
-    #[test]
-    fn grpc_callers_get_the_reasons_code() {
+    /// Every refusal a gRPC caller can meet is a trailers-only gRPC response with the code
+    /// gRPC clients act on.
+    #[tokio::test]
+    async fn grpc_callers_get_the_reasons_code() {
         let cases = [
             (GatewayError::MissingAuthorization, "16"),
+            (GatewayError::InvalidToken("token expired".into()), "16"),
             (
                 GatewayError::RateLimited {
                     retry_after: Duration::from_secs(2),
@@ -127,6 +143,7 @@ mod tests {
             ),
             (GatewayError::NoRoute("/pkg.Svc/Get".into()), "12"),
             (GatewayError::PayloadTooLarge, "8"),
+            (GatewayError::BadRewrite("bad".into()), "13"),
         ];
         for (error, code) in cases {
             let rsp = error
@@ -136,6 +153,13 @@ mod tests {
             assert_eq!(rsp.status().as_u16(), 200, "{error}");
             assert_eq!(rsp.headers()["grpc-status"], code, "{error}");
             assert_eq!(rsp.headers()[ERROR_HEADER], error.reason().as_str());
+            assert_eq!(rsp.headers()[header::CONTENT_TYPE], "application/grpc");
+            let message = rsp.headers()["grpc-message"].to_str().unwrap().to_string();
+            assert!(message.contains(error.reason().as_str()), "{message}");
+            // Trailers-only: the status is in the headers and nothing follows.
+            let body = rsp.into_body().collect().await.unwrap();
+            assert!(body.trailers().is_none(), "{error}");
+            assert!(body.to_bytes().is_empty(), "{error}");
         }
     }
 }

@@ -121,6 +121,45 @@ mod tests {
         assert_eq!(*t.find("/a/b").unwrap().route, 1);
     }
 
+    /// A gRPC method is a path, `/package.Service/Method`: a route on the service's prefix takes
+    /// every method of it, and only of it, with the path unchanged.
+    #[test]
+    fn grpc_services_are_prefixes_of_their_methods() {
+        let t = RouteTable::new([
+            (
+                PathPrefix::new("/shop.order.v1.OrderService/"),
+                None,
+                "orders-grpc",
+            ),
+            (
+                PathPrefix::new("/shop.order.v1.OrderService/GetOrder"),
+                None,
+                "get-only",
+            ),
+            (
+                PathPrefix::new("/api/orders"),
+                Some("/orders".to_string()),
+                "orders",
+            ),
+        ]);
+        let m = t.find("/shop.order.v1.OrderService/CreateOrder").unwrap();
+        assert_eq!(
+            (*m.route, m.path.as_str()),
+            ("orders-grpc", "/shop.order.v1.OrderService/CreateOrder")
+        );
+        assert_eq!(
+            *t.find("/shop.order.v1.OrderService/GetOrder")
+                .unwrap()
+                .route,
+            "get-only"
+        );
+        assert!(
+            t.find("/shop.order.v1.OrderServiceV2/CreateOrder")
+                .is_none()
+        );
+        assert!(t.find("/shop.order.v1.Order/CreateOrder").is_none());
+    }
+
     #[test]
     fn uri_rewrite_keeps_query_and_authority() {
         let uri: Uri = "http://gw:8000/api/users/1?x=1&y=2".parse().unwrap();

@@ -17,8 +17,9 @@
 //! 4. size limit — 413 over `maxRequestBytes`;
 //! 5. authenticate — JWT on non-public routes, subject header ([`super::auth`]);
 //! 6. rate limit — the route's named bucket ([`super::ratelimit`]);
-//! 7. rewrite — the matched prefix replaced by `rewritePrefix`;
-//! 8. the outbound stack of the route's service, shared with nothing else in the process:
+//! 7. gRPC only — on a `grpc: true` route, a request that is not gRPC is refused (400);
+//! 8. rewrite — the matched prefix replaced by `rewritePrefix` (never on a gRPC route);
+//! 9. the outbound stack of the route's service, shared with nothing else in the process:
 //!    balancing, endpoint connections and meshed HTTP/2 to the service's sidecars, exactly as
 //!    a sidecar's outbound side (it counts `direction="outbound"` metrics of its own).
 
@@ -45,7 +46,7 @@ use super::ratelimit::{self, RateLimit};
 use super::routes::{self, RouteTable};
 use super::size::SizeLimitLayer;
 use ferrule_proxy_core::body::{BoxBody, BoxError};
-use ferrule_proxy_core::errors::RespondLayer;
+use ferrule_proxy_core::errors::{ErrorFormat, RespondLayer};
 use ferrule_proxy_core::metrics::{Direction, Metrics};
 use ferrule_proxy_core::observe::ObserveLayer;
 use ferrule_proxy_core::server::HttpStack;
@@ -77,6 +78,7 @@ struct PreparedRoute {
     service: ServiceRef,
     public: bool,
     limit: Option<Arc<NamedLimit>>,
+    grpc: bool,
 }
 
 impl Prepared {
@@ -125,6 +127,7 @@ pub fn prepare(
             service,
             public: route.public,
             limit,
+            grpc: route.grpc,
         });
     }
     Ok(Prepared {
@@ -155,13 +158,14 @@ pub fn build(prepared: Prepared, parts: &StackParts<'_>) -> Router {
             .layer(SizeLimitLayer::new(config.max_request_bytes()))
             .filter(Authenticate::new(verifier.clone(), route.public))
             .filter(RateLimit(route.limit))
+            .filter(GrpcOnly(route.grpc.then(|| Arc::from(route.name.as_str()))))
             .filter(Rewrite {
                 prefix: route.prefix.clone(),
                 rewrite: route.rewrite.as_deref().map(Arc::from),
             })
             .service((parts.forward)(&service));
         let stack = observed(parts, &service.to_string(), cors.as_ref(), inner);
-        tracing::info!(route = %route.name, prefix = route.prefix.as_str(), %service, public = route.public, "gateway route");
+        tracing::info!(route = %route.name, prefix = route.prefix.as_str(), %service, public = route.public, grpc = route.grpc, "gateway route");
         routes.push((route.prefix, route.rewrite, stack));
     }
     let no_route = ServiceBuilder::new()
@@ -205,6 +209,33 @@ where
         parts.access_log,
     );
     BoxCloneSyncService::new(observe.layer(inner))
+}
+
+/// A `tower::filter` predicate refusing what is not gRPC on a gRPC route (named here); passes
+/// everything on other routes (`None`). A gRPC request is what core's error renderer answers
+/// with a gRPC status ([`ErrorFormat::of`]), so the two never disagree.
+#[derive(Clone, Debug)]
+struct GrpcOnly(Option<Arc<str>>);
+
+impl Predicate<Request<BoxBody>> for GrpcOnly {
+    type Request = Request<BoxBody>;
+
+    fn check(&mut self, req: Request<BoxBody>) -> Result<Request<BoxBody>, BoxError> {
+        match &self.0 {
+            Some(route) if ErrorFormat::of(req.headers()) != ErrorFormat::Grpc => {
+                let content_type = match req.headers().get(http::header::CONTENT_TYPE) {
+                    Some(ct) => format!("content-type {}", String::from_utf8_lossy(ct.as_bytes())),
+                    None => "no content-type".to_string(),
+                };
+                Err(GatewayError::NotGrpc {
+                    route: route.to_string(),
+                    content_type,
+                }
+                .into())
+            }
+            _ => Ok(req),
+        }
+    }
 }
 
 /// A `tower::filter` predicate replacing the matched prefix by the route's `rewritePrefix`.
@@ -284,5 +315,173 @@ impl Service<Request<BoxBody>> for Router {
             None => self.no_route.clone(),
         };
         Box::pin(stack.oneshot(req))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jwt::tests::{SECRET, hs256, now};
+    use ferrule_proxy_core::body;
+    use ferrule_proxy_core::errors::ERROR_HEADER;
+    use http::header;
+    use http_body_util::BodyExt;
+    use serde_json::json;
+    use std::path::Path;
+
+    /// HTTP routes beside a gRPC route to `order:grpc`, as `ferrule dev up` writes them.
+    const CONFIG: &str = "
+jwt: {providers: [{name: shop, hs256SecretEnv: S}]}
+rateLimits: {api: {requestsPerSecond: 1, burst: 2}}
+routes:
+  - {name: orders, pathPrefix: /api/orders, rewritePrefix: /orders, service: 'order:http'}
+  - {name: orders-grpc, pathPrefix: /shop.order.v1.OrderService/, service: 'order:grpc', grpc: true, rateLimit: api}
+";
+
+    /// A router whose forwarding stacks answer 200 with `<service> <path>` in a header.
+    fn router() -> Router {
+        let config = GatewayConfig::parse(CONFIG, Path::new("gateway.yaml")).unwrap();
+        let prepared = prepare(config, &|_| Some(SECRET.into()), None).unwrap();
+        let metrics = Metrics::new();
+        let forward = |service: &ServiceRef| -> HttpStack {
+            let service = service.to_string();
+            BoxCloneSyncService::new(tower::service_fn(move |req: Request<BoxBody>| {
+                let seen = format!("{service} {}", req.uri().path());
+                async move {
+                    Ok::<_, Infallible>(
+                        Response::builder()
+                            .header("x-forwarded-to", seen)
+                            .body(body::empty())
+                            .unwrap(),
+                    )
+                }
+            }))
+        };
+        build(
+            prepared,
+            &StackParts {
+                metrics: &metrics,
+                access_log: false,
+                forward: &forward,
+            },
+        )
+    }
+
+    fn grpc_call(path: &str, token: Option<&str>) -> Request<BoxBody> {
+        let mut req = Request::post(path)
+            .version(http::Version::HTTP_2)
+            .header(header::CONTENT_TYPE, "application/grpc")
+            .header("te", "trailers");
+        if let Some(token) = token {
+            req = req.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        req.body(body::empty()).unwrap()
+    }
+
+    async fn call(router: &Router, req: Request<BoxBody>) -> Response<BoxBody> {
+        router.clone().oneshot(req).await.unwrap()
+    }
+
+    fn header<'a>(rsp: &'a Response<BoxBody>, name: &str) -> &'a str {
+        rsp.headers().get(name).map_or("", |v| v.to_str().unwrap())
+    }
+
+    #[tokio::test]
+    async fn grpc_methods_route_unchanged_to_the_services_grpc_port() {
+        let router = router();
+        let token = hs256(json!({"sub": "123", "exp": now() + 60}), SECRET);
+        let rsp = call(
+            &router,
+            grpc_call("/shop.order.v1.OrderService/CreateOrder", Some(&token)),
+        )
+        .await;
+        assert_eq!(
+            header(&rsp, "x-forwarded-to"),
+            "order:grpc /shop.order.v1.OrderService/CreateOrder"
+        );
+        // HTTP routes still rewrite.
+        let http = Request::get("/api/orders/7")
+            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .body(body::empty())
+            .unwrap();
+        assert_eq!(
+            header(&call(&router, http).await, "x-forwarded-to"),
+            "order:http /orders/7"
+        );
+    }
+
+    #[tokio::test]
+    async fn grpc_callers_get_grpc_statuses_from_the_gateway() {
+        let router = router();
+        // No token: UNAUTHENTICATED.
+        let rsp = call(
+            &router,
+            grpc_call("/shop.order.v1.OrderService/GetOrder", None),
+        )
+        .await;
+        assert_eq!(rsp.status().as_u16(), 200);
+        assert_eq!(header(&rsp, "grpc-status"), "16");
+        assert_eq!(header(&rsp, ERROR_HEADER), "unauthenticated");
+        // A bad token: UNAUTHENTICATED.
+        let rsp = call(
+            &router,
+            grpc_call("/shop.order.v1.OrderService/GetOrder", Some("not.a.jwt")),
+        )
+        .await;
+        assert_eq!(header(&rsp, "grpc-status"), "16");
+        // A service no route names (a prefix is matched on a segment boundary): UNIMPLEMENTED.
+        let token = hs256(json!({"sub": "123", "exp": now() + 60}), SECRET);
+        let rsp = call(
+            &router,
+            grpc_call("/shop.order.v1.OrderServiceX/GetOrder", Some(&token)),
+        )
+        .await;
+        assert_eq!(header(&rsp, "grpc-status"), "12");
+        assert_eq!(header(&rsp, ERROR_HEADER), "no_route");
+        // The route's bucket holds 2: the third call in a row is RESOURCE_EXHAUSTED.
+        let statuses = [
+            call(
+                &router,
+                grpc_call("/shop.order.v1.OrderService/GetOrder", Some(&token)),
+            )
+            .await,
+            call(
+                &router,
+                grpc_call("/shop.order.v1.OrderService/GetOrder", Some(&token)),
+            )
+            .await,
+            call(
+                &router,
+                grpc_call("/shop.order.v1.OrderService/GetOrder", Some(&token)),
+            )
+            .await,
+        ]
+        .map(|rsp| header(&rsp, "grpc-status").to_string());
+        assert_eq!(statuses, ["", "", "8"]);
+    }
+
+    #[tokio::test]
+    async fn a_grpc_route_refuses_what_is_not_grpc() {
+        let router = router();
+        let token = hs256(json!({"sub": "123", "exp": now() + 60}), SECRET);
+        // Two calls: the route's bucket holds two.
+        for content_type in [None, Some("application/grpc-web")] {
+            let mut req = Request::post("/shop.order.v1.OrderService/CreateOrder")
+                .header(header::AUTHORIZATION, format!("Bearer {token}"));
+            if let Some(ct) = content_type {
+                req = req.header(header::CONTENT_TYPE, ct);
+            }
+            let rsp = call(&router, req.body(body::empty()).unwrap()).await;
+            assert_eq!(rsp.status().as_u16(), 400, "{content_type:?}");
+            assert_eq!(header(&rsp, ERROR_HEADER), "bad_request");
+            assert!(rsp.headers().get("x-forwarded-to").is_none());
+            let body = rsp.into_body().collect().await.unwrap().to_bytes();
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            let error = v["error"].as_str().unwrap();
+            assert!(
+                error.starts_with("route \"orders-grpc\" takes gRPC only"),
+                "{error}"
+            );
+        }
     }
 }

@@ -12,12 +12,16 @@ use shop_db::DatabaseUrl;
 #[command(
     name = "shop-order",
     version,
-    about = "The sample shop's order service: POST /orders (checks the user, charges the payment), GET /orders/{id}, GET /orders?user_id=, GET /health."
+    about = "The sample shop's order service: POST /orders (checks the user, charges the payment), GET /orders/{id}, GET /orders?user_id=, GET /health; and the same orders over gRPC (shop.order.v1.OrderService: CreateOrder, GetOrder).",
+    after_help = "Example: shop-order --http-addr 127.0.0.1:8002 --grpc-addr 127.0.0.1:50052 --database-url sqlite://./order.db"
 )]
 pub struct Config {
     /// Address of the HTTP listener.
     #[arg(long, env = "ORDER_HTTP_ADDR", default_value = "127.0.0.1:8002")]
     pub http_addr: SocketAddr,
+    /// Address of the gRPC listener (`shop.order.v1.OrderService`).
+    #[arg(long, env = "ORDER_GRPC_ADDR", default_value = "127.0.0.1:50052")]
+    pub grpc_addr: SocketAddr,
     /// The database: sqlite://PATH (created on start) or postgres://USER@HOST:PORT/DATABASE;
     /// migrated on start.
     #[arg(

@@ -12,16 +12,12 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use shop_db::DbError;
-use shop_proto::payment::v1::CreatePaymentRequest;
-use shop_proto::user::v1::GetUserRequest;
 use tower_http::trace::TraceLayer;
 
 use crate::OrderApp;
-use crate::store::{Item, Order, OrderStatus};
+use crate::orders::{self, NewOrder, OrderError};
+use crate::store::Order;
 use crate::trace::{self, TraceContext};
-
-/// Orders are charged in this currency.
-const CURRENCY: &str = "USD";
 
 pub(crate) fn router(app: OrderApp) -> Router {
     Router::new()
@@ -40,15 +36,8 @@ enum ApiError {
     BadRequest(String),
     #[error("{0}")]
     NotFound(String),
-    #[error("user {0} does not exist")]
-    UnknownUser(String),
-    #[error("{} service failed ({:?}): {}", .service, .status.code(), .status.message())]
-    Upstream {
-        service: &'static str,
-        status: tonic::Status,
-    },
     #[error(transparent)]
-    Store(#[from] DbError),
+    Order(#[from] OrderError),
 }
 
 impl From<JsonRejection> for ApiError {
@@ -63,66 +52,32 @@ impl From<QueryRejection> for ApiError {
     }
 }
 
+impl From<DbError> for ApiError {
+    fn from(error: DbError) -> Self {
+        Self::Order(OrderError::Store(error))
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = match &self {
-            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
-            Self::NotFound(_) => StatusCode::NOT_FOUND,
-            Self::UnknownUser(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::Upstream { service, status } => {
+            Self::BadRequest(_) | Self::Order(OrderError::Invalid(_)) => StatusCode::BAD_REQUEST,
+            Self::NotFound(_) | Self::Order(OrderError::NotFound(_)) => StatusCode::NOT_FOUND,
+            Self::Order(OrderError::UnknownUser(_)) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::Order(OrderError::Upstream { service, status }) => {
                 tracing::warn!(service, code = ?status.code(), message = status.message(), "upstream call failed");
                 StatusCode::BAD_GATEWAY
             }
-            Self::Store(error) if error.is_unavailable() => {
+            Self::Order(OrderError::Store(error)) if error.is_unavailable() => {
                 tracing::warn!(%error, "database unavailable");
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            Self::Store(error) => {
+            Self::Order(OrderError::Store(error)) => {
                 tracing::error!(%error, "query failed");
                 StatusCode::INTERNAL_SERVER_ERROR
             }
         };
         (status, Json(json!({ "error": self.to_string() }))).into_response()
-    }
-}
-
-#[derive(Deserialize)]
-struct NewOrder {
-    user_id: String,
-    items: Vec<Item>,
-}
-
-impl NewOrder {
-    /// Checks the order and returns its total.
-    fn total_cents(&self) -> Result<i64, ApiError> {
-        let bad = |message: String| Err(ApiError::BadRequest(message));
-        if self.user_id.is_empty() {
-            return bad("user_id must not be empty".into());
-        }
-        if self.items.is_empty() {
-            return bad("an order needs at least one item".into());
-        }
-        let mut total: i64 = 0;
-        for (i, item) in self.items.iter().enumerate() {
-            if item.sku.is_empty() {
-                return bad(format!("items[{i}].sku must not be empty"));
-            }
-            if item.quantity == 0 {
-                return bad(format!("items[{i}].quantity must be at least 1"));
-            }
-            if item.unit_price_cents <= 0 {
-                return bad(format!(
-                    "items[{i}].unit_price_cents must be positive, got {}",
-                    item.unit_price_cents
-                ));
-            }
-            let line = item.unit_price_cents.checked_mul(item.quantity.into());
-            match line.and_then(|line| total.checked_add(line)) {
-                Some(sum) => total = sum,
-                None => return bad("the order total is too large".into()),
-            }
-        }
-        Ok(total)
     }
 }
 
@@ -132,76 +87,7 @@ async fn create_order(
     body: Result<Json<NewOrder>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(new) = body?;
-    let total_cents = new.total_cents()?;
-
-    let user = GetUserRequest {
-        user_id: new.user_id.clone(),
-    };
-    match app.users.clone().get_user(trace.request(user)).await {
-        Ok(_) => {}
-        Err(status) if status.code() == tonic::Code::NotFound => {
-            return Err(ApiError::UnknownUser(new.user_id));
-        }
-        Err(status) => {
-            return Err(ApiError::Upstream {
-                service: "user",
-                status,
-            });
-        }
-    }
-
-    // Stored before charging, so a charge never exists without its order; the order id is
-    // the idempotency key, so charging it twice cannot charge twice.
-    let mut order = Order {
-        id: uuid::Uuid::new_v4().to_string(),
-        status: OrderStatus::Pending,
-        total_cents,
-        user_id: new.user_id,
-        items: new.items,
-        payment_id: None,
-    };
-    app.store.insert(order.clone()).await?;
-
-    let charge = CreatePaymentRequest {
-        idempotency_key: order.id.clone(),
-        order_id: order.id.clone(),
-        user_id: order.user_id.clone(),
-        amount_cents: total_cents,
-        currency: CURRENCY.into(),
-    };
-    let payment = match app
-        .payments
-        .clone()
-        .create_payment(trace.request(charge))
-        .await
-    {
-        Ok(response) => response
-            .into_inner()
-            .payment
-            .ok_or_else(|| ApiError::Upstream {
-                service: "payment",
-                status: tonic::Status::internal("CreatePayment answered without a payment"),
-            }),
-        Err(status) => Err(ApiError::Upstream {
-            service: "payment",
-            status,
-        }),
-    };
-    let payment = match payment {
-        Ok(payment) => payment,
-        Err(error) => {
-            app.store
-                .settle(order.id, OrderStatus::PaymentFailed, None)
-                .await?;
-            return Err(error);
-        }
-    };
-    order.status = OrderStatus::Paid;
-    order.payment_id = Some(payment.payment_id);
-    app.store
-        .settle(order.id.clone(), order.status, order.payment_id.clone())
-        .await?;
-    tracing::info!(order_id = %order.id, user_id = %order.user_id, total_cents, "order paid");
+    let order = orders::place(&app, &trace, new).await?;
     let location = format!("/orders/{}", order.id);
     Ok((
         StatusCode::CREATED,
@@ -215,10 +101,7 @@ async fn order(
     State(app): State<OrderApp>,
     Path(id): Path<String>,
 ) -> Result<Json<Order>, ApiError> {
-    match app.store.order(id.clone()).await? {
-        Some(order) => Ok(Json(order)),
-        None => Err(ApiError::NotFound(format!("order {id} not found"))),
-    }
+    Ok(Json(orders::find(&app, id).await?))
 }
 
 #[derive(Deserialize)]

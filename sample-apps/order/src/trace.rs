@@ -27,7 +27,8 @@ const PROPAGATED: [HeaderName; 8] = [
 pub(crate) struct TraceContext(HeaderMap);
 
 impl TraceContext {
-    fn from_headers(headers: &HeaderMap) -> Self {
+    /// The trace headers among `headers` (an HTTP request's, or a gRPC call's metadata).
+    pub fn from_headers(headers: &HeaderMap) -> Self {
         let mut propagated = HeaderMap::new();
         for name in PROPAGATED {
             for value in headers.get_all(&name) {

@@ -15,6 +15,8 @@ use shop_db::on_both_backends;
 use shop_db::test_server::{Backend, TestDb};
 use shop_order::{DatabaseUrl, OrderApp, Upstreams};
 use shop_payment::{FailRate, PaymentApp};
+use shop_proto::order::v1 as pb;
+use shop_proto::order::v1::order_service_client::OrderServiceClient;
 use shop_proto::payment::v1::GetPaymentRequest;
 use shop_proto::payment::v1::payment_service_client::PaymentServiceClient;
 use shop_user::UserApp;
@@ -22,7 +24,7 @@ use tokio::net::TcpListener;
 use tokio::time::timeout;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Server;
+use tonic::transport::{Channel, Server};
 use tower::util::MapRequestLayer;
 
 const BOUND: Duration = Duration::from_secs(10);
@@ -46,6 +48,7 @@ fn recorder(
 /// The three services, running until dropped.
 struct Shop {
     order: SocketAddr,
+    order_grpc: SocketAddr,
     payment_grpc: SocketAddr,
     user_calls: Seen,
     payment_calls: Seen,
@@ -65,6 +68,8 @@ on_both_backends!(
     invalid_orders_are_400_with_the_reason,
     a_failed_payment_is_502_and_the_order_is_kept_as_failed,
     lookups_and_health,
+    grpc_places_and_reads_the_same_orders,
+    grpc_errors_are_status_codes,
 );
 
 async fn start_shop(backend: Backend, payment_fail_rate: f64) -> anyhow::Result<Shop> {
@@ -112,9 +117,11 @@ async fn start_shop(backend: Backend, payment_fail_rate: f64) -> anyhow::Result<
             ),
     );
 
-    let order = start_order(db.url(), user_grpc, payment_grpc, shutdown.clone()).await?;
+    let (order, order_grpc) =
+        start_order(db.url(), user_grpc, payment_grpc, shutdown.clone()).await?;
     Ok(Shop {
         order,
+        order_grpc,
         payment_grpc,
         user_calls,
         payment_calls,
@@ -128,17 +135,30 @@ async fn start_order(
     user: SocketAddr,
     payment: SocketAddr,
     shutdown: CancellationToken,
-) -> anyhow::Result<SocketAddr> {
+) -> anyhow::Result<(SocketAddr, SocketAddr)> {
     let upstreams = Upstreams {
         user: format!("http://{user}").parse()?,
         payment: format!("http://{payment}").parse()?,
     };
     let order = OrderApp::new(db, upstreams)?;
     order.prepare(BOUND).await?;
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move { order.serve(listener, shutdown).await });
-    Ok(addr)
+    let http = TcpListener::bind("127.0.0.1:0").await?;
+    let grpc = TcpListener::bind("127.0.0.1:0").await?;
+    let addrs = (http.local_addr()?, grpc.local_addr()?);
+    tokio::spawn(async move { order.serve(http, grpc, shutdown).await });
+    Ok(addrs)
+}
+
+async fn grpc_client(addr: SocketAddr) -> anyhow::Result<OrderServiceClient<Channel>> {
+    Ok(timeout(BOUND, OrderServiceClient::connect(format!("http://{addr}"))).await??)
+}
+
+fn book_item() -> pb::Item {
+    pb::Item {
+        sku: "book".into(),
+        quantity: 2,
+        unit_price_cents: 1299,
+    }
 }
 
 fn book_order(user_id: &str) -> Value {
@@ -327,11 +347,27 @@ async fn an_unreachable_user_service_is_502() -> anyhow::Result<()> {
     let closed = TcpListener::bind("127.0.0.1:0").await?.local_addr()?;
     let shutdown = CancellationToken::new();
     let _stop = shutdown.clone().drop_guard();
-    let order = start_order(db.url(), closed, closed, shutdown).await?;
+    let (order, order_grpc) = start_order(db.url(), closed, closed, shutdown).await?;
     let (status, body) = post_order(order, &book_order("123"), &[]).await?;
     assert_eq!(status, 502, "{body}");
     let error = body["error"].as_str().context("error field")?;
     assert!(error.starts_with("user service failed"), "{error}");
+    // Over gRPC the dependency's failure is UNAVAILABLE, with the same explanation.
+    let mut client = grpc_client(order_grpc).await?;
+    let status = timeout(
+        BOUND,
+        client.create_order(pb::CreateOrderRequest {
+            user_id: "123".into(),
+            items: vec![book_item()],
+        }),
+    )
+    .await?
+    .expect_err("created an order without a user service");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().starts_with("user service failed"),
+        "{status:?}"
+    );
     Ok(())
 }
 
@@ -382,5 +418,144 @@ async fn a_postgres_outage_is_503_and_orders_resume_when_it_is_back() -> anyhow:
         Some(2),
         "{listed}"
     );
+    Ok(())
+}
+
+/// An order placed over gRPC is checked, charged, traced and stored like one placed over HTTP,
+/// and each API reads the other's orders.
+async fn grpc_places_and_reads_the_same_orders(backend: Backend) -> anyhow::Result<()> {
+    let shop = start_shop(backend, 0.0).await?;
+    let mut client = grpc_client(shop.order_grpc).await?;
+    let mut request = tonic::Request::new(pb::CreateOrderRequest {
+        user_id: "123".into(),
+        items: vec![book_item()],
+    });
+    request
+        .metadata_mut()
+        .insert("traceparent", TRACEPARENT.parse()?);
+    let created = timeout(BOUND, client.create_order(request))
+        .await??
+        .into_inner()
+        .order
+        .context("CreateOrder answered without an order")?;
+    assert_eq!(created.status(), pb::OrderStatus::Paid);
+    assert_eq!(created.total_cents, 2598);
+    assert_eq!(created.user_id, "123");
+    assert_eq!(created.items, [book_item()]);
+    assert!(!created.payment_id.is_empty());
+    let headers = call_headers(
+        &shop.payment_calls,
+        "/shop.payment.v1.PaymentService/CreatePayment",
+    )?;
+    assert_eq!(
+        headers.get("traceparent").map(|v| v.as_bytes()),
+        Some(TRACEPARENT.as_bytes())
+    );
+
+    // The HTTP API reads it...
+    let (status, fetched) =
+        get_json(format!("http://{}/orders/{}", shop.order, created.id)).await?;
+    assert_eq!(status, 200, "{fetched}");
+    assert_eq!(fetched["status"], "paid");
+    assert_eq!(fetched["payment_id"], created.payment_id.as_str());
+    // ...and GetOrder reads one placed over HTTP.
+    let (status, posted) = post_order(shop.order, &book_order("123"), &[]).await?;
+    assert_eq!(status, 201, "{posted}");
+    let id = posted["id"].as_str().context("id")?.to_owned();
+    let read = timeout(
+        BOUND,
+        client.get_order(pb::GetOrderRequest { id: id.clone() }),
+    )
+    .await??
+    .into_inner()
+    .order
+    .context("GetOrder answered without an order")?;
+    assert_eq!(read.id, id);
+    assert_eq!(read.status(), pb::OrderStatus::Paid);
+    assert_eq!(read.items, [book_item()]);
+    Ok(())
+}
+
+/// Every refusal is the status code order.proto promises, naming what was wrong.
+async fn grpc_errors_are_status_codes(backend: Backend) -> anyhow::Result<()> {
+    let shop = start_shop(backend, 0.0).await?;
+    let mut client = grpc_client(shop.order_grpc).await?;
+    let create = |user_id: &str, items: Vec<pb::Item>| pb::CreateOrderRequest {
+        user_id: user_id.into(),
+        items,
+    };
+    let zero = pb::Item {
+        quantity: 0,
+        ..book_item()
+    };
+    for (request, code, message) in [
+        (
+            create("", vec![book_item()]),
+            tonic::Code::InvalidArgument,
+            "user_id must not be empty",
+        ),
+        (
+            create("123", Vec::new()),
+            tonic::Code::InvalidArgument,
+            "an order needs at least one item",
+        ),
+        (
+            create("123", vec![zero]),
+            tonic::Code::InvalidArgument,
+            "items[0].quantity must be at least 1",
+        ),
+        (
+            create("999", vec![book_item()]),
+            tonic::Code::FailedPrecondition,
+            "user 999 does not exist",
+        ),
+    ] {
+        let status = timeout(BOUND, client.create_order(request))
+            .await?
+            .expect_err(message);
+        assert_eq!((status.code(), status.message()), (code, message));
+    }
+    // Nothing was charged or stored for the refused ones.
+    assert!(shop.payment_calls.lock().unwrap().is_empty());
+    let (_, listed) = get_json(format!("http://{}/orders?user_id=999", shop.order)).await?;
+    assert_eq!(listed["orders"], json!([]));
+
+    for (id, code, message) in [
+        ("", tonic::Code::InvalidArgument, "id is required"),
+        ("nope", tonic::Code::NotFound, "order nope not found"),
+    ] {
+        let status = timeout(
+            BOUND,
+            client.get_order(pb::GetOrderRequest { id: id.into() }),
+        )
+        .await?
+        .expect_err(message);
+        assert_eq!((status.code(), status.message()), (code, message));
+    }
+    Ok(())
+}
+
+/// A payment the payment service refuses is UNAVAILABLE (the caller may place the order again)
+/// and the order is kept as failed, as over HTTP.
+#[tokio::test]
+async fn a_failed_payment_over_grpc_is_unavailable() -> anyhow::Result<()> {
+    let shop = start_shop(Backend::Sqlite, 1.0).await?;
+    let mut client = grpc_client(shop.order_grpc).await?;
+    let status = timeout(
+        BOUND,
+        client.create_order(pb::CreateOrderRequest {
+            user_id: "123".into(),
+            items: vec![book_item()],
+        }),
+    )
+    .await?
+    .expect_err("paid though payment fails every charge");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().starts_with("payment service failed"),
+        "{status:?}"
+    );
+    let (_, listed) = get_json(format!("http://{}/orders?user_id=123", shop.order)).await?;
+    assert_eq!(listed["orders"][0]["status"], "payment_failed");
     Ok(())
 }

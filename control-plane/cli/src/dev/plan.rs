@@ -45,6 +45,9 @@ pub const JWT_SECRET_ENV: &str = "USER_JWT_SECRET";
 /// Requests per second (and burst) of the demo gateway's `/api` rate limit, per client IP.
 pub const API_RATE_LIMIT: u32 = 10;
 
+/// The path prefix of order's gRPC API (`shop.order.v1.OrderService`) on the demo gateway.
+pub const ORDER_GRPC_PREFIX: &str = "/shop.order.v1.OrderService/";
+
 /// A loopback listener on a port the system picks; the process reports which.
 pub const ANY_PORT: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0));
 
@@ -102,7 +105,7 @@ pub struct ControllerAddrs {
 #[derive(Debug, Clone, Copy, Deserialize)]
 pub struct AppAddrs {
     pub http: SocketAddr,
-    /// `None` for `order`, which only calls out.
+    /// `None` for an app without a gRPC port (every shop app has one).
     pub grpc: Option<SocketAddr>,
 }
 
@@ -250,7 +253,7 @@ pub fn apps(opts: &Options, chosen: [SocketAddr; CHOSEN_PORTS]) -> Vec<App> {
         service: "order",
         instance: "order".into(),
         env_prefix: "ORDER",
-        grpc: false,
+        grpc: true,
         database: database("order"),
         env: vec![
             ("ORDER_USER_GRPC_ADDR".into(), format!("http://{to_user}")),
@@ -434,7 +437,8 @@ fn strings(args: &[&str]) -> Vec<String> {
 
 /// The demo gateway, written to the contract in the gateway's documentation: `/login` public,
 /// `/api/users` and `/api/orders` behind HS256 JWTs from `user` and one shared per-client-IP
-/// rate limit.
+/// rate limit, and order's gRPC API ([`ORDER_GRPC_PREFIX`], to `order:grpc`) behind the same
+/// JWTs and the same limit.
 pub fn gateway_yaml(listen: SocketAddr) -> String {
     format!(
         "# Written by `ferrule dev up`; rewritten on every start.
@@ -462,6 +466,11 @@ routes:
     pathPrefix: /api/orders
     rewritePrefix: /orders
     service: order:http
+    rateLimit: api
+  - name: orders-grpc
+    pathPrefix: {ORDER_GRPC_PREFIX}
+    service: order:grpc
+    grpc: true
     rateLimit: api
 "
     )
@@ -513,7 +522,7 @@ mod tests {
     fn sidecar(instance: &str) -> Spec {
         let bound = AppAddrs {
             http: "127.0.0.1:30001".parse().unwrap(),
-            grpc: (instance != "order").then(|| "127.0.0.1:30002".parse().unwrap()),
+            grpc: Some("127.0.0.1:30002".parse().unwrap()),
         };
         app(instance).sidecar(&opts(), "127.0.0.1:30000".parse().unwrap(), bound)
     }
@@ -595,7 +604,13 @@ mod tests {
             ]
         );
         assert_eq!(flag(&sidecar, "--service"), ["order"]);
-        assert_eq!(flag(&sidecar, "--app-port"), ["http=127.0.0.1:30001"]);
+        // Order's own gRPC API is a port of its own, fronted like user's.
+        assert_eq!(env(&spec, "ORDER_GRPC_ADDR"), "127.0.0.1:0");
+        assert_eq!(
+            flag(&sidecar, "--app-port"),
+            ["http=127.0.0.1:30001", "grpc=127.0.0.1:30002"]
+        );
+        assert_eq!(flag(&sidecar, "--inbound-port"), ["grpc=127.0.0.1:0"]);
     }
 
     #[test]
@@ -665,6 +680,7 @@ mod tests {
             "    pathPrefix: /api/users\n    rewritePrefix: /users\n    service: user:http\n    rateLimit: api",
             "    pathPrefix: /api/orders\n    rewritePrefix: /orders\n    service: order:http\n    rateLimit: api",
             "    pathPrefix: /login\n    service: user:http\n    public: true",
+            "    pathPrefix: /shop.order.v1.OrderService/\n    service: order:grpc\n    grpc: true\n    rateLimit: api",
         ] {
             assert!(yaml.contains(line), "missing {line:?} in\n{yaml}");
         }
@@ -677,7 +693,16 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(spec.listen(), "127.0.0.1:8000".parse().unwrap());
         let names: Vec<&str> = spec.routes.iter().map(|r| r.name.as_str()).collect();
-        assert_eq!(names, ["login", "users", "orders"]);
+        assert_eq!(names, ["login", "users", "orders", "orders-grpc"]);
+        let grpc = &spec.routes[3];
+        assert!(
+            grpc.grpc && !grpc.public,
+            "gRPC orders need a JWT like HTTP ones"
+        );
+        assert_eq!(
+            grpc.rewrite_prefix, None,
+            "gRPC paths are forwarded as they are"
+        );
         assert_eq!(
             spec.rate_limits["api"].key(),
             ferrule_config::RateLimitKey::ClientIp
@@ -706,11 +731,7 @@ mod tests {
                 .and_then(|rest| rest.strip_suffix(&format!("/{database}")))
                 .unwrap_or_else(|| panic!("{instance}: {url}"));
             assert_eq!(spec.database, None, "{instance}");
-            let sidecar = app.sidecar(
-                &opts,
-                "127.0.0.1:30000".parse().unwrap(),
-                bound(instance != "order"),
-            );
+            let sidecar = app.sidecar(&opts, "127.0.0.1:30000".parse().unwrap(), bound(true));
             assert!(
                 flag(&sidecar, "--upstream").contains(&format!("postgres={local}").as_str()),
                 "{instance}: {:?}",

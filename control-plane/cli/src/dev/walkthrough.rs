@@ -1,18 +1,20 @@
 //! What `ferrule dev up` prints once the mesh is ready: the `ready:` line and a short
 //! walkthrough of copy-pasteable commands against the gateway (log in, read a user, create an
-//! order, run into the rate limit), then where each proxy's metrics are.
+//! order over HTTP and over gRPC, run into the rate limit), then where each proxy's metrics
+//! are.
 //!
 //! The README's walkthrough is this text; keep the two together.
 
 use std::fmt::Write;
 use std::path::Path;
 
-use super::plan::API_RATE_LIMIT;
+use super::plan::{API_RATE_LIMIT, ORDER_GRPC_PREFIX};
 use super::state::DevState;
 
 /// The walkthrough for the mesh in `state`, whose files are in `state_dir`.
 pub fn render(state: &DevState, state_dir: &Path) -> String {
     let gw = format!("http://{}", state.gateway);
+    let gw_host = state.gateway;
     let dir = shown(state_dir);
     let ferrule = shown(&state.supervisor.program);
     let controller = state.controller;
@@ -35,6 +37,12 @@ Try it from another shell:
   # create an order: order calls user and payment through its sidecar
   curl -s {gw}/api/orders -H \"authorization: Bearer $TOKEN\" -H 'content-type: application/json' \\
     -d '{{\"user_id\":\"123\",\"items\":[{{\"sku\":\"book\",\"quantity\":2,\"unit_price_cents\":1299}}]}}'
+
+  # the same over gRPC (h2c to the gateway, routed by {ORDER_GRPC_PREFIX} to order:grpc; the
+  # token goes in the authorization metadata). grpcurl needs the proto: proto/shop/order.proto
+  grpcurl -plaintext -import-path proto/shop -proto order.proto -H \"authorization: Bearer $TOKEN\" \\
+    -d '{{\"user_id\":\"123\",\"items\":[{{\"sku\":\"book\",\"quantity\":2,\"unit_price_cents\":1299}}]}}' \\
+    {gw_host} shop.order.v1.OrderService/CreateOrder
 
   # /api allows {API_RATE_LIMIT} requests a second per client: the last of these get 429
   for i in $(seq {over}); do curl -s -o /dev/null -w '%{{http_code}} ' {gw}/api/users/123 -H \"authorization: Bearer $TOKEN\"; done; echo
@@ -124,5 +132,6 @@ mod tests {
         assert!(text.contains("`/bin/x dev down --state-dir /tmp/st`"));
         assert!(text.contains("/bin/x --controller 127.0.0.1:1 get endpoints user\n"));
         assert!(text.contains("$(seq 15)"));
+        assert!(text.contains("    127.0.0.1:8000 shop.order.v1.OrderService/CreateOrder\n"));
     }
 }
