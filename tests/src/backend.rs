@@ -162,6 +162,13 @@ async fn handle(
     let version = format!("{:?}", req.version());
     let path = req.uri().path().to_string();
     let method = req.method().to_string();
+    // Who the inbound proxy says the client is (mutual TLS), echoed for the tests.
+    let client_id = req
+        .headers()
+        .get("ferrule-client-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
     if method == "POST" || method == "PUT" {
         // Stream the request body straight back.
         let body = req.into_body().boxed();
@@ -174,6 +181,7 @@ async fn handle(
     Ok(Response::builder()
         .header("x-backend", &name)
         .header("x-backend-version", version)
+        .header("x-client-id", client_id)
         .body(full(format!("{name} {method} {path}")))
         .expect("valid response"))
 }

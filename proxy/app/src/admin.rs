@@ -33,6 +33,8 @@ use tokio::sync::watch;
 /// What the admin endpoints report on.
 pub struct AdminState {
     pub metrics: Metrics,
+    /// The proxy's mutual TLS, when it has an identity: `/ready` waits for its certificate.
+    pub identity: Option<ferrule_proxy_transport::tls::MeshTls>,
     pub discovery: Discovery,
     /// Discovery readiness only matters when there is something to discover.
     pub needs_discovery: bool,
@@ -53,7 +55,12 @@ impl AdminState {
     pub fn ready(&self) -> bool {
         let discovery_ok = !self.needs_discovery || self.discovery.connected();
         let registration_ok = self.registration.as_ref().is_none_or(|r| r.registered());
-        discovery_ok && registration_ok
+        // With an identity, peers refuse this proxy until it holds a certificate.
+        let identity_ok = self
+            .identity
+            .as_ref()
+            .is_none_or(|tls| tls.credentials().is_some());
+        discovery_ok && registration_ok && identity_ok
     }
 
     fn respond(&self, req: &Request<Incoming>, peer: SocketAddr) -> Response<BoxBody> {

@@ -205,7 +205,7 @@ pub struct IdentityArgs {
 
     /// The workload's service account: the `<sa>` of its identity
     /// `spiffe://<trust-domain>/ns/<namespace>/sa/<sa>`. Default: the service name.
-    #[arg(long, env = "FERRULE_SERVICE_ACCOUNT")]
+    #[arg(long, env = "FERRULE_PROXY_SERVICE_ACCOUNT")]
     pub service_account: Option<String>,
 
     /// Accept only mutual TLS on the inbound listeners: plaintext connections (from clients

@@ -72,6 +72,8 @@ pub enum StartError {
     Config(#[from] ConfigError),
     #[error("--controller: {0}")]
     Controllers(#[from] ControlError),
+    #[error(transparent)]
+    Identity(#[from] crate::config::ConfigError),
     #[error("binding the {what} listener on {addr}: {source}")]
     Bind {
         what: &'static str,
@@ -197,6 +199,16 @@ impl Gateway {
                 None => PolicyClient::fixed(PolicySet::default()),
             };
         ferrule_proxy_api::metrics::register(&metrics, discovery.clone(), Some(policies.clone()));
+        // The gateway's identity (its name stands in for the service account): it speaks
+        // mutual TLS to the sidecars behind it.
+        let tls = crate::identity::start(
+            &args.common,
+            &args.name,
+            ferrule_config::DEFAULT_NAMESPACE,
+            &metrics,
+            &shutdown,
+        )?
+        .map(|(tls, _)| tls);
 
         let listen_addr = args.listen.unwrap_or(file.listen());
         let (admin_listener, admin) = bind("admin", args.common.admin_addr).await?;
@@ -224,7 +236,8 @@ impl Gateway {
                     idle_timeout: args.common.idle_timeout,
                 },
                 &PoolMetrics::register(&metrics),
-            ),
+            )
+            .with_tls(tls.clone()),
             metrics.clone(),
             policy_metrics,
             serving.clone(),
@@ -268,6 +281,7 @@ impl Gateway {
             "listeners": addrs,
         });
         let admin_state = Arc::new(AdminState {
+            identity: tls,
             metrics: metrics.clone(),
             discovery,
             needs_discovery: !args.common.controllers.is_empty(),

@@ -1,14 +1,14 @@
 //! ferrule-proxy: the binary's library, which only assembles.
 //!
 //! [`sidecar::Proxy`] assembles a sidecar from a [`config::Config`] and [`gateway::Gateway`] the
-//! edge proxy from its flags and file; both serve [`admin`] and stop through the core's
-//! lifecycle. The behaviour lives in the crates beside this one, re-exported here under the
+//! edge proxy from its flags and file; both start their [`identity`], serve [`admin`] and stop
+//! through the core's lifecycle. The behaviour lives in the crates beside this one, re-exported here under the
 //! names the tests and tools use:
 //!
 //! | crate | modules |
 //! | --- | --- |
 //! | `ferrule-proxy-core` | [`body`], [`headers`], [`context`], [`errors`], [`server`], [`detect`], [`observe`], [`metrics`], [`lifecycle`], [`logging`] |
-//! | `ferrule-proxy-transport` | [`client`] (connections to endpoints and apps) |
+//! | `ferrule-proxy-transport` | [`client`] (connections to endpoints and apps), [`tls`] (mutual TLS) |
 //! | `ferrule-proxy-policy` | [`policy`], [`balance`] (synchronous decisions) |
 //! | `ferrule-proxy-api` | [`control`], [`discovery`], [`registration`], and the Config stream client in [`api::policy`] |
 //! | `ferrule-proxy-outbound` | [`outbound`] |
@@ -18,6 +18,7 @@
 pub mod admin;
 pub mod config;
 pub mod gateway;
+pub mod identity;
 pub mod sidecar;
 
 pub use ferrule_proxy_api as api;
@@ -30,7 +31,7 @@ pub use ferrule_proxy_inbound as inbound;
 pub use ferrule_proxy_outbound as outbound;
 pub use ferrule_proxy_policy as policy;
 pub use ferrule_proxy_policy::balance;
-pub use ferrule_proxy_transport::client;
+pub use ferrule_proxy_transport::{client, tls};
 
 /// Prints the ready line, `ferrule-proxy ready: {JSON}` with the listeners actually bound, to
 /// stdout (the logs go to stderr): the same line for the sidecar and the gateway, so a starter

@@ -32,7 +32,6 @@ use ferrule_proxy_policy::PolicySet;
 use ferrule_proxy_policy::metrics::PolicyMetrics;
 use ferrule_proxy_transport::client::{ClientConfig, Clients};
 use ferrule_proxy_transport::metrics::PoolMetrics;
-use ferrule_proxy_transport::tls::MeshTls;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -48,23 +47,6 @@ pub enum StartError {
 
 /// Bounds a mutual TLS handshake on an inbound listener.
 const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// True once the proxy holds a certificate.
-fn has_certificate(
-    tls: &MeshTls,
-    shutdown: &CancellationToken,
-) -> tokio::sync::watch::Receiver<bool> {
-    let mut credentials = tls.watch();
-    let (tx, rx) = tokio::sync::watch::channel(credentials.borrow().is_some());
-    let shutdown = shutdown.clone();
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = credentials.wait_for(Option::is_some) => { let _ = tx.send(true); }
-            () = shutdown.cancelled() => {}
-        }
-    });
-    rx
-}
 
 /// Where each listener is bound (useful when configured with port 0).
 #[derive(Debug, Clone, Serialize)]
@@ -160,34 +142,13 @@ impl Proxy {
         ferrule_proxy_api::metrics::register(&metrics, discovery.clone(), Some(policies.clone()));
         let pool_metrics = PoolMetrics::register(&metrics);
         // The workload's identity: a certificate from the mesh CA, renewed in the background.
-        let service_name = config.service.clone().unwrap_or_default();
-        let identity = config
-            .common
-            .identity
-            .settings(&service_name, &config.namespace)?;
-        let tls = match identity {
-            Some(settings) => {
-                let controllers =
-                    ferrule_proxy_api::control::Controllers::parse(&config.common.controllers)
-                        .map_err(|e| ConfigError::Invalid {
-                            flag: "--controller",
-                            reason: format!("identity needs the controller's CA: {e}"),
-                        })?;
-                let expected = settings.expected.clone();
-                let tls = ferrule_proxy_api::identity::spawn(
-                    controllers,
-                    settings,
-                    &metrics,
-                    shutdown.child_token(),
-                )
-                .map_err(|reason| ConfigError::Invalid {
-                    flag: "--identity-token",
-                    reason,
-                })?;
-                Some((tls, expected))
-            }
-            None => None,
-        };
+        let tls = crate::identity::start(
+            &config.common,
+            config.service.as_deref().unwrap_or_default(),
+            &config.namespace,
+            &metrics,
+            &shutdown,
+        )?;
         let pool_config = ClientConfig {
             connect_timeout: config.common.connect_timeout,
             idle_timeout: config.common.idle_timeout,
@@ -346,7 +307,9 @@ impl Proxy {
                         ttl: config.register_ttl,
                         health,
                         identity: tls.as_ref().map(|(_, id)| id.clone()).unwrap_or_default(),
-                        gate: tls.as_ref().map(|(tls, _)| has_certificate(tls, &shutdown)),
+                        gate: tls
+                            .as_ref()
+                            .map(|(tls, _)| crate::identity::has_certificate(tls, &shutdown)),
                     },
                     config.common.controllers.clone(),
                     shutdown.child_token(),
@@ -360,6 +323,7 @@ impl Proxy {
             "listeners": addrs,
         });
         let admin_state = Arc::new(AdminState {
+            identity: tls.map(|(tls, _)| tls),
             metrics: metrics.clone(),
             discovery,
             needs_discovery: !config.upstreams.is_empty() && !config.common.controllers.is_empty(),

@@ -260,10 +260,12 @@ async fn stream(
     let tcp = tcp(addr).await?;
     match (identity, tls) {
         (Some(identity), Some(tls)) => {
-            let stream = tls
-                .connect(tcp, identity.as_arc())
-                .await
-                .map_err(|source| ClientError::Tls { addr, source })?;
+            let stream = tls.connect(tcp, identity.as_arc()).await.map_err(|source| {
+                // A peer that cannot prove the identity discovery announced is a security
+                // event, not only a failed connection: say so where operators look.
+                tracing::warn!(%addr, expected = %identity, error = %source, "mutual TLS with a peer failed");
+                ClientError::Tls { addr, source }
+            })?;
             Ok(Box::new(stream))
         }
         _ => Ok(Box::new(tcp)),

@@ -269,7 +269,7 @@ impl MeshTls {
         connector
             .connect(server_name(expected), io)
             .await
-            .map_err(|e| TlsError::Handshake(e.to_string()))
+            .map_err(|e| TlsError::Handshake(explain(&e)))
     }
 
     /// Completes a server handshake on `io` and returns the stream with the client's verified
@@ -297,6 +297,20 @@ impl MeshTls {
             })?;
         Ok((stream, identity.to_string().into()))
     }
+}
+
+/// A handshake error in words: rustls' own for most, ours for an identity mismatch (which
+/// rustls would print as a debug structure).
+fn explain(error: &std::io::Error) -> String {
+    let rustls_error = error
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    if let Some(rustls::Error::InvalidCertificate(CertificateError::Other(other))) = rustls_error
+        && let Some(wrong) = other.0.downcast_ref::<WrongIdentity>()
+    {
+        return wrong.to_string();
+    }
+    error.to_string()
 }
 
 /// The SNI sent to a peer: its identity written as a DNS name

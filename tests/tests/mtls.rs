@@ -1,0 +1,354 @@
+//! Mutual TLS between real proxy processes, with certificates from a real controller's CA on a
+//! real etcd: HTTP and opaque TCP between proxies are mutual TLS, the server app learns the
+//! client's verified identity (and never a forged one), plaintext to an mTLS-only inbound
+//! port is refused, and the connecting side refuses a peer whose certificate names another
+//! identity than discovery announced. A client certificate of another CA, or an expired one,
+//! is refused by the server.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use ferrule_harness::backend::{HttpBackend, TcpEcho};
+use ferrule_harness::{ANY_PORT, Controller, Etcd, Proxy, binary, eventually, http1, output};
+use ferrule_proto::v1::{Endpoint, RegisterRequest, registry_client::RegistryClient};
+use ferrule_proxy_transport::tls::{Credentials, MeshTls};
+use rustls_pki_types::CertificateDer;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/client";
+const WEB_ID: &str = "spiffe://cluster.local/ns/default/sa/web";
+
+struct Mesh {
+    _etcd: Etcd,
+    controller: Controller,
+    ca_dir: tempfile::TempDir,
+}
+
+impl Mesh {
+    async fn start() -> Result<Self> {
+        let etcd = Etcd::start().await?;
+        let ca_dir = tempfile::tempdir()?;
+        init_ca(ca_dir.path()).await?;
+        let controller = Controller::start_with(
+            &etcd.url(),
+            ANY_PORT.parse()?,
+            &["--identity-dir", ca_dir.path().to_str().context("utf-8")?],
+        )
+        .await?;
+        Ok(Self {
+            _etcd: etcd,
+            controller,
+            ca_dir,
+        })
+    }
+
+    async fn token(&self, service: &str) -> Result<String> {
+        let mut cmd = std::process::Command::new(binary("ferrule")?);
+        cmd.args(["--controller", &self.controller.grpc.to_string()])
+            .args(["identity", "token", "create", "--service", service]);
+        let out = output(cmd).await?;
+        anyhow::ensure!(
+            out.status.success(),
+            "token create: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8(out.stdout)?.trim().to_string())
+    }
+
+    /// A server-side sidecar with an identity, accepting only mutual TLS.
+    async fn server(&self, service: &str, app: SocketAddr, extra: &[&str]) -> Result<Proxy> {
+        Proxy::builder(&format!("{service}-proxy"))
+            .args(["--controller", &self.controller.grpc.to_string()])
+            .args(["--service", service, "--app-addr", &app.to_string()])
+            .args(["--register-ttl", "3s", "--health-interval", "200ms"])
+            .args([
+                "--identity-token",
+                &self.token(service).await?,
+                "--require-mtls",
+            ])
+            .args(extra.iter().copied())
+            .start()
+            .await
+    }
+
+    /// A client-side sidecar with identity `client` and the given upstreams.
+    async fn client(&self, upstreams: &[&str], extra: &[&str]) -> Result<Proxy> {
+        let mut builder = Proxy::builder("client-proxy")
+            .args(["--controller", &self.controller.grpc.to_string()])
+            .args(["--endpoint-wait", "2s", "--service-account", "client"])
+            .args(["--identity-token", &self.token("client").await?])
+            .args(extra.iter().copied());
+        for up in upstreams {
+            builder = builder.upstream(up);
+        }
+        let proxy = builder.start().await?;
+        proxy.wait_ready(Duration::from_secs(10)).await?;
+        Ok(proxy)
+    }
+
+    async fn wait_registered(&self, service: &str) -> Result<()> {
+        use ferrule_proto::v1::{ListEndpointsRequest, admin_client::AdminClient};
+        let url = self.controller.url();
+        eventually(
+            Duration::from_secs(15),
+            &format!("{service} registered"),
+            || {
+                let url = url.clone();
+                async move {
+                    let mut admin = AdminClient::connect(url).await.ok()?;
+                    let eps = admin
+                        .list_endpoints(ListEndpointsRequest {
+                            service: service.into(),
+                        })
+                        .await
+                        .ok()?
+                        .into_inner()
+                        .endpoints;
+                    (!eps.is_empty()).then_some(())
+                }
+            },
+        )
+        .await
+    }
+}
+
+async fn init_ca(dir: &Path) -> Result<()> {
+    let mut cmd = std::process::Command::new(binary("ferrule")?);
+    cmd.args(["identity", "init", "--dir"]).arg(dir);
+    let out = output(cmd).await?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+fn metric(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn http_and_tcp_between_proxies_are_mutual_tls() -> Result<()> {
+    let mesh = Mesh::start().await?;
+    let web = HttpBackend::start("web-1").await?;
+    let tcp = TcpEcho::start().await?;
+    let web_proxy = mesh
+        .server("web", web.addr, &["--health-path", "/health"])
+        .await?;
+    let tcp_port = tcp.addr.port().to_string();
+    let _raw_proxy = mesh
+        .server("raw", tcp.addr, &["--opaque-ports", &tcp_port])
+        .await?;
+    mesh.wait_registered("web").await?;
+    mesh.wait_registered("raw").await?;
+    let client = mesh.client(&["web", "raw"], &[]).await?;
+
+    // The app sees the client's verified identity; the value the client forged never arrives.
+    let req = http::Request::get("http://web/who")
+        .header(
+            "ferrule-client-id",
+            "spiffe://cluster.local/ns/default/sa/admin",
+        )
+        .body(http_body_util::Full::new(bytes::Bytes::new()))?;
+    let reply = http1(client.upstreams["web"], req).await?;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(reply.header("x-client-id"), Some(CLIENT_ID), "{reply:?}");
+
+    // Opaque TCP through both proxies (the server proxy accepts nothing but mutual TLS).
+    let mut conn = tokio::net::TcpStream::connect(client.upstreams["raw"]).await?;
+    conn.write_all(b"ping over mtls").await?;
+    conn.shutdown().await?;
+    let mut echoed = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut echoed)).await??;
+    assert_eq!(echoed, b"ping over mtls");
+
+    // Plaintext straight to the mTLS-only inbound listener: closed without an answer.
+    let inbound = web_proxy.inbound[""];
+    let mut plain = tokio::net::TcpStream::connect(inbound).await?;
+    plain
+        .write_all(b"GET /who HTTP/1.1\r\nhost: web\r\n\r\n")
+        .await?;
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), plain.read_to_end(&mut answer)).await?;
+    assert!(
+        read.is_err() || answer.is_empty(),
+        "plaintext got an answer: {:?}",
+        String::from_utf8_lossy(&answer)
+    );
+
+    let metrics = web_proxy.metrics().await?;
+    assert!(
+        metric(
+            &metrics,
+            "protocol_detect_total{direction=\"inbound\",result=\"tls\"}"
+        ) >= 1.0,
+        "{metrics}"
+    );
+    assert!(
+        metric(
+            &metrics,
+            "protocol_detect_total{direction=\"inbound\",result=\"plaintext_refused\"}"
+        ) >= 1.0,
+        "{metrics}"
+    );
+    let client_metrics = client.metrics().await?;
+    assert!(
+        metric(&client_metrics, "identity_certificates_renewed_total") >= 1.0,
+        "{client_metrics}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_peer_proving_another_identity_is_refused_by_the_connecting_proxy() -> Result<()> {
+    let mesh = Mesh::start().await?;
+    let web = HttpBackend::start("web-1").await?;
+    let web_proxy = mesh
+        .server("web", web.addr, &["--health-path", "/health"])
+        .await?;
+    mesh.wait_registered("web").await?;
+    // Discovery says "payment" lives at web's inbound listener, with payment's identity: a
+    // workload answering for another. Its certificate says web.
+    let mut registry = RegistryClient::connect(mesh.controller.url()).await?;
+    let inbound = web_proxy.inbound[""];
+    registry
+        .register(RegisterRequest {
+            endpoint: Some(Endpoint {
+                service: "payment".into(),
+                address: inbound.ip().to_string(),
+                port: inbound.port().into(),
+                identity: "spiffe://cluster.local/ns/default/sa/payment".into(),
+                meshed: true,
+                weight: 1,
+                ..Default::default()
+            }),
+            ttl_seconds: 30,
+        })
+        .await?;
+    let client = mesh.client(&["payment", "web"], &[]).await?;
+    let reply = http1(
+        client.upstreams["payment"],
+        ferrule_harness::get("payment", "/pay"),
+    )
+    .await?;
+    assert!(reply.status >= 500, "{reply:?}");
+    let error = reply
+        .header("ferrule-error")
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        ["upstream_connect_failure", "endpoints_unavailable"].contains(&error.as_str()),
+        "{reply:?}"
+    );
+    assert_eq!(web.requests(), 0, "nothing reached the app");
+    // The client proxy says why, naming both identities.
+    let log = client.process.log();
+    assert!(
+        log.contains(&format!(
+            "the peer is {WEB_ID}, discovery announced spiffe://cluster.local/ns/default/sa/payment"
+        )),
+        "{log}"
+    );
+    // The real web, whose certificate matches, works through the same client.
+    let reply = http1(client.upstreams["web"], ferrule_harness::get("web", "/ok")).await?;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn foreign_and_expired_client_certificates_are_refused() -> Result<()> {
+    let mesh = Mesh::start().await?;
+    let web = HttpBackend::start("web-1").await?;
+    let web_proxy = mesh
+        .server("web", web.addr, &["--health-path", "/health"])
+        .await?;
+    mesh.wait_registered("web").await?;
+    let inbound = web_proxy.inbound[""];
+    let ours = load_ca(mesh.ca_dir.path())?;
+    let foreign_dir = tempfile::tempdir()?;
+    init_ca(foreign_dir.path()).await?;
+    let foreign = load_ca(foreign_dir.path())?;
+    // The test client trusts both anchors, so only the server's judgement decides.
+    let anchors: Vec<CertificateDer<'static>> = ours
+        .anchors()
+        .iter()
+        .chain(foreign.anchors())
+        .cloned()
+        .collect();
+    let now = time::OffsetDateTime::now_utc();
+    let day = Duration::from_secs(24 * 3600);
+
+    let cases = [
+        ("another CA's certificate", &foreign, now, day),
+        (
+            "an expired certificate",
+            &ours,
+            now - time::Duration::days(2),
+            day,
+        ),
+    ];
+    for (what, ca, issued_at, lifetime) in cases {
+        let before = metric(
+            &web_proxy.metrics().await?,
+            "proxy_errors_total{direction=\"inbound\",reason=\"tls_handshake_failure\"}",
+        );
+        let key = rcgen::KeyPair::generate()?;
+        let csr = rcgen::CertificateParams::default()
+            .serialize_request(&key)?
+            .der()
+            .to_vec();
+        let leaf = ca.sign(&csr, &CLIENT_ID.parse()?, lifetime, issued_at)?;
+        let mut chain = vec![leaf];
+        chain.extend(ca.chain().iter().cloned());
+        let credentials = Credentials::new(chain, key.serialize_der(), &anchors)?;
+        let (_tx, rx) = tokio::sync::watch::channel(Some(Arc::new(credentials)));
+        let tls = MeshTls::new(rx);
+        let tcp = tokio::net::TcpStream::connect(inbound).await?;
+        let answered = async {
+            let mut stream = tls.connect(tcp, &Arc::from(WEB_ID)).await?;
+            stream
+                .write_all(b"GET /who HTTP/1.1\r\nhost: web\r\n\r\n")
+                .await?;
+            let mut buf = vec![0; 1024];
+            let n = stream.read(&mut buf).await?;
+            anyhow::Ok(String::from_utf8_lossy(&buf[..n]).to_string())
+        };
+        match tokio::time::timeout(Duration::from_secs(5), answered).await? {
+            Ok(text) if text.is_empty() => {}
+            Ok(text) => bail!("{what}: the server answered: {text}"),
+            Err(_) => {}
+        }
+        eventually(
+            Duration::from_secs(5),
+            &format!("{what} counted"),
+            || async {
+                let now = metric(
+                    &web_proxy.metrics().await.ok()?,
+                    "proxy_errors_total{direction=\"inbound\",reason=\"tls_handshake_failure\"}",
+                );
+                (now > before).then_some(())
+            },
+        )
+        .await?;
+    }
+    assert_eq!(web.requests(), 0, "nothing reached the app");
+    Ok(())
+}
+
+fn load_ca(dir: &Path) -> Result<ferrule_ca::Ca> {
+    let read = |name: &str| std::fs::read(dir.join(name)).with_context(|| name.to_string());
+    let key = String::from_utf8(read("issuer.key")?)?;
+    Ok(ferrule_ca::Ca::from_pem(
+        "cluster.local",
+        &read("trust-anchors.pem")?,
+        &read("issuer.pem")?,
+        &key,
+    )?)
+}
