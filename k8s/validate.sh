@@ -1,0 +1,65 @@
+#!/bin/sh
+# Validates every manifest Ferrule ships against the Kubernetes schemas of three versions
+# (kubernetes-validate --strict, from PyPI, in a venv made here): what `kubectl kustomize`
+# renders of k8s/base, k8s/shop, each overlay and each component, the golden files of
+# `ferrule inject`, and, with FERRULE=path/to/ferrule, the output of `ferrule install` and the
+# shop as `ferrule inject` rewrites it. `make test` runs it (make k8s-validate).
+#
+# Usage: k8s/validate.sh VENV_DIR    (env: FERRULE, K8S_VERSIONS)
+set -eu
+
+VENV=${1:?usage: k8s/validate.sh VENV_DIR}
+VERSIONS=${K8S_VERSIONS:-1.29.0,1.31.0,1.33.0}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+K8S="$ROOT/k8s"
+
+if ! command -v kubectl >/dev/null 2>&1; then
+    echo "k8s/validate.sh: kubectl is missing: it renders the kustomizations (kubectl kustomize);" >&2
+    echo "k8s/validate.sh: install kubectl (https://kubernetes.io/docs/tasks/tools/) and run again" >&2
+    exit 1
+fi
+if ! "$VENV/bin/python" -c 'import kubernetes_validate' 2>/dev/null; then
+    echo "k8s/validate.sh: installing kubernetes-validate into $VENV"
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install --quiet 'kubernetes-validate==1.37.0'
+fi
+
+OUT=$(mktemp -d)
+trap 'rm -rf "$OUT"' EXIT INT TERM
+
+# Every kustomization's files must exist (kubectl kustomize also fails on a missing one, but
+# this names the file).
+status=0
+for k in $(find "$K8S" -name kustomization.yaml); do
+    dir=$(dirname "$k")
+    for r in $(sed -n '/^resources:/,/^[a-z]/s/^  - //p' "$k"); do
+        [ -e "$dir/$r" ] || { echo "FAIL $k: resource $r does not exist" >&2; status=1; }
+    done
+done
+[ "$status" -eq 0 ] || exit 1
+
+render() { # DIR NAME
+    kubectl kustomize "$1" > "$OUT/$2.yaml" || { echo "FAIL: kubectl kustomize $1" >&2; exit 1; }
+}
+render "$K8S/base" base
+render "$K8S/shop" shop
+for o in "$K8S"/overlays/*/; do render "$o" "overlay-$(basename "$o")"; done
+# Components only render inside a kustomization: each one on top of the kind overlay.
+for c in "$K8S"/components/*/; do
+    name=$(basename "$c")
+    mkdir -p "$OUT/with-$name"
+    printf 'apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - %s\ncomponents:\n  - %s\n' \
+        "$(realpath --relative-to="$OUT/with-$name" "$K8S/overlays/kind")" \
+        "$(realpath --relative-to="$OUT/with-$name" "$c")" > "$OUT/with-$name/kustomization.yaml"
+    render "$OUT/with-$name" "component-$name"
+done
+if [ -n "${FERRULE:-}" ]; then
+    "$FERRULE" install > "$OUT/install.yaml"
+    "$FERRULE" install --sidecar classic > "$OUT/install-classic.yaml"
+    "$FERRULE" uninstall > "$OUT/uninstall.yaml"
+    "$FERRULE" inject "$OUT/shop.yaml" > "$OUT/shop-injected.yaml" 2>/dev/null
+    "$FERRULE" inject --classic "$OUT/shop.yaml" > "$OUT/shop-injected-classic.yaml" 2>/dev/null
+fi
+
+"$VENV/bin/python" "$K8S/validate.py" --versions "$VERSIONS" "$OUT"/*.yaml \
+    "$ROOT"/control-plane/inject/tests/golden/expected/*.yaml
