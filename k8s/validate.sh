@@ -57,8 +57,30 @@ if [ -n "${FERRULE:-}" ]; then
     "$FERRULE" install > "$OUT/install.yaml"
     "$FERRULE" install --sidecar classic > "$OUT/install-classic.yaml"
     "$FERRULE" uninstall > "$OUT/uninstall.yaml"
-    "$FERRULE" inject "$OUT/shop.yaml" > "$OUT/shop-injected.yaml" 2>/dev/null
-    "$FERRULE" inject --classic "$OUT/shop.yaml" > "$OUT/shop-injected-classic.yaml" 2>/dev/null
+    "$FERRULE" inject "$OUT/shop.yaml" > "$OUT/shop-injected.yaml" 2> "$OUT/inject.log"
+    "$FERRULE" inject --classic - < "$OUT/shop.yaml" > "$OUT/shop-injected-classic.yaml" 2>/dev/null
+    # The shop's apps and database get a proxy; the gateway (a proxy itself) opts out.
+    for want in 'deployment/user injected' 'deployment/order injected' \
+        'deployment/payment injected' 'statefulset/postgres injected' \
+        'deployment/gateway skipped: ferrule.io/inject is disabled'; do
+        grep -qxF "$want" "$OUT/inject.log" || {
+            echo "FAIL: ferrule inject of k8s/shop did not report '$want':" >&2
+            cat "$OUT/inject.log" >&2
+            exit 1
+        }
+    done
+    # Bad input: a clear error naming the annotation, and a failing exit status.
+    bad='{"apiVersion":"v1","kind":"Pod","metadata":{"name":"p","annotations":{"ferrule.io/inject":"yes"}},"spec":{"containers":[{"name":"a","image":"b"}]}}'
+    if printf '%s\n' "$bad" | "$FERRULE" inject - > /dev/null 2> "$OUT/bad.log"; then
+        echo "FAIL: ferrule inject accepted ferrule.io/inject: yes" >&2
+        exit 1
+    fi
+    grep -q 'ferrule.io/inject: "yes": unknown value' "$OUT/bad.log" || {
+        echo "FAIL: ferrule inject's error does not name the annotation:" >&2
+        cat "$OUT/bad.log" >&2
+        exit 1
+    }
+    rm -f "$OUT/inject.log" "$OUT/bad.log"
 fi
 
 "$VENV/bin/python" "$K8S/validate.py" --versions "$VERSIONS" "$OUT"/*.yaml \

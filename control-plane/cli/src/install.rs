@@ -710,10 +710,11 @@ mod tests {
         let find = |kind: &str| resources.iter().find(|r| r["kind"] == kind).unwrap();
         let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
         assert_eq!(find("Secret")["data"]["tls.crt"], json!(b64(&tls.cert_pem)));
-        assert_eq!(
-            find("MutatingWebhookConfiguration")["webhooks"][0]["clientConfig"]["caBundle"],
-            json!(b64(&tls.ca_pem))
-        );
+        let hooks = find("MutatingWebhookConfiguration")["webhooks"].clone();
+        assert_eq!(hooks.as_array().unwrap().len(), 2);
+        for hook in hooks.as_array().unwrap() {
+            assert_eq!(hook["clientConfig"]["caBundle"], json!(b64(&tls.ca_pem)));
+        }
         let container = &find("Deployment")["spec"]["template"]["spec"]["containers"][0];
         assert_eq!(container["image"], "r/controller:1");
         let args = container["args"].to_string();

@@ -48,16 +48,17 @@ impl std::fmt::Display for Report {
 /// Input `ferrule inject` refuses, naming the document and what is wrong.
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
-    #[error("document {document}: not valid YAML: {source}")]
+    // The causes are part of the message (not `source`s), so that `{:#}` shows them once.
+    #[error("document {document}: not valid YAML: {error}")]
     Yaml {
         document: usize,
-        source: serde_yaml::Error,
+        error: serde_yaml::Error,
     },
-    #[error("document {document} ({resource}): {source}")]
+    #[error("document {document} ({resource}): {error}")]
     Inject {
         document: usize,
         resource: String,
-        source: crate::InjectError,
+        error: crate::InjectError,
     },
     #[error("document {document} ({resource}): {reason}")]
     Malformed {
@@ -74,7 +75,7 @@ pub fn inject(injector: &Injector, yaml: &str) -> Result<(String, Vec<Report>), 
     for (i, doc) in serde_yaml::Deserializer::from_str(yaml).enumerate() {
         let document = i + 1;
         let value: Value = serde::Deserialize::deserialize(doc)
-            .map_err(|source| ManifestError::Yaml { document, source })?;
+            .map_err(|error| ManifestError::Yaml { document, error })?;
         if value.is_null() {
             continue; // an empty document, e.g. a leading `---`
         }
@@ -148,10 +149,10 @@ fn inject_resource(
     let pod = resource
         .pointer_mut(template)
         .ok_or_else(|| malformed(format!("has no {} (its pod template)", dotted(template))))?;
-    let outcome = injector.plan(pod).map_err(|source| ManifestError::Inject {
+    let outcome = injector.plan(pod).map_err(|error| ManifestError::Inject {
         document,
         resource: label.clone(),
-        source,
+        error,
     })?;
     let result = match outcome {
         Outcome::Skip(why) => ReportResult::Skipped(why),
@@ -200,5 +201,34 @@ pub fn mode_of(pod: &Value) -> Option<SidecarMode> {
         Some(SidecarMode::Classic)
     } else {
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_name_the_document_and_resource() {
+        let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: s}\n---\n\
+                    apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\n\
+                    spec:\n  template:\n    metadata:\n      annotations: {ferrule.io/sidecar: sidecar}\n\
+                    \x20   spec: {containers: [{name: a, image: b}]}\n";
+        let err = inject(&Injector::default(), yaml).unwrap_err().to_string();
+        assert!(err.starts_with("document 2 (deployment/web): "), "{err}");
+        assert!(err.contains("ferrule.io/sidecar"), "{err}");
+        assert_eq!(err.matches("unknown value").count(), 1, "said once: {err}");
+
+        let err = inject(
+            &Injector::default(),
+            "kind: Deployment\nmetadata: {name: d}\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("spec.template"), "{err}");
+        let err = inject(&Injector::default(), "a: [")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not valid YAML"), "{err}");
     }
 }
