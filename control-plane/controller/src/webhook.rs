@@ -158,3 +158,39 @@ async fn handle(
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_certificate_files_are_named_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        let one = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let other = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let cert = write("tls.crt", &one.cert.pem());
+        let key = write("tls.key", &one.signing_key.serialize_pem());
+        let wrong_key = write("other.key", &other.signing_key.serialize_pem());
+        let empty = write("empty.crt", "");
+        let missing = dir.path().join("missing.crt");
+
+        assert!(tls_config(&cert, &key).is_ok());
+        let err = |c: &Path, k: &Path| format!("{:#}", tls_config(c, k).unwrap_err());
+        let e = err(&empty, &key);
+        assert!(
+            e.contains("empty.crt") && e.contains("no PEM CERTIFICATE"),
+            "{e}"
+        );
+        let e = err(&missing, &key);
+        assert!(e.contains("missing.crt"), "{e}");
+        let e = err(&cert, &empty);
+        assert!(e.contains("webhook key") && e.contains("empty.crt"), "{e}");
+        let e = err(&cert, &wrong_key);
+        assert!(e.contains("does not match"), "{e}");
+    }
+}
