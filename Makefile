@@ -28,6 +28,7 @@ help:
 	@echo '               BENCH_BASELINE_REV=REV adds the proxy built at REV) and bench/config.sh'
 	@echo '               (config propagation: bench/results/config.md), bench/cp-scale.sh (10,000'
 	@echo '               watch streams, 100 proxies: bench/results/config-scale.md)'
+	@echo '  make k8s-validate  validate k8s/ and injected pods against Kubernetes 1.29/1.31/1.33'
 	@echo '  make deps    apt-get install what is missing of: protobuf-compiler, etcd-server,'
 	@echo '               iptables, wrk, nghttp2-client, postgresql (root; otherwise prints the'
 	@echo '               sudo command); make bench also installs nginx, haproxy, linux-perf, curl'
@@ -66,6 +67,7 @@ test: deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) build --workspace --bins
+	@$(MAKE) --no-print-directory k8s-validate
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 	  echo '$(CARGO) nextest run --workspace --profile ci'; \
 	  $(CARGO) nextest run --workspace --profile ci; \
@@ -73,6 +75,16 @@ test: deps
 	  echo '$(CARGO) test --workspace'; \
 	  $(CARGO) test --workspace; \
 	fi
+
+# Every Kubernetes manifest (kustomize base, shop, overlays, components), `ferrule install`'s
+# output, the shop as `ferrule inject` rewrites it and the injector's golden files, validated
+# strictly against the schemas of Kubernetes 1.29, 1.31 and 1.33 (k8s/validate.sh; needs
+# kubectl for `kubectl kustomize`, installs kubernetes-validate from PyPI into a venv in the
+# target dir). Uses the debug `ferrule` when it is built.
+k8s-validate:
+	@target="$${CARGO_TARGET_DIR:-target}"; bin="$$target/debug/ferrule"; \
+	[ -x "$$bin" ] || { echo 'make k8s-validate: no debug ferrule built: skipping install/inject output'; bin=''; }; \
+	FERRULE="$$bin" sh k8s/validate.sh "$$target/venv-k8s"
 
 release: deps
 	$(CARGO) build --workspace --release --bins
@@ -96,4 +108,4 @@ bench: deps
 clean:
 	$(CARGO) clean
 
-.PHONY: help deps build test release demo bench clean
+.PHONY: help deps build test release demo bench clean k8s-validate

@@ -2,7 +2,8 @@
 //!
 //! It talks to `ferrule-controller` only through the `ferrule.v1` gRPC API, never to the store.
 //! This file holds the top-level flags and dispatch; each verb group has its own module
-//! ([`config`], [`dev`], [`get`], [`identity`], [`register`], [`version`]), [`client`] connects to the controller and
+//! ([`config`], [`dev`], [`get`], [`identity`], [`register`], [`version`]; Kubernetes: [`inject`] and
+//! [`install`] with `uninstall` and `check`), [`client`] connects to the controller and
 //! turns its failures into one readable line, [`output`] renders tables, JSON and YAML, and
 //! [`parse`] holds the argument parsers that refuse bad input before anything is sent.
 
@@ -11,6 +12,8 @@ mod config;
 mod dev;
 mod get;
 mod identity;
+mod inject;
+mod install;
 mod output;
 mod parse;
 mod register;
@@ -72,6 +75,14 @@ enum Command {
     Register(register::RegisterArgs),
     /// Print the version of this client.
     Version,
+    /// Add the Ferrule proxy to the workloads in Kubernetes YAML (file or stdin), offline.
+    Inject(inject::InjectArgs),
+    /// Print the control plane's Kubernetes manifests, for `| kubectl apply -f -`.
+    Install(install::InstallArgs),
+    /// Print what `ferrule install` created, for `| kubectl delete -f -`.
+    Uninstall(install::UninstallArgs),
+    /// Check a cluster before (--pre) or after installing Ferrule, through kubectl.
+    Check(install::CheckArgs),
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -102,6 +113,13 @@ async fn main() -> ExitCode {
             register::run(args, &cli.controller).await
         }
         Command::Version => version::run(cli.output),
+        Command::Inject(args) => inject::run(args),
+        Command::Install(args) => install::install(args),
+        Command::Uninstall(args) => install::uninstall(args),
+        Command::Check(args) => match install::check(args) {
+            Ok(false) => return ExitCode::from(1),
+            other => other.map(|_| ()),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

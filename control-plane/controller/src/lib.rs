@@ -5,7 +5,7 @@
 //! [`registry`] writes registrations under leases, [`discovery`] fans one store watch per
 //! service out to every subscriber, [`config`] is the configuration centre, [`admin`] answers
 //! the CLI, [`http`] serves `/live`,
-//! `/ready` and `/metrics`.
+//! `/ready` and `/metrics`, and [`webhook`] the HTTPS injection webhook (`--webhook-addr`).
 
 pub mod addresses;
 pub mod admin;
@@ -16,6 +16,7 @@ pub mod identity;
 pub mod keys;
 pub mod metrics;
 pub mod registry;
+pub mod webhook;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

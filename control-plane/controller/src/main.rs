@@ -1,9 +1,12 @@
 //! The `ferrule-controller` binary: parses its configuration, opens the store, serves.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
+use ferrule_inject::{InjectConfig, Injector, SidecarMode};
 use ferrule_store::StoreUrl;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -46,6 +49,54 @@ struct Config {
     /// Log format.
     #[arg(long, env = "FERRULE_LOG_FORMAT", default_value = "plain", value_parser = ["plain", "json"])]
     log_format: String,
+
+    #[command(flatten)]
+    webhook: WebhookArgs,
+}
+
+/// The injection webhook's flags (off unless `--webhook-addr` is given).
+#[derive(Debug, clap::Args)]
+struct WebhookArgs {
+    /// HTTPS listener of the injection webhook (`POST /inject`, AdmissionReview v1); off
+    /// when absent. Needs --webhook-cert and --webhook-key.
+    #[arg(long, env = "FERRULE_WEBHOOK_ADDR", requires_all = ["webhook_cert", "webhook_key"])]
+    webhook_addr: Option<SocketAddr>,
+
+    /// PEM certificate chain the webhook serves (its CA is the webhook configuration's caBundle).
+    #[arg(long, env = "FERRULE_WEBHOOK_CERT", value_name = "PEM")]
+    webhook_cert: Option<PathBuf>,
+
+    /// PEM private key of --webhook-cert.
+    #[arg(long, env = "FERRULE_WEBHOOK_KEY", value_name = "PEM")]
+    webhook_key: Option<PathBuf>,
+
+    /// Image injected pods run the proxy (and its init step) from.
+    #[arg(long, env = "FERRULE_PROXY_IMAGE", default_value_t = InjectConfig::default().proxy_image)]
+    proxy_image: String,
+
+    /// The controller address injected proxies dial (a Service name in the cluster).
+    #[arg(long, env = "FERRULE_PROXY_CONTROLLER", default_value_t = InjectConfig::default().controller)]
+    proxy_controller: String,
+
+    /// How injected proxies run unless a pod's ferrule.io/sidecar says otherwise: `native`
+    /// (Kubernetes 1.29+) or `classic`.
+    #[arg(long, env = "FERRULE_SIDECAR", default_value = "native", value_parser = ["native", "classic"])]
+    sidecar: String,
+}
+
+impl WebhookArgs {
+    fn injector(&self) -> Injector {
+        Injector::new(InjectConfig {
+            proxy_image: self.proxy_image.clone(),
+            controller: self.proxy_controller.clone(),
+            mode: if self.sidecar == "classic" {
+                SidecarMode::Classic
+            } else {
+                SidecarMode::Native
+            },
+            ..InjectConfig::default()
+        })
+    }
 }
 
 #[tokio::main]
@@ -87,25 +138,60 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding the admin listener on {}", config.admin_addr))?;
 
-    announce_ready(grpc.local_addr()?, admin.local_addr()?);
+    let webhook = match (
+        &config.webhook.webhook_addr,
+        &config.webhook.webhook_cert,
+        &config.webhook.webhook_key,
+    ) {
+        (Some(addr), Some(cert), Some(key)) => {
+            let tls = ferrule_controller::webhook::tls_config(cert, key)?;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the webhook listener on {addr}"))?;
+            Some((listener, tls))
+        }
+        _ => None,
+    };
+
+    announce_ready(
+        grpc.local_addr()?,
+        admin.local_addr()?,
+        webhook.as_ref().map(|(l, _)| l.local_addr()).transpose()?,
+    );
 
     let shutdown = CancellationToken::new();
     tokio::spawn(signal_shutdown(shutdown.clone()));
+    let webhook_task = webhook.map(|(listener, tls)| {
+        let injector = Arc::new(config.webhook.injector());
+        tokio::spawn(ferrule_controller::webhook::serve(
+            listener,
+            tls,
+            injector,
+            shutdown.clone(),
+        ))
+    });
     let options = ferrule_controller::Options { identity };
     ferrule_controller::serve_with(store, grpc, admin, options, shutdown)
         .await
         .context("the controller stopped with an error")?;
+    if let Some(task) = webhook_task {
+        task.await.context("the webhook task panicked")??;
+    }
     tracing::info!("controller stopped");
     Ok(())
 }
 
-const READY_HELP: &str = "Once both listeners are bound it prints one line to stdout, \
-`ferrule-controller ready: {\"grpc\":\"IP:PORT\",\"admin\":\"IP:PORT\"}`, with the addresses \
-actually bound: start it with port 0 and read them from that line.";
+const READY_HELP: &str = "Once its listeners are bound it prints one line to stdout, \
+`ferrule-controller ready: {\"grpc\":\"IP:PORT\",\"admin\":\"IP:PORT\"}` (and \
+`\"webhook\":\"IP:PORT\"` with --webhook-addr), with the addresses actually bound: start it \
+with port 0 and read them from that line.";
 
 /// Prints the ready line [`READY_HELP`] describes (the logs go to stderr).
-fn announce_ready(grpc: SocketAddr, admin: SocketAddr) {
-    let listeners = serde_json::json!({ "grpc": grpc, "admin": admin });
+fn announce_ready(grpc: SocketAddr, admin: SocketAddr, webhook: Option<SocketAddr>) {
+    let mut listeners = serde_json::json!({ "grpc": grpc, "admin": admin });
+    if let Some(webhook) = webhook {
+        listeners["webhook"] = serde_json::json!(webhook);
+    }
     println!("ferrule-controller ready: {listeners}");
 }
 
