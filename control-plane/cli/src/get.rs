@@ -476,6 +476,7 @@ mod tests {
                 address: "127.0.0.1".into(),
                 mode: "sidecar".into(),
                 version: "0.1.0".into(),
+                admin_address: "127.0.0.1:4191".into(),
             }),
             acked_version: acked,
             nacked_version: nacked,

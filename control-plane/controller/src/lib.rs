@@ -57,7 +57,7 @@ pub async fn serve(
         )))
         .add_service(AdminServer::new(admin::AdminService::new(store.clone())))
         .add_service(ConfigServer::new(config::ConfigService::new(
-            config::ConfigHub::spawn(store.clone()),
+            config::ConfigHub::spawn(store.clone(), metrics.clone()),
             shutdown.clone(),
         )))
         .add_service(IdentityServer::new(stubs::IdentityStub));

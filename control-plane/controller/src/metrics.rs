@@ -1,7 +1,9 @@
 //! The controller's Prometheus metrics, served on the admin listener's `/metrics`.
 
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
@@ -15,9 +17,44 @@ pub struct Metrics {
     pub service_watches: Gauge,
     /// Store calls that failed inside background watches.
     pub store_errors: Counter,
+    /// Stored values the controller skips because it cannot read them, by area.
+    unreadable_keys: Family<AreaLabels, Gauge>,
+}
+
+/// Which part of the store a key is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Area {
+    /// `/ferrule/config/`.
+    Config,
+    /// `/ferrule/registry/`.
+    Registry,
+}
+
+impl Area {
+    fn as_str(self) -> &'static str {
+        match self {
+            Area::Config => "config",
+            Area::Registry => "registry",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct AreaLabels {
+    area: &'static str,
 }
 
 impl Metrics {
+    /// The count of unreadable stored values under `area`, as last seen by the controller's
+    /// watch of it.
+    pub fn unreadable_keys(&self, area: Area) -> Gauge {
+        self.unreadable_keys
+            .get_or_create(&AreaLabels {
+                area: area.as_str(),
+            })
+            .clone()
+    }
+
     /// Renders every metric in the Prometheus text format.
     pub fn render(&self) -> String {
         let mut registry = Registry::with_prefix("ferrule_controller");
@@ -40,6 +77,11 @@ impl Metrics {
             "store_errors",
             "Store calls that failed in background watches",
             self.store_errors.clone(),
+        );
+        registry.register(
+            "unreadable_keys",
+            "Stored values skipped because they cannot be read (area: config or registry)",
+            self.unreadable_keys.clone(),
         );
         let mut out = String::new();
         encode(&mut out, &registry).expect("writing to a String cannot fail");

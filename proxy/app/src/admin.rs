@@ -51,19 +51,41 @@ pub struct AdminState {
 
 impl AdminState {
     pub fn ready(&self) -> bool {
-        let discovery_ok = !self.needs_discovery || self.discovery.connected();
-        let registration_ok = self.registration.as_ref().is_none_or(|r| r.registered());
-        discovery_ok && registration_ok
+        self.waiting_for().is_empty()
+    }
+
+    /// What the proxy still waits for before it is ready, for people (`/ready`'s body).
+    pub fn waiting_for(&self) -> Vec<String> {
+        let mut waiting = Vec::new();
+        if self.needs_discovery && !self.discovery.connected() {
+            waiting.push("a discovery stream to a controller".to_string());
+        }
+        if let Some(registration) = &self.registration {
+            if let Some(health) = registration.waiting_for() {
+                waiting.push(health);
+            } else if !registration.registered() {
+                waiting.push("the controller to register the app's ports".to_string());
+            }
+        }
+        waiting
     }
 
     fn respond(&self, req: &Request<Incoming>, peer: SocketAddr) -> Response<BoxBody> {
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
             (&Method::GET, "/ready") => {
-                if self.ready() {
+                let waiting = self.waiting_for();
+                if waiting.is_empty() {
                     text(StatusCode::OK, "ready\n")
                 } else {
-                    text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                    let lines: Vec<String> = waiting
+                        .iter()
+                        .map(|w| format!("waiting for {w}\n"))
+                        .collect();
+                    text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("not ready\n{}", lines.concat()),
+                    )
                 }
             }
             (&Method::GET, "/metrics") => match self.metrics.encode() {

@@ -1,0 +1,272 @@
+//! What a user can see of the mesh (issue #11): problems that used to be silent (unreadable
+//! stored values, a sidecar waiting for an unhealthy app, undocumented verbs), the golden
+//! metrics views (`ferrule stat`, `top`, `tap`, `get endpoints` with breaker state and EWMA
+//! latency) against a real dev mesh with traffic, and the Grafana dashboard's metric names
+//! against a real proxy's `/metrics`.
+
+use std::collections::BTreeSet;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use ferrule_harness::backend::HttpBackend;
+use ferrule_harness::{Controller, Etcd, Proxy, binary, eventually, http_get};
+use serde_json::Value;
+
+async fn ferrule(controller: &str, args: &[&str]) -> Result<Output> {
+    let mut cmd = Command::new(binary("ferrule")?);
+    cmd.arg("--controller").arg(controller).args(args);
+    ferrule_harness::output(cmd).await
+}
+
+fn ok(out: Output) -> Result<String> {
+    if !out.status.success() {
+        bail!(
+            "command failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The workspace's root folder (for docs/ and k8s/).
+fn repo_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ is inside the workspace")
+        .to_path_buf()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Item 7: problems a user could not see.
+
+/// Values written straight into etcd that the controller cannot read: a config value that is
+/// not JSON, one that is JSON but not a valid resource, and a registry value that is not an
+/// `Endpoint`. Each is counted on the controller's `/metrics` and named, with its reason, by
+/// `ferrule get config` and `ferrule status`.
+#[tokio::test]
+async fn unreadable_stored_values_are_counted_and_shown() -> Result<()> {
+    let etcd = Etcd::start().await?;
+    let controller = Controller::start(&etcd.url()).await?;
+    let addr = controller.grpc.to_string();
+    let url: ferrule_store::StoreUrl = etcd.url().parse()?;
+    let store = ferrule_store::connect(&url).await?;
+
+    let not_json = "/ferrule/config/ServicePolicy/default/not-json";
+    let not_valid = "/ferrule/config/ServicePolicy/default/not-valid";
+    let not_endpoint = "/ferrule/registry/default/user/http/127.0.0.1:9";
+    store
+        .put(not_json, b"{service: user".to_vec(), None)
+        .await?;
+    store
+        .put(
+            not_valid,
+            br#"{"service": "user", "nonsense": 1}"#.to_vec(),
+            None,
+        )
+        .await?;
+    store
+        .put(not_endpoint, b"not a protobuf".to_vec(), None)
+        .await?;
+
+    // The controller's metric, from its watches of both prefixes.
+    let admin = controller.admin;
+    eventually(
+        Duration::from_secs(10),
+        "unreadable_keys on /metrics",
+        || async move {
+            let (_, text) = http_get(admin, "/metrics").await.ok()?;
+            (text.contains(r#"ferrule_controller_unreadable_keys{area="config"} 2"#)
+                && text.contains(r#"ferrule_controller_unreadable_keys{area="registry"} 1"#))
+            .then_some(())
+        },
+    )
+    .await?;
+
+    // `get config`: the table names both keys and why; JSON lists them.
+    let table = ok(ferrule(&addr, &["get", "config"]).await?)?;
+    assert!(table.contains("cannot be read"), "{table}");
+    assert!(
+        table.contains(not_json) && table.contains(not_valid),
+        "{table}"
+    );
+    assert!(
+        table.contains("nonsense"),
+        "the reason names the field: {table}"
+    );
+    let json: Value =
+        serde_json::from_str(&ok(ferrule(&addr, &["get", "config", "-o", "json"]).await?)?)?;
+    let unreadable = json["unreadable"].as_array().context("unreadable")?;
+    let keys: BTreeSet<&str> = unreadable
+        .iter()
+        .filter_map(|u| u["key"].as_str())
+        .collect();
+    assert_eq!(keys, BTreeSet::from([not_json, not_valid]), "{json}");
+    assert!(
+        unreadable
+            .iter()
+            .all(|u| !u["reason"].as_str().unwrap_or("").is_empty()),
+        "{json}"
+    );
+
+    // `status`: config and registry.
+    let status: Value =
+        serde_json::from_str(&ok(ferrule(&addr, &["status", "-o", "json"]).await?)?)?;
+    let unreadable = status["unreadable"].as_array().context("unreadable")?;
+    let registry: Vec<&Value> = unreadable
+        .iter()
+        .filter(|u| u["area"] == "registry")
+        .collect();
+    assert_eq!(registry.len(), 1, "{status}");
+    assert_eq!(registry[0]["key"], not_endpoint);
+    assert!(
+        registry[0]["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("not a protobuf Endpoint"),
+        "{status}"
+    );
+    assert_eq!(
+        unreadable.iter().filter(|u| u["area"] == "config").count(),
+        2,
+        "{status}"
+    );
+    let table = ok(ferrule(&addr, &["status"]).await?)?;
+    assert!(
+        table.contains(not_endpoint) && table.contains(not_json),
+        "{table}"
+    );
+
+    // Fixed in the store: no longer counted or shown.
+    store.delete(not_json).await?;
+    store.delete(not_valid).await?;
+    store.delete(not_endpoint).await?;
+    eventually(
+        Duration::from_secs(10),
+        "unreadable_keys back to 0",
+        || async move {
+            let (_, text) = http_get(admin, "/metrics").await.ok()?;
+            (text.contains(r#"ferrule_controller_unreadable_keys{area="config"} 0"#)
+                && text.contains(r#"ferrule_controller_unreadable_keys{area="registry"} 0"#))
+            .then_some(())
+        },
+    )
+    .await?;
+    let status: Value =
+        serde_json::from_str(&ok(ferrule(&addr, &["status", "-o", "json"]).await?)?)?;
+    assert_eq!(status["unreadable"], serde_json::json!([]), "{status}");
+    Ok(())
+}
+
+/// A sidecar whose app fails its health check says so at info level (once, not per probe)
+/// and on `/ready`, naming the check and why the last one failed; once the app passes it is
+/// ready and says nothing more.
+#[tokio::test]
+async fn a_sidecar_says_what_it_waits_for() -> Result<()> {
+    let controller = Controller::start("memory").await?;
+    let app = HttpBackend::start("user").await?;
+    // Every request but `/health` fails with 503: check another path.
+    app.set_fail_per_mille(1000);
+    let proxy = Proxy::builder("user")
+        .args(["--service", "user", "--app-addr", &app.addr.to_string()])
+        .args(["--controller", &controller.url(), "--health-path", "/check"])
+        .args(["--health-interval", "100ms"])
+        .start()
+        .await?;
+
+    // `/ready` says what it waits for and why; wait until ten checks failed.
+    let admin = proxy.admin;
+    let body = eventually(
+        Duration::from_secs(20),
+        "ten failed checks on /ready",
+        || async move {
+            let (status, body) = http_get(admin, "/ready").await.ok()?;
+            let failures: u32 = body
+                .split("the last ")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()?;
+            (status == 503 && failures >= 10).then_some(body)
+        },
+    )
+    .await?;
+    let check = format!("GET http://{}/check", app.addr);
+    assert!(body.contains(&check), "{body}");
+    assert!(
+        body.contains("503"),
+        "the reason of the last failure: {body}"
+    );
+
+    // The log at info says it once, not once per probe (the period is 10 s).
+    let log = proxy.process.log();
+    let said = log
+        .lines()
+        .filter(|l| l.contains("waiting for the app to pass its health check"))
+        .collect::<Vec<_>>();
+    assert!(
+        !said.is_empty(),
+        "no info line about the failing check:\n{log}"
+    );
+    assert!(said.len() <= 2, "rate-limited, not per probe: {said:#?}");
+    assert!(
+        said[0].contains("INFO") && said[0].contains("503"),
+        "{}",
+        said[0]
+    );
+
+    app.set_fail_per_mille(0);
+    proxy.wait_ready(Duration::from_secs(20)).await?;
+    let (status, body) = proxy.admin_get("/ready").await?;
+    assert_eq!((status, body.as_str()), (200, "ready\n"));
+    Ok(())
+}
+
+/// Every verb of `ferrule` (and `dev up`/`dev down`) has its section in docs/cli.md.
+#[test]
+fn every_cli_verb_is_documented() -> Result<()> {
+    let docs = std::fs::read_to_string(repo_root().join("docs/cli.md"))?;
+    // `-h`: the short help, one line per verb.
+    let help = std::process::Command::new(binary("ferrule")?)
+        .arg("-h")
+        .output()?;
+    let help = String::from_utf8(help.stdout)?;
+    let verbs: Vec<&str> = help
+        .split("Commands:")
+        .nth(1)
+        .context("no Commands: in ferrule --help")?
+        .lines()
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|v| *v != "help")
+        .collect();
+    assert!(verbs.contains(&"dev"), "{help}");
+    let headings: Vec<&str> = docs.lines().filter(|l| l.starts_with("## ")).collect();
+    let mut missing = Vec::new();
+    for verb in verbs {
+        let sections: Vec<String> = match verb {
+            "dev" => vec!["dev up".into(), "dev down".into()],
+            "get" => vec!["get services".into(), "get endpoints".into()],
+            verb => vec![verb.to_string()],
+        };
+        for section in sections {
+            // `## `ferrule apply`...`, or a heading grouping verbs: `... `delete`, ...`.
+            let documented = headings.iter().any(|h| {
+                h.contains(&format!("`ferrule {section}"))
+                    || (h.contains("`ferrule ") && h.contains(&format!("`{section}`")))
+            });
+            if !documented {
+                missing.push(section);
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "docs/cli.md has no section for {missing:?}"
+    );
+    Ok(())
+}
