@@ -270,3 +270,235 @@ fn every_cli_verb_is_documented() -> Result<()> {
     );
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------------
+// Item 4: the golden metrics views, against a real dev mesh with traffic.
+
+const UP_WITHIN: Duration = Duration::from_secs(90);
+
+/// Sends the shop's traffic through the gateway until dropped: a user read and an order (order
+/// calls user and payment) every 250 ms, under the demo's 10/s rate limit.
+struct Traffic(tokio::task::JoinHandle<()>);
+
+impl Traffic {
+    async fn start(mesh: &ferrule_harness::dev_mesh::DevMesh) -> Result<Self> {
+        let token = mesh.login().await?;
+        let gateway = mesh.gateway;
+        let order = serde_json::json!({"user_id": "123", "items": [{"sku": "book", "quantity": 1, "unit_price_cents": 500}]});
+        Ok(Self(tokio::spawn(async move {
+            loop {
+                for (method, path, body) in [
+                    ("GET", "/api/users/123", None),
+                    ("POST", "/api/orders", Some(&order)),
+                ] {
+                    let mut req = http::Request::builder()
+                        .method(method)
+                        .uri(format!("http://{gateway}{path}"))
+                        .header("host", gateway.to_string())
+                        .header("authorization", format!("Bearer {token}"));
+                    if body.is_some() {
+                        req = req.header("content-type", "application/json");
+                    }
+                    let body = body.map(|b| b.to_string()).unwrap_or_default();
+                    if let Ok(req) = req.body(http_body_util::Full::new(bytes::Bytes::from(body))) {
+                        let _ = ferrule_harness::http1(gateway, req).await;
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            }
+        })))
+    }
+}
+
+impl Drop for Traffic {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn rows<'a>(doc: &'a Value, key: &str) -> Result<&'a Vec<Value>> {
+    doc[key]
+        .as_array()
+        .with_context(|| format!("no {key} in {doc}"))
+}
+
+#[tokio::test]
+async fn golden_metrics_views_against_the_dev_mesh() -> Result<()> {
+    let mesh = ferrule_harness::dev_mesh::DevMesh::up(&[], UP_WITHIN).await?;
+    let controller = mesh.addr("controller")?.to_string();
+    let _traffic = Traffic::start(&mesh).await?;
+
+    // `stat` per service: user and order answered requests in the window, with latency.
+    let stat = eventually(
+        Duration::from_secs(30),
+        "stat with traffic on user and order",
+        || {
+            let controller = controller.clone();
+            async move {
+                let out = ferrule(&controller, &["stat", "--window", "2s", "-o", "json"])
+                    .await
+                    .ok()?;
+                let doc: Value = serde_json::from_slice(&out.stdout).ok()?;
+                let busy = |name: &str| {
+                    doc["rows"].as_array().is_some_and(|rows| {
+                        rows.iter()
+                            .any(|r| r["service"] == name && r["requests"].as_f64() > Some(0.0))
+                    })
+                };
+                (busy("user") && busy("order")).then_some(doc)
+            }
+        },
+    )
+    .await?;
+    assert_eq!(stat["by"], "service");
+    for row in rows(&stat, "rows")? {
+        if row["requests"].as_f64() > Some(0.0) {
+            let rate = row["success_rate"].as_f64().context("success_rate")?;
+            assert!((0.0..=1.0).contains(&rate), "{row}");
+            assert!(row["rps"].as_f64() > Some(0.0), "{row}");
+            let (p50, p99) = (row["p50_ms"].as_f64(), row["p99_ms"].as_f64());
+            assert!(p50.is_some() && p50 <= p99, "{row}");
+        }
+    }
+    // The table, for people.
+    let table = ok(ferrule(&controller, &["stat", "user", "--window", "1s"]).await?)?;
+    assert!(
+        table.starts_with("SERVICE") && table.contains("P99"),
+        "{table}"
+    );
+    assert!(table.lines().any(|l| l.starts_with("user ")), "{table}");
+
+    // `stat --by edge`: order's sidecar calls user and payment.
+    let edges = eventually(
+        Duration::from_secs(30),
+        "edges order -> user and payment",
+        || {
+            let controller = controller.clone();
+            async move {
+                let out = ferrule(
+                    &controller,
+                    &["stat", "--by", "edge", "--window", "2s", "-o", "json"],
+                )
+                .await
+                .ok()?;
+                let doc: Value = serde_json::from_slice(&out.stdout).ok()?;
+                let edge = |callee: &str| {
+                    doc["rows"].as_array().is_some_and(|rows| {
+                        rows.iter().any(|r| {
+                            r["caller"] == "order"
+                                && r["callee"] == callee
+                                && r["requests"].as_f64() > Some(0.0)
+                        })
+                    })
+                };
+                (edge("user") && edge("payment")).then_some(doc)
+            }
+        },
+    )
+    .await?;
+    assert_eq!(edges["by"], "edge");
+
+    // `top`: one refresh as JSON, busiest first; two as a table.
+    let top: Value = serde_json::from_str(&ok(ferrule(
+        &controller,
+        &["top", "--once", "--interval", "2s", "-o", "json"],
+    )
+    .await?)?)?;
+    let paths = rows(&top, "paths")?;
+    assert!(!paths.is_empty(), "{top}");
+    let rps: Vec<f64> = paths.iter().filter_map(|p| p["rps"].as_f64()).collect();
+    assert!(rps.windows(2).all(|w| w[0] >= w[1]), "busiest first: {top}");
+    let table = ok(ferrule(
+        &controller,
+        &["top", "--iterations", "2", "--interval", "1s"],
+    )
+    .await?)?;
+    assert_eq!(
+        table.matches("ferrule top: busiest paths").count(),
+        2,
+        "{table}"
+    );
+    assert!(table.contains("order -> user"), "{table}");
+
+    // `tap`: live POSTs through order's sidecar, metadata only.
+    let out = ferrule(
+        &controller,
+        &[
+            "tap",
+            "order",
+            "--method",
+            "POST",
+            "--direction",
+            "inbound",
+            "--max",
+            "2",
+            "--for",
+            "30s",
+            "-o",
+            "json",
+        ],
+    )
+    .await?;
+    let text = ok(out)?;
+    let events: Vec<Value> = text
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    assert_eq!(events.len(), 2, "{text}");
+    for e in &events {
+        assert_eq!(e["method"], "POST", "{e}");
+        assert_eq!(e["direction"], "inbound", "{e}");
+        assert!(
+            e["path"].as_str().is_some_and(|p| p.starts_with("/orders")),
+            "{e}"
+        );
+        assert!(e["status"].as_u64().is_some_and(|s| s >= 200), "{e}");
+        assert!(e.get("body").is_none(), "never bodies: {e}");
+    }
+    // A bad filter is refused naming it.
+    let out = ferrule(
+        &controller,
+        &["tap", "order", "--status", "abc", "--for", "10s"],
+    )
+    .await?;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("status"), "{stderr}");
+
+    // `get endpoints`: the breaker state and EWMA latency order's sidecar has for user.
+    let endpoints: Value = serde_json::from_str(&ok(ferrule(
+        &controller,
+        &["get", "endpoints", "user", "-o", "json"],
+    )
+    .await?)?)?;
+    let endpoints = rows(&endpoints, "endpoints")?;
+    // Two user replicas with an http and a grpc port each; order calls user over gRPC, so its
+    // sidecar balances over (and has a breaker for) both grpc endpoints.
+    assert_eq!(endpoints.len(), 4, "{endpoints:?}");
+    let grpc: Vec<&Value> = endpoints
+        .iter()
+        .filter(|e| e["port_name"] == "grpc")
+        .collect();
+    assert_eq!(grpc.len(), 2, "{endpoints:?}");
+    for e in grpc {
+        assert_eq!(e["breaker"], "closed", "{e}");
+        assert!(
+            e["latency_ewma_ms"].as_f64().is_some_and(|ms| ms > 0.0),
+            "{e}"
+        );
+    }
+    let table = ok(ferrule(&controller, &["get", "endpoints", "user"]).await?)?;
+    assert!(
+        table.contains("BREAKER") && table.contains("closed"),
+        "{table}"
+    );
+
+    // Every view's --help has an example.
+    for verb in [&["stat"][..], &["top"], &["tap"], &["get", "endpoints"]] {
+        let mut args = verb.to_vec();
+        args.push("--help");
+        let help = ok(ferrule(&controller, &args).await?)?;
+        assert!(help.contains("Examples:\n  ferrule "), "{verb:?}: {help}");
+    }
+    Ok(())
+}

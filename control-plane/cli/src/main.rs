@@ -14,6 +14,11 @@ mod output;
 mod parse;
 mod register;
 mod version;
+// The golden-metrics views (issue #11): stat, top, tap, and what they share.
+mod stat;
+mod tap;
+mod top;
+mod views;
 
 use std::process::ExitCode;
 
@@ -69,6 +74,13 @@ enum Command {
     Register(register::RegisterArgs),
     /// Print the version of this client.
     Version,
+    /// Golden metrics per service or per edge caller→callee: success rate, requests per second,
+    /// p50/p95/p99 latency, measured from the proxies' metrics over a window.
+    Stat(stat::StatArgs),
+    /// The busiest paths of the mesh, refreshed in place.
+    Top(top::TopArgs),
+    /// Stream the metadata of live requests through one proxy (never bodies).
+    Tap(tap::TapArgs),
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -98,6 +110,9 @@ async fn main() -> ExitCode {
             register::run(args, &cli.controller).await
         }
         Command::Version => version::run(cli.output),
+        Command::Stat(args) => stat::run(args, &cli.controller, cli.output).await,
+        Command::Top(args) => top::run(args, &cli.controller, cli.output).await,
+        Command::Tap(args) => tap::run(args, &cli.controller, cli.output).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
