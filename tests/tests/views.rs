@@ -502,3 +502,169 @@ async fn golden_metrics_views_against_the_dev_mesh() -> Result<()> {
     }
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------------
+// Item 6: the Grafana dashboard queries the proxies' real metric names.
+
+/// Metric names a PromQL expression selects: every identifier written right before a `{`
+/// selector (the dashboard writes every metric with one, even `{}`).
+fn selected_metrics(expr: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let bytes = expr.as_bytes();
+    for (i, b) in bytes.iter().enumerate() {
+        if *b != b'{' {
+            continue;
+        }
+        let start = bytes[..i]
+            .iter()
+            .rposition(|c| !(c.is_ascii_alphanumeric() || *c == b'_' || *c == b':'))
+            .map_or(0, |p| p + 1);
+        if start < i {
+            names.push(expr[start..i].to_string());
+        }
+    }
+    names
+}
+
+/// Whether `/metrics` text has series (or at least the family, before its first sample) of
+/// `name`: a counter `x_total` is declared `# TYPE x counter`, a histogram's `x_bucket` as
+/// `# TYPE x histogram`.
+fn exposes(text: &str, name: &str) -> bool {
+    let family = ["_total", "_bucket", "_sum", "_count"]
+        .iter()
+        .find_map(|suffix| name.strip_suffix(suffix))
+        .unwrap_or(name);
+    text.lines().any(|l| {
+        l.starts_with(&format!("{name}{{"))
+            || l.starts_with(&format!("{name} "))
+            || l.starts_with(&format!("# TYPE {name} "))
+            || l.starts_with(&format!("# TYPE {family} "))
+    })
+}
+
+const POLICY_FOR_METRICS: &str = "\
+apiVersion: ferrule.io/v1
+kind: ServicePolicy
+metadata:
+  name: user
+spec:
+  service: user
+  timeouts:
+    request: 500ms
+  retries:
+    maxAttempts: 2
+    budget:
+      ratio: 0.0
+      minPerSecond: 1
+  rateLimit:
+    requestsPerSecond: 2
+    burst: 4
+---
+apiVersion: ferrule.io/v1
+kind: HTTPRoute
+metadata:
+  name: user-faults
+spec:
+  service: user
+  rules:
+    - matches:
+        - path: {type: Prefix, value: /abort}
+      backends:
+        - {service: user}
+      fault:
+        abort: {status: 500}
+";
+
+#[tokio::test]
+async fn the_dashboard_queries_metrics_real_proxies_expose() -> Result<()> {
+    let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(
+        repo_root().join("k8s/observability/grafana-dashboard.json"),
+    )?)?;
+    let mut wanted = BTreeSet::new();
+    for panel in dashboard["panels"].as_array().context("panels")? {
+        for target in panel["targets"].as_array().context("targets")? {
+            let expr = target["expr"].as_str().context("expr")?;
+            let names = selected_metrics(expr);
+            assert!(!names.is_empty(), "no metric in {expr:?}");
+            wanted.extend(names);
+        }
+    }
+    assert!(wanted.contains("request_total") && wanted.contains("response_latency_ms_bucket"));
+
+    // A caller's sidecar sending to a service's sidecar, through a controller: the families
+    // of both sides, discovery, balancing and breakers exist.
+    let controller = Controller::start("memory").await?;
+    let app = HttpBackend::start("user").await?;
+    let user = Proxy::builder("user")
+        .args(["--service", "user", "--app-addr", &app.addr.to_string()])
+        .args(["--controller", &controller.url()])
+        .start()
+        .await?;
+    user.wait_ready(Duration::from_secs(20)).await?;
+    let web = Proxy::builder("web")
+        .args(["--service", "web", "--controller", &controller.url()])
+        .upstream("user")
+        .start()
+        .await?;
+    let upstream = web.upstream("user")?;
+    eventually(
+        Duration::from_secs(20),
+        "a request through web's sidecar",
+        || async move { matches!(http_get(upstream, "/hello").await, Ok((200, _))).then_some(()) },
+    )
+    .await?;
+
+    // Policy families have series only once they count something: a policy with a timeout,
+    // a small retry budget and a rate limit, and a route that aborts `/abort`.
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("user.yaml");
+    std::fs::write(&config, POLICY_FOR_METRICS)?;
+    ok(ferrule(
+        &controller.grpc.to_string(),
+        &["apply", "-f", &config.display().to_string()],
+    )
+    .await?)?;
+    let (web_admin, user_admin) = (web.admin, user.admin);
+    let both = || async move {
+        let (_, a) = http_get(web_admin, "/metrics").await.ok()?;
+        let (_, b) = http_get(user_admin, "/metrics").await.ok()?;
+        Some(format!("{a}{b}"))
+    };
+    // Each stimulus is repeated (bounded) until its family shows: no timing is assumed.
+    for (family, path, delay_ms, fail) in [
+        ("faults_total", "/abort", 0, 0),
+        ("timeouts_total", "/slow", 1500, 0),
+        ("proxy_errors_total", "/slow", 1500, 0),
+        ("retries_total", "/fail", 0, 1000),
+        ("retry_budget_exhausted_total", "/fail", 0, 1000),
+        ("rate_limited_total", "/hello", 0, 0),
+    ] {
+        app.set_delay(Duration::from_millis(delay_ms));
+        app.set_fail_per_mille(fail);
+        eventually(Duration::from_secs(30), family, || async move {
+            let _ = http_get(upstream, path).await;
+            both()
+                .await
+                .filter(|text| exposes(text, family))
+                .map(|_| ())
+        })
+        .await?;
+    }
+    app.set_delay(Duration::from_millis(0));
+    app.set_fail_per_mille(0);
+    let text = both().await.context("scraping the proxies")?;
+    let (_, controller_text) = http_get(controller.admin, "/metrics").await?;
+
+    let missing: Vec<&String> = wanted
+        .iter()
+        .filter(|name| match name.strip_prefix("ferrule_controller_") {
+            Some(_) => !exposes(&controller_text, name),
+            None => !exposes(&text, name),
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "the dashboard queries metrics no proxy exposes: {missing:?}\n{text}"
+    );
+    Ok(())
+}
