@@ -398,6 +398,38 @@ async fn golden_metrics_views_against_the_dev_mesh() -> Result<()> {
     .await?;
     assert_eq!(edges["by"], "edge");
 
+    // `stat --by path`: order's requests by method and path, read live through its tap.
+    let paths = eventually(
+        Duration::from_secs(30),
+        "POST /orders in stat --by path",
+        || {
+            let controller = controller.clone();
+            async move {
+                let out = ferrule(
+                    &controller,
+                    &[
+                        "stat", "order", "--by", "path", "--window", "2s", "-o", "json",
+                    ],
+                )
+                .await
+                .ok()?;
+                let doc: Value = serde_json::from_slice(&out.stdout).ok()?;
+                let row = doc["rows"]
+                    .as_array()?
+                    .iter()
+                    .find(|r| r["service"] == "order" && r["route"] == "POST /orders")?
+                    .clone();
+                (row["requests"].as_f64() > Some(0.0)).then_some(row)
+            }
+        },
+    )
+    .await?;
+    assert!(
+        paths["p99_ms"].as_f64().is_some_and(|ms| ms > 0.0),
+        "{paths}"
+    );
+    assert_eq!(paths["success_rate"], 1.0, "{paths}");
+
     // `top`: one refresh as JSON, busiest first; two as a table.
     let top: Value = serde_json::from_str(&ok(ferrule(
         &controller,

@@ -2,7 +2,7 @@
 //! service or per edge caller→callee, from two scrapes of every proxy's `/metrics` a window
 //! apart ([`crate::views`] reads and computes).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, Write};
 use std::time::Duration;
 
@@ -18,7 +18,8 @@ use crate::views::{self, Delta, Golden, ms, percent};
 #[command(after_help = "Examples:
   ferrule stat                          # every service, over 3 s
   ferrule stat user --window 10s        # one service
-  ferrule stat --by edge -o json        # caller→callee edges, as JSON")]
+  ferrule stat --by edge -o json        # caller→callee edges, as JSON
+  ferrule stat order --by path          # order's requests by method and path")]
 pub struct StatArgs {
     /// Only this service (for edges: as caller or callee).
     service: Option<String>,
@@ -38,6 +39,9 @@ pub enum By {
     Service,
     /// One row per caller→callee pair.
     Edge,
+    /// One row per service, method and path, from the requests the services' sidecars
+    /// answered during the window (read live through `/tap`, not from counters).
+    Path,
 }
 
 /// One row of `stat` or `top`.
@@ -52,6 +56,9 @@ pub struct Row {
     /// The called service (`--by edge`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub callee: Option<String>,
+    /// `GET /users/123` (`--by path`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub route: Option<String>,
     /// Proxies whose numbers the row sums.
     pub proxies: usize,
     #[serde(flatten)]
@@ -61,9 +68,10 @@ pub struct Row {
 impl Row {
     /// `user`, or `order -> user`.
     pub fn path(&self) -> String {
-        match (&self.caller, &self.callee, &self.service) {
-            (Some(caller), Some(callee), _) => format!("{caller} -> {callee}"),
-            (_, _, Some(service)) => service.clone(),
+        match (&self.caller, &self.callee, &self.service, &self.route) {
+            (Some(caller), Some(callee), _, _) => format!("{caller} -> {callee}"),
+            (_, _, Some(service), Some(route)) => format!("{service} {route}"),
+            (_, _, Some(service), None) => service.clone(),
             _ => String::new(),
         }
     }
@@ -128,6 +136,7 @@ pub async fn measure(addr: &ControllerAddr, window: Duration) -> anyhow::Result<
                 service: Some(service),
                 caller: None,
                 callee: None,
+                route: None,
                 proxies,
                 golden: delta.golden(window),
             })
@@ -138,6 +147,7 @@ pub async fn measure(addr: &ControllerAddr, window: Duration) -> anyhow::Result<
                 service: None,
                 caller: Some(caller),
                 callee: Some(callee),
+                route: None,
                 proxies,
                 golden: delta.golden(window),
             })
@@ -158,6 +168,7 @@ impl Render for Stat {
         let first = match self.by {
             By::Service => "SERVICE",
             By::Edge => "EDGE",
+            By::Path => "SERVICE PATH",
         };
         write_rows(out, first, &self.rows)
     }
@@ -181,11 +192,83 @@ pub fn write_rows(out: &mut dyn Write, first: &str, rows: &[Row]) -> io::Result<
     write_table(out, &[first, "SUCCESS", "RPS", "P50", "P95", "P99"], &rows)
 }
 
+/// What `--by path` saw of one (service, "METHOD path"): the proxies, the successes and every
+/// latency.
+type PathSamples = (BTreeSet<String>, f64, Vec<f64>);
+
+/// `--by path`: taps every proxy's inbound side for `window` and groups what it answered.
+async fn measure_paths(addr: &ControllerAddr, window: Duration) -> anyhow::Result<Measurement> {
+    let proxies = views::proxies(addr).await?;
+    let started = Instant::now();
+    let taps = futures::future::join_all(proxies.iter().map(|p| async move {
+        (
+            p,
+            views::tap_for(&p.admin, "direction=inbound", window).await,
+        )
+    }))
+    .await;
+    let window = started.elapsed();
+    let mut groups: BTreeMap<(String, String), PathSamples> = BTreeMap::new();
+    for (proxy, events) in taps {
+        let events = match events {
+            Ok(events) => events,
+            Err(e) => {
+                eprintln!("skipping proxy {} ({}): {e:#}", proxy.proxy_id, proxy.admin);
+                continue;
+            }
+        };
+        for e in events {
+            let route = format!(
+                "{} {}",
+                e["method"].as_str().unwrap_or(""),
+                e["path"].as_str().unwrap_or("")
+            );
+            let entry = groups.entry((proxy.service.clone(), route)).or_default();
+            entry.0.insert(proxy.proxy_id.clone());
+            // As `request_total` classifies a response head: a 5xx is a failure.
+            if e["status"].as_u64().is_some_and(|s| s < 500) {
+                entry.1 += 1.0;
+            }
+            entry.2.push(e["latency_ms"].as_f64().unwrap_or(0.0));
+        }
+    }
+    let services = groups
+        .into_iter()
+        .map(|((service, route), (seen, successes, mut latencies))| {
+            latencies.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+            let requests = latencies.len() as f64;
+            Row {
+                service: Some(service),
+                caller: None,
+                callee: None,
+                route: Some(route),
+                proxies: seen.len(),
+                golden: Golden {
+                    requests,
+                    success_rate: (requests > 0.0).then(|| successes / requests),
+                    rps: requests / window.as_secs_f64().max(f64::EPSILON),
+                    p50_ms: views::sample_quantile(&latencies, 0.50),
+                    p95_ms: views::sample_quantile(&latencies, 0.95),
+                    p99_ms: views::sample_quantile(&latencies, 0.99),
+                },
+            }
+        })
+        .collect();
+    Ok(Measurement {
+        window,
+        services,
+        edges: Vec::new(),
+    })
+}
+
 pub async fn run(args: StatArgs, addr: &ControllerAddr, format: Format) -> anyhow::Result<()> {
-    let m = measure(addr, args.window).await?;
+    let m = match args.by {
+        By::Path => measure_paths(addr, args.window).await?,
+        _ => measure(addr, args.window).await?,
+    };
     let rows = match args.by {
-        By::Service => m.services,
         By::Edge => m.edges,
+        _ => m.services,
     };
     let rows: Vec<Row> = rows
         .into_iter()

@@ -294,6 +294,59 @@ pub async fn endpoint_health(
     health
 }
 
+/// The tap events (`/tap?{query}`) one proxy streams during `window`; an error if its tap
+/// cannot be opened.
+pub async fn tap_for(
+    admin: &str,
+    query: &str,
+    window: Duration,
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+    let uri: http::Uri = format!("http://{admin}/tap?{query}")
+        .parse()
+        .with_context(|| format!("admin address {admin:?}"))?;
+    let rsp = tokio::time::timeout(SCRAPE_TIMEOUT, client.get(uri.clone()))
+        .await
+        .with_context(|| format!("{uri} did not answer within {SCRAPE_TIMEOUT:?}"))?
+        .with_context(|| format!("GET {uri}"))?;
+    if !rsp.status().is_success() {
+        bail!("GET {uri} answered {}", rsp.status());
+    }
+    let mut body = rsp.into_body();
+    let mut pending = Vec::new();
+    let mut events = Vec::new();
+    let read = async {
+        while let Some(frame) = body.frame().await {
+            let Ok(data) = frame?.into_data() else {
+                continue;
+            };
+            pending.extend_from_slice(&data);
+            while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=end).collect();
+                let event: serde_json::Value = serde_json::from_slice(&line)?;
+                if event.get("lost").is_none() {
+                    events.push(event);
+                }
+            }
+        }
+        anyhow::Ok(())
+    };
+    // The window ending is the normal way out; a stream that ends early is fine too.
+    if let Ok(result) = tokio::time::timeout(window, read).await {
+        result?;
+    }
+    Ok(events)
+}
+
+/// The `q` quantile of `sorted` samples (nearest rank).
+pub fn sample_quantile(sorted: &[f64], q: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = (q * sorted.len() as f64).ceil().max(1.0) as usize;
+    sorted.get(rank.min(sorted.len()) - 1).copied()
+}
+
 /// Formats an optional number of milliseconds for a table.
 pub fn ms(v: Option<f64>) -> String {
     v.map_or_else(String::new, |v| format!("{v:.1}ms"))
@@ -349,6 +402,15 @@ response_latency_ms_bucket{le="+Inf",direction="inbound",target_service="user"} 
             (golden.requests, golden.success_rate, golden.p99_ms),
             (0.0, None, None)
         );
+    }
+
+    #[test]
+    fn sample_quantiles_take_the_nearest_rank() {
+        let samples: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(sample_quantile(&samples, 0.5), Some(50.0));
+        assert_eq!(sample_quantile(&samples, 0.99), Some(99.0));
+        assert_eq!(sample_quantile(&[7.0], 0.99), Some(7.0));
+        assert_eq!(sample_quantile(&[], 0.5), None);
     }
 
     #[test]
