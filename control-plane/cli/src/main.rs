@@ -74,8 +74,8 @@ enum Command {
     Register(register::RegisterArgs),
     /// Print the version of this client.
     Version,
-    /// Golden metrics per service or per edge caller→callee: success rate, requests per second,
-    /// p50/p95/p99 latency, measured from the proxies' metrics over a window.
+    /// Golden metrics per service, per edge caller→callee or per path: success rate, requests
+    /// per second, p50/p95/p99 latency, measured from the proxies over a window.
     Stat(stat::StatArgs),
     /// The busiest paths of the mesh, refreshed in place.
     Top(top::TopArgs),
@@ -147,6 +147,13 @@ mod tests {
         let cli = Cli::try_parse_from(["ferrule", "get", "services", "-o", "json"]).unwrap();
         assert_eq!(cli.output, Format::Json);
         assert_eq!(cli.controller.to_string(), "127.0.0.1:8086");
+    }
+
+    #[test]
+    fn stat_by_route_is_by_path() {
+        let cli = Cli::try_parse_from(["ferrule", "stat", "--by", "route"]).unwrap();
+        assert!(matches!(cli.command, Command::Stat(_)), "{cli:?}");
+        assert!(Cli::try_parse_from(["ferrule", "stat", "--by", "rule"]).is_err());
     }
 
     #[test]

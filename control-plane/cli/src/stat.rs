@@ -23,8 +23,8 @@ use crate::views::{self, Delta, Golden, ms, percent};
 pub struct StatArgs {
     /// Only this service (for edges: as caller or callee).
     service: Option<String>,
-    /// What a row is: a service (what its sidecars answered, inbound) or an edge caller→callee
-    /// (what the caller's sidecar sent to the callee, outbound).
+    /// What a row is: a service (what its sidecars answered, inbound), an edge caller→callee
+    /// (what the caller's sidecar sent to the callee, outbound), or a service's method and path.
     #[arg(long, value_enum, default_value_t = By::Service)]
     by: By,
     /// How long to measure: rates and percentiles come from two scrapes this far apart.
@@ -40,7 +40,9 @@ pub enum By {
     /// One row per caller→callee pair.
     Edge,
     /// One row per service, method and path, from the requests the services' sidecars
-    /// answered during the window (read live through `/tap`, not from counters).
+    /// answered during the window (read live through `/tap`, not from counters). `route` is
+    /// accepted for it.
+    #[value(alias = "route")]
     Path,
 }
 
