@@ -15,7 +15,7 @@ use ferrule_config::{Kind, Resource};
 use ferrule_proto::v1::admin_client::AdminClient;
 use ferrule_proto::v1::{
     self as pb, ApplyConfigRequest, ConfigHistoryRequest, DeleteConfigRequest, GetConfigRequest,
-    ListProxiesRequest, RollbackConfigRequest,
+    ListProxiesRequest, ListUnreadableRequest, RollbackConfigRequest,
 };
 use serde::Serialize;
 
@@ -211,6 +211,17 @@ async fn fetch(
     namespace: &str,
     name: &str,
 ) -> anyhow::Result<(Vec<(Resource, i64)>, i64)> {
+    let (resources, _, version) = fetch_all(addr, kind, namespace, name).await?;
+    Ok((resources, version))
+}
+
+/// [`fetch`], and the stored values under the same keys the controller cannot read.
+async fn fetch_all(
+    addr: &ControllerAddr,
+    kind: Option<Kind>,
+    namespace: &str,
+    name: &str,
+) -> anyhow::Result<(Vec<(Resource, i64)>, Vec<Unreadable>, i64)> {
     let mut admin = AdminClient::new(client::connect(addr).await?);
     let resp = client::call(
         addr,
@@ -227,7 +238,50 @@ async fn fetch(
         .iter()
         .map(|r| Ok((from_proto(r)?, r.revision)))
         .collect::<anyhow::Result<_>>()?;
-    Ok((resources, resp.version))
+    let unreadable = resp
+        .unreadable
+        .into_iter()
+        .map(|u| Unreadable::new("config", u))
+        .collect();
+    Ok((resources, unreadable, resp.version))
+}
+
+/// A stored value the controller skips because it cannot read it.
+#[derive(Debug, Serialize)]
+pub struct Unreadable {
+    /// `config` or `registry`.
+    area: &'static str,
+    key: String,
+    reason: String,
+    revision: i64,
+}
+
+impl Unreadable {
+    fn new(area: &'static str, u: pb::UnreadableKey) -> Self {
+        Self {
+            area,
+            key: u.key,
+            reason: u.reason,
+            revision: u.revision,
+        }
+    }
+}
+
+/// Writes the unreadable values as a table under a heading that says what they are.
+fn write_unreadable(out: &mut dyn Write, unreadable: &[Unreadable]) -> io::Result<()> {
+    if unreadable.is_empty() {
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "\n{} stored value(s) cannot be read and are skipped by the controller:",
+        unreadable.len()
+    )?;
+    let rows: Vec<Vec<String>> = unreadable
+        .iter()
+        .map(|u| vec![u.key.clone(), u.reason.clone(), u.revision.to_string()])
+        .collect();
+    write_table(out, &["UNREADABLE KEY", "REASON", "WRITTEN-AT"], &rows)
 }
 
 pub async fn get(args: GetConfigArgs, addr: &ControllerAddr, format: Format) -> anyhow::Result<()> {
@@ -235,7 +289,7 @@ pub async fn get(args: GetConfigArgs, addr: &ControllerAddr, format: Format) -> 
         bail!("a NAME needs a KIND before it");
     }
     let namespace = args.namespace.clone().unwrap_or_default();
-    let (resources, version) = fetch(
+    let (resources, unreadable, version) = fetch_all(
         addr,
         args.kind,
         &namespace,
@@ -244,6 +298,7 @@ pub async fn get(args: GetConfigArgs, addr: &ControllerAddr, format: Format) -> 
     .await?;
     if let Some(name) = &args.name
         && resources.is_empty()
+        && unreadable.is_empty()
     {
         bail!(
             "{}/{}/{name} not found",
@@ -253,7 +308,8 @@ pub async fn get(args: GetConfigArgs, addr: &ControllerAddr, format: Format) -> 
     }
     let mut out = io::stdout().lock();
     match format {
-        // YAML output is the resources themselves, ready to edit and apply again.
+        // YAML output is the resources themselves, ready to edit and apply again; what cannot
+        // be read is said on stderr.
         Format::Yaml => {
             for (i, (r, _)) in resources.iter().enumerate() {
                 if i > 0 {
@@ -261,38 +317,48 @@ pub async fn get(args: GetConfigArgs, addr: &ControllerAddr, format: Format) -> 
                 }
                 write!(out, "{}", r.to_yaml())?;
             }
+            write_unreadable(&mut io::stderr().lock(), &unreadable)?;
             Ok(())
         }
         Format::Json => {
             let docs: Vec<&Resource> = resources.iter().map(|(r, _)| r).collect();
-            let doc = serde_json::json!({ "version": version, "resources": docs });
+            let doc = serde_json::json!({
+                "version": version,
+                "resources": docs,
+                "unreadable": unreadable,
+            });
             writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
             Ok(())
         }
         Format::Table => {
-            if resources.is_empty() {
+            if resources.is_empty() && unreadable.is_empty() {
                 eprintln!("no config resources (config version {version})");
                 return Ok(());
             }
-            let rows: Vec<Vec<String>> = resources
-                .iter()
-                .map(|(r, rev)| {
-                    vec![
-                        r.kind.to_string(),
-                        r.metadata.namespace.clone(),
-                        r.metadata.name.clone(),
-                        // A Gateway configures the gateway its name names, not a service.
-                        r.spec.service().unwrap_or("-").to_string(),
-                        rev.to_string(),
-                    ]
-                })
-                .collect();
-            write_table(
-                &mut out,
-                &["KIND", "NAMESPACE", "NAME", "SERVICE", "CHANGED-AT"],
-                &rows,
-            )?;
+            if resources.is_empty() {
+                writeln!(out, "no readable config resources")?;
+            } else {
+                let rows: Vec<Vec<String>> = resources
+                    .iter()
+                    .map(|(r, rev)| {
+                        vec![
+                            r.kind.to_string(),
+                            r.metadata.namespace.clone(),
+                            r.metadata.name.clone(),
+                            // A Gateway configures the gateway its name names, not a service.
+                            r.spec.service().unwrap_or("-").to_string(),
+                            rev.to_string(),
+                        ]
+                    })
+                    .collect();
+                write_table(
+                    &mut out,
+                    &["KIND", "NAMESPACE", "NAME", "SERVICE", "CHANGED-AT"],
+                    &rows,
+                )?;
+            }
             writeln!(out, "config version {version}")?;
+            write_unreadable(&mut out, &unreadable)?;
             Ok(())
         }
     }
@@ -486,6 +552,8 @@ pub async fn rollback(
 struct Status {
     config_version: i64,
     proxies: Vec<ProxyConfigStatus>,
+    /// Stored values (config and registry) the controller skips because it cannot read them.
+    unreadable: Vec<Unreadable>,
 }
 
 #[derive(Debug, Serialize)]
@@ -529,7 +597,8 @@ impl Render for Status {
             &["PROXY", "SERVICE", "ADDRESS", "MODE", "CONFIG", "STATE"],
             &rows,
         )?;
-        writeln!(out, "config version {}", self.config_version)
+        writeln!(out, "config version {}", self.config_version)?;
+        write_unreadable(out, &self.unreadable)
     }
 }
 
@@ -561,9 +630,26 @@ pub async fn status(addr: &ControllerAddr, format: Format) -> anyhow::Result<()>
         })
         .collect();
     proxies.sort_by(|a, b| (&a.service, &a.proxy_id).cmp(&(&b.service, &b.proxy_id)));
+    let resp = client::call(
+        addr,
+        "Admin/ListUnreadable",
+        admin.list_unreadable(ListUnreadableRequest {}),
+    )
+    .await?;
+    let unreadable = resp
+        .config
+        .into_iter()
+        .map(|u| Unreadable::new("config", u))
+        .chain(
+            resp.registry
+                .into_iter()
+                .map(|u| Unreadable::new("registry", u)),
+        )
+        .collect();
     let doc = Status {
         config_version,
         proxies,
+        unreadable,
     };
     if doc.proxies.is_empty() && format == Format::Table {
         eprintln!("no proxies are connected");

@@ -33,8 +33,13 @@ enum What {
     /// List registered services with their endpoint counts and port names.
     #[command(visible_alias = "svc", alias = "service")]
     Services,
-    /// List the registered endpoints of one service (an unknown service has none).
-    #[command(visible_alias = "ep", alias = "endpoint")]
+    /// List the registered endpoints of one service (an unknown service has none), with each
+    /// endpoint's circuit breaker state and EWMA latency as the proxies calling it see them.
+    #[command(
+        visible_alias = "ep",
+        alias = "endpoint",
+        after_help = "Examples:\n  ferrule get endpoints user\n  ferrule get endpoints user.shop -o json"
+    )]
     Endpoints {
         /// The service, e.g. `user`, or `user.shop` in namespace `shop`.
         #[arg(value_parser = parse::service_name)]
@@ -78,7 +83,12 @@ pub async fn run(args: GetArgs, addr: &ControllerAddr, format: Format) -> anyhow
                 }),
             )
             .await?;
-            let doc = EndpointList::new(resp.revision, resp.endpoints);
+            let mut doc = EndpointList::new(resp.revision, resp.endpoints);
+            // Best effort: without proxies to ask, the columns stay empty.
+            if let Ok(proxies) = crate::views::proxies(addr).await {
+                let health = crate::views::endpoint_health(&proxies, &service).await;
+                doc.add_health(&health);
+            }
             if doc.endpoints.is_empty() && format == Format::Table {
                 eprintln!("no endpoints are registered for service {service}");
             }
@@ -183,6 +193,11 @@ struct EndpointView {
     weight: u32,
     meshed: bool,
     proxy_id: String,
+    /// The worst circuit breaker state among the proxies calling it (`open`, `half_open`,
+    /// `closed`); empty when no caller has sent it a request yet.
+    breaker: String,
+    /// Mean of the callers' peak-EWMA latency estimates, in ms.
+    latency_ewma_ms: Option<f64>,
 }
 
 impl EndpointList {
@@ -201,6 +216,8 @@ impl EndpointList {
                 labels: e.labels.into_iter().collect(),
                 meshed: e.meshed,
                 proxy_id: e.proxy_id,
+                breaker: String::new(),
+                latency_ewma_ms: None,
             })
             .collect();
         endpoints.sort_by(|a, b| {
@@ -214,6 +231,26 @@ impl EndpointList {
         Self {
             revision,
             endpoints,
+        }
+    }
+}
+
+impl EndpointList {
+    /// Fills in what the callers' proxies report, by endpoint key.
+    fn add_health(&mut self, health: &BTreeMap<String, crate::views::EndpointHealth>) {
+        for e in &mut self.endpoints {
+            let key = format!("{}/{}", e.port_name, socket_string(&e.address, e.port));
+            let Some(h) = health.get(&key) else {
+                continue;
+            };
+            e.breaker = ["open", "half_open", "closed"]
+                .into_iter()
+                .find(|state| h.breaker.iter().any(|b| b == state))
+                .unwrap_or("")
+                .to_string();
+            if !h.ewma_ms.is_empty() {
+                e.latency_ewma_ms = Some(h.ewma_ms.iter().sum::<f64>() / h.ewma_ms.len() as f64);
+            }
         }
     }
 }
@@ -237,6 +274,8 @@ impl Render for EndpointList {
                     e.zone.clone(),
                     labels.join(","),
                     e.meshed.to_string(),
+                    e.breaker.clone(),
+                    crate::views::ms(e.latency_ewma_ms),
                 ]
             })
             .collect();
@@ -250,6 +289,8 @@ impl Render for EndpointList {
                 "ZONE",
                 "LABELS",
                 "MESHED",
+                "BREAKER",
+                "EWMA",
             ],
             &rows,
         )
@@ -427,7 +468,7 @@ mod tests {
         .into_iter()
         .collect();
         meshed.protocol_hint = ProtocolHint::Grpc as i32;
-        let doc = EndpointList::new(
+        let mut doc = EndpointList::new(
             3,
             vec![
                 meshed,
@@ -435,12 +476,21 @@ mod tests {
                 endpoint("", "::1", 9000),
             ],
         );
+        // Two callers: the worst breaker state and the mean EWMA are shown.
+        let health = BTreeMap::from([(
+            "grpc/10.0.0.2:4143".to_string(),
+            crate::views::EndpointHealth {
+                breaker: vec!["closed".into(), "open".into()],
+                ewma_ms: vec![10.0, 20.0],
+            },
+        )]);
+        doc.add_health(&health);
         assert_eq!(
             table(&doc),
-            "SERVICE   PORT-NAME   ADDRESS         IDENTITY                                 ZONE   LABELS           MESHED\n\
-             user      -           [::1]:9000      -                                        -      -                false\n\
-             user      grpc        10.0.0.1:9001   -                                        -      -                false\n\
-             user      grpc        10.0.0.2:4143   spiffe://cluster.local/ns/shop/sa/user   z1     a=b,version=v2   true\n"
+            "SERVICE   PORT-NAME   ADDRESS         IDENTITY                                 ZONE   LABELS           MESHED   BREAKER   EWMA\n\
+             user      -           [::1]:9000      -                                        -      -                false    -         -\n\
+             user      grpc        10.0.0.1:9001   -                                        -      -                false    -         -\n\
+             user      grpc        10.0.0.2:4143   spiffe://cluster.local/ns/shop/sa/user   z1     a=b,version=v2   true     open      15.0ms\n"
         );
         let json = serde_json::to_value(&doc).unwrap();
         let last = &json["endpoints"][2];
@@ -476,6 +526,7 @@ mod tests {
                 address: "127.0.0.1".into(),
                 mode: "sidecar".into(),
                 version: "0.1.0".into(),
+                admin_address: "127.0.0.1:4191".into(),
             }),
             acked_version: acked,
             nacked_version: nacked,

@@ -18,6 +18,11 @@ mod output;
 mod parse;
 mod register;
 mod version;
+// The golden-metrics views (issue #11): stat, top, tap, and what they share.
+mod stat;
+mod tap;
+mod top;
+mod views;
 
 use std::process::ExitCode;
 
@@ -83,6 +88,13 @@ enum Command {
     Uninstall(install::UninstallArgs),
     /// Check a cluster before (--pre) or after installing Ferrule, through kubectl.
     Check(install::CheckArgs),
+    /// Golden metrics per service, per edge caller→callee or per path: success rate, requests
+    /// per second, p50/p95/p99 latency, measured from the proxies over a window.
+    Stat(stat::StatArgs),
+    /// The busiest paths of the mesh, refreshed in place.
+    Top(top::TopArgs),
+    /// Stream the metadata of live requests through one proxy (never bodies).
+    Tap(tap::TapArgs),
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -120,6 +132,9 @@ async fn main() -> ExitCode {
             Ok(false) => return ExitCode::from(1),
             other => other.map(|_| ()),
         },
+        Command::Stat(args) => stat::run(args, &cli.controller, cli.output).await,
+        Command::Top(args) => top::run(args, &cli.controller, cli.output).await,
+        Command::Tap(args) => tap::run(args, &cli.controller, cli.output).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -154,6 +169,13 @@ mod tests {
         let cli = Cli::try_parse_from(["ferrule", "get", "services", "-o", "json"]).unwrap();
         assert_eq!(cli.output, Format::Json);
         assert_eq!(cli.controller.to_string(), "127.0.0.1:8086");
+    }
+
+    #[test]
+    fn stat_by_route_is_by_path() {
+        let cli = Cli::try_parse_from(["ferrule", "stat", "--by", "route"]).unwrap();
+        assert!(matches!(cli.command, Command::Stat(_)), "{cli:?}");
+        assert!(Cli::try_parse_from(["ferrule", "stat", "--by", "rule"]).is_err());
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! the last known index keeps answering; until the first listing succeeds, lookups fail with
 //! UNAVAILABLE so the proxy does not cache "unknown" for an address that is in fact meshed.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
@@ -17,10 +17,10 @@ use ferrule_proto::names::namespace_or_default;
 use ferrule_proto::v1::{Endpoint, LookupResponse};
 use ferrule_store::{Store, WatchEvent};
 use futures::StreamExt;
-use prost::Message;
 
 use crate::keys;
-use crate::metrics::Metrics;
+use crate::metrics::{Area, Metrics};
+use crate::registry::read_stored_endpoint;
 
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(2);
@@ -32,14 +32,25 @@ struct Index {
     by_key: HashMap<String, SocketAddr>,
     /// Address → (the endpoint's namespace, service and port name; store key).
     by_addr: HashMap<SocketAddr, (LookupResponse, String)>,
+    /// Keys whose value is not a readable endpoint (the `unreadable_keys{area="registry"}`
+    /// metric).
+    unreadable: HashSet<String>,
 }
 
 impl Index {
     fn put(&mut self, key: &str, value: &[u8]) {
-        let Ok(ep) = Endpoint::decode(value) else {
-            tracing::debug!(%key, "address index: skipping an undecodable registration");
-            return;
+        let ep = match read_stored_endpoint(value) {
+            Ok(ep) => ep,
+            Err(reason) => {
+                if !self.unreadable.contains(key) {
+                    tracing::warn!(%key, %reason, "skipping a stored registration that cannot be read");
+                }
+                self.delete(key);
+                self.unreadable.insert(key.to_string());
+                return;
+            }
         };
+        self.unreadable.remove(key);
         let Some(addr) = socket_addr(&ep) else {
             return;
         };
@@ -55,6 +66,7 @@ impl Index {
     }
 
     fn delete(&mut self, key: &str) {
+        self.unreadable.remove(key);
         if let Some(addr) = self.by_key.remove(key) {
             // Another registration may have taken the address since; leave that one alone.
             if self.by_addr.get(&addr).is_some_and(|(_, k)| k == key) {
@@ -96,6 +108,12 @@ impl AddressIndex {
     }
 }
 
+fn set_unreadable_gauge(metrics: &Metrics, index: &Index) {
+    metrics
+        .unreadable_keys(Area::Registry)
+        .set(i64::try_from(index.unreadable.len()).unwrap_or(i64::MAX));
+}
+
 async fn follow(store: Arc<dyn Store>, metrics: Arc<Metrics>, index: Arc<RwLock<Index>>) {
     let write = || index.write().unwrap_or_else(PoisonError::into_inner);
     let mut backoff = RETRY_MIN;
@@ -119,6 +137,7 @@ async fn follow(store: Arc<dyn Store>, metrics: Arc<Metrics>, index: Arc<RwLock<
             for kv in &listing.kvs {
                 fresh.put(&kv.key, &kv.value);
             }
+            set_unreadable_gauge(&metrics, &fresh);
             *write() = fresh;
         }
         let mut events = match store.watch(keys::REGISTRY, listing.revision).await {
@@ -132,10 +151,12 @@ async fn follow(store: Arc<dyn Store>, metrics: Arc<Metrics>, index: Arc<RwLock<
         };
         // A compaction or an error ends the watch: start again from a fresh listing.
         while let Some(Ok(event)) = events.next().await {
+            let mut index = write();
             match event {
-                WatchEvent::Put(kv) => write().put(&kv.key, &kv.value),
-                WatchEvent::Delete { key, .. } => write().delete(&key),
+                WatchEvent::Put(kv) => index.put(&kv.key, &kv.value),
+                WatchEvent::Delete { key, .. } => index.delete(&key),
             }
+            set_unreadable_gauge(&metrics, &index);
         }
         tracing::info!("address index: registry watch restarts from a fresh listing");
     }
@@ -145,6 +166,7 @@ async fn follow(store: Arc<dyn Store>, metrics: Arc<Metrics>, index: Arc<RwLock<
 mod tests {
     use super::*;
     use ferrule_store::MemoryStore;
+    use prost::Message;
 
     fn endpoint(service: &str, port_name: &str, address: &str, port: u32) -> Endpoint {
         Endpoint {

@@ -9,8 +9,8 @@ use ferrule_proto::v1::{
     ApplyConfigRequest, ApplyConfigResponse, ConfigHistoryRequest, ConfigHistoryResponse,
     DeleteConfigRequest, DeleteConfigResponse, Endpoint, GetConfigRequest, GetConfigResponse,
     ListEndpointsRequest, ListEndpointsResponse, ListProxiesRequest, ListProxiesResponse,
-    ListServicesRequest, ListServicesResponse, ProxyStatus, RollbackConfigRequest, ServiceSummary,
-    admin_server::Admin,
+    ListServicesRequest, ListServicesResponse, ListUnreadableRequest, ListUnreadableResponse,
+    ProxyStatus, RollbackConfigRequest, ServiceSummary, UnreadableKey, admin_server::Admin,
 };
 use ferrule_store::Store;
 use prost::Message;
@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status};
 
 use crate::config::ConfigStore;
 use crate::keys;
-use crate::registry::store_status;
+use crate::registry::{read_stored_endpoint, store_status};
 
 pub struct AdminService {
     store: Arc<dyn Store>,
@@ -134,11 +134,15 @@ impl Admin for AdminService {
         request: Request<GetConfigRequest>,
     ) -> Result<Response<GetConfigResponse>, Status> {
         let req = request.into_inner();
-        let (resources, version) = self
+        let (resources, unreadable, version) = self
             .config
-            .get(&req.kind, &req.namespace, &req.name)
+            .get_all(&req.kind, &req.namespace, &req.name)
             .await?;
-        Ok(Response::new(GetConfigResponse { resources, version }))
+        Ok(Response::new(GetConfigResponse {
+            resources,
+            version,
+            unreadable,
+        }))
     }
 
     async fn delete_config(
@@ -176,5 +180,30 @@ impl Admin for AdminService {
             ));
         }
         Ok(Response::new(self.config.rollback(to).await?))
+    }
+
+    async fn list_unreadable(
+        &self,
+        _: Request<ListUnreadableRequest>,
+    ) -> Result<Response<ListUnreadableResponse>, Status> {
+        let config = self.config.unreadable().await?;
+        let listing = self
+            .store
+            .list(keys::REGISTRY, None)
+            .await
+            .map_err(store_status)?;
+        let registry = listing
+            .kvs
+            .iter()
+            .filter_map(|kv| {
+                let reason = read_stored_endpoint(&kv.value).err()?;
+                Some(UnreadableKey {
+                    key: kv.key.clone(),
+                    reason,
+                    revision: kv.mod_revision,
+                })
+            })
+            .collect();
+        Ok(Response::new(ListUnreadableResponse { config, registry }))
     }
 }

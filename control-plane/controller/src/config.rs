@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
 
 use crate::keys;
+use crate::metrics::Metrics;
 use crate::registry::{now_unix, store_status};
 
 const RETRY_MIN: Duration = Duration::from_millis(100);
@@ -43,6 +44,26 @@ pub struct ConfigState {
     pub version: Revision,
     /// Keyed by store key.
     pub resources: BTreeMap<String, Stored>,
+    /// Stored values that are not a valid resource, keyed by store key: skipped, and shown by
+    /// `Admin/GetConfig`, `Admin/ListUnreadable` and the `unreadable_keys` metric.
+    pub unreadable: BTreeMap<String, Unreadable>,
+}
+
+/// A stored value the controller cannot read, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unreadable {
+    pub reason: String,
+    pub revision: Revision,
+}
+
+impl Unreadable {
+    pub fn to_proto(&self, key: &str) -> pb::UnreadableKey {
+        pb::UnreadableKey {
+            key: key.to_string(),
+            reason: self.reason.clone(),
+            revision: self.revision,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -72,23 +93,50 @@ fn decode_listing(listing: &Listing) -> ConfigState {
     for kv in &listing.kvs {
         if kv.key == keys::CONFIG_VERSION {
             state.version = kv.mod_revision;
-        } else if let Some(stored) = decode(&kv.key, &kv.value, kv.mod_revision) {
-            state.resources.insert(kv.key.clone(), stored);
+        } else {
+            state.put(&kv.key, &kv.value, kv.mod_revision);
         }
     }
     state
 }
 
-fn decode(key: &str, value: &[u8], revision: Revision) -> Option<Stored> {
-    let (kind, namespace, name) = keys::split_config(key)?;
-    let spec = String::from_utf8_lossy(value);
-    match Resource::from_parts(kind, namespace, name, &spec) {
-        Ok(resource) => Some(Stored { resource, revision }),
-        Err(e) => {
-            tracing::warn!(%key, error = %e, "skipping a stored resource that no longer parses");
-            None
+impl ConfigState {
+    /// Records the value stored at `key`: a resource, or an unreadable value (which also
+    /// takes the place of the resource the key held before, as a fresh listing would).
+    fn put(&mut self, key: &str, value: &[u8], revision: Revision) {
+        match decode(key, value, revision) {
+            Ok(stored) => {
+                self.unreadable.remove(key);
+                self.resources.insert(key.to_string(), stored);
+            }
+            Err(unreadable) => {
+                self.resources.remove(key);
+                self.unreadable.insert(key.to_string(), unreadable);
+            }
         }
     }
+
+    fn delete(&mut self, key: &str) {
+        self.resources.remove(key);
+        self.unreadable.remove(key);
+    }
+}
+
+fn decode(key: &str, value: &[u8], revision: Revision) -> Result<Stored, Unreadable> {
+    let unreadable = |reason: String| {
+        tracing::warn!(%key, %reason, "skipping a stored config value that does not parse");
+        Unreadable { reason, revision }
+    };
+    let Some((kind, namespace, name)) = keys::split_config(key) else {
+        return Err(unreadable(
+            "not a config key: expected /ferrule/config/<kind>/<namespace>/<name>".into(),
+        ));
+    };
+    let spec = std::str::from_utf8(value)
+        .map_err(|e| unreadable(format!("the value is not UTF-8 text: {e}")))?;
+    Resource::from_parts(kind, namespace, name, spec)
+        .map(|resource| Stored { resource, revision })
+        .map_err(|e| unreadable(e.to_string()))
 }
 
 /// Applies, deletes and rolls back config; answers reads and history.
@@ -231,13 +279,24 @@ impl ConfigStore {
         self.store.commit(ops).await.map_err(store_status)
     }
 
-    /// Resources under `kind[/namespace[/name]]`, current or at `at`.
+    /// Resources under `kind[/namespace[/name]]`, and the config version.
     pub async fn get(
         &self,
         kind: &str,
         namespace: &str,
         name: &str,
     ) -> Result<(Vec<pb::Resource>, Revision), Status> {
+        let (resources, _, version) = self.get_all(kind, namespace, name).await?;
+        Ok((resources, version))
+    }
+
+    /// [`ConfigStore::get`], and the unreadable values under the same keys.
+    pub async fn get_all(
+        &self,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Result<(Vec<pb::Resource>, Vec<pb::UnreadableKey>, Revision), Status> {
         let selector = keys::ConfigSelector::new(&parse_kind(kind)?, namespace, name)?;
         let state = self.current().await?;
         let resources = state
@@ -246,7 +305,23 @@ impl ConfigStore {
             .filter(|(k, _)| selector.matches(k))
             .map(|(_, s)| s.to_proto())
             .collect();
-        Ok((resources, state.version))
+        let unreadable = state
+            .unreadable
+            .iter()
+            .filter(|(k, _)| selector.matches(k))
+            .map(|(k, u)| u.to_proto(k))
+            .collect();
+        Ok((resources, unreadable, state.version))
+    }
+
+    /// Every stored config value that is not a valid resource.
+    pub async fn unreadable(&self) -> Result<Vec<pb::UnreadableKey>, Status> {
+        let state = self.current().await?;
+        Ok(state
+            .unreadable
+            .iter()
+            .map(|(k, u)| u.to_proto(k))
+            .collect())
     }
 
     pub async fn delete(
@@ -323,7 +398,9 @@ impl ConfigStore {
             }
             let (resource, deleted) = match &event {
                 WatchEvent::Put(kv) => (
-                    decode(&kv.key, &kv.value, kv.mod_revision).map(|s| s.to_proto()),
+                    decode(&kv.key, &kv.value, kv.mod_revision)
+                        .ok()
+                        .map(|s| s.to_proto()),
                     false,
                 ),
                 WatchEvent::Delete { key, revision } => (
@@ -416,9 +493,9 @@ pub struct ConfigHub {
 
 impl ConfigHub {
     /// Starts following the config prefix; the task lives as long as the controller.
-    pub fn spawn(store: Arc<dyn Store>) -> Self {
+    pub fn spawn(store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Self {
         let (tx, rx) = watch::channel(Arc::new(ConfigState::default()));
-        tokio::spawn(follow_config(store.clone(), tx));
+        tokio::spawn(follow_config(store.clone(), metrics, tx));
         Self { store, state: rx }
     }
 
@@ -453,7 +530,17 @@ impl ConfigHub {
     }
 }
 
-async fn follow_config(store: Arc<dyn Store>, tx: watch::Sender<Arc<ConfigState>>) {
+fn set_unreadable_gauge(metrics: &Metrics, state: &ConfigState) {
+    metrics
+        .unreadable_keys(crate::metrics::Area::Config)
+        .set(i64::try_from(state.unreadable.len()).unwrap_or(i64::MAX));
+}
+
+async fn follow_config(
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+    tx: watch::Sender<Arc<ConfigState>>,
+) {
     let mut backoff = RETRY_MIN;
     loop {
         let listing = match store.list(keys::CONFIG, None).await {
@@ -467,6 +554,7 @@ async fn follow_config(store: Arc<dyn Store>, tx: watch::Sender<Arc<ConfigState>
         };
         backoff = RETRY_MIN;
         let mut state = decode_listing(&listing);
+        set_unreadable_gauge(&metrics, &state);
         tx.send_replace(Arc::new(state.clone()));
         let mut events = match store.watch(keys::CONFIG, listing.revision).await {
             Ok(w) => w,
@@ -491,15 +579,10 @@ async fn follow_config(store: Arc<dyn Store>, tx: watch::Sender<Arc<ConfigState>
                     state.version = kv.mod_revision;
                     tx.send_replace(Arc::new(state.clone()));
                 }
-                WatchEvent::Put(kv) => {
-                    if let Some(stored) = decode(&kv.key, &kv.value, kv.mod_revision) {
-                        state.resources.insert(kv.key.clone(), stored);
-                    }
-                }
-                WatchEvent::Delete { key, .. } => {
-                    state.resources.remove(key);
-                }
+                WatchEvent::Put(kv) => state.put(&kv.key, &kv.value, kv.mod_revision),
+                WatchEvent::Delete { key, .. } => state.delete(key),
             }
+            set_unreadable_gauge(&metrics, &state);
         }
     }
 }
@@ -818,7 +901,29 @@ spec: {service: order}
             synced: true,
             version: 1,
             resources,
+            ..ConfigState::default()
         }
+    }
+
+    #[test]
+    fn an_unreadable_value_takes_the_place_of_its_resource_until_fixed() {
+        let key = "/ferrule/config/ServicePolicy/default/user";
+        let mut state = ConfigState::default();
+        state.put(key, br#"{"service": "user"}"#, 1);
+        assert!(state.resources.contains_key(key) && state.unreadable.is_empty());
+        state.put(key, b"{service: user", 2);
+        assert!(!state.resources.contains_key(key));
+        assert_eq!(state.unreadable[key].revision, 2);
+        assert!(!state.unreadable[key].reason.is_empty());
+        state.put("/ferrule/config/stray", b"{}", 3);
+        assert!(
+            state.unreadable["/ferrule/config/stray"]
+                .reason
+                .contains("not a config key")
+        );
+        state.put(key, br#"{"service": "user"}"#, 4);
+        state.delete("/ferrule/config/stray");
+        assert!(state.resources.contains_key(key) && state.unreadable.is_empty());
     }
 
     /// `Kind/namespace/name` of what `proxy` (subscribing with `upstreams`) receives.

@@ -83,7 +83,7 @@ pub async fn serve_with(
         )))
         .add_service(AdminServer::new(admin::AdminService::new(store.clone())))
         .add_service(ConfigServer::new(config::ConfigService::new(
-            config::ConfigHub::spawn(store.clone()),
+            config::ConfigHub::spawn(store.clone(), metrics.clone()),
             shutdown.clone(),
         )))
         .add_service(

@@ -25,6 +25,8 @@ pub struct Metrics {
     pub identity_reload_failures: Counter,
     /// Seconds until the issuer expires (negative once it has).
     pub identity_issuer_expiry_seconds: Gauge,
+    /// Stored values the controller skips because it cannot read them, by area.
+    unreadable_keys: Family<AreaLabels, Gauge>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -32,7 +34,40 @@ pub struct ReasonLabel {
     pub reason: String,
 }
 
+/// Which part of the store a key is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Area {
+    /// `/ferrule/config/`.
+    Config,
+    /// `/ferrule/registry/`.
+    Registry,
+}
+
+impl Area {
+    fn as_str(self) -> &'static str {
+        match self {
+            Area::Config => "config",
+            Area::Registry => "registry",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct AreaLabels {
+    area: &'static str,
+}
+
 impl Metrics {
+    /// The count of unreadable stored values under `area`, as last seen by the controller's
+    /// watch of it.
+    pub fn unreadable_keys(&self, area: Area) -> Gauge {
+        self.unreadable_keys
+            .get_or_create(&AreaLabels {
+                area: area.as_str(),
+            })
+            .clone()
+    }
+
     /// Renders every metric in the Prometheus text format.
     pub fn render(&self) -> String {
         let mut registry = Registry::with_prefix("ferrule_controller");
@@ -75,6 +110,11 @@ impl Metrics {
             "identity_issuer_expiry_seconds",
             "Seconds until the mesh CA's issuer certificate expires (negative once it has)",
             self.identity_issuer_expiry_seconds.clone(),
+        );
+        registry.register(
+            "unreadable_keys",
+            "Stored values skipped because they cannot be read (area: config or registry)",
+            self.unreadable_keys.clone(),
         );
         let mut out = String::new();
         encode(&mut out, &registry).expect("writing to a String cannot fail");

@@ -116,6 +116,15 @@ pub fn validate_endpoint(ep: &Endpoint) -> Result<(), Status> {
     Ok(())
 }
 
+/// Reads the endpoint stored at a registry key, or says why it cannot be read: the value is
+/// not a protobuf `Endpoint`, or the endpoint is not one `Register` would have accepted.
+/// Such a value is skipped by discovery and shown by `Admin/ListUnreadable`.
+pub fn read_stored_endpoint(value: &[u8]) -> Result<Endpoint, String> {
+    let ep = Endpoint::decode(value).map_err(|e| format!("not a protobuf Endpoint: {e}"))?;
+    validate_endpoint(&ep).map_err(|status| status.message().to_string())?;
+    Ok(ep)
+}
+
 /// Seconds since the Unix epoch, for `last_seen` fields.
 pub fn now_unix() -> i64 {
     SystemTime::now()

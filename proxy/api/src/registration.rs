@@ -13,6 +13,10 @@
 //!
 //! The HTTP check goes to the port named `http`, else the first port hinted HTTP/1, else the
 //! first port.
+//!
+//! While the app is not healthy the checker says what it waits for: at info level (the first
+//! failure, then at most every [`WAITING_LOG_PERIOD`]) and in [`Registration::waiting_for`],
+//! which `/ready` shows, with the reason the last check failed.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -43,6 +47,8 @@ const RPC_TIMEOUT: Duration = Duration::from_secs(2);
 const DEREGISTER_TIMEOUT: Duration = Duration::from_secs(2);
 const BACKOFF_BASE: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// While the app fails its checks, how often the checker says so at info level.
+pub const WAITING_LOG_PERIOD: Duration = Duration::from_secs(10);
 /// Keep-alives are never sent more often than this, whatever the TTL.
 const MIN_KEEPALIVE_PERIOD: Duration = Duration::from_millis(100);
 
@@ -105,6 +111,8 @@ pub struct RegistrationStatus {
 /// Runs health checks and keeps registrations alive while healthy.
 pub struct Registration {
     status: watch::Receiver<RegistrationStatus>,
+    /// What the health checker waits for, while the app is not healthy.
+    waiting: watch::Receiver<Option<String>>,
     deregister: mpsc::Sender<oneshot::Sender<()>>,
     /// Dropping the handle stops (and deregisters) like a shutdown.
     _stop: DropGuard,
@@ -128,12 +136,18 @@ impl Registration {
             Some(gate) => gated(app_health, gate, stop.clone()),
             None => app_health,
         };
+        let probe = HealthProbe::new(&config);
+        let (waiting_tx, waiting_rx) = watch::channel(Some(format!(
+            "the app's first health check ({})",
+            probe.describe()
+        )));
         let (status_tx, status_rx) = watch::channel(RegistrationStatus::default());
         let (deregister_tx, deregister_rx) = mpsc::channel(1);
         tokio::spawn(check_health(
-            HealthProbe::new(&config),
+            probe,
             config.health.clone(),
             health_tx,
+            waiting_tx,
             stop.clone(),
         ));
         let registrar = Registrar {
@@ -150,6 +164,7 @@ impl Registration {
         tokio::spawn(registrar.run(health_rx, deregister_rx, stop.clone()));
         Self {
             status: status_rx,
+            waiting: waiting_rx,
             deregister: deregister_tx,
             _stop: stop.drop_guard(),
         }
@@ -163,6 +178,12 @@ impl Registration {
     /// True while the app passes its health check.
     pub fn healthy(&self) -> bool {
         self.status.borrow().healthy
+    }
+
+    /// While the app is not healthy: what the proxy waits for, and why the last health check
+    /// failed (`/ready` shows it). `None` once the app is healthy.
+    pub fn waiting_for(&self) -> Option<String> {
+        self.waiting.borrow().clone()
     }
 
     /// Health and registration as they change, for callers that wait on them.
@@ -218,6 +239,17 @@ impl HealthProbe {
         }
     }
 
+    /// What the check does, for people: `GET http://127.0.0.1:9001/health`.
+    fn describe(&self) -> String {
+        match self {
+            Self::Http { uri, .. } => format!("GET {uri}"),
+            Self::Tcp(addrs) => {
+                let addrs: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+                format!("TCP connect to {}", addrs.join(", "))
+            }
+        }
+    }
+
     /// `Err` says why the app failed the check.
     async fn probe(&self) -> Result<(), String> {
         match self {
@@ -243,16 +275,22 @@ impl HealthProbe {
     }
 }
 
-/// Probes the app until `stop`, publishing healthy/unhealthy as the thresholds are crossed.
+/// Probes the app until `stop`, publishing healthy/unhealthy as the thresholds are crossed, and
+/// while it is not healthy, what it waits for.
 async fn check_health(
     probe: HealthProbe,
     config: HealthCheck,
     verdict: watch::Sender<bool>,
+    waiting: watch::Sender<Option<String>>,
     stop: CancellationToken,
 ) {
     let mut interval = tokio::time::interval(config.interval);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut successes, mut failures) = (0u32, 0u32);
+    let check = probe.describe();
+    let healthy_threshold = config.healthy_threshold.max(1);
+    // When the checker last said at info level that it is waiting.
+    let mut said_waiting: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -267,9 +305,16 @@ async fn check_health(
                 tracing::debug!("health check passed");
                 successes = successes.saturating_add(1);
                 failures = 0;
-                if !healthy && successes >= config.healthy_threshold.max(1) {
+                if !healthy && successes >= healthy_threshold {
                     tracing::info!(checks = successes, "app is healthy");
                     verdict.send_replace(true);
+                    waiting.send_replace(None);
+                    said_waiting = None;
+                } else if !healthy {
+                    waiting.send_replace(Some(format!(
+                        "the app's health check ({check}) to pass {} more time(s); it passed {successes} in a row",
+                        healthy_threshold - successes
+                    )));
                 }
             }
             Err(reason) => {
@@ -279,6 +324,16 @@ async fn check_health(
                 if healthy && failures >= config.unhealthy_threshold.max(1) {
                     tracing::warn!(checks = failures, %reason, "app is unhealthy");
                     verdict.send_replace(false);
+                }
+                if !*verdict.borrow() {
+                    waiting.send_replace(Some(format!(
+                        "the app's health check ({check}) to pass; the last {failures} check(s) failed, the last with: {reason}"
+                    )));
+                    let now = Instant::now();
+                    if said_waiting.is_none_or(|at| now - at >= WAITING_LOG_PERIOD) {
+                        tracing::info!(%check, failures, %reason, "waiting for the app to pass its health check");
+                        said_waiting = Some(now);
+                    }
                 }
             }
         }

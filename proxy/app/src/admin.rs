@@ -1,4 +1,4 @@
-//! The admin listener: `/live`, `/ready`, `/metrics`, `/config` and `/shutdown`.
+//! The admin listener: `/live`, `/ready`, `/metrics`, `/config`, `/tap` and `/shutdown`.
 //!
 //! `/ready` answers 200 once the proxy can do its job: a discovery stream is up (when it has
 //! upstreams and controllers) and every app port is registered (when it registers). `/config`
@@ -7,6 +7,14 @@
 //! version refused). `POST /shutdown` starts a graceful shutdown, and only from loopback: the
 //! listener binds every interface so the kubelet and Prometheus can read it, and reading is all
 //! anyone else may do.
+//!
+//! `GET /tap?service=&path=&method=&status=&direction=` streams the metadata of every request
+//! the proxy answers from then on (never bodies), as newline-delimited JSON ([`TapEvent`]),
+//! filtered by the parameters given: `service` (the target service, with or without its
+//! `:port`), `path` (a prefix), `method`, `status` (`503` or a class such as `5xx`) and
+//! `direction` (`inbound`, `outbound`, `gateway`). A tap that reads too slowly loses events
+//! (a line `{"lost": N}` says how many) rather than slowing traffic; the stream ends when the
+//! client goes away or the admin listener stops.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -27,7 +35,12 @@ use ferrule_proxy_api::registration::Registration;
 use ferrule_proxy_core::body::{self, BoxBody};
 use ferrule_proxy_core::lifecycle::AdminServer;
 use ferrule_proxy_core::metrics::Metrics;
+use ferrule_proxy_core::tap::{Tap, TapEvent};
 use ferrule_proxy_gateway::stack::Router;
+use futures::StreamExt;
+use http_body_util::StreamBody;
+use hyper::body::Frame;
+use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::watch;
 
 /// What the admin endpoints report on.
@@ -53,24 +66,58 @@ pub struct AdminState {
 
 impl AdminState {
     pub fn ready(&self) -> bool {
-        let discovery_ok = !self.needs_discovery || self.discovery.connected();
-        let registration_ok = self.registration.as_ref().is_none_or(|r| r.registered());
-        // With an identity, peers refuse this proxy until it holds a certificate.
-        let identity_ok = self
-            .identity
-            .as_ref()
-            .is_none_or(|tls| tls.credentials().is_some());
-        discovery_ok && registration_ok && identity_ok
+        self.waiting_for().is_empty()
     }
 
-    fn respond(&self, req: &Request<Incoming>, peer: SocketAddr) -> Response<BoxBody> {
+    /// What the proxy still waits for before it is ready, for people (`/ready`'s body).
+    pub fn waiting_for(&self) -> Vec<String> {
+        let mut waiting = Vec::new();
+        if self.needs_discovery && !self.discovery.connected() {
+            waiting.push("a discovery stream to a controller".to_string());
+        }
+        // With an identity, peers refuse this proxy until it holds a certificate.
+        if self
+            .identity
+            .as_ref()
+            .is_some_and(|tls| tls.credentials().is_none())
+        {
+            waiting.push("a certificate from the mesh CA (see the identity log lines)".to_string());
+        }
+        if let Some(registration) = &self.registration {
+            if let Some(health) = registration.waiting_for() {
+                waiting.push(health);
+            } else if !registration.registered() {
+                waiting.push("the controller to register the app's ports".to_string());
+            }
+        }
+        waiting
+    }
+
+    fn respond(
+        &self,
+        req: &Request<Incoming>,
+        peer: SocketAddr,
+        stop: &CancellationToken,
+    ) -> Response<BoxBody> {
         match (req.method(), req.uri().path()) {
+            (&Method::GET, "/tap") => match TapFilter::parse(req.uri().query().unwrap_or("")) {
+                Ok(filter) => tap_stream(self.metrics.tap(), filter, stop.clone()),
+                Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+            },
             (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
             (&Method::GET, "/ready") => {
-                if self.ready() {
+                let waiting = self.waiting_for();
+                if waiting.is_empty() {
                     text(StatusCode::OK, "ready\n")
                 } else {
-                    text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                    let lines: Vec<String> = waiting
+                        .iter()
+                        .map(|w| format!("waiting for {w}\n"))
+                        .collect();
+                    text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("not ready\n{}", lines.concat()),
+                    )
                 }
             }
             (&Method::GET, "/metrics") => match self.metrics.encode() {
@@ -127,10 +174,111 @@ impl AdminState {
             (_, "/shutdown") => text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n"),
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found; try /live /ready /metrics /config /shutdown\n",
+                "not found; try /live /ready /metrics /config /tap /shutdown\n",
             ),
         }
     }
+}
+
+/// Which requests a `/tap` subscriber wants.
+#[derive(Debug, Default, PartialEq)]
+struct TapFilter {
+    service: Option<String>,
+    path: Option<String>,
+    method: Option<String>,
+    /// An exact code, or a class: `5` for `5xx`.
+    status: Option<(u16, bool)>,
+    direction: Option<String>,
+}
+
+impl TapFilter {
+    fn parse(query: &str) -> Result<Self, String> {
+        let mut filter = TapFilter::default();
+        for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+            let value = value.into_owned();
+            if value.is_empty() {
+                continue;
+            }
+            match key.as_ref() {
+                "service" => filter.service = Some(value),
+                "path" => filter.path = Some(value),
+                "method" => filter.method = Some(value.to_ascii_uppercase()),
+                "direction" => match value.as_str() {
+                    "inbound" | "outbound" | "gateway" => filter.direction = Some(value),
+                    _ => {
+                        return Err(format!(
+                            "direction: expected inbound, outbound or gateway, got {value:?}"
+                        ));
+                    }
+                },
+                "status" => {
+                    let bad =
+                        || format!("status: expected a code (503) or a class (5xx), got {value:?}");
+                    filter.status = Some(match value.strip_suffix("xx") {
+                        Some(class) => (class.parse().map_err(|_| bad())?, true),
+                        None => (value.parse().map_err(|_| bad())?, false),
+                    });
+                }
+                other => {
+                    return Err(format!(
+                        "unknown parameter {other:?}: use service, path, method, status, direction"
+                    ));
+                }
+            }
+        }
+        Ok(filter)
+    }
+
+    fn matches(&self, e: &TapEvent) -> bool {
+        let service_ok = self
+            .service
+            .as_deref()
+            .is_none_or(|s| e.target_service == s || e.target_service.split(':').next() == Some(s));
+        let status_ok = self.status.is_none_or(|(n, class)| match class {
+            true => e.status / 100 == n,
+            false => e.status == n,
+        });
+        service_ok
+            && status_ok
+            && self.path.as_deref().is_none_or(|p| e.path.starts_with(p))
+            && self.method.as_deref().is_none_or(|m| e.method == m)
+            && self.direction.as_deref().is_none_or(|d| e.direction == d)
+    }
+}
+
+fn line(value: &impl serde::Serialize) -> Result<Frame<bytes::Bytes>, Infallible> {
+    let mut line = serde_json::to_vec(value).expect("tap lines are plain data");
+    line.push(b'\n');
+    Ok(Frame::data(bytes::Bytes::from(line)))
+}
+
+/// `/tap`'s response: one JSON line per matching event until the client leaves or `stop`.
+fn tap_stream(tap: &Tap, filter: TapFilter, stop: CancellationToken) -> Response<BoxBody> {
+    let events = futures::stream::unfold(
+        (tap.subscribe(), filter),
+        move |(mut rx, filter)| async move {
+            loop {
+                match rx.recv().await {
+                    Ok(event) if filter.matches(&event) => {
+                        return Some((line(&*event), (rx, filter)));
+                    }
+                    Ok(_) => {}
+                    Err(RecvError::Lagged(lost)) => {
+                        let lost = serde_json::json!({ "lost": lost });
+                        return Some((line(&lost), (rx, filter)));
+                    }
+                    Err(RecvError::Closed) => return None,
+                }
+            }
+        },
+    )
+    .take_until(stop.cancelled_owned());
+    let mut rsp = Response::new(body::boxed(StreamBody::new(events)));
+    rsp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/x-ndjson"),
+    );
+    rsp
 }
 
 fn text(status: StatusCode, body: impl Into<bytes::Bytes>) -> Response<BoxBody> {
@@ -165,8 +313,9 @@ async fn serve(
             let state = state.clone();
             let stop = stop.clone();
             Box::pin(async move {
+                let tap_stop = stop.clone();
                 let svc = service_fn(move |req: Request<Incoming>| {
-                    let rsp = state.respond(&req, peer);
+                    let rsp = state.respond(&req, peer, &tap_stop);
                     async move { Ok::<_, Infallible>(rsp) }
                 });
                 let conn = http1::Builder::new()

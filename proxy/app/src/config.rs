@@ -123,6 +123,7 @@ pub struct CommonArgs {
     #[arg(long = "controller", env = "FERRULE_CONTROLLER", value_delimiter = ',')]
     pub controllers: Vec<String>,
 
+    /// Where the admin listener (/live, /ready, /metrics, /config, /tap, /shutdown) binds.
     #[arg(long, env = "FERRULE_PROXY_ADMIN_ADDR", default_value_t = SocketAddr::from((Ipv4Addr::UNSPECIFIED, ports::PROXY_ADMIN)))]
     pub admin_addr: SocketAddr,
 
@@ -132,6 +133,8 @@ pub struct CommonArgs {
     #[serde(serialize_with = "humantime_ser")]
     pub detect_timeout: Duration,
 
+    /// Load-balancing algorithm across a service's endpoints: p2c-ewma (power of two choices
+    /// over peak-EWMA latency), round-robin or least-request.
     #[arg(long, env = "FERRULE_PROXY_BALANCER", default_value = "p2c-ewma")]
     #[serde(serialize_with = "algorithm_ser")]
     pub balancer: Algorithm,
@@ -147,6 +150,7 @@ pub struct CommonArgs {
     #[serde(serialize_with = "humantime_ser")]
     pub target_idle_timeout: Duration,
 
+    /// How long a TCP connect to the app or to an endpoint may take before it fails.
     #[arg(long, env = "FERRULE_PROXY_CONNECT_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
     #[serde(serialize_with = "humantime_ser")]
     pub connect_timeout: Duration,
@@ -163,6 +167,7 @@ pub struct CommonArgs {
     #[arg(long, env = "FERRULE_PROXY_ID")]
     pub proxy_id: Option<String>,
 
+    /// Log line format on stderr: plain text or one JSON object per line (RUST_LOG filters).
     #[arg(long, env = "FERRULE_PROXY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
     pub log_format: LogFormat,
 
@@ -322,6 +327,7 @@ pub struct Config {
     #[arg(long, env = "FERRULE_PROXY_OUTBOUND_ADDR", default_value_t = SocketAddr::from((Ipv4Addr::LOCALHOST, ports::PROXY_OUTBOUND)))]
     pub outbound_addr: SocketAddr,
 
+    /// Where the inbound listener of the app's (first) port binds: what peers dial.
     #[arg(long, env = "FERRULE_PROXY_INBOUND_ADDR", default_value_t = SocketAddr::from((Ipv4Addr::UNSPECIFIED, ports::PROXY_INBOUND)))]
     pub inbound_addr: SocketAddr,
 
@@ -339,10 +345,12 @@ pub struct Config {
     #[arg(long, env = "FERRULE_PROXY_HEALTH_PATH")]
     pub health_path: Option<String>,
 
+    /// How often the app is health-checked.
     #[arg(long, env = "FERRULE_PROXY_HEALTH_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     #[serde(serialize_with = "humantime_ser")]
     pub health_interval: Duration,
 
+    /// How long one health check may take before it counts as failed.
     #[arg(long, env = "FERRULE_PROXY_HEALTH_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
     #[serde(serialize_with = "humantime_ser")]
     pub health_timeout: Duration,
@@ -364,6 +372,7 @@ pub struct Config {
     #[arg(long = "label", env = "FERRULE_PROXY_LABELS", value_delimiter = ',', value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
 
+    /// Zone (failure domain) of the registered endpoints, for zone-aware callers.
     #[arg(long, env = "FERRULE_PROXY_ZONE", default_value = "")]
     pub zone: String,
 }
@@ -479,6 +488,8 @@ impl Config {
             address: self.advertise_ip.to_string(),
             mode: "sidecar".to_string(),
             version: env!("CARGO_PKG_VERSION").to_string(),
+            // Known once the admin listener is bound (`sidecar.rs`).
+            admin_address: String::new(),
         }
     }
 
@@ -493,6 +504,46 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every flag of `ferrule-proxy` and of its subcommands says what it is for in `--help`.
+    #[test]
+    fn every_flag_has_a_description() {
+        fn undescribed(cmd: &clap::Command, path: &str, out: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let described = arg
+                    .get_help()
+                    .or(arg.get_long_help())
+                    .is_some_and(|h| !h.to_string().trim().is_empty());
+                if !described {
+                    out.push(format!("{path} --{}", arg.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                undescribed(sub, &format!("{path} {}", sub.get_name()), out);
+            }
+        }
+        let mut cmd = <Config as clap::CommandFactory>::command();
+        cmd.build();
+        let mut missing = Vec::new();
+        undescribed(&cmd, "ferrule-proxy", &mut missing);
+        assert!(
+            missing.is_empty(),
+            "flags without a description: {missing:?}"
+        );
+        // And as a user reads it: no option line in `--help` is followed straight by only the
+        // env/default annotations.
+        let help = cmd.render_long_help().to_string();
+        let lines: Vec<&str> = help.lines().collect();
+        for pair in lines.windows(2) {
+            if pair[0].trim_start().starts_with("--") {
+                assert!(
+                    !pair[1].trim_start().starts_with('['),
+                    "{:?} has no description in --help",
+                    pair[0].trim()
+                );
+            }
+        }
+    }
 
     fn parse(args: &[&str]) -> Config {
         Config::try_parse_from(std::iter::once("ferrule-proxy").chain(args.iter().copied()))

@@ -140,6 +140,7 @@ impl GatewayArgs {
             address: String::new(),
             mode: "gateway".into(),
             version: env!("CARGO_PKG_VERSION").into(),
+            admin_address: String::new(),
         }
     }
 }

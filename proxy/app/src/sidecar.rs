@@ -285,7 +285,12 @@ impl Proxy {
             tokio::spawn(inbound.clone().serve(listener, inbound_port));
         }
 
-        let proxy_info = config.proxy_info(&proxy_id);
+        let mut proxy_info = config.proxy_info(&proxy_id);
+        // What `ferrule stat`/`top`/`tap` dial: a wildcard bind is reached at the advertised IP.
+        proxy_info.admin_address = match addrs.admin.ip().is_unspecified() {
+            true => SocketAddr::new(config.advertise_ip, addrs.admin.port()).to_string(),
+            false => addrs.admin.to_string(),
+        };
         let registration = (!registered_ports.is_empty() && !config.common.controllers.is_empty())
             .then(|| {
                 let health = HealthCheck {

@@ -19,3 +19,4 @@ pub mod metrics;
 pub mod observe;
 pub mod reason;
 pub mod server;
+pub mod tap;

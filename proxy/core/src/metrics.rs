@@ -147,6 +147,8 @@ struct Families {
     tcp_write: Family<TcpLabels, Counter>,
     detect: Family<DetectLabels, Counter>,
     errors: Family<ErrorLabels, Counter>,
+    /// Live request metadata for `/tap`; with the metrics because every observe layer has them.
+    tap: crate::tap::Tap,
 }
 
 impl Default for Metrics {
@@ -213,11 +215,17 @@ impl Metrics {
                 tcp_write,
                 detect,
                 errors,
+                tap: crate::tap::Tap::default(),
             }),
         }
     }
 
     /// Adds another crate's metric to the registry `/metrics` encodes.
+    /// Where observe layers publish request metadata for `/tap`.
+    pub fn tap(&self) -> &crate::tap::Tap {
+        &self.inner.tap
+    }
+
     pub fn register(&self, name: &str, help: &str, metric: impl Metric) {
         self.registry().register(name, help, metric);
     }

@@ -21,6 +21,7 @@ use crate::body::{self, BoxBody};
 use crate::context::RequestContext;
 use crate::errors::{ERROR_HEADER, Reason};
 use crate::metrics::{Direction, Metrics, TargetMetrics};
+use crate::tap::{Tap, TapEvent};
 
 #[derive(Clone)]
 pub struct ObserveLayer {
@@ -29,11 +30,13 @@ pub struct ObserveLayer {
     direction: Direction,
     target: Arc<str>,
     access_log: bool,
+    tap: Tap,
 }
 
 impl ObserveLayer {
     pub fn new(metrics: Metrics, direction: Direction, target: Arc<str>, access_log: bool) -> Self {
         Self {
+            tap: metrics.tap().clone(),
             series: metrics.target(direction, target.clone()),
             direction,
             target,
@@ -167,6 +170,20 @@ where
         let method = req.method().clone();
         let path = req.uri().path().to_string();
         let version = req.version();
+        // Only read when somebody taps (`/tap`).
+        let authority = self
+            .layer
+            .tap
+            .active()
+            .then(|| {
+                req.uri().authority().map(ToString::to_string).or_else(|| {
+                    req.headers()
+                        .get(http::header::HOST)
+                        .and_then(|h| h.to_str().ok())
+                        .map(str::to_string)
+                })
+            })
+            .flatten();
         let layer = self.layer.clone();
         // Boxed before the async block: a projection type held across an await trips
         // rustc's Send inference (rust-lang/rust#64552).
@@ -191,16 +208,32 @@ where
                 verdict.record(is_success(&rsp));
                 rsp
             };
+            // This proxy's own error, else the one a peer proxy answered with.
+            let error = || match rsp.extensions().get::<Reason>() {
+                Some(reason) => reason.as_str(),
+                None => rsp
+                    .headers()
+                    .get(ERROR_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or(""),
+            };
+            layer.tap.publish(|| TapEvent {
+                ts_ms: crate::tap::now_ms(),
+                direction: layer.direction.as_str(),
+                target_service: layer.target.to_string(),
+                request_id: ctx.as_ref().map_or_else(String::new, |c| c.id.clone()),
+                client: ctx
+                    .as_ref()
+                    .map_or_else(String::new, |c| c.client.to_string()),
+                method: method.to_string(),
+                authority: authority.unwrap_or_default(),
+                path: path.clone(),
+                status: rsp.status().as_u16(),
+                latency_ms: elapsed.as_secs_f64() * 1000.0,
+                error: error().to_string(),
+            });
             if layer.access_log {
-                // This proxy's own error, else the one a peer proxy answered with.
-                let error = match rsp.extensions().get::<Reason>() {
-                    Some(reason) => reason.as_str(),
-                    None => rsp
-                        .headers()
-                        .get(ERROR_HEADER)
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or(""),
-                };
+                let error = error();
                 tracing::info!(
                     target: "access",
                     direction = %layer.direction,

@@ -444,6 +444,23 @@ impl Balancer {
         WeakBalancer(Arc::downgrade(&self.shared))
     }
 
+    /// Each endpoint's peak-EWMA latency estimate as of now, in milliseconds, by endpoint key
+    /// (an endpoint never measured shows the starting estimate).
+    pub fn latency_ewma_ms(&self) -> Vec<(String, f64)> {
+        let now = Instant::now();
+        let endpoints = self.shared.endpoints.borrow().endpoints.clone();
+        let mut state = lock(&self.shared.state);
+        state.sync(&endpoints, now);
+        state
+            .slots
+            .iter()
+            .map(|s| {
+                let rtt_ns = lock(&s.load.health).rtt_at(now);
+                (s.endpoint.key.to_string(), rtt_ns / 1e6)
+            })
+            .collect()
+    }
+
     pub fn counts(&self) -> (usize, usize) {
         let now = Instant::now();
         let endpoints = self.shared.endpoints.borrow().endpoints.clone();

@@ -5,12 +5,14 @@
 //! (`request` or `per_try`), `rate_limited_total{direction,target_service}` and
 //! `faults_total{target_service,kind}` (`delay` or `abort`). Read at scrape time from the
 //! balancers and breakers that are alive then: `balancer_endpoints{target_service,state}`
-//! (`total`, `available`) and `breaker_state{target_service,endpoint,state}` (1 for the
+//! (`total`, `available`), `endpoint_latency_ewma_ms{target_service,endpoint}` (the
+//! balancer's peak-EWMA latency estimate) and `breaker_state{target_service,endpoint,state}` (1 for the
 //! endpoint's current state — `closed`, `open` or `half_open` — 0 for the others). Sources are
 //! held weakly, so a service's stack that is dropped takes its series with it.
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use ferrule_proxy_core::metrics::{Direction, Metrics, TcpLabels};
@@ -46,6 +48,12 @@ struct BreakerLabels {
     target_service: String,
     endpoint: String,
     state: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct EndpointLabels {
+    target_service: String,
+    endpoint: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -227,10 +235,18 @@ impl fmt::Debug for ScrapeSources {
 impl Collector for ScrapeSources {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
         let endpoints = Family::<BalancerLabels, Gauge>::default();
+        let ewma = Family::<EndpointLabels, Gauge<f64, AtomicU64>>::default();
         lock(&self.balancers).retain(|(target, balancer)| {
             let Some(balancer) = balancer.upgrade() else {
                 return false;
             };
+            for (endpoint, ms) in balancer.latency_ewma_ms() {
+                ewma.get_or_create(&EndpointLabels {
+                    target_service: target.clone(),
+                    endpoint,
+                })
+                .set(ms);
+            }
             let (total, available) = balancer.counts();
             for (state, n) in [("total", total), ("available", available)] {
                 endpoints
@@ -271,6 +287,13 @@ impl Collector for ScrapeSources {
             endpoints.metric_type(),
         )?;
         endpoints.encode(e)?;
+        let e = encoder.encode_descriptor(
+            "endpoint_latency_ewma_ms",
+            "Each endpoint's peak-EWMA latency estimate as its balancer sees it, in milliseconds",
+            None,
+            ewma.metric_type(),
+        )?;
+        ewma.encode(e)?;
         let e = encoder.encode_descriptor(
             "breaker_state",
             "Circuit breaker state per endpoint: 1 for the current state, 0 for the others",

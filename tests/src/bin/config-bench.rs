@@ -298,6 +298,7 @@ fn proxy_info(id: &str, service: String) -> ProxyInfo {
         address: "127.0.0.1".into(),
         mode: "sidecar".into(),
         version: "config-bench".into(),
+        admin_address: String::new(),
     }
 }
 
