@@ -298,6 +298,9 @@ pub enum Mode {
     /// its file or, with a controller, its `Gateway` resource (flags go after `gateway`; see
     /// docs/gateway.md).
     Gateway(crate::gateway::GatewayArgs),
+    /// The init container's job: write the iptables rules that send the pod's TCP through
+    /// its sidecar, then exit (see docs/transparent.md).
+    Init(crate::init::InitArgs),
 }
 
 fn parse_namespace(s: &str) -> Result<String, String> {

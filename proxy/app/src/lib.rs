@@ -18,6 +18,7 @@
 pub mod admin;
 pub mod config;
 pub mod gateway;
+pub mod init;
 pub mod sidecar;
 
 pub use ferrule_proxy_api as api;

@@ -1,10 +1,13 @@
 //! The inbound side: traffic from peers and clients to the app this proxy fronts.
 //!
-//! One listener per app port. Each accepted connection is detected (unless the port is
-//! opaque): HTTP goes through the port's stack ([`http`]), anything else is copied to the app
-//! as bytes. mTLS termination will happen here, before detection.
+//! One listener per app port, or in transparent mode one listener for all of them
+//! ([`transparent`]: the original destination's port says which). Each accepted connection is
+//! detected (unless the port is opaque): HTTP goes through the port's stack ([`http`]),
+//! anything else is copied to the app as bytes. mTLS termination will happen here, before
+//! detection.
 
 pub mod http;
+pub mod transparent;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -79,6 +82,19 @@ impl Inbound {
 
     /// Serves one app port on `listener` until shutdown.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, port: InboundPort) {
+        let port = self.port(port);
+        let this = self.clone();
+        server::accept_loop(
+            listener,
+            self.shutdown.clone(),
+            self.tracker.clone(),
+            move |stream, peer| Box::pin(this.clone().handle(stream, peer, port.clone())),
+        )
+        .await;
+    }
+
+    /// The stack and series of one app port.
+    fn port(&self, port: InboundPort) -> Arc<Port> {
         let http = http::stack(
             port.name.clone(),
             port.app_addr,
@@ -88,15 +104,7 @@ impl Inbound {
             self.config.access_log,
         );
         let series = self.metrics.target(Direction::Inbound, port.name.clone());
-        let port = Arc::new(Port { port, http, series });
-        let this = self.clone();
-        server::accept_loop(
-            listener,
-            self.shutdown.clone(),
-            self.tracker.clone(),
-            move |stream, peer| Box::pin(this.clone().handle(stream, peer, port.clone())),
-        )
-        .await;
+        Arc::new(Port { port, http, series })
     }
 
     async fn handle(self: Arc<Self>, stream: TcpStream, peer: SocketAddr, port: Arc<Port>) {
