@@ -373,3 +373,60 @@ async fn the_shop_runs_through_transparent_proxies() -> Result<()> {
     }
     Ok(())
 }
+
+/// `init` picks the back end that holds Ferrule's chains: rules written with
+/// `--iptables-mode legacy` are found (and left unchanged) by a second run in `auto` mode,
+/// which writes nothing to nft, and `--clean` removes them. Without CAP_NET_ADMIN it refuses,
+/// saying what to grant.
+#[tokio::test]
+async fn init_follows_the_back_end_in_use_and_explains_a_missing_capability() -> Result<()> {
+    let mut cluster = Cluster::create(&SERVICES)?;
+    let pod = cluster.pod("legacy")?;
+    cluster
+        .init(&pod, &["--iptables-mode=legacy", "--disable-ipv6"])
+        .await?;
+    let legacy = cluster.nat_rules(&pod, "iptables-legacy-save").await?;
+    ensure!(
+        legacy.contains("-A PREROUTING -j FERRULE_INBOUND"),
+        "{legacy}"
+    );
+
+    let report = cluster.init(&pod, &["--disable-ipv6"]).await?;
+    ensure!(
+        report.contains("# iptables-legacy (wrote")
+            && report.contains("# -t nat -A OUTPUT -j FERRULE_OUTPUT: already there"),
+        "auto mode did not follow the legacy rules:\n{report}"
+    );
+    ensure!(cluster.nat_rules(&pod, "iptables-legacy-save").await? == legacy);
+    let nft = cluster.nat_rules(&pod, "iptables-nft-save").await?;
+    ensure!(
+        !nft.contains("FERRULE"),
+        "auto mode wrote to nft too:\n{nft}"
+    );
+
+    cluster.init(&pod, &["--clean"]).await?;
+    let left = cluster.nat_rules(&pod, "iptables-legacy-save").await?;
+    ensure!(!left.contains("FERRULE") && !left.contains("-A "), "{left}");
+
+    // As an unprivileged user: refused before touching anything, naming the capability.
+    let ran = cluster
+        .run(
+            &pod,
+            "setpriv",
+            &[
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--",
+                &binary("ferrule-proxy")?.display().to_string(),
+                "init",
+            ],
+        )
+        .await?;
+    ensure!(
+        !ran.ok && ran.stderr.contains("needs CAP_NET_ADMIN"),
+        "init without the capability: {}",
+        ran.stderr
+    );
+    Ok(())
+}
