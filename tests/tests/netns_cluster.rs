@@ -348,6 +348,22 @@ async fn the_shop_runs_through_transparent_proxies() -> Result<()> {
     .await?;
     ensure!(body(&reply, 200)?["user_id"] == "123", "{reply}");
 
+    // A connection made to the inbound listener's own port has no app port to go to: closed,
+    // never looped back into the listener.
+    let ran = cluster
+        .run(
+            &client,
+            "curl",
+            &[
+                "-sS",
+                "--max-time",
+                "5",
+                &format!("http://{}:4143/", user.ip),
+            ],
+        )
+        .await?;
+    ensure!(!ran.ok, "the inbound port itself answered: {}", ran.stdout);
+
     // init is idempotent: a second run leaves exactly the same rules.
     for save in ["iptables-save", "ip6tables-save"] {
         let before = cluster.nat_rules(&client, save).await?;

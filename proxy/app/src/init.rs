@@ -387,16 +387,17 @@ fn host_has_ipv6() -> bool {
     Path::new("/proc/net/if_inet6").exists()
 }
 
-/// Runs `init` with `args`; prints what it did (or would do) to stdout.
+/// Runs `init` with `args`; prints what it did (or would do) to stdout, also the part done
+/// before a failure.
 pub fn run_init(args: &InitArgs) -> anyhow::Result<()> {
-    let mut stdout = std::io::stdout().lock();
-    let report = init(args)?;
-    stdout.write_all(report.as_bytes())?;
-    Ok(())
+    let mut report = String::new();
+    let result = init(args, &mut report);
+    std::io::stdout().lock().write_all(report.as_bytes())?;
+    result
 }
 
-/// What [`run_init`] does, returning the report instead of printing it.
-pub fn init(args: &InitArgs) -> anyhow::Result<String> {
+/// What [`run_init`] does, writing the report into `report` instead of printing it.
+pub fn init(args: &InitArgs, report: &mut String) -> anyhow::Result<()> {
     if !args.dry_run && !has_net_admin() {
         bail!(
             "ferrule-proxy init needs CAP_NET_ADMIN to write iptables rules (and CAP_NET_RAW for \
@@ -406,7 +407,6 @@ pub fn init(args: &InitArgs) -> anyhow::Result<String> {
         );
     }
     let mut families = vec![Family::V4];
-    let mut report = String::new();
     if !args.disable_ipv6 {
         if host_has_ipv6() {
             families.push(Family::V6);
@@ -443,13 +443,13 @@ pub fn init(args: &InitArgs) -> anyhow::Result<String> {
                 );
             };
             if args.clean {
-                clean(&tools, args.dry_run, &mut report)?;
+                clean(&tools, args.dry_run, report)?;
             } else {
-                apply(&tools, args, &mut report)?;
+                apply(&tools, args, report)?;
             }
         }
     }
-    Ok(report)
+    Ok(())
 }
 
 fn apply(tools: &Tools, args: &InitArgs, report: &mut String) -> anyhow::Result<()> {

@@ -4,7 +4,8 @@
 //! each connection's original destination (`SO_ORIGINAL_DST`, IPv4 or IPv6) says which app
 //! port it was for. A configured app port (`--app-port NAME=ADDR`) is forwarded to its address
 //! and counted under `service:NAME`; any other port to the same port on loopback (`127.0.0.1`,
-//! or `::1` for an IPv6 destination), counted under `service:PORT`. Opaque ports (the
+//! or `::1` for an IPv6 destination), counted under `service:PORT` (`PORT` for a proxy
+//! without a service). Opaque ports (the
 //! server-speaks-first list) skip detection, so the app's banner is never held up. A
 //! connection that was not redirected, or was made to this listener's own port, has no app
 //! port to go to and is closed.
@@ -42,8 +43,12 @@ impl AppPorts {
             IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
             IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
         };
+        let name = match self.service.is_empty() {
+            true => dst.port().to_string(),
+            false => format!("{}:{}", self.service, dst.port()),
+        };
         InboundPort {
-            name: format!("{}:{}", self.service, dst.port()).into(),
+            name: name.into(),
             app_addr: SocketAddr::new(loopback, dst.port()),
             opaque: self.opaque_ports.contains(&dst.port()),
         }
