@@ -230,6 +230,9 @@ pub fn ruleset(args: &InitArgs, family: Family) -> String {
     out
 }
 
+/// The back end of a plain `iptables` with no `-nft` or `-legacy` beside it.
+const UNNAMED: &str = "";
+
 /// The jumps from the built-in chains: (built-in chain, Ferrule's chain).
 const JUMPS: [(&str, &str); 2] = [("PREROUTING", INBOUND_CHAIN), ("OUTPUT", OUTPUT_CHAIN)];
 
@@ -244,9 +247,14 @@ struct Tools {
 }
 
 impl Tools {
+    /// The tools of `backend` (`nft`, `legacy`, or [`UNNAMED`]: plain `iptables`, for
+    /// distributions that ship one back end without the suffixed names).
     fn find(family: Family, backend: &str) -> Option<Tools> {
-        let base = family.tool();
-        let find = |suffix: &str| which(&format!("{base}-{backend}{suffix}"));
+        let base = match backend {
+            UNNAMED => family.tool().to_string(),
+            named => format!("{}-{named}", family.tool()),
+        };
+        let find = |suffix: &str| which(&format!("{base}{suffix}"));
         Some(Tools {
             family,
             iptables: find("")?,
@@ -351,7 +359,10 @@ fn backend(mode: Mode) -> anyhow::Result<&'static str> {
         (Mode::Legacy, _, None) => bail!("{MISSING}: iptables-legacy not found"),
         (Mode::Nft, Some(_), _) => "nft",
         (Mode::Legacy, _, Some(_)) => "legacy",
-        (Mode::Auto, None, None) => bail!("{MISSING}"),
+        (Mode::Auto, None, None) => match Tools::find(Family::V4, UNNAMED) {
+            Some(_) => UNNAMED,
+            None => bail!("{MISSING}"),
+        },
         (Mode::Auto, Some(_), None) => "nft",
         (Mode::Auto, None, Some(_)) => "legacy",
         (Mode::Auto, Some(nft), Some(legacy)) => {
@@ -417,10 +428,16 @@ pub fn init(args: &InitArgs, report: &mut String) -> anyhow::Result<()> {
     let backends: Vec<&str> = match (args.clean, args.iptables_mode) {
         // Clean wherever Ferrule's chains are, so rules written by an earlier run in another
         // mode do not survive.
-        (true, Mode::Auto) => ["nft", "legacy"]
-            .into_iter()
-            .filter(|b| Tools::find(Family::V4, b).is_some())
-            .collect(),
+        (true, Mode::Auto) => {
+            let found: Vec<&str> = ["nft", "legacy"]
+                .into_iter()
+                .filter(|b| Tools::find(Family::V4, b).is_some())
+                .collect();
+            match found.is_empty() {
+                true => vec![backend(Mode::Auto)?],
+                false => found,
+            }
+        }
         (_, mode) => vec![backend(mode)?],
     };
     if backends.is_empty() {
@@ -431,15 +448,19 @@ pub fn init(args: &InitArgs, report: &mut String) -> anyhow::Result<()> {
     for backend in backends {
         for &family in &families {
             let Some(tools) = Tools::find(family, backend) else {
+                let tool = match backend {
+                    UNNAMED => family.tool().to_string(),
+                    named => format!("{}-{named}", family.tool()),
+                };
                 if family == Family::V6 {
                     let _ = writeln!(
                         report,
-                        "# ip6tables-{backend} not found: IPv6 rules skipped (install ip6tables, or pass --disable-ipv6)"
+                        "# {tool} not found: IPv6 rules skipped (install ip6tables, or pass --disable-ipv6)"
                     );
                     continue;
                 }
                 bail!(
-                    "iptables-{backend}, -save or -restore not found: install the iptables package"
+                    "{tool}, {tool}-save or {tool}-restore not found: install the iptables package"
                 );
             };
             if args.clean {
