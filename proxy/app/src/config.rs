@@ -237,7 +237,9 @@ pub struct Config {
 
     /// Transparent mode: bind `--outbound-addr` for connections iptables redirects to it,
     /// and send each where its original destination says (a service the mesh knows, else
-    /// plain TCP to that address).
+    /// plain TCP to that address); serve every app port on the one `--inbound-addr`
+    /// listener, the original destination's port picking the app port. The rules come from
+    /// `ferrule-proxy init` (docs/transparent.md).
     #[arg(long, env = "FERRULE_PROXY_TRANSPARENT")]
     pub transparent: bool,
 
