@@ -16,6 +16,7 @@ mod controller;
 pub mod dev_mesh;
 mod etcd;
 pub mod netns;
+pub mod netns_cluster;
 mod process;
 mod proxy;
 

@@ -8,10 +8,63 @@
 //! is removed too.
 
 use std::net::Ipv4Addr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
+
+/// What a command run in a namespace did: whether it succeeded, its stdout and stderr.
+pub struct Ran {
+    pub ok: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `program args` inside the namespace `ns` (`ip netns exec`, which also bind-mounts
+/// `/etc/netns/NS/*` over `/etc`), killed after 10 s.
+pub async fn run_in(ns: &str, program: &str, args: &[&str]) -> anyhow::Result<Ran> {
+    let mut cmd = tokio::process::Command::new("ip");
+    cmd.args(["netns", "exec", ns, "timeout", "10", program])
+        .args(args)
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(20), cmd.output())
+        .await
+        .with_context(|| format!("{program} in {ns} did not finish"))?
+        .with_context(|| format!("running {program} in {ns}"))?;
+    Ok(Ran {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}
+
+/// `curl -sS --max-time 5 -i ARGS` inside `ns`: the response head and body.
+pub async fn curl_in(ns: &str, args: &[&str]) -> anyhow::Result<String> {
+    let mut all = vec!["-sS", "--max-time", "5", "-i"];
+    all.extend_from_slice(args);
+    let ran = run_in(ns, "curl", &all).await?;
+    if !ran.ok {
+        bail!("curl {args:?} in {ns} failed: {}", ran.stderr.trim());
+    }
+    Ok(ran.stdout)
+}
+
+/// `binary` copied into `dir` (made world-readable), where a process that dropped root (the
+/// proxy as its own UID) may run it; the build tree may not be reachable for it.
+pub fn runnable_copy(dir: &Path, binary: &Path) -> anyhow::Result<PathBuf> {
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+    let name = binary
+        .file_name()
+        .context("a binary path has a file name")?;
+    let copy = dir.join(name);
+    std::fs::copy(binary, &copy)
+        .with_context(|| format!("copying {} to {}", binary.display(), copy.display()))?;
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755))?;
+    Ok(copy)
+}
 
 /// Distinguishes the namespaces of one test process.
 static NEXT: AtomicU8 = AtomicU8::new(0);

@@ -7,12 +7,10 @@
 //! (`Discovery/Lookup`). Needs root, iproute2, iptables and util-linux's setpriv.
 
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
-use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use ferrule_harness::backend::HttpBackend;
-use ferrule_harness::netns::NetNs;
+use ferrule_harness::netns::{self, NetNs};
 use ferrule_harness::{Controller, Proxy, binary};
 use ferrule_proto::v1::registry_client::RegistryClient;
 use ferrule_proto::v1::{Endpoint, RegisterRequest};
@@ -20,37 +18,15 @@ use ferrule_proto::v1::{Endpoint, RegisterRequest};
 /// The UID the proxy runs as; the redirect skips its traffic, as the init rules will.
 const PROXY_UID: &str = "65534";
 
-/// Runs `program args` inside `ns`, bounded; returns (success, stdout, stderr).
+/// `program args` inside `ns`: (success, stdout, stderr).
 async fn in_namespace(ns: &NetNs, program: &str, args: &[&str]) -> Result<(bool, String, String)> {
-    let mut cmd = tokio::process::Command::from(ns.command("timeout"));
-    cmd.arg("10").arg(program).args(args).kill_on_drop(true);
-    let out = tokio::time::timeout(Duration::from_secs(20), cmd.output())
-        .await
-        .with_context(|| format!("{program} in {} did not finish", ns.name()))?
-        .with_context(|| format!("running {program} in {}", ns.name()))?;
-    Ok((
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    ))
+    let ran = netns::run_in(ns.name(), program, args).await?;
+    Ok((ran.ok, ran.stdout, ran.stderr))
 }
 
 /// `curl` from inside the namespace: the response head and body.
 async fn curl(ns: &NetNs, url: &str) -> Result<String> {
-    let (ok, out, err) = in_namespace(ns, "curl", &["-sS", "--max-time", "5", "-i", url]).await?;
-    if !ok {
-        bail!("curl {url} from {} failed: {err}", ns.name());
-    }
-    Ok(out)
-}
-
-/// The proxy binary copied where `nobody` may run it (the build tree may not be reachable).
-fn runnable_copy(dir: &tempfile::TempDir) -> Result<std::path::PathBuf> {
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
-    let copy = dir.path().join("ferrule-proxy");
-    std::fs::copy(binary("ferrule-proxy")?, &copy).context("copying the proxy binary")?;
-    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755))?;
-    Ok(copy)
+    netns::curl_in(ns.name(), &[url]).await
 }
 
 /// One series' value in the Prometheus text, 0 when absent.
@@ -74,7 +50,7 @@ async fn transparent_sidecar(
     let bin_dir = tempfile::Builder::new()
         .prefix("ferrule-transparent-")
         .tempdir()?;
-    let proxy_bin = runnable_copy(&bin_dir)?;
+    let proxy_bin = netns::runnable_copy(bin_dir.path(), &binary("ferrule-proxy")?)?;
     let wrapper = [
         "ip",
         "netns",

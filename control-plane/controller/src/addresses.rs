@@ -7,8 +7,13 @@
 //! endpoint's service and port name; a lookup is one map read. While the store is unreachable
 //! the last known index keeps answering; until the first listing succeeds, lookups fail with
 //! UNAVAILABLE so the proxy does not cache "unknown" for an address that is in fact meshed.
+//!
+//! A service's virtual IP (what cluster DNS answers for its name, a Kubernetes ClusterIP) is
+//! declared by its endpoints: an endpoint labelled [`SERVICE_IP_LABEL`]`=IP` makes `IP:port`
+//! (the endpoint's port) an address of its service too, for as long as one such endpoint is
+//! registered. Sidecars pass it with `--label`, `ferrule register` with `--label`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
@@ -25,16 +30,22 @@ use crate::registry::read_stored_endpoint;
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(2);
 
+/// The endpoint label declaring its service's virtual IP.
+pub const SERVICE_IP_LABEL: &str = "ferrule.io/service-ip";
+
 #[derive(Default)]
 struct Index {
     synced: bool,
-    /// Store key → the endpoint's address, to undo a deletion.
-    by_key: HashMap<String, SocketAddr>,
+    /// Store key → the endpoint's address and the service address it declared, to undo a
+    /// deletion.
+    by_key: HashMap<String, (SocketAddr, Option<SocketAddr>)>,
     /// Address → (the endpoint's namespace, service and port name; store key).
     by_addr: HashMap<SocketAddr, (LookupResponse, String)>,
     /// Keys whose value is not a readable endpoint (the `unreadable_keys{area="registry"}`
     /// metric).
     unreadable: HashSet<String>,
+    /// Service address → (its service and port name; the keys of the endpoints declaring it).
+    by_service_ip: HashMap<SocketAddr, (LookupResponse, BTreeSet<String>)>,
 }
 
 impl Index {
@@ -55,24 +66,57 @@ impl Index {
             return;
         };
         self.delete(key);
-        self.by_key.insert(key.to_string(), addr);
+        let service_ip = ep.labels.get(SERVICE_IP_LABEL).and_then(|ip| match ip.parse() {
+            Ok(ip) => Some(SocketAddr::new(ip, addr.port())),
+            Err(_) => {
+                tracing::warn!(%key, %ip, "address index: the {SERVICE_IP_LABEL} label is not an IP address; ignoring it");
+                None
+            }
+        });
+        self.by_key.insert(key.to_string(), (addr, service_ip));
         let answer = LookupResponse {
             found: true,
             namespace: namespace_or_default(&ep.namespace).to_string(),
             service: ep.service,
             port_name: ep.port_name,
         };
+        if let Some(service_ip) = service_ip {
+            let (declared, keys) = self
+                .by_service_ip
+                .entry(service_ip)
+                .or_insert_with(|| (answer.clone(), BTreeSet::new()));
+            if *declared == answer {
+                keys.insert(key.to_string());
+            } else {
+                tracing::warn!(%key, %service_ip, "address index: the service address is already {}'s; ignoring the label", declared.service);
+            }
+        }
         self.by_addr.insert(addr, (answer, key.to_string()));
     }
 
     fn delete(&mut self, key: &str) {
         self.unreadable.remove(key);
-        if let Some(addr) = self.by_key.remove(key) {
+        if let Some((addr, service_ip)) = self.by_key.remove(key) {
             // Another registration may have taken the address since; leave that one alone.
             if self.by_addr.get(&addr).is_some_and(|(_, k)| k == key) {
                 self.by_addr.remove(&addr);
             }
+            if let Some(service_ip) = service_ip
+                && let Some((_, keys)) = self.by_service_ip.get_mut(&service_ip)
+            {
+                keys.remove(key);
+                if keys.is_empty() {
+                    self.by_service_ip.remove(&service_ip);
+                }
+            }
         }
+    }
+
+    fn get(&self, addr: &SocketAddr) -> Option<&LookupResponse> {
+        self.by_addr
+            .get(addr)
+            .map(|(answer, _)| answer)
+            .or_else(|| self.by_service_ip.get(addr).map(|(answer, _)| answer))
     }
 }
 
@@ -101,10 +145,7 @@ impl AddressIndex {
         if !index.synced {
             return None;
         }
-        Some(match index.by_addr.get(&addr) {
-            Some((answer, _)) => answer.clone(),
-            None => LookupResponse::default(),
-        })
+        Some(index.get(&addr).cloned().unwrap_or_default())
     }
 }
 
@@ -229,5 +270,44 @@ mod tests {
 
         store.delete(&keys::endpoint(&user)).await.unwrap();
         wait_for(&index, "10.0.0.1:8080", false).await;
+    }
+
+    /// A service address is known while at least one endpoint declares it.
+    #[tokio::test]
+    async fn endpoints_declare_their_service_address() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let index = AddressIndex::spawn(store.clone(), Arc::default());
+        let mut eps = Vec::new();
+        for address in ["10.0.0.1", "10.0.0.2"] {
+            let mut ep = endpoint("user", "http", address, 8001);
+            ep.labels
+                .insert(SERVICE_IP_LABEL.into(), "10.96.0.10".into());
+            store
+                .put(&keys::endpoint(&ep), ep.encode_to_vec(), None)
+                .await
+                .unwrap();
+            eps.push(ep);
+        }
+        let answer = wait_for(&index, "10.96.0.10:8001", true).await;
+        assert_eq!(
+            (answer.service.as_str(), answer.port_name.as_str()),
+            ("user", "http")
+        );
+        assert!(
+            !index
+                .lookup("10.96.0.10:8002".parse().unwrap())
+                .unwrap()
+                .found
+        );
+        store.delete(&keys::endpoint(&eps[0])).await.unwrap();
+        wait_for(&index, "10.0.0.1:8001", false).await;
+        assert!(
+            index
+                .lookup("10.96.0.10:8001".parse().unwrap())
+                .unwrap()
+                .found
+        );
+        store.delete(&keys::endpoint(&eps[1])).await.unwrap();
+        wait_for(&index, "10.96.0.10:8001", false).await;
     }
 }

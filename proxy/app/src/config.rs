@@ -319,7 +319,9 @@ pub struct Config {
 
     /// Transparent mode: bind `--outbound-addr` for connections iptables redirects to it,
     /// and send each where its original destination says (a service the mesh knows, else
-    /// plain TCP to that address).
+    /// plain TCP to that address); serve every app port on the one `--inbound-addr`
+    /// listener, the original destination's port picking the app port. The rules come from
+    /// `ferrule-proxy init` (docs/transparent.md).
     #[arg(long, env = "FERRULE_PROXY_TRANSPARENT")]
     pub transparent: bool,
 
@@ -384,6 +386,9 @@ pub enum Mode {
     /// its file or, with a controller, its `Gateway` resource (flags go after `gateway`; see
     /// docs/gateway.md).
     Gateway(crate::gateway::GatewayArgs),
+    /// The init container's job: write the iptables rules that send the pod's TCP through
+    /// its sidecar, then exit (see docs/transparent.md).
+    Init(crate::init::InitArgs),
 }
 
 fn parse_namespace(s: &str) -> Result<String, String> {

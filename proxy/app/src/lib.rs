@@ -19,6 +19,7 @@ pub mod admin;
 pub mod config;
 pub mod gateway;
 pub mod identity;
+pub mod init;
 pub mod sidecar;
 
 pub use ferrule_proxy_api as api;

@@ -11,8 +11,12 @@ use ferrule_proxy::sidecar::Proxy;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let mut config = parse_config();
-    if let Some(Mode::Gateway(args)) = config.mode.take() {
-        return ferrule_proxy::gateway::run(args).await.context("gateway");
+    match config.mode.take() {
+        Some(Mode::Gateway(args)) => {
+            return ferrule_proxy::gateway::run(args).await.context("gateway");
+        }
+        Some(Mode::Init(args)) => return ferrule_proxy::init::run_init(&args),
+        None => {}
     }
     let proxy_id = config.proxy_id();
     ferrule_proxy::logging::init(config.common.log_format)

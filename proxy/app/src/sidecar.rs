@@ -25,13 +25,15 @@ use ferrule_proxy_api::registration::{
 use ferrule_proxy_core::lifecycle::{Drain, Lifecycle};
 use ferrule_proxy_core::metrics::{Direction, Metrics};
 use ferrule_proxy_inbound::http::LocalRateLimit;
+use ferrule_proxy_inbound::transparent::AppPorts;
 use ferrule_proxy_inbound::{Inbound, InboundConfig, InboundPort, InboundTls};
-use ferrule_proxy_outbound::target::{Fixed, OrigDst};
+use ferrule_proxy_outbound::target::{DEFAULT_OPAQUE_PORTS, Fixed, OrigDst};
 use ferrule_proxy_outbound::{Outbound, OutboundConfig};
 use ferrule_proxy_policy::PolicySet;
 use ferrule_proxy_policy::metrics::PolicyMetrics;
 use ferrule_proxy_transport::client::{ClientConfig, Clients};
 use ferrule_proxy_transport::metrics::PoolMetrics;
+use ferrule_proxy_transport::orig_dst;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -58,6 +60,9 @@ pub struct BoundAddrs {
     pub upstreams: Vec<(String, SocketAddr)>,
     /// The transparent-mode outbound listener (`--transparent`).
     pub outbound: Option<SocketAddr>,
+    /// Transparent mode's inbound listeners (every app port; IPv4, then its IPv6 sibling).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub transparent_inbound: Vec<SocketAddr>,
 }
 
 impl BoundAddrs {
@@ -101,6 +106,24 @@ async fn bind(what: impl Into<String>, addr: SocketAddr) -> Result<TcpListener, 
     })?;
     tracing::info!(listener = %what, addr = %bound, "listening");
     Ok(listener)
+}
+
+/// Binds `addr` and, for `127.0.0.1` or `0.0.0.0`, the same port on `::1` or `::` (IPv6
+/// only), where ip6tables' redirects arrive. A host without IPv6 gets the IPv4 listener alone.
+async fn with_ipv6_sibling(what: &str, addr: SocketAddr) -> Result<Vec<TcpListener>, StartError> {
+    let v4 = bind(what, addr).await?;
+    let bound = v4.local_addr().unwrap_or(addr);
+    let mut listeners = vec![v4];
+    if let Some(v6) = orig_dst::ipv6_sibling(bound) {
+        match orig_dst::bind_ipv6_only(v6) {
+            Ok(listener) => {
+                tracing::info!(listener = %what, addr = %v6, "listening");
+                listeners.push(listener);
+            }
+            Err(error) => tracing::info!(listener = %what, addr = %v6, %error, "no IPv6 listener"),
+        }
+    }
+    Ok(listeners)
 }
 
 impl Proxy {
@@ -160,7 +183,12 @@ impl Proxy {
 
         let admin_listener = bind("admin", config.common.admin_addr).await?;
         let mut inbound_listeners = Vec::new();
-        for port in &app_ports {
+        // Transparent mode: one inbound listener (and its IPv6 sibling) for every app port.
+        let transparent_inbound = match config.transparent {
+            true => with_ipv6_sibling("inbound (transparent)", config.inbound_addr).await?,
+            false => Vec::new(),
+        };
+        for port in app_ports.iter().filter(|_| !config.transparent) {
             let what = if port.name.is_empty() {
                 "inbound".to_string()
             } else {
@@ -168,9 +196,9 @@ impl Proxy {
             };
             inbound_listeners.push((port.clone(), bind(what, port.listen).await?));
         }
-        let transparent_listener = match config.transparent {
-            true => Some(bind("outbound (transparent)", config.outbound_addr).await?),
-            false => None,
+        let transparent_listeners = match config.transparent {
+            true => with_ipv6_sibling("outbound (transparent)", config.outbound_addr).await?,
+            false => Vec::new(),
         };
         let mut upstream_listeners = Vec::new();
         for upstream in &config.upstreams {
@@ -189,9 +217,13 @@ impl Proxy {
                 .iter()
                 .map(|(u, l)| (u.service.to_string(), local(l, u.listen)))
                 .collect(),
-            outbound: transparent_listener
-                .as_ref()
+            outbound: transparent_listeners
+                .first()
                 .map(|l| local(l, config.outbound_addr)),
+            transparent_inbound: transparent_inbound
+                .iter()
+                .map(|l| local(l, config.inbound_addr))
+                .collect(),
         };
 
         let outbound = Outbound::new(
@@ -225,9 +257,11 @@ impl Proxy {
                 drop(pinned);
             });
         }
-        if let Some(listener) = transparent_listener {
+        if !transparent_listeners.is_empty() {
             let target = Arc::new(OrigDst::new(discovery.clone(), &config.opaque_ports));
-            tokio::spawn(outbound.clone().serve(listener, target));
+            for listener in transparent_listeners {
+                tokio::spawn(outbound.clone().serve(listener, target.clone()));
+            }
         }
 
         // The app's service by qualified name (`name`, or `name.namespace` outside the
@@ -283,6 +317,45 @@ impl Proxy {
                 opaque,
             };
             tokio::spawn(inbound.clone().serve(listener, inbound_port));
+        }
+
+        if config.transparent {
+            // Peers dial the app's own ports on this pod's address; the init rules bring
+            // them here.
+            let opaque_ports = match config.opaque_ports.is_empty() {
+                true => DEFAULT_OPAQUE_PORTS.to_vec(),
+                false => config.opaque_ports.clone(),
+            };
+            let mut ports = Vec::new();
+            for port in &app_ports {
+                let opaque = opaque_ports.contains(&port.app_addr.port());
+                registered_ports.push(RegisteredPort {
+                    port_name: port.name.clone(),
+                    app_addr: port.app_addr,
+                    advertise: SocketAddr::new(config.advertise_ip, port.app_addr.port()),
+                    protocol_hint: if opaque {
+                        ProtocolHint::Opaque
+                    } else {
+                        ProtocolHint::Unspecified
+                    },
+                });
+                ports.push(InboundPort {
+                    name: match port.name.is_empty() {
+                        true => service.clone().into(),
+                        false => format!("{service}:{}", port.name).into(),
+                    },
+                    app_addr: port.app_addr,
+                    opaque,
+                });
+            }
+            let app = AppPorts {
+                service: service.clone().into(),
+                ports,
+                opaque_ports,
+            };
+            for listener in transparent_inbound {
+                tokio::spawn(inbound.clone().serve_transparent(listener, app.clone()));
+            }
         }
 
         let mut proxy_info = config.proxy_info(&proxy_id);

@@ -1,13 +1,15 @@
 //! The inbound side: traffic from peers and clients to the app this proxy fronts.
 //!
-//! One listener per app port. With mesh TLS ([`InboundTls`]) a connection that starts with a
-//! TLS ClientHello is terminated here first (mutual TLS: the client's verified identity becomes
-//! the connection's `peer_identity`); plaintext is served too unless the proxy requires mutual
-//! TLS, when it is closed and counted. Then the protocol is detected (unless the port is
-//! opaque): HTTP goes through the port's stack ([`http`]), anything else is copied to the app
-//! as bytes.
+//! One listener per app port, or in transparent mode one listener for all of them
+//! ([`transparent`]: the original destination's port says which). With mesh TLS
+//! ([`InboundTls`]) a connection that starts with a TLS ClientHello is terminated here first
+//! (mutual TLS: the client's verified identity becomes the connection's `peer_identity`);
+//! plaintext is served too unless the proxy requires mutual TLS, when it is closed and
+//! counted. Then the protocol is detected (unless the port is opaque): HTTP goes through the
+//! port's stack ([`http`]), anything else is copied to the app as bytes.
 
 pub mod http;
+pub mod transparent;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -97,6 +99,19 @@ impl Inbound {
 
     /// Serves one app port on `listener` until shutdown.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, port: InboundPort) {
+        let port = self.port(port);
+        let this = self.clone();
+        server::accept_loop(
+            listener,
+            self.shutdown.clone(),
+            self.tracker.clone(),
+            move |stream, peer| Box::pin(this.clone().handle(stream, peer, port.clone())),
+        )
+        .await;
+    }
+
+    /// The stack and series of one app port.
+    fn port(&self, port: InboundPort) -> Arc<Port> {
         let http = http::stack(
             port.name.clone(),
             port.app_addr,
@@ -106,15 +121,7 @@ impl Inbound {
             self.config.access_log,
         );
         let series = self.metrics.target(Direction::Inbound, port.name.clone());
-        let port = Arc::new(Port { port, http, series });
-        let this = self.clone();
-        server::accept_loop(
-            listener,
-            self.shutdown.clone(),
-            self.tracker.clone(),
-            move |stream, peer| Box::pin(this.clone().handle(stream, peer, port.clone())),
-        )
-        .await;
+        Arc::new(Port { port, http, series })
     }
 
     async fn handle(self: Arc<Self>, stream: TcpStream, peer: SocketAddr, port: Arc<Port>) {
