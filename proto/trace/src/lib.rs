@@ -4,11 +4,14 @@
 //! B3 single and multi header); [`tracer`] starts spans under a parent with parent-based,
 //! ratio sampling that can change live; [`export`] sends finished spans in batches to an
 //! OTLP collector (gRPC or HTTP) through a bounded queue whose drops are counted in
-//! [`metrics`]. The OTLP wire types are those of the `opentelemetry-proto` crate.
+//! [`metrics`]; [`receiver`] is a small OTLP receiver keeping the last traces in memory (the
+//! dev mesh's and the tests'). The OTLP wire types are those of the `opentelemetry-proto`
+//! crate.
 
 pub mod context;
 pub mod export;
 pub mod metrics;
+pub mod receiver;
 pub mod tracer;
 
 pub use context::{Extracted, SpanContext, SpanId, TraceId};

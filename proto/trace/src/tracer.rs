@@ -119,6 +119,15 @@ fn clamp(ratio: f64) -> f64 {
 #[derive(Clone, Default)]
 pub struct Tracer(pub(crate) Option<Arc<Shared>>);
 
+impl std::fmt::Debug for Tracer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tracer")
+            .field("enabled", &self.is_enabled())
+            .field("sample_ratio", &self.sample_ratio())
+            .finish()
+    }
+}
+
 impl Tracer {
     pub fn is_enabled(&self) -> bool {
         self.0.is_some()

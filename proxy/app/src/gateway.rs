@@ -72,6 +72,8 @@ pub enum StartError {
     Config(#[from] ConfigError),
     #[error("--controller: {0}")]
     Controllers(#[from] ControlError),
+    #[error(transparent)]
+    Tracing(#[from] ferrule_trace::export::ExportError),
     #[error("binding the {what} listener on {addr}: {source}")]
     Bind {
         what: &'static str,
@@ -197,6 +199,8 @@ impl Gateway {
                 None => PolicyClient::fixed(PolicySet::default()),
             };
         ferrule_proxy_api::metrics::register(&metrics, discovery.clone(), Some(policies.clone()));
+        let tracer =
+            crate::trace::tracer(&args.common, &args.name, "gateway", &proxy_id, &metrics)?;
 
         let listen_addr = args.listen.unwrap_or(file.listen());
         let (admin_listener, admin) = bind("admin", args.common.admin_addr).await?;
@@ -205,6 +209,7 @@ impl Gateway {
 
         let outbound = Outbound::new(
             OutboundConfig {
+                tracer: tracer.clone(),
                 algorithm: args.common.balancer,
                 detect_timeout: args.common.detect_timeout,
                 endpoint_wait: args.common.endpoint_wait,
@@ -234,6 +239,7 @@ impl Gateway {
             metrics: metrics.clone(),
             access_log: args.common.access_log,
             outbound,
+            tracer: tracer.clone(),
         };
         let first = wanted(&policies.current(), &args.name, &file);
         let router = builder.build(first, None)?;
@@ -275,6 +281,7 @@ impl Gateway {
             config: config_json,
             policies: Some(policies),
             gateway: Some(router_rx),
+            tracer,
             shutdown: shutdown.clone(),
         });
         let lifecycle = Lifecycle::start(
@@ -316,6 +323,7 @@ struct RouterBuilder {
     metrics: Metrics,
     access_log: bool,
     outbound: Arc<Outbound>,
+    tracer: ferrule_proxy_core::trace::Tracer,
 }
 
 impl RouterBuilder {
@@ -332,6 +340,7 @@ impl RouterBuilder {
                 metrics: &self.metrics,
                 access_log: self.access_log,
                 forward: &forward,
+                tracer: &self.tracer,
             },
         ))
     }

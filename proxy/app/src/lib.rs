@@ -19,6 +19,7 @@ pub mod admin;
 pub mod config;
 pub mod gateway;
 pub mod sidecar;
+pub mod trace;
 
 pub use ferrule_proxy_api as api;
 pub use ferrule_proxy_api::{control, discovery, registration};

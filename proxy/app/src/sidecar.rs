@@ -37,6 +37,8 @@ use ferrule_proxy_transport::metrics::PoolMetrics;
 pub enum StartError {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error(transparent)]
+    Tracing(#[from] ferrule_trace::export::ExportError),
     #[error("binding the {what} listener on {addr}: {source}")]
     Bind {
         what: String,
@@ -138,6 +140,13 @@ impl Proxy {
         let policy_metrics = PolicyMetrics::register(&metrics);
         ferrule_proxy_api::metrics::register(&metrics, discovery.clone(), Some(policies.clone()));
         let pool_metrics = PoolMetrics::register(&metrics);
+        let tracer = crate::trace::tracer(
+            &config.common,
+            config.service.as_deref().unwrap_or("ferrule-proxy"),
+            "sidecar",
+            &proxy_id,
+            &metrics,
+        )?;
         let pool_config = ClientConfig {
             connect_timeout: config.common.connect_timeout,
             idle_timeout: config.common.idle_timeout,
@@ -184,6 +193,7 @@ impl Proxy {
 
         let outbound = Outbound::new(
             OutboundConfig {
+                tracer: tracer.clone(),
                 algorithm: config.common.balancer,
                 detect_timeout: config.common.detect_timeout,
                 endpoint_wait: config.common.endpoint_wait,
@@ -229,6 +239,7 @@ impl Proxy {
             InboundConfig {
                 detect_timeout: config.common.detect_timeout,
                 access_log: config.common.access_log,
+                tracer: tracer.clone(),
             },
             app_clients,
             LocalRateLimit::new(policies.watch(), &service, policy_metrics),
@@ -309,6 +320,7 @@ impl Proxy {
             config: config_json,
             gateway: None,
             policies: Some(policies),
+            tracer,
             shutdown: shutdown.clone(),
         });
         let lifecycle = Lifecycle::start(

@@ -33,6 +33,8 @@ pub struct InboundPort {
 pub struct InboundConfig {
     pub detect_timeout: Duration,
     pub access_log: bool,
+    /// Starts each request's server span (off: `Tracer::default()`).
+    pub tracer: ferrule_proxy_core::trace::Tracer,
 }
 
 pub struct Inbound {
@@ -86,6 +88,7 @@ impl Inbound {
             self.limit.clone(),
             &self.metrics,
             self.config.access_log,
+            &self.config.tracer,
         );
         let series = self.metrics.target(Direction::Inbound, port.name.clone());
         let port = Arc::new(Port { port, http, series });
