@@ -2,7 +2,7 @@
 //!
 //! It talks to `ferrule-controller` only through the `ferrule.v1` gRPC API, never to the store.
 //! This file holds the top-level flags and dispatch; each verb group has its own module
-//! ([`config`], [`dev`], [`get`], [`register`], [`version`]), [`client`] connects to the controller and
+//! ([`config`], [`dev`], [`get`], [`register`], [`traces`], [`version`]), [`client`] connects to the controller and
 //! turns its failures into one readable line, [`output`] renders tables, JSON and YAML, and
 //! [`parse`] holds the argument parsers that refuse bad input before anything is sent.
 
@@ -13,6 +13,7 @@ mod get;
 mod output;
 mod parse;
 mod register;
+mod traces;
 mod version;
 
 use std::process::ExitCode;
@@ -67,6 +68,10 @@ enum Command {
     /// Register an endpoint that runs without a ferrule proxy (a database, say) and keep it
     /// registered until interrupted.
     Register(register::RegisterArgs),
+    /// List the last traces the dev mesh's own OTLP receiver kept, newest first.
+    Traces(traces::TracesArgs),
+    /// Draw one trace as a waterfall: service, span, start offset, duration, status.
+    Trace(traces::TraceArgs),
     /// Print the version of this client.
     Version,
 }
@@ -97,6 +102,8 @@ async fn main() -> ExitCode {
             }
             register::run(args, &cli.controller).await
         }
+        Command::Traces(args) => traces::list(args, cli.output).await,
+        Command::Trace(args) => traces::show(args, cli.output).await,
         Command::Version => version::run(cli.output),
     };
     match result {

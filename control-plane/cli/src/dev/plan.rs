@@ -71,6 +71,17 @@ pub struct Options {
     pub jwt_secret: String,
     /// `--postgres`: the cluster the apps' databases are in; SQLite files when `None`.
     pub postgres: Option<Cluster>,
+    /// The OTLP/gRPC collector every proxy exports trace spans to (`--otlp`, or `dev up`'s
+    /// own receiver).
+    pub otlp: Option<String>,
+}
+
+/// The environment that turns tracing on in a proxy.
+fn tracing_env(opts: &Options) -> Vec<(String, String)> {
+    opts.otlp
+        .iter()
+        .map(|url| ("FERRULE_PROXY_OTLP_ENDPOINT".to_string(), url.clone()))
+        .collect()
 }
 
 /// One process of the mesh.
@@ -179,7 +190,7 @@ pub fn postgres_sidecar(opts: &Options, controller: SocketAddr, server: SocketAd
             "5s",
             "--access-log",
         ]),
-        env: Vec::new(),
+        env: tracing_env(opts),
         ready_line: Some("ferrule-proxy"),
         database: None,
         run_as: None,
@@ -352,7 +363,7 @@ impl App {
             name: self.sidecar_name(),
             program: opts.bin_dir.join("ferrule-proxy"),
             args,
-            env: Vec::new(),
+            env: tracing_env(opts),
             ready_line: Some("ferrule-proxy"),
             database: None,
             run_as: None,
@@ -395,7 +406,10 @@ pub fn gateway(opts: &Options, controller: SocketAddr, admin: SocketAddr) -> Spe
             "gateway",
             "--access-log",
         ]),
-        env: vec![(JWT_SECRET_ENV.into(), opts.jwt_secret.clone())],
+        env: [(JWT_SECRET_ENV.into(), opts.jwt_secret.clone())]
+            .into_iter()
+            .chain(tracing_env(opts))
+            .collect(),
         ready_line: None,
         database: None,
         run_as: None,
@@ -479,6 +493,7 @@ mod tests {
             etcd: None,
             jwt_secret: "s3cret".into(),
             postgres: None,
+            otlp: None,
         }
     }
 
