@@ -6,8 +6,8 @@
 //!   span per hop, each child under the right parent; a W3C caller and a B3-only caller keep
 //!   their trace id through every hop; a request without trace headers gets a new trace from
 //!   the gateway; a malformed `traceparent` starts a new trace, is counted on the gateway's
-//!   `/metrics`, and the order still succeeds. `ferrule traces` and `ferrule trace` are run as
-//!   a user would.
+//!   `/metrics`, and the order still succeeds; the controller's RPCs are spans too.
+//!   `ferrule traces` and `ferrule trace` are run as a user would.
 //! * A real `ferrule-proxy` exporting to a blackholed collector (a socket that never answers):
 //!   every request succeeds, spans are dropped and counted, and the export queue never holds
 //!   more than its bound.
@@ -227,6 +227,22 @@ async fn one_order_is_one_trace_across_the_shop() -> Result<()> {
     )
     .await?;
     assert_eq!(malformed, 1.0);
+
+    // The controller is traced too: the proxies' registrations and watches are its spans.
+    let rpc = eventually(SPANS_WITHIN, "a controller RPC span", || async {
+        let list = ferrule_json(&mesh, &["traces", "--limit", "1000"])
+            .await
+            .ok()??;
+        list["traces"].as_array()?.iter().find_map(|t| {
+            (t["root_service"] == "ferrule-controller"
+                && t["root_name"].as_str()?.starts_with("ferrule.v1.Registry/"))
+            .then(|| t["trace_id"].as_str().map(str::to_string))?
+        })
+    })
+    .await?;
+    let spans = trace_spans(&mesh, &rpc, "the controller's span", |s| !s.is_empty()).await?;
+    assert_eq!(spans[0]["kind"], "server");
+    assert_eq!(spans[0]["attributes"]["rpc.system"], "grpc");
 
     // The table views work as a user would run them.
     let mut cmd = Command::new(binary("ferrule")?);

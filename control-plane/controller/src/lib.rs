@@ -5,7 +5,7 @@
 //! [`registry`] writes registrations under leases, [`discovery`] fans one store watch per
 //! service out to every subscriber, [`config`] is the configuration centre, [`admin`] answers
 //! the CLI, [`http`] serves `/live`,
-//! `/ready` and `/metrics`.
+//! `/ready` and `/metrics`; [`trace`] makes each RPC a trace span when tracing is on.
 
 pub mod addresses;
 pub mod admin;
@@ -16,6 +16,7 @@ pub mod keys;
 pub mod metrics;
 pub mod registry;
 mod stubs;
+pub mod trace;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -38,13 +39,29 @@ pub async fn serve(
     admin: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    serve_traced(store, grpc, admin, shutdown, None).await
+}
+
+/// [`serve`], with every RPC traced and exported as `export` says (off when `None`).
+pub async fn serve_traced(
+    store: Arc<dyn Store>,
+    grpc: TcpListener,
+    admin: TcpListener,
+    shutdown: CancellationToken,
+    export: Option<ferrule_trace::ExportConfig>,
+) -> anyhow::Result<()> {
     let metrics = Arc::new(metrics::Metrics::default());
+    let tracer = match export {
+        Some(config) => ferrule_trace::export::start(config, metrics.trace.clone())?,
+        None => ferrule_trace::Tracer::default(),
+    };
     let hub = discovery::Hub::new(store.clone(), metrics.clone());
     let grpc_addr: SocketAddr = grpc.local_addr()?;
     let admin_addr: SocketAddr = admin.local_addr()?;
     tracing::info!(grpc = %grpc_addr, admin = %admin_addr, store = %store.describe(), "controller serving");
 
     let router = tonic::transport::Server::builder()
+        .layer(trace::RpcSpanLayer(tracer))
         .add_service(RegistryServer::new(registry::RegistryService::new(
             store.clone(),
             metrics.clone(),

@@ -28,6 +28,28 @@ struct Config {
     /// Log format.
     #[arg(long, env = "FERRULE_LOG_FORMAT", default_value = "plain", value_parser = ["plain", "json"])]
     log_format: String,
+
+    /// The OTLP collector to export a trace span per RPC to, e.g. http://127.0.0.1:4317.
+    /// Without it tracing is off.
+    #[arg(long, env = "FERRULE_CONTROLLER_OTLP_ENDPOINT", value_name = "URL")]
+    otlp_endpoint: Option<String>,
+
+    /// How spans reach the collector: grpc or http/protobuf.
+    #[arg(long, env = "FERRULE_CONTROLLER_OTLP_PROTOCOL", default_value = "grpc")]
+    otlp_protocol: ferrule_trace::Protocol,
+
+    /// The share of new traces sampled, 0 to 1 (calls with a trace context follow it).
+    #[arg(long, env = "FERRULE_CONTROLLER_TRACE_SAMPLE_RATIO", default_value_t = 1.0, value_parser = parse_ratio)]
+    trace_sample_ratio: f64,
+}
+
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!(
+            "{s:?} is not a ratio from 0 to 1 (e.g. 0.01 for 1 %)"
+        )),
+    }
 }
 
 #[tokio::main]
@@ -61,7 +83,23 @@ async fn main() -> anyhow::Result<()> {
 
     let shutdown = CancellationToken::new();
     tokio::spawn(signal_shutdown(shutdown.clone()));
-    ferrule_controller::serve(store, grpc, admin, shutdown).await?;
+    let export = config
+        .otlp_endpoint
+        .clone()
+        .map(|endpoint| ferrule_trace::ExportConfig {
+            endpoint,
+            protocol: config.otlp_protocol,
+            sample_ratio: config.trace_sample_ratio,
+            queue_size: 2048,
+            resource: vec![
+                ("service.name".into(), "ferrule-controller".into()),
+                (
+                    "service.instance.id".into(),
+                    grpc.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+                ),
+            ],
+        });
+    ferrule_controller::serve_traced(store, grpc, admin, shutdown, export).await?;
     tracing::info!("controller stopped");
     Ok(())
 }

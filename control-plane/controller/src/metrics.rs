@@ -15,6 +15,8 @@ pub struct Metrics {
     pub service_watches: Gauge,
     /// Store calls that failed inside background watches.
     pub store_errors: Counter,
+    /// Trace export (`trace_*`), when tracing is on.
+    pub trace: ferrule_trace::TraceMetrics,
 }
 
 impl Metrics {
@@ -41,6 +43,7 @@ impl Metrics {
             "Store calls that failed in background watches",
             self.store_errors.clone(),
         );
+        self.trace.register(&mut registry);
         let mut out = String::new();
         encode(&mut out, &registry).expect("writing to a String cannot fail");
         out

@@ -135,7 +135,11 @@ pub fn controller(opts: &Options) -> Spec {
         name: "controller".into(),
         program: opts.bin_dir.join("ferrule-controller"),
         args: strings(&["--store", &store, "--grpc-addr", &any, "--admin-addr", &any]),
-        env: Vec::new(),
+        env: opts
+            .otlp
+            .iter()
+            .map(|url| ("FERRULE_CONTROLLER_OTLP_ENDPOINT".to_string(), url.clone()))
+            .collect(),
         ready_line: Some("ferrule-controller"),
         database: None,
         run_as: None,
