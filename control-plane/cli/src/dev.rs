@@ -15,7 +15,7 @@
 
 mod plan;
 mod postgres;
-mod state;
+pub mod state;
 mod supervisor;
 mod walkthrough;
 
@@ -82,6 +82,12 @@ struct UpArgs {
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
     ready_timeout: Duration,
 
+    /// Export every proxy's trace spans to this OTLP/gRPC collector (e.g. Jaeger's
+    /// http://127.0.0.1:4317) instead of `dev up`'s own receiver, which keeps the last
+    /// traces for `ferrule traces` and `ferrule trace ID`.
+    #[arg(long, value_name = "URL", value_parser = parse_otlp_url)]
+    otlp: Option<String>,
+
     /// Keep the shop's data in one PostgreSQL server (one database per service, in the state
     /// dir) instead of SQLite files; the apps reach it through their sidecars as the mesh
     /// service `postgres`. Needs Debian's `postgresql` package (`make deps`).
@@ -94,6 +100,20 @@ struct DownArgs {
     /// The state dir `ferrule dev up` ran with.
     #[arg(long, value_name = "DIR", default_value = ".ferrule/dev")]
     state_dir: PathBuf,
+}
+
+/// How many traces `dev up`'s own receiver keeps (the oldest is forgotten first).
+const KEPT_TRACES: usize = 500;
+
+/// An OTLP endpoint: `http://host:port`.
+fn parse_otlp_url(s: &str) -> Result<String, String> {
+    let uri: hyper::Uri = s.parse().map_err(|e| format!("{s:?} is not a URL: {e}"))?;
+    if uri.scheme_str() != Some("http") || uri.host().is_none() || uri.port().is_none() {
+        return Err(format!(
+            "{s:?}: expected http://HOST:PORT of an OTLP/gRPC collector (e.g. http://127.0.0.1:4317)"
+        ));
+    }
+    Ok(s.to_string())
 }
 
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
@@ -135,7 +155,21 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     } else {
         None
     };
+    // Without --otlp, the mesh's own receiver; it lives as long as `dev up`.
+    let receiver = match &args.otlp {
+        Some(_) => None,
+        None => Some(
+            ferrule_trace::receiver::Receiver::start(plan::ANY_PORT, plan::ANY_PORT, KEPT_TRACES)
+                .await
+                .context("starting the trace receiver")?,
+        ),
+    };
+    let otlp = args
+        .otlp
+        .clone()
+        .or_else(|| receiver.as_ref().map(|r| format!("http://{}", r.otlp)));
     let opts = Options {
+        otlp: otlp.clone(),
         bin_dir,
         state_dir: state_dir.clone(),
         gateway: args.gateway_addr,
@@ -171,6 +205,8 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         gateway: opts.gateway,
         postgres: None,
         processes: Vec::new(),
+        traces: receiver.as_ref().map(|r| r.api),
+        otlp,
     };
     let apps = plan::apps(&opts, supervisor::chosen_addrs()?);
     let mut names = vec!["controller".to_string(), "gateway".to_string()];

@@ -2,8 +2,8 @@
 //!
 //! It talks to `ferrule-controller` only through the `ferrule.v1` gRPC API, never to the store.
 //! This file holds the top-level flags and dispatch; each verb group has its own module
-//! ([`config`], [`dev`], [`get`], [`identity`], [`register`], [`version`]; Kubernetes: [`inject`] and
-//! [`install`] with `uninstall` and `check`), [`client`] connects to the controller and
+//! ([`config`], [`dev`], [`get`], [`identity`], [`register`], [`traces`], [`version`]; Kubernetes:
+//! [`inject`] and [`install`] with `uninstall` and `check`), [`client`] connects to the controller and
 //! turns its failures into one readable line, [`output`] renders tables, JSON and YAML, and
 //! [`parse`] holds the argument parsers that refuse bad input before anything is sent.
 
@@ -17,6 +17,7 @@ mod install;
 mod output;
 mod parse;
 mod register;
+mod traces;
 mod version;
 // The golden-metrics views (issue #11): stat, top, tap, and what they share.
 mod stat;
@@ -78,6 +79,10 @@ enum Command {
     /// Register an endpoint that runs without a ferrule proxy (a database, say) and keep it
     /// registered until interrupted.
     Register(register::RegisterArgs),
+    /// List the last traces the dev mesh's own OTLP receiver kept, newest first.
+    Traces(traces::TracesArgs),
+    /// Draw one trace as a waterfall: service, span, start offset, duration, status.
+    Trace(traces::TraceArgs),
     /// Print the version of this client.
     Version,
     /// Add the Ferrule proxy to the workloads in Kubernetes YAML (file or stdin), offline.
@@ -124,6 +129,8 @@ async fn main() -> ExitCode {
             }
             register::run(args, &cli.controller).await
         }
+        Command::Traces(args) => traces::list(args, cli.output).await,
+        Command::Trace(args) => traces::show(args, cli.output).await,
         Command::Version => version::run(cli.output),
         Command::Inject(args) => inject::run(args),
         Command::Install(args) => install::install(args),

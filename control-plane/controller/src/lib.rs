@@ -5,7 +5,8 @@
 //! [`registry`] writes registrations under leases, [`discovery`] fans one store watch per
 //! service out to every subscriber, [`config`] is the configuration centre, [`admin`] answers
 //! the CLI, [`http`] serves `/live`,
-//! `/ready` and `/metrics`, and [`webhook`] the HTTPS injection webhook (`--webhook-addr`).
+//! `/ready` and `/metrics`, and [`webhook`] the HTTPS injection webhook (`--webhook-addr`);
+//! [`trace`] makes each RPC a trace span when tracing is on.
 
 pub mod addresses;
 pub mod admin;
@@ -16,6 +17,7 @@ pub mod identity;
 pub mod keys;
 pub mod metrics;
 pub mod registry;
+pub mod trace;
 pub mod webhook;
 
 use std::net::SocketAddr;
@@ -37,6 +39,8 @@ pub const DRAIN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 pub struct Options {
     /// The mesh CA's files; `None` runs without a CA (Identity answers FAILED_PRECONDITION).
     pub identity: Option<identity::CaFiles>,
+    /// Where RPC spans are exported; `None`: tracing off.
+    pub trace: Option<ferrule_trace::ExportConfig>,
 }
 
 /// Runs the controller on already-bound listeners until `shutdown` is cancelled.
@@ -47,6 +51,21 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     serve_with(store, grpc, admin, Options::default(), shutdown).await
+}
+
+/// [`serve`], with every RPC traced and exported as `export` says (off when `None`).
+pub async fn serve_traced(
+    store: Arc<dyn Store>,
+    grpc: TcpListener,
+    admin: TcpListener,
+    shutdown: CancellationToken,
+    export: Option<ferrule_trace::ExportConfig>,
+) -> anyhow::Result<()> {
+    let options = Options {
+        trace: export,
+        ..Options::default()
+    };
+    serve_with(store, grpc, admin, options, shutdown).await
 }
 
 /// A CSR, a token or a certificate is a few kilobytes; nothing sent to the CA needs more.
@@ -65,12 +84,17 @@ pub async fn serve_with(
         Some(files) => identity::CaHandle::load(files, metrics.clone(), shutdown.clone())?,
         None => identity::CaHandle::disabled(),
     };
+    let tracer = match options.trace {
+        Some(config) => ferrule_trace::export::start(config, metrics.trace.clone())?,
+        None => ferrule_trace::Tracer::default(),
+    };
     let hub = discovery::Hub::new(store.clone(), metrics.clone());
     let grpc_addr: SocketAddr = grpc.local_addr()?;
     let admin_addr: SocketAddr = admin.local_addr()?;
     tracing::info!(grpc = %grpc_addr, admin = %admin_addr, store = %store.describe(), "controller serving");
 
     let router = tonic::transport::Server::builder()
+        .layer(trace::RpcSpanLayer(tracer))
         .add_service(RegistryServer::new(registry::RegistryService::new(
             store.clone(),
             metrics.clone(),

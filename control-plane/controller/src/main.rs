@@ -50,6 +50,18 @@ struct Config {
     #[arg(long, env = "FERRULE_LOG_FORMAT", default_value = "plain", value_parser = ["plain", "json"])]
     log_format: String,
 
+    /// The OTLP collector to export a trace span per RPC to, e.g. http://127.0.0.1:4317.
+    /// Without it tracing is off.
+    #[arg(long, env = "FERRULE_CONTROLLER_OTLP_ENDPOINT", value_name = "URL")]
+    otlp_endpoint: Option<String>,
+
+    /// How spans reach the collector: grpc or http/protobuf.
+    #[arg(long, env = "FERRULE_CONTROLLER_OTLP_PROTOCOL", default_value = "grpc")]
+    otlp_protocol: ferrule_trace::Protocol,
+
+    /// The share of new traces sampled, 0 to 1 (calls with a trace context follow it).
+    #[arg(long, env = "FERRULE_CONTROLLER_TRACE_SAMPLE_RATIO", default_value_t = 1.0, value_parser = parse_ratio)]
+    trace_sample_ratio: f64,
     #[command(flatten)]
     webhook: WebhookArgs,
 }
@@ -96,6 +108,15 @@ impl WebhookArgs {
             },
             ..InjectConfig::default()
         })
+    }
+}
+
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!(
+            "{s:?} is not a ratio from 0 to 1 (e.g. 0.01 for 1 %)"
+        )),
     }
 }
 
@@ -161,6 +182,22 @@ async fn main() -> anyhow::Result<()> {
 
     let shutdown = CancellationToken::new();
     tokio::spawn(signal_shutdown(shutdown.clone()));
+    let export = config
+        .otlp_endpoint
+        .clone()
+        .map(|endpoint| ferrule_trace::ExportConfig {
+            endpoint,
+            protocol: config.otlp_protocol,
+            sample_ratio: config.trace_sample_ratio,
+            queue_size: 2048,
+            resource: vec![
+                ("service.name".into(), "ferrule-controller".into()),
+                (
+                    "service.instance.id".into(),
+                    grpc.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+                ),
+            ],
+        });
     let webhook_task = webhook.map(|(listener, tls)| {
         let injector = Arc::new(config.webhook.injector());
         tokio::spawn(ferrule_controller::webhook::serve(
@@ -170,7 +207,10 @@ async fn main() -> anyhow::Result<()> {
             shutdown.clone(),
         ))
     });
-    let options = ferrule_controller::Options { identity };
+    let options = ferrule_controller::Options {
+        identity,
+        trace: export,
+    };
     ferrule_controller::serve_with(store, grpc, admin, options, shutdown)
         .await
         .context("the controller stopped with an error")?;

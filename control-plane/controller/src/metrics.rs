@@ -27,6 +27,8 @@ pub struct Metrics {
     pub identity_issuer_expiry_seconds: Gauge,
     /// Stored values the controller skips because it cannot read them, by area.
     unreadable_keys: Family<AreaLabels, Gauge>,
+    /// Trace export (`trace_*`), when tracing is on.
+    pub trace: ferrule_trace::TraceMetrics,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -116,6 +118,7 @@ impl Metrics {
             "Stored values skipped because they cannot be read (area: config or registry)",
             self.unreadable_keys.clone(),
         );
+        self.trace.register(&mut registry);
         let mut out = String::new();
         encode(&mut out, &registry).expect("writing to a String cannot fail");
         out

@@ -1,4 +1,8 @@
-//! The admin listener: `/live`, `/ready`, `/metrics`, `/config`, `/tap` and `/shutdown`.
+//! The admin listener: `/live`, `/ready`, `/metrics`, `/config`, `/tap`, `/tracing` and
+//! `/shutdown`.
+//!
+//! `GET /tracing` shows whether tracing is on and its sampling ratio for new traces;
+//! `POST /tracing?sample_ratio=R` changes the ratio live, from loopback only.
 //!
 //! `/ready` answers 200 once the proxy can do its job: a discovery stream is up (when it has
 //! upstreams and controllers) and every app port is registered (when it registers). `/config`
@@ -60,6 +64,8 @@ pub struct AdminState {
     /// A gateway's router in force, shown under `gateway` on `/config`: the spec and where it
     /// came from (`{"from": "file", "path"}` or `{"from": "resource", "name", "version"}`).
     pub gateway: Option<watch::Receiver<Router>>,
+    /// The tracer, whose sampling ratio `/tracing` shows and changes.
+    pub tracer: ferrule_proxy_core::trace::Tracer,
     /// Cancelled by `/shutdown`.
     pub shutdown: CancellationToken,
 }
@@ -67,6 +73,14 @@ pub struct AdminState {
 impl AdminState {
     pub fn ready(&self) -> bool {
         self.waiting_for().is_empty()
+    }
+
+    fn tracing_json(&self) -> Response<BoxBody> {
+        let body = serde_json::json!({
+            "enabled": self.tracer.is_enabled(),
+            "sample_ratio": self.tracer.sample_ratio(),
+        });
+        text(StatusCode::OK, format!("{body}\n"))
     }
 
     /// What the proxy still waits for before it is ready, for people (`/ready`'s body).
@@ -172,9 +186,39 @@ impl AdminState {
                 text(StatusCode::OK, "shutting down\n")
             }
             (_, "/shutdown") => text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n"),
+            (&Method::GET, "/tracing") => self.tracing_json(),
+            (&Method::POST, "/tracing") if !peer.ip().is_loopback() => text(
+                StatusCode::FORBIDDEN,
+                "the sampling ratio can only be changed from loopback\n",
+            ),
+            (&Method::POST, "/tracing") => {
+                let ratio = req
+                    .uri()
+                    .query()
+                    .and_then(|q| q.strip_prefix("sample_ratio="))
+                    .map(crate::config::parse_ratio);
+                match ratio {
+                    _ if !self.tracer.is_enabled() => text(
+                        StatusCode::CONFLICT,
+                        "tracing is off: start the proxy with --otlp-endpoint\n",
+                    ),
+                    Some(Ok(ratio)) => {
+                        tracing::info!(ratio, "trace sampling ratio changed");
+                        self.tracer.set_sample_ratio(ratio);
+                        self.tracing_json()
+                    }
+                    Some(Err(reason)) => {
+                        text(StatusCode::BAD_REQUEST, format!("sample_ratio: {reason}\n"))
+                    }
+                    None => text(
+                        StatusCode::BAD_REQUEST,
+                        "expected ?sample_ratio=R, R from 0 to 1\n",
+                    ),
+                }
+            }
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found; try /live /ready /metrics /config /tap /shutdown\n",
+                "not found; try /live /ready /metrics /config /tap /tracing /shutdown\n",
             ),
         }
     }

@@ -180,6 +180,37 @@ pub struct CommonArgs {
     #[serde(serialize_with = "humantime_ser")]
     pub shutdown_grace: Duration,
 
+    /// The OTLP collector to export trace spans to, e.g. http://127.0.0.1:4317 (gRPC) or
+    /// http://127.0.0.1:4318 (with --otlp-protocol http/protobuf). Without it tracing is off
+    /// and costs nothing.
+    #[arg(long, env = "FERRULE_PROXY_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+
+    /// How spans reach the collector: grpc or http/protobuf.
+    #[arg(
+        long,
+        env = "FERRULE_PROXY_OTLP_PROTOCOL",
+        default_value = "grpc",
+        value_name = "PROTOCOL"
+    )]
+    #[serde(serialize_with = "protocol_ser")]
+    pub otlp_protocol: ferrule_trace::Protocol,
+
+    /// The share of new traces sampled, 0 to 1 (a request that carries a trace context follows
+    /// its caller's decision). Changeable live: `POST /tracing?sample_ratio=R` on the admin
+    /// listener, from loopback.
+    #[arg(long, env = "FERRULE_PROXY_TRACE_SAMPLE_RATIO", default_value_t = 1.0, value_parser = parse_ratio, value_name = "RATIO")]
+    pub trace_sample_ratio: f64,
+
+    /// The most finished spans held for export; beyond it spans are dropped and counted
+    /// (trace_spans_dropped_total), so a slow or dead collector never costs memory.
+    #[arg(
+        long,
+        env = "FERRULE_PROXY_TRACE_QUEUE_SIZE",
+        default_value_t = 2048,
+        value_name = "SPANS"
+    )]
+    pub trace_queue_size: usize,
     #[command(flatten)]
     #[serde(flatten)]
     pub identity: IdentityArgs,
@@ -255,6 +286,26 @@ impl IdentityArgs {
             token,
             expected: expected.to_string(),
         }))
+    }
+}
+
+fn protocol_ser<S: serde::Serializer>(
+    p: &ferrule_trace::Protocol,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.serialize_str(match p {
+        ferrule_trace::Protocol::Grpc => "grpc",
+        ferrule_trace::Protocol::HttpProtobuf => "http/protobuf",
+    })
+}
+
+/// A sampling ratio: a number from 0 to 1.
+pub fn parse_ratio(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!(
+            "{s:?} is not a ratio from 0 to 1 (e.g. 0.01 for 1 %)"
+        )),
     }
 }
 

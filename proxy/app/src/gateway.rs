@@ -74,6 +74,8 @@ pub enum StartError {
     Controllers(#[from] ControlError),
     #[error(transparent)]
     Identity(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Tracing(#[from] ferrule_trace::export::ExportError),
     #[error("binding the {what} listener on {addr}: {source}")]
     Bind {
         what: &'static str,
@@ -200,6 +202,8 @@ impl Gateway {
                 None => PolicyClient::fixed(PolicySet::default()),
             };
         ferrule_proxy_api::metrics::register(&metrics, discovery.clone(), Some(policies.clone()));
+        let tracer =
+            crate::trace::tracer(&args.common, &args.name, "gateway", &proxy_id, &metrics)?;
         // The gateway's identity (its name stands in for the service account): it speaks
         // mutual TLS to the sidecars behind it.
         let tls = crate::identity::start(
@@ -218,6 +222,7 @@ impl Gateway {
 
         let outbound = Outbound::new(
             OutboundConfig {
+                tracer: tracer.clone(),
                 algorithm: args.common.balancer,
                 detect_timeout: args.common.detect_timeout,
                 endpoint_wait: args.common.endpoint_wait,
@@ -248,6 +253,7 @@ impl Gateway {
             metrics: metrics.clone(),
             access_log: args.common.access_log,
             outbound,
+            tracer: tracer.clone(),
         };
         let first = wanted(&policies.current(), &args.name, &file);
         let router = builder.build(first, None)?;
@@ -290,6 +296,7 @@ impl Gateway {
             config: config_json,
             policies: Some(policies),
             gateway: Some(router_rx),
+            tracer,
             shutdown: shutdown.clone(),
         });
         let lifecycle = Lifecycle::start(
@@ -331,6 +338,7 @@ struct RouterBuilder {
     metrics: Metrics,
     access_log: bool,
     outbound: Arc<Outbound>,
+    tracer: ferrule_proxy_core::trace::Tracer,
 }
 
 impl RouterBuilder {
@@ -347,6 +355,7 @@ impl RouterBuilder {
                 metrics: &self.metrics,
                 access_log: self.access_log,
                 forward: &forward,
+                tracer: &self.tracer,
             },
         ))
     }

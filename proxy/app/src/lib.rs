@@ -21,6 +21,7 @@ pub mod gateway;
 pub mod identity;
 pub mod init;
 pub mod sidecar;
+pub mod trace;
 
 pub use ferrule_proxy_api as api;
 pub use ferrule_proxy_api::{control, discovery, registration};

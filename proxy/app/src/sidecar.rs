@@ -39,6 +39,8 @@ use ferrule_proxy_transport::orig_dst;
 pub enum StartError {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error(transparent)]
+    Tracing(#[from] ferrule_trace::export::ExportError),
     #[error("binding the {what} listener on {addr}: {source}")]
     Bind {
         what: String,
@@ -172,6 +174,13 @@ impl Proxy {
             &metrics,
             &shutdown,
         )?;
+        let tracer = crate::trace::tracer(
+            &config.common,
+            config.service.as_deref().unwrap_or("ferrule-proxy"),
+            "sidecar",
+            &proxy_id,
+            &metrics,
+        )?;
         let pool_config = ClientConfig {
             connect_timeout: config.common.connect_timeout,
             idle_timeout: config.common.idle_timeout,
@@ -228,6 +237,7 @@ impl Proxy {
 
         let outbound = Outbound::new(
             OutboundConfig {
+                tracer: tracer.clone(),
                 algorithm: config.common.balancer,
                 detect_timeout: config.common.detect_timeout,
                 endpoint_wait: config.common.endpoint_wait,
@@ -280,6 +290,7 @@ impl Proxy {
                     require: config.common.identity.require_mtls,
                     handshake_timeout: TLS_HANDSHAKE_TIMEOUT,
                 }),
+                tracer: tracer.clone(),
             },
             app_clients,
             LocalRateLimit::new(policies.watch(), &service, policy_metrics),
@@ -409,6 +420,7 @@ impl Proxy {
             config: config_json,
             gateway: None,
             policies: Some(policies),
+            tracer,
             shutdown: shutdown.clone(),
         });
         let lifecycle = Lifecycle::start(

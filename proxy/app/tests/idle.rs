@@ -117,6 +117,7 @@ async fn ten_thousand_targets_are_forgotten_after_the_idle_time() -> Result<()> 
     let shutdown = CancellationToken::new();
     let outbound = Outbound::new(
         OutboundConfig {
+            tracer: Default::default(),
             algorithm: Algorithm::default(),
             detect_timeout: Duration::from_secs(1),
             endpoint_wait: Duration::from_secs(1),

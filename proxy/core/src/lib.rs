@@ -5,7 +5,8 @@
 //! an answer looks; [`server`] accepts connections and serves HTTP on them after protocol
 //! [`detect`]ion; [`observe`] is the first layer of every HTTP stack (metrics, access log);
 //! [`metrics`] the core's own families and the registry other crates add theirs to;
-//! [`lifecycle`] the shutdown order; [`logging`] the subscriber.
+//! [`lifecycle`] the shutdown order; [`logging`] the subscriber; [`trace`] the server span of
+//! each request and the trace context every hop passes on.
 
 pub mod body;
 pub mod context;
@@ -20,3 +21,4 @@ pub mod observe;
 pub mod reason;
 pub mod server;
 pub mod tap;
+pub mod trace;

@@ -9,6 +9,8 @@
 //! that route's stack; a path no route matches gets the no-route stack (404). Each route's
 //! stack, outermost first:
 //!
+//! 0. server span — when tracing is on: continues the caller's trace or starts one
+//!    ([`ferrule_proxy_core::trace`]);
 //! 1. observe — `request_total{direction="gateway",target_service=<route's service>}`,
 //!    latency and the access log, for every answer including the gateway's own;
 //! 2. CORS (when configured) — preflights answered here, CORS headers on every response;
@@ -50,6 +52,7 @@ use ferrule_proxy_core::errors::{ErrorFormat, RespondLayer};
 use ferrule_proxy_core::metrics::{Direction, Metrics};
 use ferrule_proxy_core::observe::ObserveLayer;
 use ferrule_proxy_core::server::HttpStack;
+use ferrule_proxy_core::trace::{ServerSpanLayer, Tracer};
 use ferrule_proxy_policy::route::PathPrefix;
 
 /// What the stacks are built from besides the config.
@@ -58,6 +61,8 @@ pub struct StackParts<'a> {
     pub access_log: bool,
     /// The forwarding stack of a service (the outbound side's logical stack).
     pub forward: &'a dyn Fn(&ServiceRef) -> HttpStack,
+    /// Starts each request's server span, and a new trace for a request without one.
+    pub tracer: &'a Tracer,
 }
 
 /// The parts of a config that can fail to load (keys, secrets), loaded: what [`build`] needs
@@ -164,7 +169,13 @@ pub fn build(prepared: Prepared, parts: &StackParts<'_>) -> Router {
                 rewrite: route.rewrite.as_deref().map(Arc::from),
             })
             .service((parts.forward)(&service));
-        let stack = observed(parts, &service.to_string(), cors.as_ref(), inner);
+        let stack = observed(
+            parts,
+            &service.to_string(),
+            Some(&route.name),
+            cors.as_ref(),
+            inner,
+        );
         tracing::info!(route = %route.name, prefix = route.prefix.as_str(), %service, public = route.public, grpc = route.grpc, "gateway route");
         routes.push((route.prefix, route.rewrite, stack));
     }
@@ -177,16 +188,18 @@ pub fn build(prepared: Prepared, parts: &StackParts<'_>) -> Router {
         }));
     Router {
         routes: Arc::new(RouteTable::new(routes)),
-        no_route: observed(parts, "", cors.as_ref(), no_route),
+        no_route: observed(parts, "", None, cors.as_ref(), no_route),
         limits,
         config: Arc::new(config),
     }
 }
 
-/// Wraps `inner` (errors already rendered) in CORS, when configured, and observe.
+/// Wraps `inner` (errors already rendered) in CORS, when configured, observe and, when
+/// tracing is on, the server span.
 fn observed<S>(
     parts: &StackParts<'_>,
     service: &str,
+    route: Option<&str>,
     cors: Option<&CorsLayer>,
     inner: S,
 ) -> HttpStack
@@ -208,7 +221,19 @@ where
         service.into(),
         parts.access_log,
     );
-    BoxCloneSyncService::new(observe.layer(inner))
+    let span =
+        ServerSpanLayer::new(parts.tracer, Direction::Gateway, service.into()).map(|layer| {
+            match route {
+                Some(route) => layer.with_route(route),
+                None => layer,
+            }
+        });
+    BoxCloneSyncService::new(
+        ServiceBuilder::new()
+            .option_layer(span)
+            .layer(observe)
+            .service(inner),
+    )
 }
 
 /// A `tower::filter` predicate refusing what is not gRPC on a gRPC route (named here); passes

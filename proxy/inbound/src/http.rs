@@ -1,5 +1,5 @@
-//! The inbound HTTP stack of one app port, built in [`stack`]: observe → respond → forward to
-//! the app on loopback.
+//! The inbound HTTP stack of one app port, built in [`stack`]: server span (when tracing is
+//! on) → observe → respond → forward to the app on loopback.
 //!
 //! Requests from a meshed peer lose the mesh headers here: `ferrule-orig-proto` turns an
 //! HTTP/2-carried HTTP/1 request back into HTTP/1. `ferrule-client-id` is always removed and,
@@ -29,6 +29,7 @@ use ferrule_proxy_core::headers;
 use ferrule_proxy_core::metrics::{Direction, Metrics};
 use ferrule_proxy_core::observe::ObserveLayer;
 use ferrule_proxy_core::server::HttpStack;
+use ferrule_proxy_core::trace::{ServerSpanLayer, Tracer};
 use ferrule_proxy_policy::metrics::PolicyMetrics;
 use ferrule_proxy_policy::ratelimit::RateKey;
 use ferrule_proxy_policy::{GuardsCell, PolicySet};
@@ -77,6 +78,7 @@ pub fn stack(
     limit: Arc<LocalRateLimit>,
     metrics: &Metrics,
     access_log: bool,
+    tracer: &Tracer,
 ) -> HttpStack {
     let observe = ObserveLayer::new(
         metrics.clone(),
@@ -86,6 +88,11 @@ pub fn stack(
     );
     BoxCloneSyncService::new(
         ServiceBuilder::new()
+            .option_layer(ServerSpanLayer::new(
+                tracer,
+                Direction::Inbound,
+                name.clone(),
+            ))
             .layer(observe)
             .layer(RespondLayer::new(metrics.clone(), Direction::Inbound))
             .service(ForwardToApp {

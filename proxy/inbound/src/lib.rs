@@ -41,6 +41,8 @@ pub struct InboundPort {
 pub struct InboundConfig {
     pub detect_timeout: Duration,
     pub access_log: bool,
+    /// Starts each request's server span (off: `Tracer::default()`).
+    pub tracer: ferrule_proxy_core::trace::Tracer,
     /// Mutual TLS from peer proxies; `None` when the proxy has no identity.
     pub tls: Option<InboundTls>,
 }
@@ -119,6 +121,7 @@ impl Inbound {
             self.limit.clone(),
             &self.metrics,
             self.config.access_log,
+            &self.config.tracer,
         );
         let series = self.metrics.target(Direction::Inbound, port.name.clone());
         Arc::new(Port { port, http, series })

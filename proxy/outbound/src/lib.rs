@@ -53,6 +53,8 @@ pub const PASSTHROUGH: &str = "(passthrough)";
 /// Settings of the outbound side.
 #[derive(Debug, Clone)]
 pub struct OutboundConfig {
+    /// Starts the client span of each attempt (off: `Tracer::default()`).
+    pub tracer: ferrule_proxy_core::trace::Tracer,
     pub algorithm: Algorithm,
     pub detect_timeout: Duration,
     pub endpoint_wait: Duration,
@@ -185,6 +187,7 @@ impl Outbound {
                 concrete.clone(),
                 self.concretes.clone(),
                 self.policy_metrics.clone(),
+                self.config.tracer.clone(),
             );
             let http = http::stack(name.clone(), logical, &self.metrics, self.config.access_log);
             LogicalService {

@@ -74,6 +74,17 @@ pub struct Options {
     pub jwt_secret: String,
     /// `--postgres`: the cluster the apps' databases are in; SQLite files when `None`.
     pub postgres: Option<Cluster>,
+    /// The OTLP/gRPC collector every proxy exports trace spans to (`--otlp`, or `dev up`'s
+    /// own receiver).
+    pub otlp: Option<String>,
+}
+
+/// The environment that turns tracing on in a proxy.
+fn tracing_env(opts: &Options) -> Vec<(String, String)> {
+    opts.otlp
+        .iter()
+        .map(|url| ("FERRULE_PROXY_OTLP_ENDPOINT".to_string(), url.clone()))
+        .collect()
 }
 
 /// One process of the mesh.
@@ -127,7 +138,11 @@ pub fn controller(opts: &Options) -> Spec {
         name: "controller".into(),
         program: opts.bin_dir.join("ferrule-controller"),
         args: strings(&["--store", &store, "--grpc-addr", &any, "--admin-addr", &any]),
-        env: Vec::new(),
+        env: opts
+            .otlp
+            .iter()
+            .map(|url| ("FERRULE_CONTROLLER_OTLP_ENDPOINT".to_string(), url.clone()))
+            .collect(),
         ready_line: Some("ferrule-controller"),
         database: None,
         run_as: None,
@@ -182,7 +197,7 @@ pub fn postgres_sidecar(opts: &Options, controller: SocketAddr, server: SocketAd
             "5s",
             "--access-log",
         ]),
-        env: Vec::new(),
+        env: tracing_env(opts),
         ready_line: Some("ferrule-proxy"),
         database: None,
         run_as: None,
@@ -355,7 +370,7 @@ impl App {
             name: self.sidecar_name(),
             program: opts.bin_dir.join("ferrule-proxy"),
             args,
-            env: Vec::new(),
+            env: tracing_env(opts),
             ready_line: Some("ferrule-proxy"),
             database: None,
             run_as: None,
@@ -398,7 +413,10 @@ pub fn gateway(opts: &Options, controller: SocketAddr, admin: SocketAddr) -> Spe
             "gateway",
             "--access-log",
         ]),
-        env: vec![(JWT_SECRET_ENV.into(), opts.jwt_secret.clone())],
+        env: [(JWT_SECRET_ENV.into(), opts.jwt_secret.clone())]
+            .into_iter()
+            .chain(tracing_env(opts))
+            .collect(),
         ready_line: None,
         database: None,
         run_as: None,
@@ -488,6 +506,7 @@ mod tests {
             etcd: None,
             jwt_secret: "s3cret".into(),
             postgres: None,
+            otlp: None,
         }
     }
 

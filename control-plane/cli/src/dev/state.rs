@@ -29,6 +29,13 @@ pub struct DevState {
     pub postgres: Option<SocketAddr>,
     /// Children in start order.
     pub processes: Vec<ProcessRecord>,
+    /// The trace API of `dev up`'s own OTLP receiver (what `ferrule traces` reads); absent
+    /// with `--otlp`, when spans go to the user's collector.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traces: Option<SocketAddr>,
+    /// The OTLP/gRPC endpoint the proxies export to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub otlp: Option<String>,
 }
 
 /// One process `ferrule dev up` started.
@@ -162,6 +169,8 @@ mod tests {
             controller: "127.0.0.1:1".parse().unwrap(),
             gateway: "127.0.0.1:2".parse().unwrap(),
             postgres: None,
+            traces: None,
+            otlp: None,
             processes: vec![ProcessRecord {
                 admin: Some("127.0.0.1:3".parse().unwrap()),
                 ..record(2, "/bin/ferrule-proxy".into())

@@ -1,7 +1,7 @@
 //! What `ferrule dev up` prints once the mesh is ready: the `ready:` line and a short
 //! walkthrough of copy-pasteable commands against the gateway (log in, read a user, create an
 //! order over HTTP and over gRPC, run into the rate limit), then where each proxy's metrics
-//! are.
+//! are and how to see traces.
 //!
 //! The README's walkthrough is this text; keep the two together.
 
@@ -79,6 +79,22 @@ apps reach it through their sidecars, as the mesh service `postgres`:
             user = super::postgres::USER,
         );
     }
+    match (&state.traces, &state.otlp) {
+        (Some(_), _) => {
+            let _ = write!(
+                out,
+                "
+Traces: every proxy exports its spans to this mesh's own OTLP receiver:
+  {ferrule} traces --state-dir {dir}            # the last traces, newest first
+  {ferrule} trace <TRACE ID> --state-dir {dir}  # one trace's waterfall
+"
+            );
+        }
+        (None, Some(otlp)) => {
+            let _ = write!(out, "\nTraces: every proxy exports its spans to {otlp}\n");
+        }
+        (None, None) => {}
+    }
     let _ = write!(
         out,
         "
@@ -118,6 +134,8 @@ mod tests {
             controller: "127.0.0.1:1".parse().unwrap(),
             gateway: "127.0.0.1:8000".parse().unwrap(),
             postgres: None,
+            traces: Some("127.0.0.1:5".parse().unwrap()),
+            otlp: None,
             processes: vec![
                 record("user-1", None),
                 record("user-1-proxy", Some("127.0.0.1:4191")),
@@ -133,5 +151,9 @@ mod tests {
         assert!(text.contains("/bin/x --controller 127.0.0.1:1 get endpoints user\n"));
         assert!(text.contains("$(seq 15)"));
         assert!(text.contains("    127.0.0.1:8000 shop.order.v1.OrderService/CreateOrder\n"));
+        assert!(
+            text.contains("/bin/x traces --state-dir /tmp/st "),
+            "{text}"
+        );
     }
 }

@@ -139,7 +139,12 @@ impl Service<Request<BoxBody>> for Connect {
             };
             this.connector.prepare(&this.target, &mut req);
             match conn.send(req).await {
-                Ok(rsp) => Ok(rsp),
+                Ok(mut rsp) => {
+                    // Which endpoint answered, for the attempt's trace span.
+                    rsp.extensions_mut()
+                        .insert(ferrule_proxy_core::trace::PeerEndpoint(this.target.addr));
+                    Ok(rsp)
+                }
                 // Undo what this endpoint's connection changed, for the next endpoint.
                 Err(SendError {
                     error,

@@ -12,7 +12,8 @@
 //! 2. [`timeout`]: the request timeout, over every attempt and backoff.
 //! 3. [`retry`]: the attempts, each under the per-try timeout, retried when the policy
 //!    classifies the outcome as retryable, the method allows it, the body can be replayed and
-//!    the service's retry budget has room.
+//!    the service's retry budget has room. Each attempt is a client span of the request's
+//!    trace when tracing is on, so a retry shows as a second client span.
 //! 4. [`ConcreteRouter`](crate::concrete::ConcreteRouter): sends each attempt to the concrete
 //!    backend the route chose, through that backend's stack ([`crate::concrete`]).
 //!
@@ -31,6 +32,7 @@ use std::time::Duration;
 use ferrule_proto::names::ServiceRef;
 use ferrule_proxy_core::body::BoxBody;
 use ferrule_proxy_core::errors::ProxyError;
+use ferrule_proxy_core::trace::Tracer;
 use ferrule_proxy_policy::metrics::PolicyMetrics;
 use ferrule_proxy_policy::retry::{RetryBudget, RetryPolicy};
 use ferrule_proxy_policy::{GuardsCell, PolicySet};
@@ -63,6 +65,8 @@ pub struct RouteParams {
     pub budget: Arc<RetryBudget>,
     /// The backend of the traffic split (the called service itself without one).
     pub backend: Arc<Concrete>,
+    /// The matched route rule's label, for trace spans (`None`: no rule matched).
+    pub route: Option<Arc<str>>,
 }
 
 /// Builds the logical stack of `target`: route → request timeout → retry → concrete.
@@ -72,6 +76,7 @@ pub fn stack(
     parent: Arc<Concrete>,
     concretes: Arc<Concretes>,
     metrics: PolicyMetrics,
+    tracer: Tracer,
 ) -> LogicalStack {
     let budget = Arc::new(GuardsCell::new(target.service.name()));
     BoxCloneSyncService::new(
@@ -88,7 +93,7 @@ pub fn stack(
                 target.name.clone(),
                 metrics.clone(),
             ))
-            .layer(retry::RetryLayer::new(target.name.clone(), metrics))
+            .layer(retry::RetryLayer::new(target.name.clone(), metrics, tracer))
             .service(ConcreteRouter),
     )
 }

@@ -8,6 +8,12 @@
 //! [`MAX_REPLAY_BYTES`], read to its end) and the retry budget has room. A retry waits the
 //! jittered backoff first. A failure the budget refused a retry for goes back with
 //! `ferrule-retry: budget_exhausted`.
+//!
+//! With tracing on, every attempt is a client span under the app's trace context (read once
+//! from the request), and the attempt carries that span's context to the endpoint: a retry
+//! is a second client span of the same parent, with `http.request.resend_count` and
+//! `ferrule.retry` set, the endpoint that answered, the breaker's decision and the
+//! `ferrule-error` reason of a failed attempt.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -16,6 +22,7 @@ use std::time::Duration;
 use ferrule_proxy_core::body::BoxBody;
 use ferrule_proxy_core::errors::{ProxyError, RETRY_BUDGET_EXHAUSTED, RETRY_HEADER, Reason};
 use ferrule_proxy_core::headers;
+use ferrule_proxy_core::trace::{self, Extracted, PeerEndpoint, SpanKind, Tracer};
 use ferrule_proxy_policy::metrics::PolicyMetrics;
 use ferrule_proxy_policy::replay::{MAX_REPLAY_BYTES, replayable};
 use ferrule_proxy_policy::retry::RetryReason;
@@ -29,11 +36,16 @@ use super::{RouteParams, Routed};
 pub struct RetryLayer {
     name: Arc<str>,
     metrics: PolicyMetrics,
+    tracer: Tracer,
 }
 
 impl RetryLayer {
-    pub fn new(name: Arc<str>, metrics: PolicyMetrics) -> Self {
-        Self { name, metrics }
+    pub fn new(name: Arc<str>, metrics: PolicyMetrics, tracer: Tracer) -> Self {
+        Self {
+            name,
+            metrics,
+            tracer,
+        }
     }
 }
 
@@ -110,8 +122,12 @@ impl RetryLayer {
     {
         let Routed { req, params } = routed;
         params.budget.deposit();
+        let parent = match self.tracer.is_enabled() {
+            true => trace::extract(&self.tracer, &req),
+            false => Extracted::default(),
+        };
         if params.retry.max_attempts() <= 1 || headers::is_upgrade(&req) {
-            let outcome = self.attempt(inner, req, &params).await;
+            let outcome = self.attempt(inner, req, &params, &parent, 1).await;
             return self.finish(outcome, false);
         }
         let (parts, body) = req.into_parts();
@@ -126,7 +142,9 @@ impl RetryLayer {
         let mut req = Request::from_parts(parts, body);
         let mut attempt = 1;
         loop {
-            let outcome = self.attempt(inner.clone(), req, &params).await;
+            let outcome = self
+                .attempt(inner.clone(), req, &params, &parent, attempt)
+                .await;
             let reason = match &outcome {
                 Ok(rsp) if method_ok => params.retry.classify(rsp.status(), rsp.headers()),
                 Err(Failure::Error(e))
@@ -164,8 +182,70 @@ impl RetryLayer {
         }
     }
 
-    /// One attempt, under the per-try timeout.
-    async fn attempt<S>(&self, inner: S, req: Request<BoxBody>, params: &RouteParams) -> Outcome
+    /// One attempt (`number` counts from 1), traced as a client span when tracing is on.
+    async fn attempt<S>(
+        &self,
+        inner: S,
+        mut req: Request<BoxBody>,
+        params: &RouteParams,
+        parent: &Extracted,
+        number: u32,
+    ) -> Outcome
+    where
+        S: Service<Routed, Response = Response<BoxBody>, Error = ProxyError>,
+    {
+        if !self.tracer.is_enabled() {
+            return self.send(inner, req, params).await;
+        }
+        let route = params.route.as_deref();
+        let mut span = self.tracer.start(
+            trace::span_name(&req, route),
+            SpanKind::Client,
+            parent.parent.as_ref(),
+        );
+        if span.is_recording() {
+            trace::request_attributes(&mut span, &req);
+            span.set("server.address", params.backend.balance.name.to_string());
+            span.set("ferrule.service", self.name.to_string());
+            if let Some(route) = route {
+                span.set("ferrule.route", route);
+            }
+            span.set("ferrule.retry", number - 1);
+            if number > 1 {
+                span.set("http.request.resend_count", number - 1);
+            }
+        }
+        trace::inject(&mut req, &span, parent);
+        let outcome = self.send(inner, req, params).await;
+        if span.is_recording() {
+            match &outcome {
+                Ok(rsp) => {
+                    trace::response_attributes(&mut span, rsp, SpanKind::Client);
+                    if let Some(PeerEndpoint(addr)) = rsp.extensions().get::<PeerEndpoint>() {
+                        span.set("ferrule.endpoint", addr.to_string());
+                        span.set("network.peer.address", addr.ip().to_string());
+                        span.set("network.peer.port", addr.port());
+                        span.set("ferrule.breaker", "admitted");
+                    }
+                }
+                Err(Failure::Error(error)) => {
+                    span.set("ferrule.error", error.reason.as_str());
+                    if error.reason == Reason::BreakerOpen {
+                        span.set("ferrule.breaker", "open");
+                    }
+                    span.set_error(error.reason.as_str());
+                }
+                Err(Failure::PerTryTimeout(_)) => {
+                    span.set("ferrule.error", Reason::Timeout.as_str());
+                    span.set_error("per-try timeout");
+                }
+            }
+        }
+        outcome
+    }
+
+    /// Sends one attempt, under the per-try timeout.
+    async fn send<S>(&self, inner: S, req: Request<BoxBody>, params: &RouteParams) -> Outcome
     where
         S: Service<Routed, Response = Response<BoxBody>, Error = ProxyError>,
     {

@@ -160,6 +160,7 @@ impl RouteLayer {
             request_timeout,
             per_try_timeout,
             backend,
+            route: rule.map(|r| Arc::from(r.label())),
         };
         let mut rsp = inner.oneshot(Routed { req, params }).await?;
         if let Some(rewrite) = response_headers {
