@@ -436,7 +436,7 @@ pub enum Mode {
     /// The edge gateway: routes, JWT, rate limits and CORS in front of mesh services, from
     /// its file or, with a controller, its `Gateway` resource (flags go after `gateway`; see
     /// docs/gateway.md).
-    Gateway(crate::gateway::GatewayArgs),
+    Gateway(Box<crate::gateway::GatewayArgs>),
     /// The init container's job: write the iptables rules that send the pod's TCP through
     /// its sidecar, then exit (see docs/transparent.md).
     Init(crate::init::InitArgs),

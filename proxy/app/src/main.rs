@@ -13,7 +13,7 @@ async fn main() -> anyhow::Result<()> {
     let mut config = parse_config();
     match config.mode.take() {
         Some(Mode::Gateway(args)) => {
-            return ferrule_proxy::gateway::run(args).await.context("gateway");
+            return ferrule_proxy::gateway::run(*args).await.context("gateway");
         }
         Some(Mode::Init(args)) => return ferrule_proxy::init::run_init(&args),
         None => {}

@@ -388,6 +388,7 @@ routes:
                 metrics: &metrics,
                 access_log: false,
                 forward: &forward,
+                tracer: &Tracer::default(),
             },
         )
     }
