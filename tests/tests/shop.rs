@@ -186,6 +186,22 @@ async fn the_shop_walkthrough_through_dev_up() -> Result<()> {
         requests(order_proxy, to("payment")).await? > payments_before,
         "order's sidecar counted no request to payment"
     );
+    // Every hop between the proxies was mutual TLS: the user and payment sidecars terminated
+    // TLS from order's, and no plaintext reached them from a peer.
+    let tls = |l: &prometheus_parse::Labels| {
+        l.get("direction") == Some("inbound") && l.get("result") == Some("tls")
+    };
+    let payment_tls =
+        metric_sum(mesh.admin("payment-proxy")?, "protocol_detect_total", tls).await?;
+    assert!(
+        payment_tls >= 1.0,
+        "payment's sidecar terminated no mutual TLS"
+    );
+    let mut user_tls = 0.0;
+    for replica in ["user-1-proxy", "user-2-proxy"] {
+        user_tls += metric_sum(mesh.admin(replica)?, "protocol_detect_total", tls).await?;
+    }
+    assert!(user_tls >= 1.0, "no user sidecar terminated mutual TLS");
 
     // The order is in order's own database, and readable through the gateway.
     let db = rusqlite::Connection::open_with_flags(

@@ -93,6 +93,11 @@ struct UpArgs {
     /// service `postgres`. Needs Debian's `postgresql` package (`make deps`).
     #[arg(long)]
     postgres: bool,
+
+    /// Run without identity: no mesh CA, plaintext between the proxies. By default `dev up`
+    /// makes a mesh CA in `<state dir>/identity` and every proxy-to-proxy hop is mutual TLS.
+    #[arg(long)]
+    no_identity: bool,
 }
 
 #[derive(Debug, Args)]
@@ -168,7 +173,25 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         .otlp
         .clone()
         .or_else(|| receiver.as_ref().map(|r| format!("http://{}", r.otlp)));
+    // A fresh mesh CA per run: the state dir is dev up's own, nothing else trusts it.
+    let identity = match args.no_identity {
+        true => None,
+        false => {
+            let dir = state_dir.join("identity");
+            crate::identity::create_ca(
+                &dir,
+                ferrule_proto::identity::DEFAULT_TRUST_DOMAIN,
+                Duration::from_secs(365 * 24 * 3600),
+                Duration::from_secs(30 * 24 * 3600),
+                true,
+            )
+            .context("making the dev mesh's CA")?;
+            Some(dir)
+        }
+    };
     let opts = Options {
+        identity,
+        tokens: Default::default(),
         otlp: otlp.clone(),
         bin_dir,
         state_dir: state_dir.clone(),
@@ -280,6 +303,22 @@ async fn start(
         .await?
         .grpc;
     sup.set_addresses(controller, opts.gateway)?;
+    // Each proxy's bootstrap credential; it only has to last until the first certificate.
+    let opts = &match &opts.identity {
+        Some(_) => {
+            let addr = crate::client::ControllerAddr::parse(&controller.to_string())
+                .map_err(anyhow::Error::msg)?;
+            let tokens =
+                crate::identity::join_tokens(&addr, &plan::IDENTITIES, Duration::from_secs(3600))
+                    .await
+                    .context("making the proxies' join tokens")?;
+            Options {
+                tokens,
+                ..opts.clone()
+            }
+        }
+        None => opts.clone(),
+    };
     if let Some(cluster) = &opts.postgres {
         start_postgres(sup, opts, cluster, controller, within).await?;
     }

@@ -136,15 +136,21 @@ pub async fn run(args: IdentityArgs, addr: &ControllerAddr, format: Format) -> a
     }
 }
 
-fn init(args: InitArgs) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&args.dir)
-        .with_context(|| format!("creating {}", args.dir.display()))?;
-    let anchor = ferrule_ca::new_trust_anchor(&args.trust_domain, args.anchor_lifetime)?;
+/// Writes a new mesh CA (anchor and issuer) into `dir`; refuses to replace one unless `force`.
+pub fn create_ca(
+    dir: &Path,
+    trust_domain: &str,
+    anchor_lifetime: Duration,
+    issuer_lifetime: Duration,
+    force: bool,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let anchor = ferrule_ca::new_trust_anchor(trust_domain, anchor_lifetime)?;
     let issuer = ferrule_ca::new_issuer(
         &anchor.cert_pem,
         &anchor.key_pem,
-        &args.trust_domain,
-        args.issuer_lifetime,
+        trust_domain,
+        issuer_lifetime,
     )?;
     let files = [
         (TRUST_ANCHORS, &anchor.cert_pem, false),
@@ -152,10 +158,45 @@ fn init(args: InitArgs) -> anyhow::Result<()> {
         (ISSUER_CERT, &issuer.cert_pem, false),
         (ISSUER_KEY, &issuer.key_pem, true),
     ];
-    refuse_overwrite(&args.dir, files.iter().map(|f| f.0), args.force)?;
+    refuse_overwrite(dir, files.iter().map(|f| f.0), force)?;
     for (name, text, secret) in files {
-        write_file(&args.dir.join(name), text, secret)?;
+        write_file(&dir.join(name), text, secret)?;
     }
+    Ok(())
+}
+
+/// A join token for each of `services` (namespace `default`), from the controller at `addr`.
+pub async fn join_tokens(
+    addr: &ControllerAddr,
+    services: &[&str],
+    ttl: Duration,
+) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    let mut identity = IdentityClient::new(client::connect(addr).await?);
+    let mut tokens = std::collections::BTreeMap::new();
+    for service in services {
+        let rsp = client::call(
+            addr,
+            "Identity/CreateJoinToken",
+            identity.create_join_token(CreateJoinTokenRequest {
+                service: service.to_string(),
+                namespace: String::new(),
+                ttl_seconds: ttl.as_secs().max(1),
+            }),
+        )
+        .await?;
+        tokens.insert(service.to_string(), rsp.token);
+    }
+    Ok(tokens)
+}
+
+fn init(args: InitArgs) -> anyhow::Result<()> {
+    create_ca(
+        &args.dir,
+        &args.trust_domain,
+        args.anchor_lifetime,
+        args.issuer_lifetime,
+        args.force,
+    )?;
     println!(
         "mesh CA for trust domain {} written to {}:\n  {TRUST_ANCHORS}  trust bundle (give to every controller)\n  {ISSUER_CERT}, {ISSUER_KEY}  issuer (the controller signs with it)\n  {ANCHOR_KEY}  the anchor's key: move it offline, it is needed only to make the next issuer\nstart the controller with: ferrule-controller --identity-dir {} --trust-domain {}",
         args.trust_domain,

@@ -712,12 +712,14 @@ fn gated(
 ) -> watch::Receiver<bool> {
     let (tx, rx) = watch::channel(false);
     tokio::spawn(async move {
+        // A gate whose sender is gone keeps its last value (it opens once and stays open).
+        let mut gate_open = true;
         loop {
             let both = *health.borrow_and_update() && *gate.borrow_and_update();
             tx.send_if_modified(|v| std::mem::replace(v, both) != both);
             tokio::select! {
                 changed = health.changed() => if changed.is_err() { return },
-                changed = gate.changed() => if changed.is_err() { return },
+                changed = gate.changed(), if gate_open => gate_open = changed.is_ok(),
                 () = stop.cancelled() => return,
             }
         }
@@ -1008,6 +1010,29 @@ mod tests {
             .await
             .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
             .expect("registrar gone");
+    }
+
+    #[tokio::test]
+    async fn a_gate_that_opened_and_went_away_stays_open() {
+        let (health_tx, health) = watch::channel(false);
+        let (gate_tx, gate) = watch::channel(false);
+        let stop = CancellationToken::new();
+        let mut both = gated(health, gate, stop.clone());
+        health_tx.send(true).unwrap();
+        gate_tx.send(true).unwrap();
+        // The gate's sender goes away once it has opened (the proxy got its certificate).
+        drop(gate_tx);
+        tokio::time::timeout(Duration::from_secs(5), both.wait_for(|b| *b))
+            .await
+            .expect("opens")
+            .expect("still followed");
+        // The app's health still counts.
+        health_tx.send(false).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), both.wait_for(|b| !*b))
+            .await
+            .expect("follows the health")
+            .expect("still followed");
+        stop.cancel();
     }
 
     #[tokio::test]

@@ -77,6 +77,23 @@ pub struct Options {
     /// The OTLP/gRPC collector every proxy exports trace spans to (`--otlp`, or `dev up`'s
     /// own receiver).
     pub otlp: Option<String>,
+    /// The mesh CA's files (`<state dir>/identity`), so every hop between proxies is mutual
+    /// TLS; `None` with `--no-identity`.
+    pub identity: Option<PathBuf>,
+    /// Each service's join token (made once the controller is up).
+    pub tokens: std::collections::BTreeMap<String, String>,
+}
+
+/// The services whose proxies get an identity: the shop's, the database's and the gateway's.
+pub const IDENTITIES: [&str; 5] = ["user", "order", "payment", POSTGRES_SERVICE, "gateway"];
+
+/// The environment that gives `service`'s proxy its identity (its join token).
+fn identity_env(opts: &Options, service: &str) -> Vec<(String, String)> {
+    opts.tokens
+        .get(service)
+        .map(|token| ("FERRULE_IDENTITY_TOKEN".to_string(), token.clone()))
+        .into_iter()
+        .collect()
 }
 
 /// The environment that turns tracing on in a proxy.
@@ -137,7 +154,15 @@ pub fn controller(opts: &Options) -> Spec {
     Spec {
         name: "controller".into(),
         program: opts.bin_dir.join("ferrule-controller"),
-        args: strings(&["--store", &store, "--grpc-addr", &any, "--admin-addr", &any]),
+        args: strings(&["--store", &store, "--grpc-addr", &any, "--admin-addr", &any])
+            .into_iter()
+            .chain(opts.identity.iter().flat_map(|dir| {
+                [
+                    "--identity-dir".to_string(),
+                    dir.to_string_lossy().into_owned(),
+                ]
+            }))
+            .collect(),
         env: opts
             .otlp
             .iter()
@@ -197,7 +222,10 @@ pub fn postgres_sidecar(opts: &Options, controller: SocketAddr, server: SocketAd
             "5s",
             "--access-log",
         ]),
-        env: tracing_env(opts),
+        env: tracing_env(opts)
+            .into_iter()
+            .chain(identity_env(opts, POSTGRES_SERVICE))
+            .collect(),
         ready_line: Some("ferrule-proxy"),
         database: None,
         run_as: None,
@@ -370,7 +398,10 @@ impl App {
             name: self.sidecar_name(),
             program: opts.bin_dir.join("ferrule-proxy"),
             args,
-            env: tracing_env(opts),
+            env: tracing_env(opts)
+                .into_iter()
+                .chain(identity_env(opts, self.service))
+                .collect(),
             ready_line: Some("ferrule-proxy"),
             database: None,
             run_as: None,
@@ -416,6 +447,7 @@ pub fn gateway(opts: &Options, controller: SocketAddr, admin: SocketAddr) -> Spe
         env: [(JWT_SECRET_ENV.into(), opts.jwt_secret.clone())]
             .into_iter()
             .chain(tracing_env(opts))
+            .chain(identity_env(opts, "gateway"))
             .collect(),
         ready_line: None,
         database: None,
@@ -507,6 +539,8 @@ mod tests {
             jwt_secret: "s3cret".into(),
             postgres: None,
             otlp: None,
+            identity: None,
+            tokens: Default::default(),
         }
     }
 

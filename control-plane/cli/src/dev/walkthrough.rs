@@ -47,8 +47,10 @@ Try it from another shell:
   # /api allows {API_RATE_LIMIT} requests a second per client: the last of these get 429
   for i in $(seq {over}); do curl -s -o /dev/null -w '%{{http_code}} ' {gw}/api/users/123 -H \"authorization: Bearer $TOKEN\"; done; echo
 
-  # the registry: each user replica's sidecar registered its http and grpc ports
+  # the registry: each user replica's sidecar registered its http and grpc ports, with the
+  # identity its certificate proves (every hop between proxies is mutual TLS)
   {ferrule} --controller {controller} get endpoints user
+  {ferrule} --controller {controller} identity status
 
 Metrics (Prometheus text):
 ",
@@ -136,6 +138,8 @@ mod tests {
             postgres: None,
             traces: Some("127.0.0.1:5".parse().unwrap()),
             otlp: None,
+            identity: None,
+            tokens: Default::default(),
             processes: vec![
                 record("user-1", None),
                 record("user-1-proxy", Some("127.0.0.1:4191")),
