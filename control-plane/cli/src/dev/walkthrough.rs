@@ -138,8 +138,6 @@ mod tests {
             postgres: None,
             traces: Some("127.0.0.1:5".parse().unwrap()),
             otlp: None,
-            identity: None,
-            tokens: Default::default(),
             processes: vec![
                 record("user-1", None),
                 record("user-1-proxy", Some("127.0.0.1:4191")),
