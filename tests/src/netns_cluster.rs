@@ -156,14 +156,41 @@ impl Cluster {
         self.processes.push(etcd);
         waited?;
 
+        // The mesh CA, so every hop between sidecars is mutual TLS.
+        let identity = self.dir.path().join("identity");
+        let mut init = std::process::Command::new(binary("ferrule")?);
+        init.args(["identity", "init", "--dir"]).arg(&identity);
+        let made = crate::output(init).await?;
+        anyhow::ensure!(
+            made.status.success(),
+            "ferrule identity init: {}",
+            String::from_utf8_lossy(&made.stderr)
+        );
         let controller = binary("ferrule-controller")?.display().to_string();
         let mut cmd = self.in_ns(&self.node, &controller);
         cmd.args(["--store", &format!("etcd://{NODE_IP}:2379")])
             .args(["--grpc-addr", &format!("{NODE_IP}:{CONTROLLER_PORT}")])
             .args(["--admin-addr", "127.0.0.1:0"])
+            .arg("--identity-dir")
+            .arg(&identity)
             .env("RUST_LOG", "info,ferrule_controller=debug");
         self.spawn_ready("ferrule-controller", cmd).await?;
         Ok(format!("http://{NODE_IP}:{CONTROLLER_PORT}"))
+    }
+
+    /// A join token for `service`'s sidecar, from the controller (asked from the node).
+    pub async fn join_token(&self, service: &str) -> anyhow::Result<String> {
+        let ferrule = binary("ferrule")?.display().to_string();
+        let mut cmd = self.in_ns(&self.node, &ferrule);
+        cmd.args(["--controller", &format!("{NODE_IP}:{CONTROLLER_PORT}")])
+            .args(["identity", "token", "create", "--service", service]);
+        let out = crate::output(cmd).await?;
+        anyhow::ensure!(
+            out.status.success(),
+            "token for {service}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8(out.stdout)?.trim().to_string())
     }
 
     /// A new pod named `name` (at most 12 bytes: its veth in the node is `v` + name).

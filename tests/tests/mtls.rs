@@ -352,3 +352,100 @@ fn load_ca(dir: &Path) -> Result<ferrule_ca::Ca> {
         &key,
     )?)
 }
+
+/// The sum of the proxy's `metric` samples.
+async fn proxy_metric(proxy: &Proxy, name: &str) -> Result<f64> {
+    Ok(metric(&proxy.metrics().await?, name))
+}
+
+#[tokio::test]
+async fn renewal_under_load_and_serving_on_while_the_ca_is_gone() -> Result<()> {
+    let etcd = Etcd::start().await?;
+    let ca_dir = tempfile::tempdir()?;
+    init_ca(ca_dir.path()).await?;
+    // Leaves of 6 s: each proxy renews about every 4 s.
+    let mut controller = Controller::start_with(
+        &etcd.url(),
+        ANY_PORT.parse()?,
+        &[
+            "--identity-dir",
+            ca_dir.path().to_str().context("utf-8")?,
+            "--identity-leaf-lifetime",
+            "6s",
+        ],
+    )
+    .await?;
+    let mesh = Mesh {
+        _etcd: etcd,
+        controller,
+        ca_dir,
+    };
+    let web = HttpBackend::start("web-1").await?;
+    let web_proxy = mesh
+        .server("web", web.addr, &["--health-path", "/health"])
+        .await?;
+    mesh.wait_registered("web").await?;
+    let client = mesh.client(&["web"], &[]).await?;
+
+    // Continuous load until both proxies have renewed several times: no request may fail.
+    let renewed = "identity_certificates_renewed_total";
+    let mut sent = 0u32;
+    let load = async {
+        loop {
+            let reply = http1(
+                client.upstreams["web"],
+                ferrule_harness::get("web", "/load"),
+            )
+            .await?;
+            ensure_ok(&reply, sent)?;
+            sent += 1;
+            if proxy_metric(&client, renewed).await? >= 4.0
+                && proxy_metric(&web_proxy, renewed).await? >= 4.0
+            {
+                return anyhow::Ok(());
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), load)
+        .await
+        .context("four certificates each within 60 s")??;
+    assert!(sent > 10, "only {sent} requests");
+
+    // The CA goes away: traffic keeps flowing on the certificates the proxies hold, and the
+    // failed renewals are counted and explained.
+    controller = mesh.controller;
+    controller.process.kill();
+    let reply = http1(
+        client.upstreams["web"],
+        ferrule_harness::get("web", "/after"),
+    )
+    .await?;
+    ensure_ok(&reply, sent)?;
+    eventually(
+        Duration::from_secs(15),
+        "a counted renewal failure",
+        || async {
+            (proxy_metric(&client, "identity_renewal_failures_total")
+                .await
+                .ok()?
+                >= 1.0)
+                .then_some(())
+        },
+    )
+    .await?;
+    let log = client.process.log();
+    assert!(
+        log.contains(
+            "certificate renewal failed; serving with the current certificate until it expires"
+        ),
+        "{log}"
+    );
+    Ok(())
+}
+
+fn ensure_ok(reply: &ferrule_harness::Reply, sent: u32) -> Result<()> {
+    if reply.status != 200 {
+        bail!("request {sent} failed: {reply:?}");
+    }
+    Ok(())
+}

@@ -183,7 +183,11 @@ async fn the_shop_runs_through_transparent_proxies() -> Result<()> {
         ),
         (&client, vec![format!("--controller={controller}")]),
     ];
-    for (pod, args) in sidecars {
+    // Each sidecar gets its identity from the mesh CA with a join token of its own.
+    for (pod, mut args) in sidecars {
+        let token = cluster.join_token(&pod.name).await?;
+        args.push(format!("--identity-token={token}"));
+        args.push(format!("--service-account={}", pod.name));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         cluster.sidecar(pod, &args).await?;
     }
@@ -289,6 +293,20 @@ async fn the_shop_runs_through_transparent_proxies() -> Result<()> {
         )
         .await?;
         ensure!(received >= 1.0, "{service}'s inbound saw no gRPC request");
+    }
+    // Between the pods it was mutual TLS: each server sidecar terminated TLS from its peers.
+    for pod in [&user, &payment, &order] {
+        let tls = counter(
+            pod,
+            "protocol_detect_total",
+            &[r#"direction="inbound""#, r#"result="tls""#],
+        )
+        .await?;
+        ensure!(
+            tls >= 1.0,
+            "{}'s sidecar terminated no mutual TLS",
+            pod.name
+        );
     }
 
     // Raw TCP, the client speaking first: echoed through both proxies.
