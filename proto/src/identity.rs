@@ -89,13 +89,7 @@ impl FromStr for SpiffeId {
         let [trust_domain, "ns", namespace, "sa", service_account] = parts[..] else {
             return Err(IdentityError::Shape(s.to_string()));
         };
-        let id = Self {
-            trust_domain: trust_domain.to_string(),
-            namespace: namespace.to_string(),
-            service_account: service_account.to_string(),
-        };
-        id.check()?;
-        Ok(id)
+        Self::new(trust_domain, namespace, service_account)
     }
 }
 

@@ -153,48 +153,37 @@ impl Inbound {
                 return;
             }
         };
-        if !is_tls {
+        let (io, identity): (BoxIo, _) = if !is_tls {
             if tls.require {
                 self.metrics
                     .detected(Direction::Inbound, DetectResult::PlaintextRefused);
                 tracing::info!(%peer, service = %port.port.name, "plaintext connection refused: this proxy requires mutual TLS");
                 return;
             }
-            self.dispatcher
-                .dispatch_io(
-                    io,
-                    peer,
-                    None,
-                    &port.series,
-                    port.port.opaque,
-                    port.http.clone(),
-                    Some(opaque),
-                )
-                .await;
-            return;
-        }
-        self.metrics.detected(Direction::Inbound, DetectResult::Tls);
-        let accepted = tokio::time::timeout(tls.handshake_timeout, tls.tls.accept(io)).await;
-        let (io, identity) = match accepted {
-            Ok(Ok(accepted)) => accepted,
-            Ok(Err(error)) => {
-                self.metrics
-                    .proxy_error(Direction::Inbound, Reason::TlsHandshake);
-                tracing::info!(%peer, %error, "mutual TLS refused");
-                return;
-            }
-            Err(_) => {
-                self.metrics
-                    .proxy_error(Direction::Inbound, Reason::TlsHandshake);
-                tracing::info!(%peer, timeout = ?tls.handshake_timeout, "mutual TLS handshake timed out");
-                return;
+            (Box::new(io), None)
+        } else {
+            self.metrics.detected(Direction::Inbound, DetectResult::Tls);
+            match tokio::time::timeout(tls.handshake_timeout, tls.tls.accept(io)).await {
+                Ok(Ok((io, identity))) => (Box::new(io), Some(identity)),
+                Ok(Err(error)) => {
+                    self.metrics
+                        .proxy_error(Direction::Inbound, Reason::TlsHandshake);
+                    tracing::info!(%peer, %error, "mutual TLS refused");
+                    return;
+                }
+                Err(_) => {
+                    self.metrics
+                        .proxy_error(Direction::Inbound, Reason::TlsHandshake);
+                    tracing::info!(%peer, timeout = ?tls.handshake_timeout, "mutual TLS handshake timed out");
+                    return;
+                }
             }
         };
         self.dispatcher
             .dispatch_io(
                 io,
                 peer,
-                Some(identity),
+                identity,
                 &port.series,
                 port.port.opaque,
                 port.http.clone(),
