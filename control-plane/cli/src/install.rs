@@ -52,8 +52,10 @@ injection webhook, RBAC) with a new self-signed certificate for the webhook, mad
 it again makes a new certificate; applying that replaces the old one. Then label a namespace
 for injection: kubectl label namespace NAME ferrule.io/inject=enabled.
 
-Identity (mTLS) is not built yet: there is no trust anchor or issuer to pass, and proxies talk
-plaintext HTTP/2 to each other. See docs/kubernetes.md.";
+Identity is not installed yet: the mesh CA and mTLS between proxies exist (docs/identity.md),
+but this does not yet make a trust anchor and issuer Secret, and the controller does not yet
+accept service-account tokens, so injected proxies talk plaintext HTTP/2 to each other. See
+docs/kubernetes.md.";
 
 const UNINSTALL_EXAMPLES: &str = "Examples:
   ferrule uninstall | kubectl delete -f -
@@ -214,7 +216,7 @@ pub fn install(args: InstallArgs) -> anyhow::Result<()> {
     let header = format!(
         "# Ferrule {} control plane, from `ferrule install` (k8s/base with a new webhook\n\
          # certificate). Apply with: kubectl apply -f -\n\
-         # Identity (mTLS) is not built yet: no trust anchor or issuer is installed.\n",
+         # Identity is not installed yet: no trust anchor or issuer (docs/kubernetes.md).\n",
         ferrule_inject::pod::VERSION
     );
     print_all(&to_yaml(&resources, &header))
@@ -463,7 +465,7 @@ fn check_proxies(pods: &Value, namespaces: &Value) -> Vec<Check> {
         ));
     }
     out.push(Check::Warn(
-        "proxy certificates are not checked: identity (mTLS) is not built yet".into(),
+        "proxy certificates are not checked: install does not set up identity in a cluster yet".into(),
         "nothing to do".into(),
     ));
     out
