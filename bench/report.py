@@ -135,6 +135,10 @@ def main():
     w("* **Ferrule pair**: → client sidecar (`--upstream` listener) → mesh HTTP/2 → server "
       "sidecar → backend; static discovery (`--static-endpoint .../meshed`), no controller, "
       "default runtime (one worker thread per CPU).")
+    if "ferrule-mtls" in paths:
+        w("* **Ferrule mTLS pair**: the same with mutual TLS (TLS 1.3, ECDSA P-256 certificates "
+          "from a controller's mesh CA) between the sidecars; the client finds the server "
+          "through the controller's discovery (embedded store), the server requires mTLS.")
     if meta.get("baseline"):
         w(f"* **{meta['baseline']}**: the same pair with `ferrule-proxy` built at that revision "
           "(the last commit before the proxy rebuild), interleaved in the same rounds.")

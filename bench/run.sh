@@ -9,6 +9,9 @@
 #   HAProxy pair    client -> haproxy -> h2 -> haproxy -> backend (nbthread 1 each)
 #   Ferrule pair    client -> client sidecar -> mesh h2 -> server sidecar -> backend
 #                   (static discovery, no controller)
+#   Ferrule mTLS pair (path ferrule-mtls): the same with mutual TLS between the sidecars: a
+#                   controller (embedded store) is the mesh CA and discovery, each sidecar gets
+#                   its certificate with a join token
 #   Ferrule pair (baseline REV), with BENCH_BASELINE_REV=REV: the same, ferrule-proxy built at
 #                   REV in a git worktree under target-baseline/ (kept for the next run; remove
 #                   with `git worktree remove --force target-baseline/src-REV`).
@@ -28,7 +31,8 @@
 #
 # Environment (defaults in brackets):
 #   BENCH_ROUNDS [3]  BENCH_SAT_SECONDS [3]  BENCH_RATE_SECONDS [4]  BENCH_RATES ["1000 5000"]
-#   BENCH_SCENARIOS ["h1 h2 grpc grpc-stream"]  BENCH_PATHS ["direct nginx haproxy ferrule"]
+#   BENCH_SCENARIOS ["h1 h2 grpc grpc-stream"]
+#   BENCH_PATHS ["direct nginx haproxy ferrule ferrule-mtls"]
 #   BENCH_BASELINE_REV [unset]  BENCH_STREAM_MESSAGES [10]  BENCH_IDLE_CONNS [1000]
 #   BENCH_RESULTS_DIR [bench/results] (where the report, samples and chart go)
 #   CARGO_TARGET_DIR [./target]; matplotlib is installed into the venv $CARGO_TARGET_DIR/venv
@@ -42,7 +46,7 @@ SAT_SECONDS="${BENCH_SAT_SECONDS:-3}"
 RATE_SECONDS="${BENCH_RATE_SECONDS:-4}"
 RATES="${BENCH_RATES:-1000 5000}"
 SCENARIOS="${BENCH_SCENARIOS:-h1 h2 grpc grpc-stream}"
-PATHS="${BENCH_PATHS:-direct nginx haproxy ferrule}"
+PATHS="${BENCH_PATHS:-direct nginx haproxy ferrule ferrule-mtls}"
 BASELINE_REV="${BENCH_BASELINE_REV:-}"
 STREAM_MESSAGES="${BENCH_STREAM_MESSAGES:-10}"
 IDLE_CONNS="${BENCH_IDLE_CONNS:-1000}"
@@ -88,7 +92,7 @@ fi
 
 log "building (release)..."
 cargo build --quiet --release -p ferrule-proxy --bin ferrule-proxy --example bench_backend \
-    --example bench_load
+    --example bench_load -p ferrule-controller -p ferrule-cli
 PROXY="$TARGET_DIR/release/ferrule-proxy"
 BACKEND_BIN="$TARGET_DIR/release/examples/bench_backend"
 LOAD_BIN="$TARGET_DIR/release/examples/bench_load"
@@ -119,6 +123,7 @@ LABEL[direct]="direct"
 LABEL[nginx]="nginx pair"
 LABEL[haproxy]="HAProxy pair"
 LABEL[ferrule]="Ferrule pair"
+LABEL[ferrule-mtls]="Ferrule mTLS pair"
 LABEL[baseline]="$BASELINE_LABEL"
 
 # start NAME CMD...: runs CMD in the background, logging to $WORK/NAME.log; sets STARTED_PID.
@@ -269,6 +274,28 @@ ferrule_pair() { # key binary listen inbound admin_client admin_server
 }
 if [[ " $PATHS " == *" ferrule "* ]]; then
     ferrule_pair ferrule "$PROXY" 127.0.0.1:18141 127.0.0.1:18143 127.0.0.1:18191 127.0.0.1:18192
+fi
+# The mTLS pair: a controller as CA and discovery; the client sidecar finds the server sidecar
+# through discovery, with the identity its certificate must prove.
+if [[ " $PATHS " == *" ferrule-mtls "* ]]; then
+    CTL_ADDR=127.0.0.1:18486
+    "$TARGET_DIR/release/ferrule" identity init --dir "$WORK/ca" >/dev/null
+    start mtls-controller "$TARGET_DIR/release/ferrule-controller" --store memory \
+        --grpc-addr "$CTL_ADDR" --admin-addr 127.0.0.1:18490 --identity-dir "$WORK/ca"
+    wait_http "http://127.0.0.1:18490/ready" "$STARTED_PID"
+    token() { "$TARGET_DIR/release/ferrule" --controller "$CTL_ADDR" identity token create --service "$1"; }
+    start ferrule-mtls-server "$PROXY" --service=bench --app-addr="$BACKEND" \
+        --inbound-addr=127.0.0.1:18443 --admin-addr=127.0.0.1:18492 --controller="$CTL_ADDR" \
+        --identity-token="$(token bench)" --require-mtls
+    SERVER_PID[ferrule-mtls]=$STARTED_PID
+    wait_http "http://127.0.0.1:18492/ready" "${SERVER_PID[ferrule-mtls]}"
+    start ferrule-mtls-client "$PROXY" --upstream=bench=127.0.0.1:18441 \
+        --admin-addr=127.0.0.1:18491 --controller="$CTL_ADDR" --service-account=client \
+        --identity-token="$(token client)"
+    CLIENT_PID[ferrule-mtls]=$STARTED_PID
+    wait_http "http://127.0.0.1:18491/ready" "${CLIENT_PID[ferrule-mtls]}"
+    ADDR_H1[ferrule-mtls]=127.0.0.1:18441
+    ADDR_H2[ferrule-mtls]=127.0.0.1:18441
 fi
 if [[ " $PATHS " == *" baseline "* ]]; then
     ferrule_pair baseline "$BASE_PROXY" 127.0.0.1:18341 127.0.0.1:18343 127.0.0.1:18391 127.0.0.1:18392
