@@ -465,7 +465,8 @@ fn check_proxies(pods: &Value, namespaces: &Value) -> Vec<Check> {
         ));
     }
     out.push(Check::Warn(
-        "proxy certificates are not checked: install does not set up identity in a cluster yet".into(),
+        "proxy certificates are not checked: install does not set up identity in a cluster yet"
+            .into(),
         "nothing to do".into(),
     ));
     out
