@@ -92,7 +92,11 @@ fi
 
 log "building (release)..."
 cargo build --quiet --release -p ferrule-proxy --bin ferrule-proxy --example bench_backend \
-    --example bench_load -p ferrule-controller -p ferrule-cli
+    --example bench_load
+# The mTLS pair's controller (mesh CA and discovery) and the CLI that makes its files and tokens.
+if [[ " $PATHS " == *" ferrule-mtls "* ]]; then
+    cargo build --quiet --release -p ferrule-controller -p ferrule-cli --bins
+fi
 PROXY="$TARGET_DIR/release/ferrule-proxy"
 BACKEND_BIN="$TARGET_DIR/release/examples/bench_backend"
 LOAD_BIN="$TARGET_DIR/release/examples/bench_load"
