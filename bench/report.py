@@ -143,8 +143,9 @@ def main():
           "from a controller's mesh CA) between the sidecars; the client finds the server "
           "through the controller's discovery (embedded store), the server requires mTLS.")
     if meta.get("baseline"):
-        w(f"* **{meta['baseline']}**: the same pair with `ferrule-proxy` built at that revision "
-          "(`BENCH_BASELINE_REV`), interleaved in the same rounds.")
+        w(f"* **{meta['baseline']}**: the same pair with another `ferrule-proxy` build (at that "
+          "revision with `BENCH_BASELINE_REV`, or the binary `BENCH_BASELINE_BIN`), "
+          "interleaved in the same rounds.")
     w("")
     missing = []
     for k, v in meta.items():

@@ -35,7 +35,8 @@
 #   BENCH_ROUNDS [3]  BENCH_SAT_SECONDS [3]  BENCH_RATE_SECONDS [4]  BENCH_RATES ["1000 5000"]
 #   BENCH_SCENARIOS ["h1 h2 grpc grpc-stream"]
 #   BENCH_PATHS ["direct nginx haproxy ferrule ferrule-mtls"]
-#   BENCH_BASELINE_REV [unset]  BENCH_VARIANTS [unset]  BENCH_STREAM_MESSAGES [10]
+#   BENCH_BASELINE_REV [unset]  BENCH_BASELINE_BIN, BENCH_BASELINE_NAME [unset: a prebuilt
+#   ferrule-proxy as the baseline, instead of a REV]  BENCH_VARIANTS [unset]  BENCH_STREAM_MESSAGES [10]
 #   BENCH_IDLE_CONNS [1000]
 #   BENCH_RESULTS_DIR [bench/results] (where the report, samples and chart go)
 #   CARGO_TARGET_DIR [./target]; matplotlib is installed into the venv $CARGO_TARGET_DIR/venv
@@ -106,7 +107,12 @@ BACKEND_BIN="$TARGET_DIR/release/examples/bench_backend"
 LOAD_BIN="$TARGET_DIR/release/examples/bench_load"
 
 BASELINE_LABEL=""
-if [ -n "$BASELINE_REV" ]; then
+if [ -n "${BENCH_BASELINE_BIN:-}" ]; then
+    # A ferrule-proxy built by hand (other features, say), run as the baseline.
+    BASELINE_LABEL="Ferrule pair (${BENCH_BASELINE_NAME:-$BENCH_BASELINE_BIN})"
+    BASE_PROXY="$BENCH_BASELINE_BIN"
+    PATHS="$PATHS baseline"
+elif [ -n "$BASELINE_REV" ]; then
     BASELINE_SHORT="$(git rev-parse --short "$BASELINE_REV^{commit}")"
     BASELINE_LABEL="Ferrule pair (baseline $BASELINE_SHORT)"
     BASE_DIR="$ROOT/target-baseline"

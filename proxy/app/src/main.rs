@@ -8,6 +8,12 @@ use ferrule_proxy::control::Controllers;
 use ferrule_proxy::discovery::Discovery;
 use ferrule_proxy::sidecar::Proxy;
 
+/// mimalloc instead of glibc's malloc: a proxy allocates and frees small buffers, futures and
+/// header maps per request, the pattern glibc's arenas handle worst (bench/results/threads.md).
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let mut config = parse_config();
     match config.mode.take() {

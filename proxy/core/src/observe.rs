@@ -11,7 +11,7 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use http::{Request, Response};
@@ -166,31 +166,33 @@ where
     }
 
     fn call(&mut self, req: Request<BoxBody>) -> Self::Future {
-        let ctx = req.extensions().get::<RequestContext>().cloned();
-        let method = req.method().clone();
-        let path = req.uri().path().to_string();
-        let version = req.version();
-        // Only read when somebody taps (`/tap`).
-        let authority = self
-            .layer
-            .tap
-            .active()
-            .then(|| {
-                req.uri().authority().map(ToString::to_string).or_else(|| {
-                    req.headers()
-                        .get(http::header::HOST)
-                        .and_then(|h| h.to_str().ok())
-                        .map(str::to_string)
+        let ctx = req.extensions().get::<RequestContext>();
+        let start = ctx.map_or_else(Instant::now, |c| c.start);
+        // What the access log and `/tap` show is read only when one of them is on: most
+        // requests are only counted.
+        let tapped = self.layer.tap.active();
+        let detail = (tapped || self.layer.access_log).then(|| Detail {
+            ctx: ctx.cloned(),
+            method: req.method().clone(),
+            path: req.uri().path().to_string(),
+            version: req.version(),
+            authority: tapped
+                .then(|| {
+                    req.uri().authority().map(ToString::to_string).or_else(|| {
+                        req.headers()
+                            .get(http::header::HOST)
+                            .and_then(|h| h.to_str().ok())
+                            .map(str::to_string)
+                    })
                 })
-            })
-            .flatten();
+                .flatten(),
+        });
         let layer = self.layer.clone();
         // Boxed before the async block: a projection type held across an await trips
         // rustc's Send inference (rust-lang/rust#64552).
         let fut: BoxFuture<'static, _> = Box::pin(self.inner.call(req));
         Box::pin(async move {
             let rsp = fut.await?;
-            let start = ctx.as_ref().map_or_else(Instant::now, |c| c.start);
             let elapsed = start.elapsed();
             layer.series.latency(elapsed);
             let verdict = Verdict {
@@ -208,50 +210,74 @@ where
                 verdict.record(is_success(&rsp));
                 rsp
             };
-            // This proxy's own error, else the one a peer proxy answered with.
-            let error = || match rsp.extensions().get::<Reason>() {
-                Some(reason) => reason.as_str(),
-                None => rsp
-                    .headers()
-                    .get(ERROR_HEADER)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or(""),
-            };
-            layer.tap.publish(|| TapEvent {
-                ts_ms: crate::tap::now_ms(),
-                direction: layer.direction.as_str(),
-                target_service: layer.target.to_string(),
-                request_id: ctx.as_ref().map_or_else(String::new, |c| c.id.clone()),
-                client: ctx
-                    .as_ref()
-                    .map_or_else(String::new, |c| c.client.to_string()),
-                method: method.to_string(),
-                authority: authority.unwrap_or_default(),
-                path: path.clone(),
-                status: rsp.status().as_u16(),
-                latency_ms: elapsed.as_secs_f64() * 1000.0,
-                error: error().to_string(),
-            });
-            if layer.access_log {
-                let error = error();
-                tracing::info!(
-                    target: "access",
-                    direction = %layer.direction,
-                    target_service = %layer.target,
-                    request_id = ctx.as_ref().map_or("", |c| c.id.as_str()),
-                    client = %ctx.as_ref().map_or_else(String::new, |c| c.client.to_string()),
-                    meshed_peer = ctx.as_ref().is_some_and(RequestContext::meshed_peer),
-                    %method,
-                    path,
-                    version = ?version,
-                    status = rsp.status().as_u16(),
-                    latency_ms = elapsed.as_secs_f64() * 1000.0,
-                    error,
-                    "request"
-                );
+            if let Some(detail) = detail {
+                detail.report(&layer, &rsp, elapsed);
             }
             Ok(rsp)
         })
+    }
+}
+
+/// What the access log and `/tap` say of a request besides its response.
+struct Detail {
+    ctx: Option<RequestContext>,
+    method: http::Method,
+    path: String,
+    version: http::Version,
+    authority: Option<String>,
+}
+
+impl Detail {
+    fn report(self, layer: &ObserveLayer, rsp: &Response<BoxBody>, elapsed: Duration) {
+        let Detail {
+            ctx,
+            method,
+            path,
+            version,
+            authority,
+        } = self;
+        // This proxy's own error, else the one a peer proxy answered with.
+        let error = || match rsp.extensions().get::<Reason>() {
+            Some(reason) => reason.as_str(),
+            None => rsp
+                .headers()
+                .get(ERROR_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or(""),
+        };
+        layer.tap.publish(|| TapEvent {
+            ts_ms: crate::tap::now_ms(),
+            direction: layer.direction.as_str(),
+            target_service: layer.target.to_string(),
+            request_id: ctx.as_ref().map_or_else(String::new, |c| c.id.clone()),
+            client: ctx
+                .as_ref()
+                .map_or_else(String::new, |c| c.client.to_string()),
+            method: method.to_string(),
+            authority: authority.unwrap_or_default(),
+            path: path.clone(),
+            status: rsp.status().as_u16(),
+            latency_ms: elapsed.as_secs_f64() * 1000.0,
+            error: error().to_string(),
+        });
+        if layer.access_log {
+            let error = error();
+            tracing::info!(
+                target: "access",
+                direction = %layer.direction,
+                target_service = %layer.target,
+                request_id = ctx.as_ref().map_or("", |c| c.id.as_str()),
+                client = %ctx.as_ref().map_or_else(String::new, |c| c.client.to_string()),
+                meshed_peer = ctx.as_ref().is_some_and(RequestContext::meshed_peer),
+                %method,
+                path,
+                version = ?version,
+                status = rsp.status().as_u16(),
+                latency_ms = elapsed.as_secs_f64() * 1000.0,
+                error,
+                "request"
+            );
+        }
     }
 }
 

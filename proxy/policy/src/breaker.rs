@@ -420,6 +420,11 @@ impl ConcurrencyLimit {
     }
 
     /// The state of one request's wait for a slot, for a service's `poll_ready`.
+    /// Whether a limit is set: without one every request proceeds at once and nothing waits.
+    pub fn is_limited(&self) -> bool {
+        self.limit.is_some()
+    }
+
     pub fn acquirer(&self) -> Acquire {
         Acquire {
             limit: self.clone(),

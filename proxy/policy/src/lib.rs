@@ -54,6 +54,8 @@ use route::{RouteError, Routes};
 
 /// What a service without a `ServicePolicy` gets.
 static DEFAULT_POLICY: LazyLock<EffectivePolicy> = LazyLock::new(EffectivePolicy::default);
+static DEFAULT_RETRY: LazyLock<Arc<RetryPolicy>> =
+    LazyLock::new(|| Arc::new(RetryPolicy::new(&DEFAULT_POLICY.retries)));
 
 /// Why a config snapshot was refused (the reason of the nack).
 #[derive(Debug, Clone, thiserror::Error)]
@@ -85,6 +87,8 @@ pub struct ServicePolicies {
     pub policy: Option<EffectivePolicy>,
     /// Its `HTTPRoute`, compiled against its policy.
     pub routes: Option<Routes>,
+    /// Its policy's retries, compiled once (requests no rule matches share it).
+    pub retry: Option<Arc<RetryPolicy>>,
 }
 
 impl PolicySet {
@@ -107,7 +111,10 @@ impl PolicySet {
         for resource in &resources {
             if let Spec::ServicePolicy(spec) = &resource.spec {
                 let service = qualify(&resource.metadata.namespace, &spec.service);
-                services.entry(service).or_default().policy = Some(spec.effective());
+                let entry = services.entry(service).or_default();
+                let policy = spec.effective();
+                entry.retry = Some(Arc::new(RetryPolicy::new(&policy.retries)));
+                entry.policy = Some(policy);
             }
         }
         for resource in &resources {
@@ -151,6 +158,13 @@ impl PolicySet {
         self.service(service)
             .and_then(|s| s.policy.as_ref())
             .unwrap_or(&DEFAULT_POLICY)
+    }
+
+    /// The retries of `service`'s policy (the default policy's without one), compiled.
+    pub fn retry(&self, service: &str) -> Arc<RetryPolicy> {
+        self.service(service)
+            .and_then(|s| s.retry.clone())
+            .unwrap_or_else(|| DEFAULT_RETRY.clone())
     }
 
     /// The compiled `HTTPRoute` of `service`, if it has one.

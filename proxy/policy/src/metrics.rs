@@ -66,9 +66,12 @@ struct BalancerLabels {
 /// service is gone.
 pub type BreakerStates = Box<dyn Fn() -> Option<Vec<(String, EndpointState)>> + Send + Sync>;
 
-/// The policy families. Cheap to clone; clones record into the same families.
+/// The policy families. Cheap to clone (one reference count: layers hold a clone each, and
+/// requests clone layers); clones record into the same families.
 #[derive(Clone)]
-pub struct PolicyMetrics {
+pub struct PolicyMetrics(Arc<Families>);
+
+struct Families {
     retries: Family<RetryLabels, Counter>,
     retry_budget_exhausted: Family<ServiceLabels, Counter>,
     timeouts: Family<KindLabels, Counter>,
@@ -82,7 +85,7 @@ pub struct PolicyMetrics {
 impl PolicyMetrics {
     /// Registers the families in `metrics`' registry.
     pub fn register(metrics: &Metrics) -> Self {
-        let this = Self {
+        let this = Families {
             retries: Family::default(),
             retry_budget_exhausted: Family::default(),
             timeouts: Family::default(),
@@ -117,19 +120,20 @@ impl PolicyMetrics {
             this.faults.clone(),
         );
         metrics.register_collector(Box::new(this.sources.clone()));
-        this
+        Self(Arc::new(this))
     }
 
     /// Counts one retry of a request to `target`.
     pub fn retry(&self, target: &str, reason: RetryReason) {
         {
-            let mut seen = lock(&self.retry_reasons);
+            let mut seen = lock(&self.0.retry_reasons);
             let reasons = seen.entry(target.to_string()).or_default();
             if !reasons.contains(&reason) {
                 reasons.push(reason);
             }
         }
-        self.retries
+        self.0
+            .retries
             .get_or_create(&RetryLabels {
                 target_service: target.to_string(),
                 reason,
@@ -138,7 +142,8 @@ impl PolicyMetrics {
     }
 
     pub fn retry_budget_exhausted(&self, target: &str) {
-        self.retry_budget_exhausted
+        self.0
+            .retry_budget_exhausted
             .get_or_create(&ServiceLabels {
                 target_service: target.to_string(),
             })
@@ -147,7 +152,8 @@ impl PolicyMetrics {
 
     /// Counts a timeout of `kind` ("request" or "per_try").
     pub fn timeout(&self, target: &str, kind: &'static str) {
-        self.timeouts
+        self.0
+            .timeouts
             .get_or_create(&KindLabels {
                 target_service: target.to_string(),
                 kind,
@@ -156,14 +162,16 @@ impl PolicyMetrics {
     }
 
     pub fn rate_limited(&self, direction: Direction, target: &str) {
-        self.rate_limited
+        self.0
+            .rate_limited
             .get_or_create(&Metrics::tcp_labels(direction, target))
             .inc();
     }
 
     /// Counts an injected fault of `kind` ("delay" or "abort").
     pub fn fault(&self, target: &str, kind: &'static str) {
-        self.faults
+        self.0
+            .faults
             .get_or_create(&KindLabels {
                 target_service: target.to_string(),
                 kind,
@@ -175,42 +183,46 @@ impl PolicyMetrics {
     /// it too. Counting again later starts the series from zero, as after a restart.
     pub fn forget(&self, target: &str) {
         let target_service = target.to_string();
-        for reason in lock(&self.retry_reasons).remove(target).unwrap_or_default() {
-            self.retries.remove(&RetryLabels {
+        for reason in lock(&self.0.retry_reasons)
+            .remove(target)
+            .unwrap_or_default()
+        {
+            self.0.retries.remove(&RetryLabels {
                 target_service: target_service.clone(),
                 reason,
             });
         }
-        self.retry_budget_exhausted.remove(&ServiceLabels {
+        self.0.retry_budget_exhausted.remove(&ServiceLabels {
             target_service: target_service.clone(),
         });
         for kind in ["request", "per_try"] {
-            self.timeouts.remove(&KindLabels {
+            self.0.timeouts.remove(&KindLabels {
                 target_service: target_service.clone(),
                 kind,
             });
         }
         for kind in ["delay", "abort"] {
-            self.faults.remove(&KindLabels {
+            self.0.faults.remove(&KindLabels {
                 target_service: target_service.clone(),
                 kind,
             });
         }
         for direction in [Direction::Inbound, Direction::Outbound, Direction::Gateway] {
-            self.rate_limited
+            self.0
+                .rate_limited
                 .remove(&Metrics::tcp_labels(direction, target));
         }
     }
 
     /// Reports `balancer`'s endpoint counts under `target` at every scrape while it lives.
     pub fn watch_balancer(&self, target: String, balancer: &Balancer) {
-        lock(&self.sources.balancers).push((target, balancer.downgrade()));
+        lock(&self.0.sources.balancers).push((target, balancer.downgrade()));
     }
 
     /// Reports the breaker states `states` reads under `target` at every scrape, until it
     /// answers `None`.
     pub fn watch_breakers(&self, target: String, states: BreakerStates) {
-        lock(&self.sources.breakers).push((target, states));
+        lock(&self.0.sources.breakers).push((target, states));
     }
 }
 

@@ -13,6 +13,7 @@
 //! first occurrence of a name, form-decoded). Path prefixes match whole segments: `/api` (or
 //! `/api/`) matches `/api` and `/api/x`, not `/apix`. Regexes must match the whole value.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use ferrule_config::{
@@ -91,7 +92,7 @@ pub struct Rule {
     split: Split,
     request_timeout: Option<Duration>,
     per_try_timeout: Option<Duration>,
-    retry: RetryPolicy,
+    retry: Arc<RetryPolicy>,
     request_headers: HeaderRewrite,
     response_headers: HeaderRewrite,
     fault: Option<FaultPolicy>,
@@ -120,7 +121,7 @@ impl Rule {
             split: Split::new(&rule.backends).map_err(|e| route_error(field("backends"), e))?,
             request_timeout: rule.timeout.or(parent.request_timeout),
             per_try_timeout: parent.per_try_timeout,
-            retry: RetryPolicy::new(&retries),
+            retry: Arc::new(RetryPolicy::new(&retries)),
             request_headers: HeaderRewrite::compile(rule.request_headers.as_ref())
                 .map_err(|(f, r)| route_error(field(&format!("requestHeaders.{f}")), r))?,
             response_headers: HeaderRewrite::compile(rule.response_headers.as_ref())
@@ -166,7 +167,7 @@ impl Rule {
     }
 
     /// Retries: the service policy's with the rule's overrides on top.
-    pub fn retry(&self) -> &RetryPolicy {
+    pub fn retry(&self) -> &Arc<RetryPolicy> {
         &self.retry
     }
 

@@ -101,17 +101,17 @@ impl Concrete {
             self.connector.clone(),
             policy.idle_timeout,
         );
+        // A limit that is not set is no layer at all: nothing to check, no future to box.
+        let rate_limit = self.rate_limit.get(set).map(|limiter| {
+            rate_limit::RateLimitLayer::new(name.clone(), Some(limiter), self.metrics.clone())
+        });
+        let concurrency = Some(self.concurrency.get(set))
+            .filter(ConcurrencyLimit::is_limited)
+            .map(|limit| concurrency::ConcurrencyLimitLayer::new(name.clone(), limit));
         BoxCloneSyncService::new(
             ServiceBuilder::new()
-                .layer(rate_limit::RateLimitLayer::new(
-                    name.clone(),
-                    self.rate_limit.get(set),
-                    self.metrics.clone(),
-                ))
-                .layer(concurrency::ConcurrencyLimitLayer::new(
-                    name.clone(),
-                    self.concurrency.get(set),
-                ))
+                .option_layer(rate_limit)
+                .option_layer(concurrency)
                 .service(balance::Balance::new(self.balance.clone(), endpoints)),
         )
     }

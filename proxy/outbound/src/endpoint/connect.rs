@@ -15,6 +15,7 @@
 //! HTTP/1 connections of their own. A plain endpoint gets the request in the version the client
 //! spoke. This is where mTLS to meshed peers will be added.
 
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -45,6 +46,7 @@ impl EndpointConnector {
     async fn connect(
         &self,
         ep: &EndpointTarget,
+        identity: Option<Identity>,
         protocol: Protocol,
         idle_timeout: Duration,
     ) -> Result<Conn, ClientError> {
@@ -56,7 +58,7 @@ impl EndpointConnector {
         let dst = Dst {
             addr,
             // Part of the pool key; mutual TLS makes the peer prove it.
-            identity: ep.identity.clone().map(Identity::new),
+            identity,
             idle_timeout: Some(idle_timeout),
         };
         self.clients.connect(dst, protocol).await
@@ -87,11 +89,16 @@ impl EndpointConnector {
     }
 }
 
-/// The connection service of one endpoint: connect, prepare, send.
+/// The connection service of one endpoint: connect, prepare, send. Cheap to clone: each
+/// request's future holds a clone.
 #[derive(Clone)]
-pub struct Connect {
+pub struct Connect(Arc<ConnectTarget>);
+
+struct ConnectTarget {
     connector: EndpointConnector,
     target: EndpointTarget,
+    /// The identity the endpoint must prove, as the pool keys it (made once, not per request).
+    identity: Option<Identity>,
     /// How long a new connection may stay unused (the service's `timeouts.idle`).
     idle_timeout: Duration,
 }
@@ -102,11 +109,12 @@ impl Connect {
         target: EndpointTarget,
         idle_timeout: Duration,
     ) -> Self {
-        Self {
+        Self(Arc::new(ConnectTarget {
             connector,
+            identity: target.identity.clone().map(Identity::new),
             target,
             idle_timeout,
-        }
+        }))
     }
 }
 
@@ -120,13 +128,18 @@ impl Service<Request<BoxBody>> for Connect {
     }
 
     fn call(&mut self, mut req: Request<BoxBody>) -> Self::Future {
-        let this = self.clone();
+        let this = self.0.clone();
         Box::pin(async move {
             let version = req.version();
             let protocol = Protocol::of(&req);
             let conn = match this
                 .connector
-                .connect(&this.target, protocol, this.idle_timeout)
+                .connect(
+                    &this.target,
+                    this.identity.clone(),
+                    protocol,
+                    this.idle_timeout,
+                )
                 .await
             {
                 Ok(conn) => conn,

@@ -59,7 +59,7 @@ pub struct LogicalTarget {
 pub struct RouteParams {
     /// The policy set the request started under.
     pub set: Arc<PolicySet>,
-    pub retry: RetryPolicy,
+    pub retry: Arc<RetryPolicy>,
     pub request_timeout: Option<Duration>,
     pub per_try_timeout: Option<Duration>,
     pub budget: Arc<RetryBudget>,

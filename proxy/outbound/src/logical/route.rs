@@ -10,7 +10,7 @@ use ferrule_proto::names::ServiceRef;
 use ferrule_proxy_core::body::BoxBody;
 use ferrule_proxy_core::errors::{ProxyError, Reason};
 use ferrule_proxy_policy::metrics::PolicyMetrics;
-use ferrule_proxy_policy::retry::{RetryBudget, RetryPolicy};
+use ferrule_proxy_policy::retry::RetryBudget;
 use ferrule_proxy_policy::{GuardsCell, PolicySet};
 use futures::future::BoxFuture;
 use http::{Request, Response};
@@ -20,9 +20,14 @@ use tower::{Layer, Service, ServiceExt};
 use super::{LogicalTarget, RouteParams, Routed};
 use crate::concrete::{Concrete, Concretes};
 
+/// Cheap to clone: every request takes a clone of it into its future.
 #[derive(Clone)]
-pub struct RouteLayer {
+pub struct RouteLayer(Arc<Shared>);
+
+struct Shared {
     target: LogicalTarget,
+    /// The target's qualified service name, what policies are keyed on.
+    service: String,
     policies: watch::Receiver<Arc<PolicySet>>,
     /// The logical service's retry budget.
     budget: Arc<GuardsCell<Arc<RetryBudget>>>,
@@ -41,14 +46,15 @@ impl RouteLayer {
         concretes: Arc<Concretes>,
         metrics: PolicyMetrics,
     ) -> Self {
-        Self {
+        Self(Arc::new(Shared {
+            service: target.service.name(),
             target,
             policies,
             budget,
             parent,
             concretes,
             metrics,
-        }
+        }))
     }
 }
 
@@ -99,11 +105,12 @@ impl RouteLayer {
     where
         S: Service<Routed, Response = Response<BoxBody>, Error = ProxyError> + Send,
     {
-        let set = self.policies.borrow().clone();
-        let name = &self.target.name;
-        let service = self.target.service.name();
-        let rule = set.routes(&service).and_then(|r| r.find(&req));
-        let policy = set.policy(&service);
+        let this = &*self.0;
+        let set = this.policies.borrow().clone();
+        let name = &this.target.name;
+        let service = &this.service;
+        let rule = set.routes(service).and_then(|r| r.find(&req));
+        let policy = set.policy(service);
         let (retry, request_timeout, per_try_timeout) = match rule {
             Some(rule) => (
                 rule.retry().clone(),
@@ -111,7 +118,7 @@ impl RouteLayer {
                 rule.per_try_timeout(),
             ),
             None => (
-                RetryPolicy::new(&policy.retries),
+                set.retry(service),
                 policy.request_timeout,
                 policy.per_try_timeout,
             ),
@@ -121,11 +128,11 @@ impl RouteLayer {
             if let Some(fault) = rule.fault() {
                 let decision = fault.decide(&mut rand::rng());
                 if let Some(delay) = decision.delay {
-                    self.metrics.fault(name, "delay");
+                    this.metrics.fault(name, "delay");
                     tokio::time::sleep(delay).await;
                 }
                 if let Some(status) = decision.abort {
-                    self.metrics.fault(name, "abort");
+                    this.metrics.fault(name, "abort");
                     return Err(ProxyError::new(
                         Reason::FaultInjected,
                         name.to_string(),
@@ -139,22 +146,22 @@ impl RouteLayer {
             Some(backend) => {
                 // The compiled route names its backends by qualified name.
                 let mut target = ServiceRef::parse(&backend.service)
-                    .unwrap_or_else(|_| self.target.service.clone());
+                    .unwrap_or_else(|_| this.target.service.clone());
                 target.port_name = backend
                     .port
                     .clone()
-                    .unwrap_or_else(|| self.target.service.port_name.clone());
-                if target == self.target.service {
-                    self.parent.clone()
+                    .unwrap_or_else(|| this.target.service.port_name.clone());
+                if target == this.target.service {
+                    this.parent.clone()
                 } else {
-                    self.concretes.get(&target)
+                    this.concretes.get(&target)
                 }
             }
-            None => self.parent.clone(),
+            None => this.parent.clone(),
         };
         let response_headers = rule.map(|r| r.response_headers().clone());
         let params = RouteParams {
-            budget: self.budget.get(&set),
+            budget: this.budget.get(&set),
             set: set.clone(),
             retry,
             request_timeout,

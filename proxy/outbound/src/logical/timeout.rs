@@ -45,8 +45,12 @@ pub struct RequestTimeout<S> {
 
 impl<S> Service<Routed> for RequestTimeout<S>
 where
-    S: Service<Routed, Response = Response<BoxBody>, Error = ProxyError>,
-    S::Future: Send + 'static,
+    S: Service<
+            Routed,
+            Response = Response<BoxBody>,
+            Error = ProxyError,
+            Future = BoxFuture<'static, Result<Response<BoxBody>, ProxyError>>,
+        >,
 {
     type Response = Response<BoxBody>;
     type Error = ProxyError;
@@ -59,11 +63,12 @@ where
     fn call(&mut self, routed: Routed) -> Self::Future {
         let limit = routed.params.request_timeout;
         let fut = self.inner.call(routed);
+        // Without a limit the inner future is the answer: no second box per request.
+        let Some(limit) = limit else {
+            return fut;
+        };
         let layer = self.layer.clone();
         Box::pin(async move {
-            let Some(limit) = limit else {
-                return fut.await;
-            };
             match tokio::time::timeout(limit, fut).await {
                 Ok(result) => result,
                 Err(_) => {
