@@ -13,7 +13,8 @@
 #                   controller (embedded store) is the mesh CA and discovery, each sidecar gets
 #                   its certificate with a join token
 #   Ferrule pair (KEY), with BENCH_VARIANTS="KEY=FLAGS ...": the same binary with FLAGS (comma
-#                   separated) added to both sidecars, e.g. BENCH_VARIANTS="mt=--threads=0"
+#                   separated) added to both sidecars, e.g. BENCH_VARIANTS="mt=--threads=0";
+#                   KEY:BINARY=FLAGS runs another build, e.g. "glibc:/tmp/ferrule-proxy="
 #   Ferrule pair (baseline REV), with BENCH_BASELINE_REV=REV: the same, ferrule-proxy built at
 #                   REV in a git worktree under target-baseline/ (kept for the next run; remove
 #                   with `git worktree remove --force target-baseline/src-REV`).
@@ -139,9 +140,15 @@ LABEL[haproxy]="HAProxy pair"
 LABEL[ferrule]="Ferrule pair"
 LABEL[ferrule-mtls]="Ferrule mTLS pair"
 LABEL[baseline]="$BASELINE_LABEL"
+# A variant is KEY=FLAGS, or KEY:BINARY=FLAGS for another ferrule-proxy build (FLAGS may be
+# empty); its path is ferrule-KEY.
+variant_key() { local k=${1%%=*}; echo "ferrule-${k%%:*}"; }
+variant_bin() { local k=${1%%=*}; [[ $k == *:* ]] && echo "${k#*:}" || echo "$PROXY"; }
 for variant in $VARIANTS; do
-    LABEL[ferrule-${variant%%=*}]="Ferrule pair (${variant#*=})"
-    PATHS="$PATHS ferrule-${variant%%=*}"
+    key="$(variant_key "$variant")"
+    flags="${variant#*=}"
+    LABEL[$key]="Ferrule pair (${flags:-${key#ferrule-}})"
+    PATHS="$PATHS $key"
 done
 
 # start NAME CMD...: runs CMD in the background, logging to $WORK/NAME.log; sets STARTED_PID.
@@ -319,10 +326,10 @@ fi
 # Variants: the same binary with other flags, ports 186N1.. for the Nth.
 variant_index=0
 for variant in $VARIANTS; do
-    key="ferrule-${variant%%=*}"
+    key="$(variant_key "$variant")"
     IFS=, read -ra flags <<<"${variant#*=}"
     base=$((18600 + 10 * variant_index))
-    ferrule_pair "$key" "$PROXY" "127.0.0.1:$((base + 1))" "127.0.0.1:$((base + 3))" \
+    ferrule_pair "$key" "$(variant_bin "$variant")" "127.0.0.1:$((base + 1))" "127.0.0.1:$((base + 3))" \
         "127.0.0.1:$((base + 5))" "127.0.0.1:$((base + 6))" "${flags[@]}"
     variant_index=$((variant_index + 1))
 done
