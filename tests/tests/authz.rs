@@ -132,7 +132,7 @@ async fn policies_allow_deny_and_audit_http_grpc_and_tcp_live() -> Result<()> {
 
     // HTTP: 403 that explains itself, and the app never saw the request.
     assert_eq!(refused.header("ferrule-error"), Some("forbidden"), "{refused:?}");
-    let body: serde_json::Value = serde_json::from_slice(&refused.body)?;
+    let body: serde_json::Value = serde_json::from_str(&refused.body)?;
     assert_eq!(body["reason"], "forbidden", "{body}");
     let error = body["error"].as_str().unwrap_or_default();
     assert!(
@@ -234,7 +234,7 @@ spec:
     .await?;
     assert_eq!(refused.header("ferrule-error"), Some("forbidden"));
     assert!(
-        String::from_utf8_lossy(&refused.body).contains("unauthenticated"),
+        refused.body.contains("unauthenticated"),
         "{refused:?}"
     );
     assert_eq!(call(&intruder, "web", "/hello").await?.status, 200);

@@ -5,7 +5,6 @@
 //! identity than discovery announced. A client certificate of another CA, or an expired one,
 //! is refused by the server.
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;

@@ -205,14 +205,17 @@ fn check_authz(check: &mut Check, spec: &AuthorizationPolicySpec) {
             if spec.default.is_none() {
                 check.fail(
                     "spec.default",
-                    "a policy without spec.service is its namespace's default and needs                      `default` (allow, authenticated-only or deny); set spec.service to guard                      one service",
+                    "a policy without spec.service is its namespace's default and needs \
+                     `default` (allow, authenticated-only or deny); set spec.service to guard \
+                     one service",
                 );
             }
             for (field, set) in [("spec.to", spec.to.is_some()), ("spec.from", spec.from.is_some())] {
                 if set {
                     check.fail(
                         field,
-                        "a namespace's default policy has no `to` or `from`; set spec.service to                          guard one service with them",
+                        "a namespace's default policy has no `to` or `from`; set spec.service to \
+                         guard one service with them",
                     );
                 }
             }

@@ -119,7 +119,7 @@ fn unknown_fields_and_bad_values_are_refused_at_parse_with_the_path() {
         (
             "  service: user\n  from: {identities: [ok, \"spiffe://td/ns/a/*/x\"]}\n",
             "spec.from.identities[0]",
-            "does not start with spiffe://",
+            "does not start with \"spiffe://\"",
         ),
         (
             "  service: user\n  from: {identities: [\"spiffe://td/ns/a/sa/b\", \"spiffe://td/*\"]}\n",
@@ -222,14 +222,14 @@ proptest! {
         td in label(), ns in label(), other in label(), sa in label(),
     ) {
         let pattern: IdentityPattern = format!("spiffe://{td}/ns/{ns}/*").parse().unwrap();
-        prop_assert!(pattern.matches(&format!("spiffe://{td}/ns/{ns}/sa/{sa}")));
-        prop_assert_eq!(
-            pattern.matches(&format!("spiffe://{td}/ns/{other}/sa/{sa}")),
-            other == ns
-        );
-        let exact: IdentityPattern = format!("spiffe://{td}/ns/{ns}/sa/{sa}").parse().unwrap();
-        prop_assert!(exact.matches(&format!("spiffe://{td}/ns/{ns}/sa/{sa}")));
-        prop_assert!(!exact.matches(&format!("spiffe://{td}/ns/{ns}/sa/{sa}x")));
+        let id = format!("spiffe://{td}/ns/{ns}/sa/{sa}");
+        let elsewhere = format!("spiffe://{td}/ns/{other}/sa/{sa}");
+        let longer = format!("{id}x");
+        prop_assert!(pattern.matches(&id));
+        prop_assert_eq!(pattern.matches(&elsewhere), other == ns);
+        let exact: IdentityPattern = id.parse().unwrap();
+        prop_assert!(exact.matches(&id));
+        prop_assert!(!exact.matches(&longer));
     }
 
     /// Random specs from valid parts round-trip through the store's JSON unchanged.
