@@ -55,12 +55,16 @@ async fn call(proxy: &Proxy, service: &str, path: &str) -> Result<Reply> {
 
 /// Waits until a GET through `proxy` answers `status` (a policy change has arrived).
 async fn wait_status(proxy: &Proxy, service: &str, path: &str, status: u16) -> Result<Reply> {
-    eventually(WAIT, &format!("{service}{path} answering {status}"), || async {
-        call(proxy, service, path)
-            .await
-            .ok()
-            .filter(|r| r.status == status)
-    })
+    eventually(
+        WAIT,
+        &format!("{service}{path} answering {status}"),
+        || async {
+            call(proxy, service, path)
+                .await
+                .ok()
+                .filter(|r| r.status == status)
+        },
+    )
     .await
 }
 
@@ -126,12 +130,18 @@ async fn policies_allow_deny_and_audit_http_grpc_and_tcp_live() -> Result<()> {
     assert_eq!(tcp_echo(&intruder, b"before").await?, b"before");
 
     // Only `client` may call each of them, applied while everything runs.
-    let policies = ["web", "echo", "raw"].map(|s| only_client(s, "")).join("---\n");
+    let policies = ["web", "echo", "raw"]
+        .map(|s| only_client(s, ""))
+        .join("---\n");
     apply(&mesh, &dir, &policies).await?;
     let refused = wait_status(&intruder, "web", "/hello", 403).await?;
 
     // HTTP: 403 that explains itself, and the app never saw the request.
-    assert_eq!(refused.header("ferrule-error"), Some("forbidden"), "{refused:?}");
+    assert_eq!(
+        refused.header("ferrule-error"),
+        Some("forbidden"),
+        "{refused:?}"
+    );
     let body: serde_json::Value = serde_json::from_str(&refused.body)?;
     assert_eq!(body["reason"], "forbidden", "{body}");
     let error = body["error"].as_str().unwrap_or_default();
@@ -169,7 +179,13 @@ async fn policies_allow_deny_and_audit_http_grpc_and_tcp_live() -> Result<()> {
 
     let web_metrics = web_proxy.metrics().await?;
     assert!(
-        decisions(&web_metrics, "web", "deny", "identity_not_allowed", "enforce") >= 2.0,
+        decisions(
+            &web_metrics,
+            "web",
+            "deny",
+            "identity_not_allowed",
+            "enforce"
+        ) >= 2.0,
         "{web_metrics}"
     );
     assert!(
@@ -181,7 +197,13 @@ async fn policies_allow_deny_and_audit_http_grpc_and_tcp_live() -> Result<()> {
     );
     let raw_metrics = raw_proxy.metrics().await?;
     assert!(
-        decisions(&raw_metrics, "raw", "deny", "identity_not_allowed", "enforce") >= 1.0,
+        decisions(
+            &raw_metrics,
+            "raw",
+            "deny",
+            "identity_not_allowed",
+            "enforce"
+        ) >= 1.0,
         "{raw_metrics}"
     );
 
@@ -233,10 +255,7 @@ spec:
     })
     .await?;
     assert_eq!(refused.header("ferrule-error"), Some("forbidden"));
-    assert!(
-        refused.body.contains("unauthenticated"),
-        "{refused:?}"
-    );
+    assert!(refused.body.contains("unauthenticated"), "{refused:?}");
     assert_eq!(call(&intruder, "web", "/hello").await?.status, 200);
     assert_eq!(call(&intruder, "web", "/admin/users").await?.status, 403);
     assert_eq!(call(&client, "web", "/admin/users").await?.status, 200);
@@ -263,7 +282,10 @@ async fn bad_policies_are_refused_naming_the_field_and_nothing_is_stored() -> Re
         anyhow::Ok(doc)
     };
     let good = stored().await?;
-    assert_eq!(good["resources"][0]["kind"], "AuthorizationPolicy", "{good}");
+    assert_eq!(
+        good["resources"][0]["kind"], "AuthorizationPolicy",
+        "{good}"
+    );
 
     let cases = [
         (
@@ -318,7 +340,9 @@ async fn bad_policies_are_refused_naming_the_field_and_nothing_is_stored() -> Re
         .expect_err("a bad identity pattern was accepted");
     assert_eq!(refused.code(), tonic::Code::InvalidArgument);
     assert!(
-        refused.message().contains("AuthorizationPolicy/default/web-callers")
+        refused
+            .message()
+            .contains("AuthorizationPolicy/default/web-callers")
             && refused.message().contains("spec.from.identities[0]"),
         "{refused:?}"
     );
@@ -329,7 +353,9 @@ async fn bad_policies_are_refused_naming_the_field_and_nothing_is_stored() -> Re
         let out = mesh.ferrule(&["get", "config", kind]).await?;
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(
-            out.status.success() && text.contains("AuthorizationPolicy") && text.contains("web-callers"),
+            out.status.success()
+                && text.contains("AuthorizationPolicy")
+                && text.contains("web-callers"),
             "{text}{}",
             String::from_utf8_lossy(&out.stderr)
         );

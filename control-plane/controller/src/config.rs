@@ -619,8 +619,7 @@ impl Subscriber {
         if !own.is_empty() {
             services.insert(own.clone());
         }
-        let namespace =
-            ferrule_proto::names::namespace_or_default(&proxy.namespace).to_string();
+        let namespace = ferrule_proto::names::namespace_or_default(&proxy.namespace).to_string();
         let gateway = (proxy.mode == GATEWAY_MODE && !proxy.service.is_empty()).then(|| {
             let namespace = if proxy.namespace.is_empty() {
                 ferrule_config::DEFAULT_NAMESPACE
@@ -1049,7 +1048,10 @@ spec: {default: authenticated-only}
         // A caller of order gets order's ServicePolicy, not its AuthorizationPolicy.
         assert_eq!(
             selected("web", "shop", "sidecar", &["order"]),
-            ["AuthorizationPolicy/shop/default", "ServicePolicy/shop/order"]
+            [
+                "AuthorizationPolicy/shop/default",
+                "ServicePolicy/shop/order"
+            ]
         );
         assert_eq!(
             selected("web", "", "sidecar", &["order.shop"]),

@@ -205,9 +205,9 @@ impl FromStr for IdentityPattern {
                 "'*' is allowed alone or as the last segment after /ns/<namespace>/".into(),
             ));
         }
-        let id: SpiffeId = s.parse().map_err(|e: ferrule_proto::identity::IdentityError| {
-            fail(e.to_string())
-        })?;
+        let id: SpiffeId = s
+            .parse()
+            .map_err(|e: ferrule_proto::identity::IdentityError| fail(e.to_string()))?;
         Ok(IdentityPattern::Exact(id.to_string()))
     }
 }
@@ -266,9 +266,15 @@ mod tests {
         for (bad, why) in [
             ("spiffe://cluster.local/ns/shop", "not of the form"),
             ("spiffe://cluster.local/*", "after /ns/<namespace>"),
-            ("spiffe://cluster.local/ns/sh*p/sa/x", "'*' is allowed alone"),
+            (
+                "spiffe://cluster.local/ns/sh*p/sa/x",
+                "'*' is allowed alone",
+            ),
             ("order", "does not start with"),
-            ("http://cluster.local/ns/shop/*", "does not start with spiffe://"),
+            (
+                "http://cluster.local/ns/shop/*",
+                "does not start with spiffe://",
+            ),
             ("spiffe://Cluster/ns/shop/sa/x", "lowercase"),
             ("spiffe://cluster.local/ns/Shop/*", "namespace"),
             ("", "does not start with"),

@@ -210,7 +210,10 @@ fn check_authz(check: &mut Check, spec: &AuthorizationPolicySpec) {
                      one service",
                 );
             }
-            for (field, set) in [("spec.to", spec.to.is_some()), ("spec.from", spec.from.is_some())] {
+            for (field, set) in [
+                ("spec.to", spec.to.is_some()),
+                ("spec.from", spec.from.is_some()),
+            ] {
                 if set {
                     check.fail(
                         field,
@@ -245,7 +248,11 @@ fn check_authz(check: &mut Check, spec: &AuthorizationPolicySpec) {
     }
     if let Some(from) = &spec.from {
         for (i, namespace) in from.namespaces.iter().enumerate() {
-            check.name(&format!("spec.from.namespaces[{i}]"), "namespace", namespace);
+            check.name(
+                &format!("spec.from.namespaces[{i}]"),
+                "namespace",
+                namespace,
+            );
         }
     }
 }
@@ -556,7 +563,10 @@ fn check_batch(errors: &mut Vec<FieldError>, batch: &[Resource]) {
         }
         if let Spec::AuthorizationPolicy(spec) = &resource.spec {
             if spec.service.is_none() {
-                let key = (resource.kind, format!("namespace {}", resource.metadata.namespace));
+                let key = (
+                    resource.kind,
+                    format!("namespace {}", resource.metadata.namespace),
+                );
                 if let Some(first) = by_service.get(&key) {
                     errors.push(FieldError {
                         resource: name,

@@ -24,9 +24,17 @@ fn errors(text: &str) -> Vec<(String, String)> {
 
 fn assert_refused(text: &str, field: &str, reason: &str) {
     let errs = errors(text);
-    assert_eq!(errs.len(), 1, "expected one error on {field}, got {errs:?}\n{text}");
+    assert_eq!(
+        errs.len(),
+        1,
+        "expected one error on {field}, got {errs:?}\n{text}"
+    );
     assert_eq!(errs[0].0, field, "{errs:?}");
-    assert!(errs[0].1.contains(reason), "{:?} lacks {reason:?}", errs[0].1);
+    assert!(
+        errs[0].1.contains(reason),
+        "{:?} lacks {reason:?}",
+        errs[0].1
+    );
 }
 
 /// The field and reason of a document that does not parse.
@@ -84,7 +92,10 @@ fn a_full_policy_parses_and_round_trips() {
     )
     .unwrap();
     assert_eq!(&back, resource);
-    assert_eq!(Resource::parse_documents(&back.to_yaml()).unwrap(), resources);
+    assert_eq!(
+        Resource::parse_documents(&back.to_yaml()).unwrap(),
+        resources
+    );
 
     let default = doc("shop", "default", "  default: authenticated-only\n");
     let resources = Resource::parse_documents(&default).unwrap();
@@ -100,7 +111,11 @@ fn a_full_policy_parses_and_round_trips() {
 #[test]
 fn unknown_fields_and_bad_values_are_refused_at_parse_with_the_path() {
     for (spec, field, reason) in [
-        ("  service: user\n  form: {}\n", "spec.form", "unknown field `form`"),
+        (
+            "  service: user\n  form: {}\n",
+            "spec.form",
+            "unknown field `form`",
+        ),
         (
             "  service: user\n  from: {identity: [\"*\"]}\n",
             "spec.from.identity",
@@ -126,8 +141,16 @@ fn unknown_fields_and_bad_values_are_refused_at_parse_with_the_path() {
             "spec.from.identities[1]",
             "a wildcard may only stand for the service account",
         ),
-        ("  service: user\n  mode: dry-run\n  from: {}\n", "spec.mode", "unknown variant `dry-run`"),
-        ("  default: maybe\n", "spec.default", "unknown variant `maybe`"),
+        (
+            "  service: user\n  mode: dry-run\n  from: {}\n",
+            "spec.mode",
+            "unknown variant `dry-run`",
+        ),
+        (
+            "  default: maybe\n",
+            "spec.default",
+            "unknown variant `maybe`",
+        ),
     ] {
         let (f, r) = parse_fail(&doc("default", "p", spec));
         assert_eq!(f, field, "{spec}");
@@ -146,9 +169,21 @@ fn validation_rules_name_the_field() {
             "only a namespace's default",
         ),
         ("  mode: audit\n", "spec.default", "needs `default`"),
-        ("  default: deny\n  from: {}\n", "spec.from", "has no `to` or `from`"),
-        ("  default: allow\n  to: {paths: [/]}\n", "spec.to", "has no `to` or `from`"),
-        ("  service: user\n  to: {}\n  from: {}\n", "spec.to", "names no ports"),
+        (
+            "  default: deny\n  from: {}\n",
+            "spec.from",
+            "has no `to` or `from`",
+        ),
+        (
+            "  default: allow\n  to: {paths: [/]}\n",
+            "spec.to",
+            "has no `to` or `from`",
+        ),
+        (
+            "  service: user\n  to: {}\n  from: {}\n",
+            "spec.to",
+            "names no ports",
+        ),
         (
             "  service: user\n  to: {paths: [admin]}\n  from: {}\n",
             "spec.to.paths[0]",
@@ -178,8 +213,16 @@ fn validation_rules_name_the_field() {
 fn several_policies_per_service_but_one_default_per_namespace() {
     let two_for_user = format!(
         "{}---\n{}",
-        doc("shop", "a", "  service: user\n  from: {namespaces: [shop]}\n"),
-        doc("shop", "b", "  service: user\n  to: {paths: [/admin]}\n  from: {}\n"),
+        doc(
+            "shop",
+            "a",
+            "  service: user\n  from: {namespaces: [shop]}\n"
+        ),
+        doc(
+            "shop",
+            "b",
+            "  service: user\n  to: {paths: [/admin]}\n  from: {}\n"
+        ),
     );
     assert_eq!(errors(&two_for_user), []);
 
@@ -193,7 +236,9 @@ fn several_policies_per_service_but_one_default_per_namespace() {
     assert_eq!(errs.len(), 1, "{errs:?}");
     assert_eq!(errs[0].0, "spec.default");
     assert!(
-        errs[0].1.contains("already has a default AuthorizationPolicy (AuthorizationPolicy/shop/a)"),
+        errs[0]
+            .1
+            .contains("already has a default AuthorizationPolicy (AuthorizationPolicy/shop/a)"),
         "{errs:?}"
     );
 }

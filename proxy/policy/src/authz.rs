@@ -124,7 +124,10 @@ impl Compiled {
     }
 
     fn covers<B>(&self, access: &Access<'_, B>, routes: Option<&Routes>) -> bool {
-        if !self.ports.is_empty() && !access.port.is_some_and(|p| self.ports.iter().any(|x| x == p))
+        if !self.ports.is_empty()
+            && !access
+                .port
+                .is_some_and(|p| self.ports.iter().any(|x| x == p))
         {
             return false;
         }
@@ -269,7 +272,9 @@ pub fn decide<B>(set: &PolicySet, service: &str, access: &Access<'_, B>) -> Opti
             default.mode,
             &default.id,
         )),
-        (DefaultPolicy::Deny, _) => Some(denied(DenyReason::DefaultDeny, default.mode, &default.id)),
+        (DefaultPolicy::Deny, _) => {
+            Some(denied(DenyReason::DefaultDeny, default.mode, &default.id))
+        }
     }
 }
 
@@ -285,12 +290,15 @@ struct DecisionLabels {
 /// full it starts over, so a flood of distinct clients is logged at most this often.
 const LOGGED_CAP: usize = 4096;
 
+/// A denial already logged at info: (client, reason, policy).
+type Logged = (Option<Arc<str>>, DenyReason, Arc<str>);
+
 /// The inbound side's authorization of one service, following the policy in force.
 pub struct Authorizer {
     policies: watch::Receiver<Arc<PolicySet>>,
     service: Arc<str>,
     decisions: Family<DecisionLabels, Counter>,
-    logged: Mutex<HashSet<(Option<Arc<str>>, DenyReason, Arc<str>)>>,
+    logged: Mutex<HashSet<Logged>>,
 }
 
 impl Authorizer {
@@ -449,12 +457,18 @@ mod tests {
         ].concat());
         let v = |port, path, client| verdict(&set, "user", port, path, client);
         assert_eq!(v(None, Some("/admin/x"), Some(ADMIN)), "allow");
-        assert_eq!(v(None, Some("/admin"), Some(ORDER)), "identity_not_allowed/enforce");
+        assert_eq!(
+            v(None, Some("/admin"), Some(ORDER)),
+            "identity_not_allowed/enforce"
+        );
         assert_eq!(v(None, Some("/administrator"), Some(ORDER)), "allow");
         assert_eq!(v(None, Some("/public"), None), "allow");
         // A connection of opaque TCP is never covered by a policy of paths.
         assert_eq!(v(None, None, Some(ORDER)), "allow");
-        assert_eq!(v(Some("grpc"), None, Some(ADMIN)), "identity_not_allowed/enforce");
+        assert_eq!(
+            v(Some("grpc"), None, Some(ADMIN)),
+            "identity_not_allowed/enforce"
+        );
         assert_eq!(v(Some("http"), Some("/x"), Some(ADMIN)), "allow");
         // On a port both cover, either may allow.
         assert_eq!(v(Some("grpc"), Some("/admin"), Some(ADMIN)), "allow");
@@ -468,27 +482,42 @@ mod tests {
             policy("default", "w", "  service: user\n  to: {routes: [writes]}\n  from: {identities: [\"spiffe://cluster.local/ns/ops/sa/admin\"]}\n"),
         ].concat());
         let post = http::Request::post("/users").body(()).unwrap();
-        let access = |client| Access { port: None, request: Some(&post), client };
+        let access = |client| Access {
+            port: None,
+            request: Some(&post),
+            client,
+        };
         assert!(decide(&set, "user", &access(Some(ADMIN))).is_none());
         assert_eq!(
             decide(&set, "user", &access(Some(ORDER))).unwrap().reason,
             DenyReason::IdentityNotAllowed
         );
-        assert_eq!(verdict(&set, "user", None, Some("/users"), Some(ORDER)), "allow");
+        assert_eq!(
+            verdict(&set, "user", None, Some("/users"), Some(ORDER)),
+            "allow"
+        );
     }
 
     #[test]
     fn defaults_apply_to_what_no_policy_covers() {
         let set = set(&[
             policy("shop", "default", "  default: authenticated-only\n"),
-            policy("shop", "admin", "  service: user\n  to: {paths: [/admin]}\n  from: {namespaces: [ops]}\n"),
+            policy(
+                "shop",
+                "admin",
+                "  service: user\n  to: {paths: [/admin]}\n  from: {namespaces: [ops]}\n",
+            ),
             policy("ops", "default", "  default: deny\n  mode: audit\n"),
             policy("dev", "default", "  default: allow\n"),
-        ].concat());
+        ]
+        .concat());
         let v = |service, path, client| verdict(&set, service, None, Some(path), client);
         assert_eq!(v("user.shop", "/x", Some(ORDER)), "allow");
         assert_eq!(v("user.shop", "/x", None), "unauthenticated/enforce");
-        assert_eq!(v("user.shop", "/admin", Some(ORDER)), "identity_not_allowed/enforce");
+        assert_eq!(
+            v("user.shop", "/admin", Some(ORDER)),
+            "identity_not_allowed/enforce"
+        );
         assert_eq!(v("user.shop", "/admin", Some(ADMIN)), "allow");
         assert_eq!(v("user.ops", "/", Some(ADMIN)), "default_deny/audit");
         assert_eq!(v("user.dev", "/", None), "allow");
@@ -497,11 +526,24 @@ mod tests {
     #[test]
     fn enforced_policies_decide_before_audited_ones() {
         let set = set(&[
-            policy("default", "trial", "  service: user\n  mode: audit\n  from: {namespaces: [shop]}\n"),
-            policy("default", "live", "  service: cart\n  from: {namespaces: [shop]}\n"),
-            policy("default", "trial", "  service: cart\n  mode: audit\n  from: {namespaces: [ops]}\n")
-                .replace("name: trial", "name: trial2"),
-        ].concat());
+            policy(
+                "default",
+                "trial",
+                "  service: user\n  mode: audit\n  from: {namespaces: [shop]}\n",
+            ),
+            policy(
+                "default",
+                "live",
+                "  service: cart\n  from: {namespaces: [shop]}\n",
+            ),
+            policy(
+                "default",
+                "trial",
+                "  service: cart\n  mode: audit\n  from: {namespaces: [ops]}\n",
+            )
+            .replace("name: trial", "name: trial2"),
+        ]
+        .concat());
         let v = |service, client| verdict(&set, service, None, Some("/"), client);
         assert_eq!(v("user", Some(ORDER)), "allow");
         assert_eq!(v("user", Some(ADMIN)), "identity_not_allowed/audit");
@@ -535,7 +577,10 @@ mod tests {
         ))));
         let denial = authz.check(&access).unwrap_err();
         assert_eq!(denial.policy.as_ref(), "AuthorizationPolicy/default/p");
-        assert!(denial.to_string().contains("identity_not_allowed"), "{denial}");
+        assert!(
+            denial.to_string().contains("identity_not_allowed"),
+            "{denial}"
+        );
         let text = metrics.encode().unwrap();
         assert!(
             text.contains(r#"authz_decisions_total{target_service="user",decision="would_deny",reason="identity_not_allowed",mode="audit"} 2"#),
