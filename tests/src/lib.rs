@@ -2,7 +2,8 @@
 //!
 //! Everything a test starts is owned by a guard ([`Etcd`], [`Process`]) that kills it when the
 //! guard is dropped, also when the test panics. [`backend`] has the test backends proxies sit in
-//! front of; [`netns`] a network namespace for a peer that is not loopback. Waits are
+//! front of; [`netns`] a network namespace for a peer that is not loopback;
+//! [`identity_mesh`] a controller that is the mesh CA and sidecars with identities. Waits are
 //! event-driven (a ready line is printed, a port answers), async and always bounded.
 //!
 //! No port is guessed where it can be avoided: the controller and the proxy bind port 0
@@ -15,6 +16,7 @@ mod client;
 mod controller;
 pub mod dev_mesh;
 mod etcd;
+pub mod identity_mesh;
 pub mod netns;
 pub mod netns_cluster;
 mod process;

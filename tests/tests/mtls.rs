@@ -5,14 +5,14 @@
 //! identity than discovery announced. A client certificate of another CA, or an expired one,
 //! is refused by the server.
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use ferrule_harness::backend::{HttpBackend, TcpEcho};
-use ferrule_harness::{ANY_PORT, Controller, Etcd, Proxy, binary, eventually, http1, output};
+use ferrule_harness::identity_mesh::{IdentityMesh as Mesh, init_ca, metric};
+use ferrule_harness::{ANY_PORT, Controller, Etcd, Proxy, eventually, http1};
 use ferrule_proto::v1::{Endpoint, RegisterRequest, registry_client::RegistryClient};
 use ferrule_proxy_transport::tls::{Credentials, MeshTls};
 use rustls_pki_types::CertificateDer;
@@ -20,119 +20,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/client";
 const WEB_ID: &str = "spiffe://cluster.local/ns/default/sa/web";
-
-struct Mesh {
-    _etcd: Etcd,
-    controller: Controller,
-    ca_dir: tempfile::TempDir,
-}
-
-impl Mesh {
-    async fn start() -> Result<Self> {
-        let etcd = Etcd::start().await?;
-        let ca_dir = tempfile::tempdir()?;
-        init_ca(ca_dir.path()).await?;
-        let controller = Controller::start_with(
-            &etcd.url(),
-            ANY_PORT.parse()?,
-            &["--identity-dir", ca_dir.path().to_str().context("utf-8")?],
-        )
-        .await?;
-        Ok(Self {
-            _etcd: etcd,
-            controller,
-            ca_dir,
-        })
-    }
-
-    async fn token(&self, service: &str) -> Result<String> {
-        let mut cmd = std::process::Command::new(binary("ferrule")?);
-        cmd.args(["--controller", &self.controller.grpc.to_string()])
-            .args(["identity", "token", "create", "--service", service]);
-        let out = output(cmd).await?;
-        anyhow::ensure!(
-            out.status.success(),
-            "token create: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(String::from_utf8(out.stdout)?.trim().to_string())
-    }
-
-    /// A server-side sidecar with an identity, accepting only mutual TLS.
-    async fn server(&self, service: &str, app: SocketAddr, extra: &[&str]) -> Result<Proxy> {
-        Proxy::builder(&format!("{service}-proxy"))
-            .args(["--controller", &self.controller.grpc.to_string()])
-            .args(["--service", service, "--app-addr", &app.to_string()])
-            .args(["--register-ttl", "3s", "--health-interval", "200ms"])
-            .args([
-                "--identity-token",
-                &self.token(service).await?,
-                "--require-mtls",
-            ])
-            .args(extra.iter().copied())
-            .start()
-            .await
-    }
-
-    /// A client-side sidecar with identity `client` and the given upstreams.
-    async fn client(&self, upstreams: &[&str], extra: &[&str]) -> Result<Proxy> {
-        let mut builder = Proxy::builder("client-proxy")
-            .args(["--controller", &self.controller.grpc.to_string()])
-            .args(["--endpoint-wait", "2s", "--service-account", "client"])
-            .args(["--identity-token", &self.token("client").await?])
-            .args(extra.iter().copied());
-        for up in upstreams {
-            builder = builder.upstream(up);
-        }
-        let proxy = builder.start().await?;
-        proxy.wait_ready(Duration::from_secs(10)).await?;
-        Ok(proxy)
-    }
-
-    async fn wait_registered(&self, service: &str) -> Result<()> {
-        use ferrule_proto::v1::{ListEndpointsRequest, admin_client::AdminClient};
-        let url = self.controller.url();
-        eventually(
-            Duration::from_secs(15),
-            &format!("{service} registered"),
-            || {
-                let url = url.clone();
-                async move {
-                    let mut admin = AdminClient::connect(url).await.ok()?;
-                    let eps = admin
-                        .list_endpoints(ListEndpointsRequest {
-                            service: service.into(),
-                        })
-                        .await
-                        .ok()?
-                        .into_inner()
-                        .endpoints;
-                    (!eps.is_empty()).then_some(())
-                }
-            },
-        )
-        .await
-    }
-}
-
-async fn init_ca(dir: &Path) -> Result<()> {
-    let mut cmd = std::process::Command::new(binary("ferrule")?);
-    cmd.args(["identity", "init", "--dir"]).arg(dir);
-    let out = output(cmd).await?;
-    anyhow::ensure!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
-}
-
-fn metric(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
 
 #[tokio::test]
 async fn http_and_tcp_between_proxies_are_mutual_tls() -> Result<()> {
@@ -376,7 +263,7 @@ async fn renewal_under_load_and_serving_on_while_the_ca_is_gone() -> Result<()> 
     )
     .await?;
     let mesh = Mesh {
-        _etcd: etcd,
+        etcd,
         controller,
         ca_dir,
     };

@@ -47,7 +47,8 @@ pub struct ApplyArgs {
 
 #[derive(Debug, Args)]
 pub struct DeleteArgs {
-    /// ServicePolicy, HTTPRoute or Gateway (case-insensitive, plural accepted).
+    /// ServicePolicy, HTTPRoute, Gateway or AuthorizationPolicy (case-insensitive, plural
+    /// accepted).
     #[arg(value_parser = parse_kind)]
     kind: Kind,
     name: String,
@@ -72,8 +73,8 @@ pub struct RollbackArgs {
 /// `ferrule get config [KIND [NAME]]`.
 #[derive(Debug, Args)]
 pub struct GetConfigArgs {
-    /// ServicePolicy, HTTPRoute or Gateway (case-insensitive, plural accepted); every kind
-    /// when omitted.
+    /// ServicePolicy, HTTPRoute, Gateway or AuthorizationPolicy (case-insensitive, plural
+    /// accepted); every kind when omitted.
     #[arg(value_parser = parse_kind)]
     kind: Option<Kind>,
     /// One resource of that kind.

@@ -57,8 +57,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Validate config resources (ServicePolicy, HTTPRoute, Gateway) with the controller and
-    /// store them, all or nothing.
+    /// Validate config resources (ServicePolicy, HTTPRoute, Gateway, AuthorizationPolicy) with
+    /// the controller and store them, all or nothing.
     Apply(config::ApplyArgs),
     /// Delete one config resource.
     Delete(config::DeleteArgs),

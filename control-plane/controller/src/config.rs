@@ -595,6 +595,10 @@ const GATEWAY_MODE: &str = "gateway";
 struct Subscriber {
     /// Its own service and the services it calls (`upstreams`), by qualified name.
     services: BTreeSet<String>,
+    /// Its own service by qualified name (empty without one) and its namespace: the
+    /// `AuthorizationPolicy`s it enforces are its service's and its namespace's default.
+    own: String,
+    namespace: String,
     /// For a gateway (`mode: "gateway"`), the store key of its `Gateway` resource: the one
     /// named as the gateway's service, in the gateway's namespace (`default` when empty).
     gateway: Option<String>,
@@ -607,9 +611,15 @@ impl Subscriber {
             .iter()
             .map(|u| qualify(&proxy.namespace, u))
             .collect();
-        if !proxy.service.is_empty() {
-            services.insert(qualified(&proxy.namespace, &proxy.service));
+        let own = if proxy.service.is_empty() {
+            String::new()
+        } else {
+            qualified(&proxy.namespace, &proxy.service)
+        };
+        if !own.is_empty() {
+            services.insert(own.clone());
         }
+        let namespace = ferrule_proto::names::namespace_or_default(&proxy.namespace).to_string();
         let gateway = (proxy.mode == GATEWAY_MODE && !proxy.service.is_empty()).then(|| {
             let namespace = if proxy.namespace.is_empty() {
                 ferrule_config::DEFAULT_NAMESPACE
@@ -618,7 +628,12 @@ impl Subscriber {
             };
             keys::config_key(Kind::Gateway, namespace, &proxy.service)
         });
-        Self { services, gateway }
+        Self {
+            services,
+            own,
+            namespace,
+            gateway,
+        }
     }
 }
 
@@ -629,7 +644,9 @@ impl Subscriber {
 ///   resource's routes send to count as services it calls, so a route added by `ferrule apply`
 ///   brings its service's policy along without the gateway subscribing again;
 /// * the policies and routes of the backends that the routes of the services it calls split
-///   traffic to.
+///   traffic to;
+/// * the `AuthorizationPolicy`s of its own service and its namespace's default (only the
+///   inbound side enforces them, so never those of the services it calls).
 ///
 /// Sidecars never receive a `Gateway`, and a gateway never receives another gateway's.
 fn select(state: &ConfigState, subscriber: &Subscriber) -> Vec<pb::Resource> {
@@ -658,6 +675,15 @@ fn select(state: &ConfigState, subscriber: &Subscriber) -> Vec<pb::Resource> {
         .resources
         .iter()
         .filter(|(key, s)| {
+            if let Spec::AuthorizationPolicy(_) = &s.resource.spec {
+                return match s.resource.target_service() {
+                    Some(target) => !subscriber.own.is_empty() && target == subscriber.own,
+                    None => {
+                        !subscriber.own.is_empty()
+                            && s.resource.metadata.namespace == subscriber.namespace
+                    }
+                };
+            }
             Some(*key) == subscriber.gateway.as_ref()
                 || s.resource
                     .target_service()
@@ -882,8 +908,25 @@ metadata: {name: order, namespace: shop}
 spec: {service: order}
 ";
 
+    const AUTHZ: &str = "
+---
+apiVersion: ferrule.io/v1
+kind: AuthorizationPolicy
+metadata: {name: order-callers, namespace: shop}
+spec: {service: order, from: {namespaces: [shop]}}
+---
+apiVersion: ferrule.io/v1
+kind: AuthorizationPolicy
+metadata: {name: default, namespace: shop}
+spec: {default: authenticated-only}
+";
+
     fn state() -> ConfigState {
-        let resources = Resource::parse_documents(CONFIG)
+        state_of(CONFIG)
+    }
+
+    fn state_of(config: &str) -> ConfigState {
+        let resources = Resource::parse_documents(config)
             .unwrap()
             .into_iter()
             .map(|resource| {
@@ -928,6 +971,16 @@ spec: {service: order}
 
     /// `Kind/namespace/name` of what `proxy` (subscribing with `upstreams`) receives.
     fn selected(service: &str, namespace: &str, mode: &str, upstreams: &[&str]) -> Vec<String> {
+        selected_in(&state(), service, namespace, mode, upstreams)
+    }
+
+    fn selected_in(
+        state: &ConfigState,
+        service: &str,
+        namespace: &str,
+        mode: &str,
+        upstreams: &[&str],
+    ) -> Vec<String> {
         let proxy = ProxyInfo {
             proxy_id: "p".into(),
             service: service.into(),
@@ -936,7 +989,7 @@ spec: {service: order}
             ..Default::default()
         };
         let upstreams = upstreams.iter().map(|s| s.to_string()).collect();
-        select(&state(), &Subscriber::new(&proxy, upstreams))
+        select(state, &Subscriber::new(&proxy, upstreams))
             .into_iter()
             .map(|r| format!("{}/{}/{}", r.kind, r.namespace, r.name))
             .collect()
@@ -976,6 +1029,39 @@ spec: {service: order}
             ["ServicePolicy/shop/order"]
         );
         assert!(selected("web", "shop", "sidecar", &["user"]).is_empty());
+    }
+
+    #[test]
+    fn authorization_policies_go_to_their_own_service_and_namespace_only() {
+        let state = state_of(&format!("{CONFIG}{AUTHZ}"));
+        let selected = |service, namespace, mode, upstreams: &[&str]| {
+            selected_in(&state, service, namespace, mode, upstreams)
+        };
+        assert_eq!(
+            selected("order", "shop", "sidecar", &[]),
+            [
+                "AuthorizationPolicy/shop/default",
+                "AuthorizationPolicy/shop/order-callers",
+                "ServicePolicy/shop/order",
+            ]
+        );
+        // A caller of order gets order's ServicePolicy, not its AuthorizationPolicy.
+        assert_eq!(
+            selected("web", "shop", "sidecar", &["order"]),
+            [
+                "AuthorizationPolicy/shop/default",
+                "ServicePolicy/shop/order"
+            ]
+        );
+        assert_eq!(
+            selected("web", "", "sidecar", &["order.shop"]),
+            ["ServicePolicy/shop/order"]
+        );
+        // A proxy without a service guards nothing.
+        assert_eq!(
+            selected("", "shop", "sidecar", &["order"]),
+            ["ServicePolicy/shop/order"]
+        );
     }
 
     #[test]

@@ -7,13 +7,14 @@
 //! store, by [`Resource::from_parts`]. Parsing refuses malformed input (unknown fields, wrong
 //! types, bad durations or gRPC codes) with the field's path; [`validate`] then checks what
 //! parsing cannot (ranges, regexes, weights, names, references, duplicates across a batch).
-//! Kinds: [`ServicePolicySpec`] (`ServicePolicy`), [`HttpRouteSpec`] (`HTTPRoute`) and
-//! [`GatewaySpec`] (`Gateway`); the proxy reads a policy through
-//! [`ServicePolicySpec::effective`], where defaults are filled in, and a matched route rule
+//! Kinds: [`ServicePolicySpec`] (`ServicePolicy`), [`HttpRouteSpec`] (`HTTPRoute`),
+//! [`GatewaySpec`] (`Gateway`) and [`AuthorizationPolicySpec`] (`AuthorizationPolicy`, see
+//! `docs/authorization.md`); the proxy reads a policy through [`ServicePolicySpec::effective`], where defaults are filled in, and a matched route rule
 //! through [`RouteRule::effective`], merged over that policy. The gateway's own file is a
 //! `GatewaySpec` too, read with [`GatewaySpec::parse_file`].
 //! `docs/config.md` documents every field.
 
+mod authz;
 mod duration;
 mod gateway;
 mod grpc;
@@ -22,6 +23,10 @@ mod resource;
 mod route;
 mod validate;
 
+pub use authz::{
+    AuthorizationPolicySpec, AuthzFrom, AuthzMode, AuthzTo, DefaultPolicy, IdentityPattern,
+    IdentityPatternError,
+};
 pub use gateway::{
     Cors, DEFAULT_GATEWAY_LISTEN, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_SUBJECT_HEADER,
     GatewayFileError, GatewayFileErrors, GatewayRateLimit, GatewayRoute, GatewaySpec, Jwt,

@@ -11,6 +11,7 @@ use std::str::FromStr;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::authz::AuthorizationPolicySpec;
 use crate::gateway::GatewaySpec;
 use crate::policy::ServicePolicySpec;
 use crate::route::HttpRouteSpec;
@@ -20,9 +21,6 @@ pub const API_VERSION: &str = "ferrule.io/v1";
 
 /// `metadata.namespace` when a document leaves it out.
 pub const DEFAULT_NAMESPACE: &str = "default";
-
-/// Kinds planned by the design but not implemented yet: refused with a message that says so.
-const PLANNED_KINDS: [&str; 1] = ["AuthorizationPolicy"];
 
 /// Why a document or a stored resource could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -38,14 +36,8 @@ pub enum ConfigError {
     },
     #[error("document {document}: apiVersion {found:?} is not supported; use {API_VERSION:?}")]
     BadApiVersion { document: usize, found: String },
-    /// A kind the design plans (`AuthorizationPolicy`) but this version lacks.
-    #[error("{}kind {kind} is not supported yet", document_prefix(*document))]
-    UnsupportedKind {
-        document: Option<usize>,
-        kind: String,
-    },
     #[error(
-        "{}unknown kind {kind:?}; expected ServicePolicy, HTTPRoute or Gateway",
+        "{}unknown kind {kind:?}; expected ServicePolicy, HTTPRoute, Gateway or AuthorizationPolicy",
         document_prefix(*document)
     )]
     UnknownKind {
@@ -81,17 +73,24 @@ pub enum Kind {
     ServicePolicy,
     HttpRoute,
     Gateway,
+    AuthorizationPolicy,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 3] = [Kind::ServicePolicy, Kind::HttpRoute, Kind::Gateway];
+    pub const ALL: [Kind; 4] = [
+        Kind::ServicePolicy,
+        Kind::HttpRoute,
+        Kind::Gateway,
+        Kind::AuthorizationPolicy,
+    ];
 
-    /// `"ServicePolicy"`, `"HTTPRoute"` or `"Gateway"`.
+    /// `"ServicePolicy"`, `"HTTPRoute"`, `"Gateway"` or `"AuthorizationPolicy"`.
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::ServicePolicy => "ServicePolicy",
             Kind::HttpRoute => "HTTPRoute",
             Kind::Gateway => "Gateway",
+            Kind::AuthorizationPolicy => "AuthorizationPolicy",
         }
     }
 
@@ -100,13 +99,10 @@ impl Kind {
         if let Some(k) = Kind::ALL.into_iter().find(|k| k.as_str() == kind) {
             return Ok(k);
         }
-        let kind = kind.to_string();
-        let document = Some(document);
-        if PLANNED_KINDS.contains(&kind.as_str()) {
-            Err(ConfigError::UnsupportedKind { document, kind })
-        } else {
-            Err(ConfigError::UnknownKind { document, kind })
-        }
+        Err(ConfigError::UnknownKind {
+            document: Some(document),
+            kind: kind.to_string(),
+        })
     }
 }
 
@@ -120,16 +116,16 @@ impl FromStr for Kind {
     type Err = ConfigError;
 
     /// The canonical name, or the forms people type on a command line: `servicepolicy`,
-    /// `servicepolicies`, `httproute`, `httproutes`, `gateway`, `gateways` (any case).
+    /// `servicepolicies`, `httproute`, `httproutes`, `gateway`, `gateways`,
+    /// `authorizationpolicy`, `authorizationpolicies`, `authz` (any case).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.to_ascii_lowercase().as_str() {
             "servicepolicy" | "servicepolicies" => Ok(Kind::ServicePolicy),
             "httproute" | "httproutes" => Ok(Kind::HttpRoute),
             "gateway" | "gateways" => Ok(Kind::Gateway),
-            "authorizationpolicy" | "authorizationpolicies" => Err(ConfigError::UnsupportedKind {
-                document: None,
-                kind: s.to_string(),
-            }),
+            "authorizationpolicy" | "authorizationpolicies" | "authz" => {
+                Ok(Kind::AuthorizationPolicy)
+            }
             _ => Err(ConfigError::UnknownKind {
                 document: None,
                 kind: s.to_string(),
@@ -175,6 +171,7 @@ pub enum Spec {
     ServicePolicy(ServicePolicySpec),
     HttpRoute(HttpRouteSpec),
     Gateway(GatewaySpec),
+    AuthorizationPolicy(AuthorizationPolicySpec),
 }
 
 impl Spec {
@@ -183,16 +180,19 @@ impl Spec {
             Spec::ServicePolicy(_) => Kind::ServicePolicy,
             Spec::HttpRoute(_) => Kind::HttpRoute,
             Spec::Gateway(_) => Kind::Gateway,
+            Spec::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
         }
     }
 
     /// The service the resource configures: the policy's target or the route's parent. A
-    /// `Gateway` has none: it configures the gateway proxy its `metadata.name` names.
+    /// `Gateway` has none: it configures the gateway proxy its `metadata.name` names; nor has
+    /// an `AuthorizationPolicy` that is its namespace's default.
     pub fn service(&self) -> Option<&str> {
         match self {
             Spec::ServicePolicy(s) => Some(&s.service),
             Spec::HttpRoute(s) => Some(&s.service),
             Spec::Gateway(_) => None,
+            Spec::AuthorizationPolicy(s) => s.service.as_deref(),
         }
     }
 }
@@ -203,6 +203,7 @@ impl Serialize for Spec {
             Spec::ServicePolicy(spec) => spec.serialize(s),
             Spec::HttpRoute(spec) => spec.serialize(s),
             Spec::Gateway(spec) => spec.serialize(s),
+            Spec::AuthorizationPolicy(spec) => spec.serialize(s),
         }
     }
 }
@@ -333,7 +334,7 @@ impl Resource {
                 .flat_map(|rule| rule.backends.iter())
                 .map(|b| ferrule_proto::names::qualify(&self.metadata.namespace, &b.service))
                 .collect(),
-            Spec::ServicePolicy(_) | Spec::Gateway(_) => Vec::new(),
+            Spec::ServicePolicy(_) | Spec::Gateway(_) | Spec::AuthorizationPolicy(_) => Vec::new(),
         }
     }
 
@@ -389,6 +390,7 @@ fn read_spec<'de, D: Deserializer<'de>>(kind: Kind, de: D) -> Result<Spec, (Stri
         Kind::ServicePolicy => Spec::ServicePolicy(read(de)?),
         Kind::HttpRoute => Spec::HttpRoute(read(de)?),
         Kind::Gateway => Spec::Gateway(read(de)?),
+        Kind::AuthorizationPolicy => Spec::AuthorizationPolicy(read(de)?),
     })
 }
 

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use ferrule_proto::names::{qualify, validate_label, validate_service, validate_service_name};
 
+use crate::authz::AuthorizationPolicySpec;
 use crate::policy::{CircuitBreaker, Retries, ServicePolicySpec};
 use crate::resource::{Kind, Resource, Spec};
 use crate::route::{
@@ -53,7 +54,7 @@ impl fmt::Display for ValidationErrors {
 
 /// Validates one batch as it would be stored: each resource's ranges, regexes, weights and
 /// names, plus batch rules (no duplicate ids; at most one `ServicePolicy` and one `HTTPRoute`
-/// per service). `known_services` lets the caller say which services exist (qualified names,
+/// per service; at most one namespace-default `AuthorizationPolicy` per namespace). `known_services` lets the caller say which services exist (qualified names,
 /// see `ferrule_proto::names`) so a route to an
 /// unknown backend can be refused (`None` = don't check). A `Gateway`'s routes are not checked
 /// against it: the gateway answers 503 for a service that is not there yet, and the edge is
@@ -176,6 +177,82 @@ fn check_resource(check: &mut Check, resource: &Resource, known: Option<&BTreeSe
             let mut fail = |field: String, reason: String| check.fail(field, reason);
             spec.check("spec.", &mut fail);
             spec.check_resource(&mut fail);
+        }
+        Spec::AuthorizationPolicy(spec) => check_authz(check, spec),
+    }
+}
+
+/// A service's policy names who may call (`from`) and optionally what (`to`); a namespace's
+/// default names only `default` (and `mode`).
+fn check_authz(check: &mut Check, spec: &AuthorizationPolicySpec) {
+    match &spec.service {
+        Some(service) => {
+            check.service("spec.service", service);
+            if spec.default.is_some() {
+                check.fail(
+                    "spec.default",
+                    "only a namespace's default policy (one without spec.service) sets a default",
+                );
+            }
+            if spec.from.is_none() {
+                check.fail(
+                    "spec.from",
+                    "a service's policy needs `from` (the clients it allows); `from: {}` allows no one",
+                );
+            }
+        }
+        None => {
+            if spec.default.is_none() {
+                check.fail(
+                    "spec.default",
+                    "a policy without spec.service is its namespace's default and needs \
+                     `default` (allow, authenticated-only or deny); set spec.service to guard \
+                     one service",
+                );
+            }
+            for (field, set) in [
+                ("spec.to", spec.to.is_some()),
+                ("spec.from", spec.from.is_some()),
+            ] {
+                if set {
+                    check.fail(
+                        field,
+                        "a namespace's default policy has no `to` or `from`; set spec.service to \
+                         guard one service with them",
+                    );
+                }
+            }
+        }
+    }
+    if let Some(to) = &spec.to {
+        if to.ports.is_empty() && to.paths.is_empty() && to.routes.is_empty() {
+            check.fail(
+                "spec.to",
+                "names no ports, paths or routes; leave `to` out to cover the whole service",
+            );
+        }
+        for (i, port) in to.ports.iter().enumerate() {
+            check.name(&format!("spec.to.ports[{i}]"), "port name", port);
+        }
+        for (i, path) in to.paths.iter().enumerate() {
+            if !path.starts_with('/') {
+                check.fail(
+                    format!("spec.to.paths[{i}]"),
+                    format!("path prefix {path:?} must start with '/'"),
+                );
+            }
+        }
+        for (i, route) in to.routes.iter().enumerate() {
+            check.name(&format!("spec.to.routes[{i}]"), "route rule name", route);
+        }
+    }
+    if let Some(from) = &spec.from {
+        for (i, namespace) in from.namespaces.iter().enumerate() {
+            check.name(
+                &format!("spec.from.namespaces[{i}]"),
+                "namespace",
+                namespace,
+            );
         }
     }
 }
@@ -467,8 +544,9 @@ fn check_headers(check: &mut Check, at: &str, h: &HeaderModifier) {
     }
 }
 
-/// Rules across resources: ids are unique, and a service has at most one policy and one route
-/// (two would leave the proxy guessing which applies).
+/// Rules across resources: ids are unique, a service has at most one policy and one route
+/// (two would leave the proxy guessing which applies), and a namespace at most one default
+/// `AuthorizationPolicy`. A service may have several `AuthorizationPolicy`s: each allows.
 fn check_batch(errors: &mut Vec<FieldError>, batch: &[Resource]) {
     let mut ids = BTreeSet::new();
     let mut by_service: BTreeMap<(Kind, String), String> = BTreeMap::new();
@@ -481,6 +559,28 @@ fn check_batch(errors: &mut Vec<FieldError>, batch: &[Resource]) {
                 field: "metadata.name".into(),
                 reason: "appears more than once in the batch".into(),
             });
+            continue;
+        }
+        if let Spec::AuthorizationPolicy(spec) = &resource.spec {
+            if spec.service.is_none() {
+                let key = (
+                    resource.kind,
+                    format!("namespace {}", resource.metadata.namespace),
+                );
+                if let Some(first) = by_service.get(&key) {
+                    errors.push(FieldError {
+                        resource: name,
+                        field: "spec.default".into(),
+                        reason: format!(
+                            "namespace {:?} already has a default AuthorizationPolicy ({first}); \
+                             merge them into one",
+                            resource.metadata.namespace
+                        ),
+                    });
+                } else {
+                    by_service.insert(key, name);
+                }
+            }
             continue;
         }
         let Some(service) = resource.target_service() else {

@@ -1,14 +1,17 @@
-//! The examples in `docs/config.md` are real: every `yaml` block there parses and validates,
-//! alone and all together, and survives the store's round trip unchanged.
+//! The examples in `docs/config.md` and `docs/authorization.md` are real: every `yaml` block
+//! there parses and validates, alone and all together, and survives the store's round trip
+//! unchanged.
 
 use ferrule_config::{Kind, Resource, validate};
 
 const DOC: &str = include_str!("../../../docs/config.md");
+const AUTHZ_DOC: &str = include_str!("../../../docs/authorization.md");
 
-/// The bodies of the doc's ```yaml blocks.
+/// The bodies of the docs' ```yaml blocks.
 fn yaml_blocks() -> Vec<&'static str> {
-    DOC.split("```yaml\n")
-        .skip(1)
+    [DOC, AUTHZ_DOC]
+        .into_iter()
+        .flat_map(|doc| doc.split("```yaml\n").skip(1))
         .map(|rest| rest.split("```").next().expect("block is closed"))
         .collect()
 }

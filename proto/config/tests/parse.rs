@@ -131,10 +131,13 @@ fn from_parts_is_strict_and_names_the_resource() {
     assert_eq!(field, "spec.retires");
     assert!(reason.contains("unknown field `retires`"), "{reason}");
     assert!(Resource::from_parts("HTTPRoute", "default", "r", "{} {}").is_err());
-    assert!(matches!(
-        Resource::from_parts("AuthorizationPolicy", "default", "a", "{}"),
-        Err(ConfigError::UnsupportedKind { .. })
-    ));
+    let err = Resource::from_parts("AuthorizationPolicy", "default", "a", r#"{"servise":"x"}"#)
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("stored AuthorizationPolicy/default/a: spec.servise: unknown field"),
+        "{err}"
+    );
     let err = Resource::from_parts("Gateway", "default", "g", "{}").unwrap_err();
     assert!(
         err.to_string()
@@ -234,10 +237,12 @@ fn api_version_and_kind_are_checked() {
     );
     assert!(err.to_string().contains("use \"ferrule.io/v1\""), "{err}");
 
-    let err = parse_err(&POLICY.replace("kind: ServicePolicy", "kind: AuthorizationPolicy"));
-    assert_eq!(
-        err.to_string(),
-        "document 1: kind AuthorizationPolicy is not supported yet"
+    let (_, field, reason) =
+        parse_fail(&POLICY.replace("kind: ServicePolicy", "kind: AuthorizationPolicy"));
+    assert!(field.starts_with("spec."), "{field}");
+    assert!(
+        reason.contains("unknown field"),
+        "a policy's fields are not an AuthorizationPolicy's: {reason}"
     );
     let (_, field, reason) = parse_fail(&POLICY.replace("kind: ServicePolicy", "kind: Gateway"));
     assert!(field.starts_with("spec."), "{field}");
@@ -262,14 +267,13 @@ fn kind_names_for_the_cli() {
         ("httproutes", Kind::HttpRoute),
         ("Gateway", Kind::Gateway),
         ("gateways", Kind::Gateway),
+        ("AuthorizationPolicy", Kind::AuthorizationPolicy),
+        ("authorizationpolicies", Kind::AuthorizationPolicy),
+        ("authz", Kind::AuthorizationPolicy),
     ] {
         assert_eq!(text.parse::<Kind>().unwrap(), kind);
     }
     assert_eq!(Kind::HttpRoute.to_string(), "HTTPRoute");
-    assert!(matches!(
-        "authorizationpolicies".parse::<Kind>(),
-        Err(ConfigError::UnsupportedKind { .. })
-    ));
     assert!(matches!(
         "pods".parse::<Kind>(),
         Err(ConfigError::UnknownKind { .. })

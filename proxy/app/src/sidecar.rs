@@ -30,6 +30,7 @@ use ferrule_proxy_inbound::{Inbound, InboundConfig, InboundPort, InboundTls};
 use ferrule_proxy_outbound::target::{DEFAULT_OPAQUE_PORTS, Fixed, OrigDst};
 use ferrule_proxy_outbound::{Outbound, OutboundConfig};
 use ferrule_proxy_policy::PolicySet;
+use ferrule_proxy_policy::authz::Authorizer;
 use ferrule_proxy_policy::metrics::PolicyMetrics;
 use ferrule_proxy_transport::client::{ClientConfig, Clients};
 use ferrule_proxy_transport::metrics::PoolMetrics;
@@ -294,6 +295,7 @@ impl Proxy {
             },
             app_clients,
             LocalRateLimit::new(policies.watch(), &service, policy_metrics),
+            Authorizer::new(policies.watch(), &service, &metrics),
             metrics.clone(),
             serving.clone(),
             tracker.clone(),

@@ -44,10 +44,12 @@ pub enum Reason {
     /// A mutual TLS handshake with a peer proxy failed (inbound: the client's certificate was
     /// refused; counted, the connection closed).
     TlsHandshake,
+    /// An `AuthorizationPolicy` (or the namespace's default) refuses the client.
+    Forbidden,
 }
 
 impl Reason {
-    const ALL: [Reason; 15] = [
+    const ALL: [Reason; 16] = [
         Reason::UnknownService,
         Reason::NoEndpoints,
         Reason::EndpointsUnavailable,
@@ -63,6 +65,7 @@ impl Reason {
         Reason::BreakerOpen,
         Reason::FaultInjected,
         Reason::TlsHandshake,
+        Reason::Forbidden,
     ];
 
     /// The reason named `s` (a `ferrule-error` value, as a peer proxy sent it).
@@ -87,6 +90,7 @@ impl Reason {
             Reason::BreakerOpen => "breaker_open",
             Reason::FaultInjected => "fault_injected",
             Reason::TlsHandshake => "tls_handshake_failure",
+            Reason::Forbidden => "forbidden",
         }
     }
 
@@ -100,6 +104,7 @@ impl Reason {
             }
             Reason::BadRequest => StatusCode::BAD_REQUEST,
             Reason::Unauthenticated => StatusCode::UNAUTHORIZED,
+            Reason::Forbidden => StatusCode::FORBIDDEN,
             Reason::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Reason::NoRoute => StatusCode::NOT_FOUND,
             Reason::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -129,6 +134,7 @@ impl Reason {
             // service's to give), and what gRPC maps an intermediary's 400 to.
             Reason::BadRequest => GrpcCode::Internal,
             Reason::Unauthenticated => GrpcCode::Unauthenticated,
+            Reason::Forbidden => GrpcCode::PermissionDenied,
             Reason::RateLimited | Reason::PayloadTooLarge => GrpcCode::ResourceExhausted,
             // For gRPC the path is the method: no route means the method is not served here.
             Reason::NoRoute => GrpcCode::Unimplemented,

@@ -1,15 +1,16 @@
 //! The inbound HTTP stack of one app port, built in [`stack`]: server span (when tracing is
-//! on) → observe → respond → forward to the app on loopback.
+//! on) → observe → respond → authorize → rate limit → forward to the app on loopback.
 //!
 //! Requests from a meshed peer lose the mesh headers here: `ferrule-orig-proto` turns an
 //! HTTP/2-carried HTTP/1 request back into HTTP/1. `ferrule-client-id` is always removed and,
 //! when the connection's mutual TLS proved the client's identity, set to it: the app can trust
-//! it. The app is spoken to in the version the request now has; authorization will be a layer
-//! before forwarding.
+//! it. The app is spoken to in the version the request now has.
 //!
-//! The proxy's own service's `ServicePolicy.rateLimit`, if any, is checked first
-//! ([`LocalRateLimit`]): a request over it is answered 429 with `Retry-After` and never
-//! reaches the app.
+//! The proxy's own service's `AuthorizationPolicy`s are checked first
+//! ([`ferrule_proxy_policy::authz::Authorizer`], against the connection's verified client
+//! identity): a refused request is answered 403 `forbidden` (a gRPC one PERMISSION_DENIED)
+//! and never reaches the app. Then its `ServicePolicy.rateLimit`, if any
+//! ([`LocalRateLimit`]): a request over it is answered 429 with `Retry-After`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -30,6 +31,7 @@ use ferrule_proxy_core::metrics::{Direction, Metrics};
 use ferrule_proxy_core::observe::ObserveLayer;
 use ferrule_proxy_core::server::HttpStack;
 use ferrule_proxy_core::trace::{ServerSpanLayer, Tracer};
+use ferrule_proxy_policy::authz::{Access, Authorizer};
 use ferrule_proxy_policy::metrics::PolicyMetrics;
 use ferrule_proxy_policy::ratelimit::RateKey;
 use ferrule_proxy_policy::{GuardsCell, PolicySet};
@@ -70,12 +72,43 @@ impl LocalRateLimit {
     }
 }
 
+/// What guards the app of one port: authorization and the local rate limit.
+#[derive(Clone)]
+pub struct Guards {
+    pub authz: Arc<Authorizer>,
+    pub limit: Arc<LocalRateLimit>,
+    /// The port's name (`--app-port NAME=ADDR`), for policies narrowed to ports.
+    pub port_name: Option<Arc<str>>,
+}
+
+impl Guards {
+    /// Refuses a request the service's authorization policies do not allow.
+    fn authorize(&self, name: &str, req: &Request<BoxBody>) -> Result<(), ProxyError> {
+        let client = req
+            .extensions()
+            .get::<RequestContext>()
+            .and_then(|ctx| ctx.peer_identity.as_deref());
+        let access = Access {
+            port: self.port_name.as_deref(),
+            request: Some(req),
+            client,
+        };
+        self.authz.check(&access).map_err(|denial| {
+            ProxyError::new(
+                Reason::Forbidden,
+                name,
+                format!("{} to {} {}", denial, req.method(), req.uri().path()),
+            )
+        })
+    }
+}
+
 /// Builds the HTTP path of one inbound port.
 pub fn stack(
     name: Arc<str>,
     app_addr: SocketAddr,
     clients: Clients,
-    limit: Arc<LocalRateLimit>,
+    guards: Guards,
     metrics: &Metrics,
     access_log: bool,
     tracer: &Tracer,
@@ -99,7 +132,7 @@ pub fn stack(
                 name,
                 app_addr,
                 clients,
-                limit,
+                guards,
             }),
     )
 }
@@ -109,7 +142,7 @@ struct ForwardToApp {
     name: Arc<str>,
     app_addr: SocketAddr,
     clients: Clients,
-    limit: Arc<LocalRateLimit>,
+    guards: Guards,
 }
 
 /// Undoes what the outbound proxy of a meshed peer did to the request, and says who the
@@ -144,9 +177,12 @@ impl Service<Request<BoxBody>> for ForwardToApp {
     }
 
     fn call(&mut self, mut req: Request<BoxBody>) -> Self::Future {
+        if let Err(refused) = self.guards.authorize(&self.name, &req) {
+            return Box::pin(std::future::ready(Err(refused)));
+        }
         let this = self.clone();
         Box::pin(async move {
-            this.limit.check(&this.name)?;
+            this.guards.limit.check(&this.name)?;
             strip_mesh_headers(&mut req);
             let protocol = Protocol::of(&req);
             let conn = this

@@ -6,7 +6,8 @@
 //! (mutual TLS: the client's verified identity becomes the connection's `peer_identity`);
 //! plaintext is served too unless the proxy requires mutual TLS, when it is closed and
 //! counted. Then the protocol is detected (unless the port is opaque): HTTP goes through the
-//! port's stack ([`http`]), anything else is copied to the app as bytes.
+//! port's stack ([`http`]), authorized per request; anything else is authorized once per
+//! connection (a refused one is closed and counted) and copied to the app as bytes.
 
 pub mod http;
 pub mod transparent;
@@ -24,6 +25,7 @@ use ferrule_proxy_core::errors::Reason;
 use ferrule_proxy_core::metrics::DetectResult;
 use ferrule_proxy_core::metrics::{Direction, Metrics, TargetMetrics};
 use ferrule_proxy_core::server::{self, BoxIo, Dispatcher, HttpStack};
+use ferrule_proxy_policy::authz::{Access, Authorizer};
 use ferrule_proxy_transport::client::{Clients, connect_tcp};
 use ferrule_proxy_transport::tls::MeshTls;
 
@@ -61,6 +63,7 @@ pub struct Inbound {
     config: InboundConfig,
     clients: Clients,
     limit: Arc<http::LocalRateLimit>,
+    authz: Arc<Authorizer>,
     metrics: Metrics,
     dispatcher: Dispatcher,
     shutdown: CancellationToken,
@@ -69,6 +72,8 @@ pub struct Inbound {
 
 struct Port {
     port: InboundPort,
+    /// The part of the port's name after `service:`, for policies narrowed to ports.
+    port_name: Option<Arc<str>>,
     http: HttpStack,
     series: Arc<TargetMetrics>,
 }
@@ -78,6 +83,7 @@ impl Inbound {
         config: InboundConfig,
         clients: Clients,
         limit: http::LocalRateLimit,
+        authz: Authorizer,
         metrics: Metrics,
         shutdown: CancellationToken,
         tracker: TaskTracker,
@@ -93,6 +99,7 @@ impl Inbound {
             config,
             clients,
             limit: Arc::new(limit),
+            authz: Arc::new(authz),
             metrics,
             shutdown,
             tracker,
@@ -114,22 +121,33 @@ impl Inbound {
 
     /// The stack and series of one app port.
     fn port(&self, port: InboundPort) -> Arc<Port> {
+        let port_name: Option<Arc<str>> = port.name.split_once(':').map(|(_, p)| p.into());
+        let guards = http::Guards {
+            authz: self.authz.clone(),
+            limit: self.limit.clone(),
+            port_name: port_name.clone(),
+        };
         let http = http::stack(
             port.name.clone(),
             port.app_addr,
             self.clients.clone(),
-            self.limit.clone(),
+            guards,
             &self.metrics,
             self.config.access_log,
             &self.config.tracer,
         );
         let series = self.metrics.target(Direction::Inbound, port.name.clone());
-        Arc::new(Port { port, http, series })
+        Arc::new(Port {
+            port,
+            port_name,
+            http,
+            series,
+        })
     }
 
     async fn handle(self: Arc<Self>, stream: TcpStream, peer: SocketAddr, port: Arc<Port>) {
-        let opaque = |io: BoxIo| self.forward_opaque(io, &port.port);
         let Some(tls) = &self.config.tls else {
+            let opaque = |io: BoxIo| self.forward_opaque(io, &port, None);
             self.dispatcher
                 .dispatch(
                     stream,
@@ -153,32 +171,13 @@ impl Inbound {
                 return;
             }
         };
-        let (io, identity): (BoxIo, _) = if !is_tls {
-            if tls.require {
-                self.metrics
-                    .detected(Direction::Inbound, DetectResult::PlaintextRefused);
-                tracing::info!(%peer, service = %port.port.name, "plaintext connection refused: this proxy requires mutual TLS");
-                return;
-            }
-            (Box::new(io), None)
-        } else {
-            self.metrics.detected(Direction::Inbound, DetectResult::Tls);
-            match tokio::time::timeout(tls.handshake_timeout, tls.tls.accept(io)).await {
-                Ok(Ok((io, identity))) => (Box::new(io), Some(identity)),
-                Ok(Err(error)) => {
-                    self.metrics
-                        .proxy_error(Direction::Inbound, Reason::TlsHandshake);
-                    tracing::info!(%peer, %error, "mutual TLS refused");
-                    return;
-                }
-                Err(_) => {
-                    self.metrics
-                        .proxy_error(Direction::Inbound, Reason::TlsHandshake);
-                    tracing::info!(%peer, timeout = ?tls.handshake_timeout, "mutual TLS handshake timed out");
-                    return;
-                }
-            }
+        let (io, identity): (BoxIo, _) = match self.tls_or_plain(io, is_tls, tls, peer, &port).await
+        {
+            Some(accepted) => accepted,
+            None => return,
         };
+        let client = identity.clone();
+        let opaque = |io: BoxIo| self.forward_opaque(io, &port, client.as_deref());
         self.dispatcher
             .dispatch_io(
                 io,
@@ -192,10 +191,62 @@ impl Inbound {
             .await;
     }
 
-    async fn forward_opaque<I>(&self, io: I, port: &InboundPort)
+    /// Terminates mutual TLS, or takes a plaintext connection where that is allowed; `None`
+    /// when the connection is refused (counted and logged here).
+    async fn tls_or_plain<I: server::Io>(
+        &self,
+        io: I,
+        is_tls: bool,
+        tls: &InboundTls,
+        peer: SocketAddr,
+        port: &Port,
+    ) -> Option<(BoxIo, Option<Arc<str>>)> {
+        if !is_tls {
+            if tls.require {
+                self.metrics
+                    .detected(Direction::Inbound, DetectResult::PlaintextRefused);
+                tracing::info!(%peer, service = %port.port.name, "plaintext connection refused: this proxy requires mutual TLS");
+                return None;
+            }
+            return Some((Box::new(io), None));
+        }
+        self.metrics.detected(Direction::Inbound, DetectResult::Tls);
+        match tokio::time::timeout(tls.handshake_timeout, tls.tls.accept(io)).await {
+            Ok(Ok((io, identity))) => Some((Box::new(io), Some(identity))),
+            Ok(Err(error)) => {
+                self.metrics
+                    .proxy_error(Direction::Inbound, Reason::TlsHandshake);
+                tracing::info!(%peer, %error, "mutual TLS refused");
+                None
+            }
+            Err(_) => {
+                self.metrics
+                    .proxy_error(Direction::Inbound, Reason::TlsHandshake);
+                tracing::info!(%peer, timeout = ?tls.handshake_timeout, "mutual TLS handshake timed out");
+                None
+            }
+        }
+    }
+
+    /// Authorizes a connection of opaque TCP once, then copies it to the app; a refused one
+    /// is closed and counted (`proxy_errors_total{reason="forbidden"}` and
+    /// `authz_decisions_total`).
+    async fn forward_opaque<I>(&self, io: I, port: &Port, client: Option<&str>)
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
+        let access = Access::<()> {
+            port: port.port_name.as_deref(),
+            request: None,
+            client,
+        };
+        if let Err(denial) = self.authz.check(&access) {
+            self.metrics
+                .proxy_error(Direction::Inbound, Reason::Forbidden);
+            tracing::debug!(service = %port.port.name, %denial, "opaque connection refused");
+            return;
+        }
+        let port = &port.port;
         match connect_tcp(port.app_addr, self.clients.connect_timeout()).await {
             Ok(app) => server::splice_tcp(io, app, port.app_addr).await,
             Err(error) => {

@@ -1,5 +1,5 @@
 //! The proxy's policy side: the configuration the controller streams (`ServicePolicy`,
-//! `HTTPRoute`), compiled into a [`PolicySet`], and the pieces that apply it to requests. A
+//! `HTTPRoute`, `AuthorizationPolicy`), compiled into a [`PolicySet`], and the pieces that apply it to requests. A
 //! gateway's own `Gateway` resource travels in the same set ([`PolicySet::gateway`]).
 //!
 //! The proxy's Config stream client (`ferrule_proxy_api::policy::PolicyClient`) follows `ferrule.v1.Config/Watch` and publishes each good
@@ -24,8 +24,11 @@
 //! * **endpoint** (one address the balancer chose): [`breaker::FailureAccrual`] admits or
 //!   refuses the endpoint and is told each attempt's outcome.
 //!
-//! The inbound side uses [`ServiceGuards`]: its own service's local rate limit.
+//! The inbound side uses [`ServiceGuards`]: its own service's local rate limit; and
+//! [`authz::Authorizer`]: its `AuthorizationPolicy`s and its namespace's default, compiled
+//! with the set ([`PolicySet::from_resources`]).
 
+pub mod authz;
 pub mod balance;
 pub mod breaker;
 pub mod endpoint;
@@ -78,6 +81,7 @@ pub struct PolicySet {
     version: i64,
     resources: Vec<Resource>,
     services: BTreeMap<String, ServicePolicies>,
+    authz: authz::Authorizations,
 }
 
 /// What configures one service.
@@ -135,10 +139,12 @@ impl PolicySet {
                 entry.routes = Some(routes);
             }
         }
+        let authz = authz::Authorizations::compile(&resources);
         Ok(Self {
             version,
             resources,
             services,
+            authz,
         })
     }
 
