@@ -46,9 +46,8 @@ impl Mesh {
     }
 
     async fn token(&self, service: &str) -> Result<String> {
-        let mut cmd = std::process::Command::new(binary("ferrule")?);
-        cmd.args(["--controller", &self.controller.grpc.to_string()])
-            .args(["identity", "token", "create", "--service", service]);
+        let mut cmd = self.controller.cli()?;
+        cmd.args(["identity", "token", "create", "--service", service]);
         let out = output(cmd).await?;
         anyhow::ensure!(
             out.status.success(),
@@ -61,7 +60,7 @@ impl Mesh {
     /// A server-side sidecar with an identity, accepting only mutual TLS.
     async fn server(&self, service: &str, app: SocketAddr, extra: &[&str]) -> Result<Proxy> {
         Proxy::builder(&format!("{service}-proxy"))
-            .args(["--controller", &self.controller.grpc.to_string()])
+            .args(self.controller.proxy_args())
             .args(["--service", service, "--app-addr", &app.to_string()])
             .args(["--register-ttl", "3s", "--health-interval", "200ms"])
             .args([
@@ -77,7 +76,7 @@ impl Mesh {
     /// A client-side sidecar with identity `client` and the given upstreams.
     async fn client(&self, upstreams: &[&str], extra: &[&str]) -> Result<Proxy> {
         let mut builder = Proxy::builder("client-proxy")
-            .args(["--controller", &self.controller.grpc.to_string()])
+            .args(self.controller.proxy_args())
             .args(["--endpoint-wait", "2s", "--service-account", "client"])
             .args(["--identity-token", &self.token("client").await?])
             .args(extra.iter().copied());
@@ -91,24 +90,20 @@ impl Mesh {
 
     async fn wait_registered(&self, service: &str) -> Result<()> {
         use ferrule_proto::v1::{ListEndpointsRequest, admin_client::AdminClient};
-        let url = self.controller.url();
         eventually(
             Duration::from_secs(15),
             &format!("{service} registered"),
-            || {
-                let url = url.clone();
-                async move {
-                    let mut admin = AdminClient::connect(url).await.ok()?;
-                    let eps = admin
-                        .list_endpoints(ListEndpointsRequest {
-                            service: service.into(),
-                        })
-                        .await
-                        .ok()?
-                        .into_inner()
-                        .endpoints;
-                    (!eps.is_empty()).then_some(())
-                }
+            || async move {
+                let mut admin = AdminClient::new(self.controller.channel().await.ok()?);
+                let eps = admin
+                    .list_endpoints(ListEndpointsRequest {
+                        service: service.into(),
+                    })
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .endpoints;
+                (!eps.is_empty()).then_some(())
             },
         )
         .await
@@ -216,7 +211,8 @@ async fn a_peer_proving_another_identity_is_refused_by_the_connecting_proxy() ->
     mesh.wait_registered("web").await?;
     // Discovery says "payment" lives at web's inbound listener, with payment's identity: a
     // workload answering for another. Its certificate says web.
-    let mut registry = RegistryClient::connect(mesh.controller.url()).await?;
+    // The admin may register any endpoint (a proxy only its own).
+    let mut registry = RegistryClient::new(mesh.controller.channel().await?);
     let inbound = web_proxy.inbound[""];
     registry
         .register(RegisterRequest {
