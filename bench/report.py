@@ -134,14 +134,17 @@ def main():
       "for gRPC); `nbthread 1` each.")
     w("* **Ferrule pair**: → client sidecar (`--upstream` listener) → mesh HTTP/2 → server "
       "sidecar → backend; static discovery (`--static-endpoint .../meshed`), no controller, "
-      "default runtime (one worker thread per CPU).")
+      "default settings (`--threads 1`: the runtime on one thread).")
+    for p in paths:
+        if p.startswith("ferrule-") and p != "ferrule-mtls":
+            w(f"* **{label[p]}**: the same pair, both sidecars started with these flags.")
     if "ferrule-mtls" in paths:
         w("* **Ferrule mTLS pair**: the same with mutual TLS (TLS 1.3, ECDSA P-256 certificates "
           "from a controller's mesh CA) between the sidecars; the client finds the server "
           "through the controller's discovery (embedded store), the server requires mTLS.")
     if meta.get("baseline"):
         w(f"* **{meta['baseline']}**: the same pair with `ferrule-proxy` built at that revision "
-          "(the last commit before the proxy rebuild), interleaved in the same rounds.")
+          "(`BENCH_BASELINE_REV`), interleaved in the same rounds.")
     w("")
     missing = []
     for k, v in meta.items():

@@ -12,6 +12,8 @@
 #   Ferrule mTLS pair (path ferrule-mtls): the same with mutual TLS between the sidecars: a
 #                   controller (embedded store) is the mesh CA and discovery, each sidecar gets
 #                   its certificate with a join token
+#   Ferrule pair (KEY), with BENCH_VARIANTS="KEY=FLAGS ...": the same binary with FLAGS (comma
+#                   separated) added to both sidecars, e.g. BENCH_VARIANTS="mt=--threads=0"
 #   Ferrule pair (baseline REV), with BENCH_BASELINE_REV=REV: the same, ferrule-proxy built at
 #                   REV in a git worktree under target-baseline/ (kept for the next run; remove
 #                   with `git worktree remove --force target-baseline/src-REV`).
@@ -33,7 +35,8 @@
 #   BENCH_ROUNDS [3]  BENCH_SAT_SECONDS [3]  BENCH_RATE_SECONDS [4]  BENCH_RATES ["1000 5000"]
 #   BENCH_SCENARIOS ["h1 h2 grpc grpc-stream"]
 #   BENCH_PATHS ["direct nginx haproxy ferrule ferrule-mtls"]
-#   BENCH_BASELINE_REV [unset]  BENCH_STREAM_MESSAGES [10]  BENCH_IDLE_CONNS [1000]
+#   BENCH_BASELINE_REV [unset]  BENCH_VARIANTS [unset]  BENCH_STREAM_MESSAGES [10]
+#   BENCH_IDLE_CONNS [1000]
 #   BENCH_RESULTS_DIR [bench/results] (where the report, samples and chart go)
 #   CARGO_TARGET_DIR [./target]; matplotlib is installed into the venv $CARGO_TARGET_DIR/venv
 #   (for the chart).
@@ -48,6 +51,7 @@ RATES="${BENCH_RATES:-1000 5000}"
 SCENARIOS="${BENCH_SCENARIOS:-h1 h2 grpc grpc-stream}"
 PATHS="${BENCH_PATHS:-direct nginx haproxy ferrule ferrule-mtls}"
 BASELINE_REV="${BENCH_BASELINE_REV:-}"
+VARIANTS="${BENCH_VARIANTS:-}"
 STREAM_MESSAGES="${BENCH_STREAM_MESSAGES:-10}"
 IDLE_CONNS="${BENCH_IDLE_CONNS:-1000}"
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
@@ -129,6 +133,10 @@ LABEL[haproxy]="HAProxy pair"
 LABEL[ferrule]="Ferrule pair"
 LABEL[ferrule-mtls]="Ferrule mTLS pair"
 LABEL[baseline]="$BASELINE_LABEL"
+for variant in $VARIANTS; do
+    LABEL[ferrule-${variant%%=*}]="Ferrule pair (${variant#*=})"
+    PATHS="$PATHS ferrule-${variant%%=*}"
+done
 
 # start NAME CMD...: runs CMD in the background, logging to $WORK/NAME.log; sets STARTED_PID.
 start() {
@@ -263,18 +271,19 @@ fi
 # A Ferrule pair: the server sidecar fronts the backend, the client sidecar has a local
 # listener for the service with the server sidecar as its one static, meshed endpoint.
 # The same flags exist at 4ee83cb (the baseline) and now.
-ferrule_pair() { # key binary listen inbound admin_client admin_server
-    local key=$1 bin=$2
+ferrule_pair() { # key binary listen inbound admin_client admin_server [extra flags...]
+    local key=$1 bin=$2 listen=$3 inbound=$4 admin_client=$5 admin_server=$6
+    shift 6
     start "$key-server" "$bin" --service=bench --app-addr="$BACKEND" \
-        --inbound-addr="$4" --admin-addr="$6"
+        --inbound-addr="$inbound" --admin-addr="$admin_server" "$@"
     SERVER_PID[$key]=$STARTED_PID
-    start "$key-client" "$bin" --upstream=bench="$3" \
-        --static-endpoint=bench="$4/meshed" --admin-addr="$5"
+    start "$key-client" "$bin" --upstream=bench="$listen" \
+        --static-endpoint=bench="$inbound/meshed" --admin-addr="$admin_client" "$@"
     CLIENT_PID[$key]=$STARTED_PID
-    wait_http "http://$6/ready" "${SERVER_PID[$key]}"
-    wait_http "http://$5/ready" "${CLIENT_PID[$key]}"
-    ADDR_H1[$key]=$3
-    ADDR_H2[$key]=$3
+    wait_http "http://$admin_server/ready" "${SERVER_PID[$key]}"
+    wait_http "http://$admin_client/ready" "${CLIENT_PID[$key]}"
+    ADDR_H1[$key]=$listen
+    ADDR_H2[$key]=$listen
 }
 if [[ " $PATHS " == *" ferrule "* ]]; then
     ferrule_pair ferrule "$PROXY" 127.0.0.1:18141 127.0.0.1:18143 127.0.0.1:18191 127.0.0.1:18192
@@ -305,6 +314,16 @@ if [[ " $PATHS " == *" ferrule-mtls "* ]]; then
     ADDR_H1[ferrule-mtls]=127.0.0.1:18441
     ADDR_H2[ferrule-mtls]=127.0.0.1:18441
 fi
+# Variants: the same binary with other flags, ports 186N1.. for the Nth.
+variant_index=0
+for variant in $VARIANTS; do
+    key="ferrule-${variant%%=*}"
+    IFS=, read -ra flags <<<"${variant#*=}"
+    base=$((18600 + 10 * variant_index))
+    ferrule_pair "$key" "$PROXY" "127.0.0.1:$((base + 1))" "127.0.0.1:$((base + 3))" \
+        "127.0.0.1:$((base + 5))" "127.0.0.1:$((base + 6))" "${flags[@]}"
+    variant_index=$((variant_index + 1))
+done
 if [[ " $PATHS " == *" baseline "* ]]; then
     ferrule_pair baseline "$BASE_PROXY" 127.0.0.1:18341 127.0.0.1:18343 127.0.0.1:18391 127.0.0.1:18392
 fi

@@ -93,25 +93,25 @@ impl NetNs {
             ns_addr: Ipv4Addr::new(a, b, c, d + 2),
         };
         let peer = format!("frt{tag}n");
-        ns.ip(&["netns", "add", &ns.name])
+        ip(&["netns", "add", &ns.name])
             .context("creating a network namespace (needs root and iproute2)")?;
-        ns.ip(&[
+        ip(&[
             "link", "add", &ns.veth, "type", "veth", "peer", "name", &peer,
         ])?;
-        ns.ip(&["link", "set", &peer, "netns", &ns.name])?;
-        ns.ip(&[
+        ip(&["link", "set", &peer, "netns", &ns.name])?;
+        ip(&[
             "addr",
             "add",
             &format!("{}/30", ns.host_addr),
             "dev",
             &ns.veth,
         ])?;
-        ns.ip(&["link", "set", &ns.veth, "up"])?;
+        ip(&["link", "set", &ns.veth, "up"])?;
         let inside = ["netns", "exec", &ns.name, "ip"];
         let ns_cidr = format!("{}/30", ns.ns_addr);
-        ns.ip(&[&inside[..], &["addr", "add", &ns_cidr, "dev", &peer]].concat())?;
-        ns.ip(&[&inside[..], &["link", "set", &peer, "up"]].concat())?;
-        ns.ip(&[&inside[..], &["link", "set", "lo", "up"]].concat())?;
+        ip(&[&inside[..], &["addr", "add", &ns_cidr, "dev", &peer]].concat())?;
+        ip(&[&inside[..], &["link", "set", &peer, "up"]].concat())?;
+        ip(&[&inside[..], &["link", "set", "lo", "up"]].concat())?;
         Ok(ns)
     }
 
@@ -125,30 +125,31 @@ impl NetNs {
         cmd.args(["netns", "exec", &self.name, program]);
         cmd
     }
-
-    fn ip(&self, args: &[&str]) -> anyhow::Result<()> {
-        let out = Command::new("ip")
-            .args(args)
-            .output()
-            .context("running ip (iproute2)")?;
-        if !out.status.success() {
-            bail!(
-                "ip {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(())
-    }
 }
 
 impl Drop for NetNs {
     fn drop(&mut self) {
         // Deleting the namespace deletes the peer end inside it, and with it the pair; the
         // host end is deleted explicitly for a setup that failed before the move.
-        let _ = self.ip(&["netns", "del", &self.name]);
+        let _ = ip(&["netns", "del", &self.name]);
         let _ = Command::new("ip")
             .args(["link", "del", &self.veth])
             .output();
     }
+}
+
+/// Runs `ip ARGS...` (iproute2), failing with its stderr.
+pub(crate) fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip (iproute2)")?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
 }

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
-use crate::netns::{self, Ran};
+use crate::netns::{self, Ran, ip};
 use crate::{Process, binary};
 
 /// The node namespace's address on the bridge: the control plane listens here.
@@ -56,21 +56,6 @@ pub struct Cluster {
     proxy_bin: PathBuf,
     next_host: u8,
     dir: tempfile::TempDir,
-}
-
-fn ip(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .context("running ip (iproute2)")?;
-    if !out.status.success() {
-        bail!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
 }
 
 impl Cluster {

@@ -387,3 +387,17 @@ mod tests {
         );
     }
 }
+
+/// Every proxy the controller knows of, with its config acks (`Admin/ListProxies`).
+pub async fn list_proxies(
+    addr: &ControllerAddr,
+) -> anyhow::Result<Vec<ferrule_proto::v1::ProxyStatus>> {
+    let mut admin = ferrule_proto::v1::admin_client::AdminClient::new(connect(addr).await?);
+    let resp = call(
+        addr,
+        "Admin/ListProxies",
+        admin.list_proxies(ferrule_proto::v1::ListProxiesRequest {}),
+    )
+    .await?;
+    Ok(resp.proxies)
+}

@@ -15,7 +15,7 @@ use ferrule_config::{Kind, Resource};
 use ferrule_proto::v1::admin_client::AdminClient;
 use ferrule_proto::v1::{
     self as pb, ApplyConfigRequest, ConfigHistoryRequest, DeleteConfigRequest, GetConfigRequest,
-    ListProxiesRequest, ListUnreadableRequest, RollbackConfigRequest,
+    ListUnreadableRequest, RollbackConfigRequest,
 };
 use serde::Serialize;
 
@@ -604,15 +604,8 @@ impl Render for Status {
 
 pub async fn status(addr: &ControllerAddr, format: Format) -> anyhow::Result<()> {
     let (_, config_version) = fetch(addr, None, "", "").await?;
-    let mut admin = AdminClient::new(client::connect(addr).await?);
-    let resp = client::call(
-        addr,
-        "Admin/ListProxies",
-        admin.list_proxies(ListProxiesRequest {}),
-    )
-    .await?;
-    let mut proxies: Vec<ProxyConfigStatus> = resp
-        .proxies
+    let mut proxies: Vec<ProxyConfigStatus> = client::list_proxies(addr)
+        .await?
         .into_iter()
         .map(|p| {
             let info = p.proxy.unwrap_or_default();
@@ -630,6 +623,7 @@ pub async fn status(addr: &ControllerAddr, format: Format) -> anyhow::Result<()>
         })
         .collect();
     proxies.sort_by(|a, b| (&a.service, &a.proxy_id).cmp(&(&b.service, &b.proxy_id)));
+    let mut admin = AdminClient::new(client::connect(addr).await?);
     let resp = client::call(
         addr,
         "Admin/ListUnreadable",

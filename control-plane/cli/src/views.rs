@@ -13,8 +13,6 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
-use ferrule_proto::v1::ListProxiesRequest;
-use ferrule_proto::v1::admin_client::AdminClient;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -36,15 +34,8 @@ pub struct ProxyTarget {
 
 /// Every announced proxy that said where its admin listener is, sorted by service and id.
 pub async fn proxies(addr: &ControllerAddr) -> anyhow::Result<Vec<ProxyTarget>> {
-    let mut admin = AdminClient::new(client::connect(addr).await?);
-    let resp = client::call(
-        addr,
-        "Admin/ListProxies",
-        admin.list_proxies(ListProxiesRequest {}),
-    )
-    .await?;
-    let mut proxies: Vec<ProxyTarget> = resp
-        .proxies
+    let mut proxies: Vec<ProxyTarget> = client::list_proxies(addr)
+        .await?
         .into_iter()
         .filter_map(|p| p.proxy)
         .filter(|p| !p.admin_address.is_empty())

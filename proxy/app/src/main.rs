@@ -7,16 +7,33 @@ use ferrule_proxy::config::{Config, Mode};
 use ferrule_proxy::discovery::Discovery;
 use ferrule_proxy::sidecar::Proxy;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let mut config = parse_config();
     match config.mode.take() {
-        Some(Mode::Gateway(args)) => {
-            return ferrule_proxy::gateway::run(*args).await.context("gateway");
-        }
-        Some(Mode::Init(args)) => return ferrule_proxy::init::run_init(&args),
-        None => {}
+        Some(Mode::Gateway(args)) => runtime(args.common.threads)?
+            .block_on(ferrule_proxy::gateway::run(*args))
+            .context("gateway"),
+        Some(Mode::Init(args)) => ferrule_proxy::init::run_init(&args),
+        None => runtime(config.common.threads)?.block_on(sidecar(config)),
     }
+}
+
+/// The tokio runtime: on the current thread for `threads == 1`, else a pool of `threads`
+/// workers (0: one per CPU).
+fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        if threads > 1 {
+            builder.worker_threads(threads);
+        }
+        builder
+    };
+    builder.enable_all().build().context("starting the runtime")
+}
+
+async fn sidecar(mut config: Config) -> anyhow::Result<()> {
     let proxy_id = config.proxy_id();
     ferrule_proxy::logging::init(config.common.log_format)
         .map_err(|e| anyhow::anyhow!("setting up logging: {e}"))?;
