@@ -34,13 +34,18 @@ async fn init(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// A controller that is a CA, with its API protected (the default).
+/// A controller that is a CA, with its API protected.
 async fn protected(dir: &Path) -> Result<Controller> {
     init(dir).await?;
     Controller::start_with(
         "memory",
         ANY_PORT.parse()?,
-        &["--identity-dir", dir.to_str().context("utf-8 path")?],
+        &[
+            "--identity-dir",
+            dir.to_str().context("utf-8 path")?,
+            "--api-auth",
+            "required",
+        ],
     )
     .await
 }

@@ -57,11 +57,11 @@ use crate::metrics::{Metrics, ReasonLabel};
 /// Whether the API checks its callers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ApiAuth {
-    /// Every call needs the credential its RPC asks for (the default with a CA).
-    #[default]
+    /// Every call needs the credential its RPC asks for.
     Required,
-    /// TLS is served but nothing is checked: a step while callers are given their
-    /// credentials.
+    /// TLS (and plaintext) is served but nothing is checked: a step while callers are given
+    /// their credentials; the default for now.
+    #[default]
     Off,
 }
 

@@ -216,7 +216,12 @@ pub struct CommonArgs {
     /// nginx worker or one HAProxy thread does: a sidecar serves one app, and one thread
     /// wastes no CPU on cross-thread wake-ups (bench/results/threads.md has the measurement).
     /// 0 means one per CPU, for a proxy that must use a whole machine (a busy gateway).
-    #[arg(long, env = "FERRULE_PROXY_THREADS", default_value_t = 1, value_name = "N")]
+    #[arg(
+        long,
+        env = "FERRULE_PROXY_THREADS",
+        default_value_t = 1,
+        value_name = "N"
+    )]
     pub threads: usize,
     #[command(flatten)]
     #[serde(flatten)]
