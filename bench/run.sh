@@ -309,15 +309,19 @@ if [[ " $PATHS " == *" ferrule-mtls "* ]]; then
     start mtls-controller "$TARGET_DIR/release/ferrule-controller" --store memory \
         --grpc-addr "$CTL_ADDR" --admin-addr 127.0.0.1:18490 --identity-dir "$WORK/ca"
     wait_http "http://127.0.0.1:18490/ready" "$STARTED_PID"
-    token() { "$TARGET_DIR/release/ferrule" --controller "$CTL_ADDR" identity token create --service "$1"; }
+    # The controller's API is protected: the admin's credentials for the CLI, the trust
+    # anchors for the proxies.
+    token() { "$TARGET_DIR/release/ferrule" --controller "$CTL_ADDR" --ca-file "$WORK/ca/trust-anchors.pem" \
+        --cert "$WORK/ca/admin.pem" --key "$WORK/ca/admin.key" identity token create --service "$1"; }
     start ferrule-mtls-server "$PROXY" --service=bench --app-addr="$BACKEND" \
         --inbound-addr=127.0.0.1:18443 --admin-addr=127.0.0.1:18492 --controller="$CTL_ADDR" \
-        --identity-token="$(token bench)" --require-mtls
+        --identity-token="$(token bench)" --require-mtls \
+        --identity-trust-anchors="$WORK/ca/trust-anchors.pem"
     SERVER_PID[ferrule-mtls]=$STARTED_PID
     wait_http "http://127.0.0.1:18492/ready" "${SERVER_PID[ferrule-mtls]}"
     start ferrule-mtls-client "$PROXY" --upstream=bench=127.0.0.1:18441 \
         --admin-addr=127.0.0.1:18491 --controller="$CTL_ADDR" --service-account=client \
-        --identity-token="$(token client)"
+        --identity-token="$(token client)" --identity-trust-anchors="$WORK/ca/trust-anchors.pem"
     CLIENT_PID[ferrule-mtls]=$STARTED_PID
     wait_http "http://127.0.0.1:18491/ready" "${CLIENT_PID[ferrule-mtls]}"
     ADDR_H1[ferrule-mtls]=127.0.0.1:18441

@@ -16,6 +16,35 @@ pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 /// Prefix of the join tokens the controller issues.
 pub const JOIN_TOKEN_PREFIX: &str = "ferrule-join-";
 
+/// The namespace of the control plane's own identities.
+pub const SYSTEM_NAMESPACE: &str = "ferrule-system";
+/// The controller's service account: its gRPC server certificate is
+/// `spiffe://<trust-domain>/ns/ferrule-system/sa/ferrule-controller`.
+pub const CONTROLLER_ACCOUNT: &str = "ferrule-controller";
+/// The administrator's service account: a client certificate for
+/// `spiffe://<trust-domain>/ns/ferrule-system/sa/ferrule-admin` may use the whole API.
+pub const ADMIN_ACCOUNT: &str = "ferrule-admin";
+/// Prefix of admin tokens (`ferrule identity init` writes one).
+pub const ADMIN_TOKEN_PREFIX: &str = "ferrule-admin-";
+
+/// The controller's identity in `trust_domain`.
+pub fn controller_identity(trust_domain: &str) -> Result<SpiffeId, IdentityError> {
+    SpiffeId::new(trust_domain, SYSTEM_NAMESPACE, CONTROLLER_ACCOUNT)
+}
+
+/// The administrator's identity in `trust_domain`.
+pub fn admin_identity(trust_domain: &str) -> Result<SpiffeId, IdentityError> {
+    SpiffeId::new(trust_domain, SYSTEM_NAMESPACE, ADMIN_ACCOUNT)
+}
+
+/// Whether `id` is one of the control plane's own identities, which the CA never issues to a
+/// workload (they come from the issuer directly: the controller's from itself, the admin's
+/// from `ferrule identity init`).
+pub fn is_reserved(id: &SpiffeId) -> bool {
+    id.namespace == SYSTEM_NAMESPACE
+        && (id.service_account == CONTROLLER_ACCOUNT || id.service_account == ADMIN_ACCOUNT)
+}
+
 /// Why a string is not a workload identity.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdentityError {

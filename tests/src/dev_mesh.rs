@@ -69,6 +69,31 @@ impl DevMesh {
             .with_context(|| format!("{key} in dev.json: {}", self.state))
     }
 
+    /// The mesh CA's files `dev up` made (none with `--no-identity`).
+    pub fn identity_dir(&self) -> Option<PathBuf> {
+        Some(self.state_dir.join("identity"))
+            .filter(|d| d.join(crate::controller::ADMIN_CERT).is_file())
+    }
+
+    /// A channel to the mesh's controller as the admin (over TLS, as `ferrule` finds its way
+    /// there by itself), or plaintext with `--no-identity`.
+    pub async fn controller_channel(&self) -> anyhow::Result<tonic::transport::Channel> {
+        let endpoint = tonic::transport::Endpoint::from_shared(format!(
+            "http://{}",
+            self.addr("controller")?
+        ))?
+        .connect_timeout(Duration::from_secs(5));
+        let channel = match self.identity_dir() {
+            Some(dir) => {
+                crate::controller_tls(&dir, ferrule_proto::identity::DEFAULT_TRUST_DOMAIN, true)?
+                    .connect(endpoint)
+                    .await
+            }
+            None => endpoint.connect().await,
+        };
+        Ok(channel?)
+    }
+
     /// `dev.json`'s record of the process called `name`.
     pub fn process(&self, name: &str) -> anyhow::Result<&Value> {
         self.state["processes"]

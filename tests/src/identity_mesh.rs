@@ -38,9 +38,8 @@ impl IdentityMesh {
 
     /// Runs the `ferrule` CLI against the controller.
     pub async fn ferrule(&self, args: &[&str]) -> Result<Output> {
-        let mut cmd = std::process::Command::new(binary("ferrule")?);
-        cmd.args(["--controller", &self.controller.grpc.to_string()])
-            .args(args);
+        let mut cmd = self.controller.cli()?;
+        cmd.args(args);
         output(cmd).await
     }
 
@@ -73,7 +72,7 @@ impl IdentityMesh {
         extra: &[&str],
     ) -> Result<Proxy> {
         Proxy::builder(&format!("{service}-proxy"))
-            .args(["--controller", &self.controller.grpc.to_string()])
+            .args(self.controller.proxy_args())
             .args(["--service", service, "--app-addr", &app.to_string()])
             .args(["--register-ttl", "3s", "--health-interval", "200ms"])
             .args(["--identity-token", &self.token(service).await?])
@@ -96,7 +95,7 @@ impl IdentityMesh {
         extra: &[&str],
     ) -> Result<Proxy> {
         let mut builder = Proxy::builder(&format!("{account}-proxy"))
-            .args(["--controller", &self.controller.grpc.to_string()])
+            .args(self.controller.proxy_args())
             .args(["--endpoint-wait", "2s", "--service-account", account])
             .args(["--identity-token", &self.token(account).await?])
             .args(extra.iter().copied());
@@ -111,24 +110,20 @@ impl IdentityMesh {
     /// Waits until `service` has an endpoint in the registry.
     pub async fn wait_registered(&self, service: &str) -> Result<()> {
         use ferrule_proto::v1::{ListEndpointsRequest, admin_client::AdminClient};
-        let url = self.controller.url();
         eventually(
             Duration::from_secs(15),
             &format!("{service} registered"),
-            || {
-                let url = url.clone();
-                async move {
-                    let mut admin = AdminClient::connect(url).await.ok()?;
-                    let eps = admin
-                        .list_endpoints(ListEndpointsRequest {
-                            service: service.into(),
-                        })
-                        .await
-                        .ok()?
-                        .into_inner()
-                        .endpoints;
-                    (!eps.is_empty()).then_some(())
-                }
+            || async move {
+                let mut admin = AdminClient::new(self.controller.channel().await.ok()?);
+                let eps = admin
+                    .list_endpoints(ListEndpointsRequest {
+                        service: service.into(),
+                    })
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .endpoints;
+                (!eps.is_empty()).then_some(())
             },
         )
         .await

@@ -29,7 +29,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 
 pub use client::{REQUEST_TIMEOUT, Reply, get, http_get, http1, http2};
-pub use controller::Controller;
+pub use controller::{Controller, admin_cli_args, controller_tls};
 pub use etcd::Etcd;
 pub use process::Process;
 pub use proxy::{Proxy, ProxyBuilder};

@@ -168,6 +168,7 @@ impl Cluster {
         let ferrule = binary("ferrule")?.display().to_string();
         let mut cmd = self.in_ns(&self.node, &ferrule);
         cmd.args(["--controller", &format!("{NODE_IP}:{CONTROLLER_PORT}")])
+            .args(crate::admin_cli_args(&self.dir.path().join("identity")))
             .args(["identity", "token", "create", "--service", service]);
         let out = crate::output(cmd).await?;
         anyhow::ensure!(
@@ -271,6 +272,14 @@ impl Cluster {
         ])
         .arg(&self.proxy_bin)
         .args(["--transparent", "--advertise-ip", &pod.ip.to_string()])
+        // The controller's API is protected: the sidecar trusts it through the mesh's anchors.
+        .arg("--identity-trust-anchors")
+        .arg(
+            self.dir
+                .path()
+                .join("identity")
+                .join(crate::controller::TRUST_ANCHORS),
+        )
         .args(args)
         .env("RUST_LOG", "info,ferrule_proxy=debug");
         self.spawn_ready(&format!("{}-proxy", pod.name), cmd)

@@ -323,7 +323,7 @@ async fn bad_policies_are_refused_naming_the_field_and_nothing_is_stored() -> Re
 
     // The Admin API itself (what the CLI calls) refuses the same, naming the resource.
     let mut admin =
-        ferrule_proto::v1::admin_client::AdminClient::connect(mesh.controller.url()).await?;
+        ferrule_proto::v1::admin_client::AdminClient::new(mesh.controller.channel().await?);
     let refused = admin
         .apply_config(ferrule_proto::v1::ApplyConfigRequest {
             resources: vec![ferrule_proto::v1::Resource {

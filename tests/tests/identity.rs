@@ -20,9 +20,7 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 fn cli(controller: &Controller) -> Result<std::process::Command> {
-    let mut cmd = std::process::Command::new(binary("ferrule")?);
-    cmd.args(["--controller", &controller.grpc.to_string()]);
-    Ok(cmd)
+    controller.cli()
 }
 
 async fn run(cmd: std::process::Command) -> Result<String> {
@@ -86,7 +84,7 @@ fn csr(key: &KeyPair, names: &[&str]) -> Vec<u8> {
 }
 
 async fn client(controller: &Controller) -> Result<IdentityClient<Channel>> {
-    Ok(IdentityClient::connect(controller.url()).await?)
+    Ok(IdentityClient::new(controller.channel().await?))
 }
 
 async fn certify(

@@ -32,10 +32,6 @@ fn database(mesh: &DevMesh, name: &str) -> Result<PathBuf> {
     Ok(PathBuf::from(db))
 }
 
-fn controller_url(mesh: &DevMesh) -> Result<String> {
-    Ok(format!("http://{}", mesh.addr("controller")?))
-}
-
 fn json_body(reply: &Reply) -> Result<Value> {
     serde_json::from_str(&reply.body).with_context(|| format!("not JSON: {reply:?}"))
 }
@@ -74,22 +70,18 @@ async fn requests(
 
 /// Waits until the controller lists `n` endpoints of `service`.
 async fn wait_endpoints(mesh: &DevMesh, service: &'static str, n: usize) -> Result<()> {
-    let url = controller_url(mesh)?;
     eventually(
         Duration::from_secs(20),
         &format!("{n} endpoints of {service}"),
-        || {
-            let url = url.clone();
-            async move {
-                let mut admin = AdminClient::connect(url).await.ok()?;
-                let resp = admin
-                    .list_endpoints(ListEndpointsRequest {
-                        service: service.into(),
-                    })
-                    .await
-                    .ok()?;
-                (resp.into_inner().endpoints.len() == n).then_some(())
-            }
+        || async move {
+            let mut admin = AdminClient::new(mesh.controller_channel().await.ok()?);
+            let resp = admin
+                .list_endpoints(ListEndpointsRequest {
+                    service: service.into(),
+                })
+                .await
+                .ok()?;
+            (resp.into_inner().endpoints.len() == n).then_some(())
         },
     )
     .await

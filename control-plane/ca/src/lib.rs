@@ -341,6 +341,19 @@ impl Ca {
         lifetime: Duration,
         now: OffsetDateTime,
     ) -> Result<CertificateDer<'static>, SignError> {
+        self.sign_with_names(csr_der, identity, &[], lifetime, now)
+    }
+
+    /// [`Ca::sign`] with DNS names or IP addresses beside the identity, for the controller's
+    /// own server certificate (so tools that check a host name can reach its API too).
+    pub fn sign_with_names(
+        &self,
+        csr_der: &[u8],
+        identity: &SpiffeId,
+        names: &[String],
+        lifetime: Duration,
+        now: OffsetDateTime,
+    ) -> Result<CertificateDer<'static>, SignError> {
         if now >= self.issuer_info.not_after {
             return Err(SignError::IssuerExpired(self.issuer_info.not_after));
         }
@@ -353,6 +366,15 @@ impl Ca {
             vec![SanType::URI(identity.to_string().try_into().map_err(
                 |_| SignError::Signing(format!("{identity} is not usable in a URI")),
             )?)];
+        for name in names {
+            let san = match name.parse::<std::net::IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(name.as_str().try_into().map_err(|_| {
+                    SignError::Signing(format!("{name:?} is neither an IP address nor a DNS name"))
+                })?),
+            };
+            params.subject_alt_names.push(san);
+        }
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![

@@ -286,6 +286,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     })
     .await;
     sup.stop(STOP_GRACE).await;
+    crate::client::forget_dev_mesh(&sup.state().controller.to_string(), &state_dir);
     println!("stopped");
     Ok(())
 }
@@ -305,9 +306,12 @@ async fn start(
     sup.set_addresses(controller, opts.gateway)?;
     // Each proxy's bootstrap credential; it only has to last until the first certificate.
     let opts = &match &opts.identity {
-        Some(_) => {
+        Some(dir) => {
+            // `ferrule --controller ADDR ...` finds the admin credentials from this note.
+            crate::client::note_dev_mesh(&controller.to_string(), &opts.state_dir)?;
             let addr = crate::client::ControllerAddr::parse(&controller.to_string())
-                .map_err(anyhow::Error::msg)?;
+                .map_err(anyhow::Error::msg)?
+                .with_identity_dir(dir)?;
             let tokens =
                 crate::identity::join_tokens(&addr, &plan::IDENTITIES, Duration::from_secs(3600))
                     .await
@@ -546,6 +550,7 @@ async fn down(state_dir: &Path) -> anyhow::Result<()> {
     if stopped > 0 {
         println!("stopped {stopped} processes `ferrule dev up` left behind");
     }
+    crate::client::forget_dev_mesh(&state.controller.to_string(), &state_dir);
     DevState::remove(&state_dir)?;
     println!("the mesh from {} is stopped", state_dir.display());
     Ok(())

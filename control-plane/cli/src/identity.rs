@@ -2,7 +2,8 @@
 //!
 //! * `init` creates a new mesh's trust anchor and issuer in a directory (nothing is ever
 //!   generated silently elsewhere: the controller only loads what this wrote, or what the
-//!   user's own PKI made).
+//!   user's own PKI made), and the local user's admin credentials for the controller's API:
+//!   a client certificate for `spiffe://<td>/ns/ferrule-system/sa/ferrule-admin` and a token.
 //! * `issuer` makes a new issuer from an existing anchor (issuer rotation).
 //! * `token create` asks the controller for a join token for one service.
 //! * `status` shows the CA's anchors and issuer, with expiry.
@@ -29,6 +30,11 @@ pub const TRUST_ANCHORS: &str = "trust-anchors.pem";
 pub const ANCHOR_KEY: &str = "anchor.key";
 pub const ISSUER_CERT: &str = "issuer.pem";
 pub const ISSUER_KEY: &str = "issuer.key";
+/// The administrator's client certificate (with the issuer after it) and key, and the admin
+/// token: the local user's credentials for the controller's protected API.
+pub const ADMIN_CERT: &str = "admin.pem";
+pub const ADMIN_KEY: &str = "admin.key";
+pub const ADMIN_TOKEN: &str = "admin-token";
 
 #[derive(Debug, Args)]
 pub struct IdentityArgs {
@@ -43,6 +49,12 @@ enum IdentityCommand {
     /// Writes trust-anchors.pem, anchor.key, issuer.pem and issuer.key (keys readable by the
     /// owner only). Start the controller with `--identity-dir DIR`. Keep anchor.key offline:
     /// the controller needs only the issuer's key; the anchor's makes the next issuer.
+    ///
+    /// Also writes the admin's credentials for the controller's API: admin.pem and admin.key
+    /// (a client certificate for spiffe://<td>/ns/ferrule-system/sa/ferrule-admin) and
+    /// admin-token (read by the controller from the same directory). Use them with
+    /// `ferrule --ca-file DIR/trust-anchors.pem --cert DIR/admin.pem --key DIR/admin.key ...`
+    /// or `--token "$(cat DIR/admin-token)"`.
     ///
     /// Example: ferrule identity init --dir ./mesh-ca --trust-domain cluster.local
     Init(InitArgs),
@@ -152,17 +164,76 @@ pub fn create_ca(
         trust_domain,
         issuer_lifetime,
     )?;
+    let admin = admin_credentials(trust_domain, &anchor.cert_pem, &issuer)?;
+    let token = admin_token()?;
     let files = [
         (TRUST_ANCHORS, &anchor.cert_pem, false),
         (ANCHOR_KEY, &anchor.key_pem, true),
         (ISSUER_CERT, &issuer.cert_pem, false),
         (ISSUER_KEY, &issuer.key_pem, true),
+        (ADMIN_CERT, &admin.cert_pem, false),
+        (ADMIN_KEY, &admin.key_pem, true),
+        (ADMIN_TOKEN, &token, true),
     ];
     refuse_overwrite(dir, files.iter().map(|f| f.0), force)?;
     for (name, text, secret) in files {
         write_file(&dir.join(name), text, secret)?;
     }
     Ok(())
+}
+
+/// The admin's client certificate (followed by the issuer) and key, signed by `issuer` for
+/// as long as the issuer lives.
+fn admin_credentials(
+    trust_domain: &str,
+    anchors_pem: &str,
+    issuer: &ferrule_ca::Generated,
+) -> anyhow::Result<ferrule_ca::Generated> {
+    let ca = ferrule_ca::Ca::from_pem(
+        trust_domain,
+        anchors_pem.as_bytes(),
+        issuer.cert_pem.as_bytes(),
+        &issuer.key_pem,
+    )?;
+    let identity = ferrule_proto::identity::admin_identity(trust_domain)?;
+    let key = rcgen::KeyPair::generate().context("making the admin's key")?;
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .context("making the admin's CSR")?;
+    let now = time::OffsetDateTime::now_utc();
+    let lifetime = (ca.issuer_info().not_after - now).unsigned_abs();
+    let leaf = ca.sign(csr.der(), &identity, lifetime, now)?;
+    let mut cert_pem = pem("CERTIFICATE", &leaf);
+    cert_pem.push_str(&issuer.cert_pem);
+    Ok(ferrule_ca::Generated {
+        cert_pem,
+        key_pem: key.serialize_pem(),
+    })
+}
+
+fn pem(label: &str, der: &[u8]) -> String {
+    use base64::Engine;
+    let body = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for line in body.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}
+
+/// A new admin token: its prefix and 32 random bytes in hex.
+fn admin_token() -> anyhow::Result<String> {
+    use rand::Rng;
+    let mut bytes = [0u8; 32];
+    // ThreadRng: a CSPRNG seeded from the operating system.
+    rand::rng().fill(&mut bytes);
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    Ok(format!(
+        "{}{hex}\n",
+        ferrule_proto::identity::ADMIN_TOKEN_PREFIX
+    ))
 }
 
 /// A join token for each of `services` (namespace `default`), from the controller at `addr`.
@@ -198,11 +269,9 @@ fn init(args: InitArgs) -> anyhow::Result<()> {
         args.force,
     )?;
     println!(
-        "mesh CA for trust domain {} written to {}:\n  {TRUST_ANCHORS}  trust bundle (give to every controller)\n  {ISSUER_CERT}, {ISSUER_KEY}  issuer (the controller signs with it)\n  {ANCHOR_KEY}  the anchor's key: move it offline, it is needed only to make the next issuer\nstart the controller with: ferrule-controller --identity-dir {} --trust-domain {}",
-        args.trust_domain,
-        args.dir.display(),
-        args.dir.display(),
-        args.trust_domain,
+        "mesh CA for trust domain {td} written to {dir}:\n  {TRUST_ANCHORS}  trust bundle (give to every controller, and to proxies as --identity-trust-anchors)\n  {ISSUER_CERT}, {ISSUER_KEY}  issuer (the controller signs with it)\n  {ANCHOR_KEY}  the anchor's key: move it offline, it is needed only to make the next issuer\n  {ADMIN_CERT}, {ADMIN_KEY}, {ADMIN_TOKEN}  your admin credentials for the controller's API\nstart the controller with: ferrule-controller --identity-dir {dir} --trust-domain {td}\nthen: ferrule --ca-file {dir}/{TRUST_ANCHORS} --cert {dir}/{ADMIN_CERT} --key {dir}/{ADMIN_KEY} get services",
+        td = args.trust_domain,
+        dir = args.dir.display(),
     );
     Ok(())
 }

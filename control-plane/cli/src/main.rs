@@ -47,6 +47,9 @@ struct Cli {
     )]
     controller: ControllerAddr,
 
+    #[command(flatten)]
+    auth: client::AuthArgs,
+
     /// Output format.
     #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Format::Table)]
     output: Format,
@@ -104,7 +107,14 @@ enum Command {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    cli.controller = match cli.controller.clone().with_auth(&cli.auth) {
+        Ok(addr) => addr,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     let result = match cli.command {
         Command::Apply(args) => config::apply(args, &cli.controller, cli.output).await,
         Command::Delete(args) => config::delete(args, &cli.controller).await,

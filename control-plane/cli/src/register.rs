@@ -25,7 +25,6 @@ use tokio::sync::mpsc;
 use tokio::time::{MissedTickBehavior, interval, sleep, timeout};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::client::{self, CALL_TIMEOUT, ControllerAddr};
@@ -162,7 +161,7 @@ enum Lapse {
 }
 
 struct Registrar {
-    client: RegistryClient<Channel>,
+    client: RegistryClient<crate::client::Conn>,
     addr: ControllerAddr,
     endpoint: Endpoint,
     ttl: Duration,

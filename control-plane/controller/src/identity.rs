@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ferrule_ca::{Ca, CertInfo, SignError};
-use ferrule_proto::identity::{JOIN_TOKEN_PREFIX, SpiffeId};
+use ferrule_proto::identity::{JOIN_TOKEN_PREFIX, SpiffeId, is_reserved};
 use ferrule_proto::names::{namespace_or_default, validate_namespace, validate_service};
 use ferrule_proto::v1::{
     CertificateSummary, CertifyRequest, CertifyResponse, CreateJoinTokenRequest,
@@ -149,6 +149,12 @@ impl CaHandle {
 
     fn ca(&self) -> Option<Arc<Ca>> {
         self.current.borrow().clone()
+    }
+
+    /// The CA in use, followed: the controller's own server certificate is issued from it
+    /// (`auth`), and re-issued when it changes.
+    pub fn subscribe(&self) -> watch::Receiver<Option<Arc<Ca>>> {
+        self.current.clone()
     }
 
     async fn reload(
@@ -351,6 +357,16 @@ impl Identity for IdentityService {
         let req = request.into_inner();
         let ca = self.ca()?;
         let identity = self.authenticate(&ca, &req).await?;
+        // The control plane's own identities come from the issuer directly, never from here:
+        // a workload holding one could answer as the controller or act as the admin.
+        if is_reserved(&identity) {
+            return Err(self.refuse(
+                "reserved_identity",
+                Status::permission_denied(format!(
+                    "{identity} is the control plane's own identity; the CA does not issue it to workloads"
+                )),
+            ));
+        }
         if !req.identity.is_empty() && req.identity != identity.to_string() {
             return Err(self.refuse(
                 "other_identity",
@@ -443,6 +459,11 @@ impl Identity for IdentityService {
         };
         let identity = SpiffeId::new(ca.trust_domain(), namespace, &req.service)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if is_reserved(&identity) {
+            return Err(Status::invalid_argument(format!(
+                "service: {identity} is the control plane's own identity; no join token proves it"
+            )));
+        }
         let token = new_token()?;
         let expires_at = unix_now() + ttl.as_secs() as i64;
         let record = serde_json::to_vec(&JoinToken {

@@ -6,6 +6,8 @@
 //!   older layout expire with their leases while the proxies register again.
 //! * `/ferrule/proxies/<proxy-id>`: an announced proxy (protobuf `ProxyStatus`), under a lease.
 //! * `/ferrule/config/<kind>/<namespace>/<name>`: a config resource's spec as JSON.
+//! * `/ferrule/lease-owners/<lease-id>`: the identity of the proxy a lease was granted to,
+//!   under that lease, so a proxy may refresh and revoke its own leases only.
 //! * `/ferrule/config/_version`: rewritten by every config commit; its revision is the config
 //!   version.
 
@@ -113,6 +115,12 @@ pub fn split_config(key: &str) -> Option<(&str, &str, &str)> {
 
 pub fn proxy(proxy_id: &str) -> String {
     format!("{PROXIES}{proxy_id}")
+}
+
+pub const LEASE_OWNERS: &str = "/ferrule/lease-owners/";
+
+pub fn lease_owner(lease: i64) -> String {
+    format!("{LEASE_OWNERS}{lease}")
 }
 
 #[cfg(test)]

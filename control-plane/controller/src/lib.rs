@@ -6,10 +6,12 @@
 //! service out to every subscriber, [`config`] is the configuration centre, [`admin`] answers
 //! the CLI, [`http`] serves `/live`,
 //! `/ready` and `/metrics`, and [`webhook`] the HTTPS injection webhook (`--webhook-addr`);
-//! [`trace`] makes each RPC a trace span when tracing is on.
+//! [`trace`] makes each RPC a trace span when tracing is on; [`auth`] serves the gRPC port over
+//! TLS and decides who may call what when the controller is the mesh CA.
 
 pub mod addresses;
 pub mod admin;
+pub mod auth;
 pub mod config;
 pub mod discovery;
 pub mod http;
@@ -41,6 +43,8 @@ pub struct Options {
     pub identity: Option<identity::CaFiles>,
     /// Where RPC spans are exported; `None`: tracing off.
     pub trace: Option<ferrule_trace::ExportConfig>,
+    /// How the gRPC API is protected (with a CA only).
+    pub auth: auth::AuthOptions,
 }
 
 /// Runs the controller on already-bound listeners until `shutdown` is cancelled.
@@ -80,21 +84,51 @@ pub async fn serve_with(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let metrics = Arc::new(metrics::Metrics::default());
-    let ca = match options.identity {
-        Some(files) => identity::CaHandle::load(files, metrics.clone(), shutdown.clone())?,
-        None => identity::CaHandle::disabled(),
+    let grpc_addr: SocketAddr = grpc.local_addr()?;
+    let check_interval = options
+        .identity
+        .as_ref()
+        .map_or(std::time::Duration::from_secs(10), |f| f.check_interval);
+    let (ca, server_tls) = match options.identity {
+        Some(files) => {
+            let ca = identity::CaHandle::load(files, metrics.clone(), shutdown.clone())?;
+            let mut names = options.auth.names.clone();
+            if names.is_empty() {
+                names = default_api_names(grpc_addr);
+            }
+            let tls = auth::ServerTls::start(ca.subscribe(), names, shutdown.clone())?;
+            if options.auth.mode == auth::ApiAuth::Off {
+                tracing::warn!(
+                    "--api-auth off: the API is served over TLS but checks no caller; anyone who reaches it may register endpoints, change config and create join tokens"
+                );
+            }
+            (ca, Some(tls))
+        }
+        None => {
+            tracing::warn!(
+                "no mesh CA (--identity-dir): the API is plaintext and open; anyone who reaches it may register endpoints and change config"
+            );
+            (identity::CaHandle::disabled(), None)
+        }
     };
+    let authorizer = auth::Authorizer::new(
+        &options.auth,
+        ca.subscribe(),
+        metrics.clone(),
+        check_interval,
+        shutdown.clone(),
+    )?;
     let tracer = match options.trace {
         Some(config) => ferrule_trace::export::start(config, metrics.trace.clone())?,
         None => ferrule_trace::Tracer::default(),
     };
     let hub = discovery::Hub::new(store.clone(), metrics.clone());
-    let grpc_addr: SocketAddr = grpc.local_addr()?;
     let admin_addr: SocketAddr = admin.local_addr()?;
     tracing::info!(grpc = %grpc_addr, admin = %admin_addr, store = %store.describe(), "controller serving");
 
     let router = tonic::transport::Server::builder()
         .layer(trace::RpcSpanLayer(tracer))
+        .layer(auth::AuthLayer(authorizer))
         .add_service(RegistryServer::new(registry::RegistryService::new(
             store.clone(),
             metrics.clone(),
@@ -118,7 +152,7 @@ pub async fn serve_with(
             ))
             .max_decoding_message_size(MAX_IDENTITY_MESSAGE),
         );
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
+    let incoming = auth::incoming(grpc, server_tls, metrics.clone(), shutdown.clone());
     let grpc_shutdown = shutdown.clone();
     let grpc_task = async {
         let serving =
@@ -139,4 +173,19 @@ pub async fn serve_with(
     grpc_result?;
     http_result?;
     Ok(())
+}
+
+/// The names the API certificate carries when `--api-san` gives none: the listen address
+/// (unless it is a wildcard), `localhost` and `127.0.0.1`.
+fn default_api_names(grpc: SocketAddr) -> Vec<String> {
+    let mut names = Vec::new();
+    if !grpc.ip().is_unspecified() {
+        names.push(grpc.ip().to_string());
+    }
+    for name in ["localhost", "127.0.0.1"] {
+        if !names.iter().any(|n| n == name) {
+            names.push(name.to_string());
+        }
+    }
+    names
 }

@@ -46,6 +46,35 @@ struct Config {
     #[arg(long, env = "FERRULE_IDENTITY_CHECK_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
     identity_check_interval: std::time::Duration,
 
+    /// With a CA: `required` (every gRPC call needs the credential its RPC asks for: a
+    /// proxy's certificate, or the admin certificate or token; docs/identity.md) or `off`
+    /// (TLS and plaintext served, no caller checked: a step while callers get their
+    /// credentials; the default for now). Without --identity-dir the API is plaintext and
+    /// open whatever this says. E.g. --api-auth required
+    #[arg(
+        long,
+        env = "FERRULE_API_AUTH",
+        default_value = "off",
+        value_name = "required|off"
+    )]
+    api_auth: ferrule_controller::auth::ApiAuth,
+
+    /// A DNS name or IP address the API's certificate carries beside the controller's SPIFFE
+    /// id (repeatable; e.g. --api-san ferrule-controller.ferrule-system.svc). Default: the
+    /// --grpc-addr address, localhost and 127.0.0.1.
+    #[arg(
+        long = "api-san",
+        env = "FERRULE_API_SANS",
+        value_delimiter = ',',
+        value_name = "NAME"
+    )]
+    api_sans: Vec<String>,
+
+    /// File holding the admin token, re-read every --identity-check-interval. Default:
+    /// `admin-token` in --identity-dir when it is there (`ferrule identity init` writes it).
+    #[arg(long, env = "FERRULE_ADMIN_TOKEN_FILE", value_name = "FILE")]
+    admin_token_file: Option<PathBuf>,
+
     /// Log format.
     #[arg(long, env = "FERRULE_LOG_FORMAT", default_value = "plain", value_parser = ["plain", "json"])]
     log_format: String,
@@ -207,9 +236,20 @@ async fn main() -> anyhow::Result<()> {
             shutdown.clone(),
         ))
     });
+    let auth = ferrule_controller::auth::AuthOptions {
+        mode: config.api_auth,
+        names: config.api_sans.clone(),
+        admin_token_file: config.admin_token_file.clone().or_else(|| {
+            config
+                .identity_dir
+                .as_ref()
+                .map(|dir| dir.join(ferrule_controller::auth::ADMIN_TOKEN_FILE))
+        }),
+    };
     let options = ferrule_controller::Options {
         identity,
         trace: export,
+        auth,
     };
     ferrule_controller::serve_with(store, grpc, admin, options, shutdown)
         .await

@@ -25,6 +25,8 @@ pub struct Metrics {
     pub identity_reload_failures: Counter,
     /// Seconds until the issuer expires (negative once it has).
     pub identity_issuer_expiry_seconds: Gauge,
+    /// API calls refused by authentication or authorization, by reason.
+    pub api_refused: Family<ReasonLabel, Counter>,
     /// Stored values the controller skips because it cannot read them, by area.
     unreadable_keys: Family<AreaLabels, Gauge>,
     /// Trace export (`trace_*`), when tracing is on.
@@ -102,6 +104,11 @@ impl Metrics {
             "identity_requests_refused",
             "Certificate requests refused, by reason",
             self.identity_refused.clone(),
+        );
+        registry.register(
+            "api_calls_refused",
+            "gRPC calls refused because the caller was not authenticated or not allowed, by reason",
+            self.api_refused.clone(),
         );
         registry.register(
             "identity_reload_failures",

@@ -22,6 +22,7 @@ use prost::Message;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::auth::{self, Caller};
 use crate::keys;
 use crate::metrics::Metrics;
 
@@ -46,19 +47,37 @@ impl RegistryService {
         }
     }
 
-    /// Grants a lease, writes `key` under it, and gives the lease back if the write fails.
+    /// Grants a lease, writes `key` under it (and, for a proxy, who owns the lease), and
+    /// gives the lease back if a write fails.
     async fn put_leased(
         &self,
         key: String,
         value: Vec<u8>,
         ttl: u32,
+        caller: &Caller,
     ) -> Result<RegisterResponse, Status> {
         let lease = self
             .store
             .grant_lease(Duration::from_secs(ttl.into()))
             .await
             .map_err(store_status)?;
-        match self.store.put(&key, value, Some(lease)).await {
+        let owned = match caller {
+            Caller::Workload(id) => {
+                self.store
+                    .put(
+                        &keys::lease_owner(lease),
+                        id.to_string().into_bytes(),
+                        Some(lease),
+                    )
+                    .await
+            }
+            _ => Ok(0),
+        };
+        let written = match owned {
+            Ok(_) => self.store.put(&key, value, Some(lease)).await,
+            Err(e) => Err(e),
+        };
+        match written {
             Ok(revision) => Ok(RegisterResponse {
                 lease_id: lease,
                 ttl_seconds: ttl,
@@ -79,6 +98,23 @@ pub fn store_status(e: StoreError) -> Status {
         StoreError::LeaseNotFound(id) => Status::not_found(format!("lease {id} not found")),
         other => Status::internal(other.to_string()),
     }
+}
+
+/// Whether `caller` may refresh or revoke `lease`: a proxy only the leases it was granted
+/// (recorded under `/ferrule/lease-owners/`), anyone else every lease.
+async fn lease_owned(store: &dyn Store, caller: &Caller, lease: i64) -> Result<bool, Status> {
+    let Caller::Workload(id) = caller else {
+        return Ok(true);
+    };
+    let owner = store
+        .get(&keys::lease_owner(lease))
+        .await
+        .map_err(store_status)?;
+    Ok(owner.is_some_and(|kv| kv.value == id.to_string().as_bytes()))
+}
+
+fn refused(status: &Status, rpc: &str) {
+    tracing::info!(rpc, message = status.message(), "registry call refused");
 }
 
 fn clamp_ttl(ttl: u32) -> u32 {
@@ -140,17 +176,19 @@ impl Registry for RegistryService {
         &self,
         request: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
+        let caller = auth::caller(&request);
         let req = request.into_inner();
         let mut ep = req
             .endpoint
             .ok_or_else(|| Status::invalid_argument("endpoint: missing"))?;
         validate_endpoint(&ep)?;
+        auth::may_register(&caller, &ep).inspect_err(|s| refused(s, "Register"))?;
         if ep.namespace.is_empty() {
             ep.namespace = DEFAULT_NAMESPACE.to_string();
         }
         let ttl = clamp_ttl(req.ttl_seconds);
         let resp = self
-            .put_leased(keys::endpoint(&ep), ep.encode_to_vec(), ttl)
+            .put_leased(keys::endpoint(&ep), ep.encode_to_vec(), ttl, &caller)
             .await?;
         self.metrics.registrations.inc();
         tracing::info!(
@@ -173,10 +211,31 @@ impl Registry for RegistryService {
         request: Request<Streaming<KeepAliveRequest>>,
     ) -> Result<Response<Self::KeepAliveStream>, Status> {
         let store = self.store.clone();
+        let caller = auth::caller(&request);
+        // Leases this stream was found to own: checked once each, not at every refresh.
+        let owned = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
         let responses = request.into_inner().then(move |req| {
             let store = store.clone();
+            let caller = caller.clone();
+            let owned = owned.clone();
             async move {
                 let lease_id = req?.lease_id;
+                let known = owned.lock().expect("not poisoned").contains(&lease_id);
+                if !known {
+                    match lease_owned(&*store, &caller, lease_id).await? {
+                        // Another's lease, or an expired one: to this caller it is gone.
+                        false => {
+                            return Ok(KeepAliveResponse {
+                                lease_id,
+                                found: false,
+                                ttl_seconds: 0,
+                            });
+                        }
+                        true => {
+                            owned.lock().expect("not poisoned").insert(lease_id);
+                        }
+                    }
+                }
                 match store.keep_alive(lease_id).await {
                     Ok(ttl) => Ok(KeepAliveResponse {
                         lease_id,
@@ -200,7 +259,19 @@ impl Registry for RegistryService {
         &self,
         request: Request<DeregisterRequest>,
     ) -> Result<Response<DeregisterResponse>, Status> {
+        let caller = auth::caller(&request);
         let lease = request.into_inner().lease_id;
+        if !lease_owned(&*self.store, &caller, lease).await? {
+            let status = Status::not_found(format!(
+                "lease {lease}: no lease of {} (expired, or granted to another caller)",
+                match &caller {
+                    Caller::Workload(id) => id.to_string(),
+                    other => format!("{other:?}"),
+                }
+            ));
+            refused(&status, "Deregister");
+            return Err(status);
+        }
         match self.store.revoke_lease(lease).await {
             // Deregistering twice, or after expiry, is not an error: the endpoint is gone.
             Ok(()) | Err(StoreError::LeaseNotFound(_)) => {
@@ -215,10 +286,12 @@ impl Registry for RegistryService {
         &self,
         request: Request<AnnounceProxyRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
+        let caller = auth::caller(&request);
         let req = request.into_inner();
         let proxy = req
             .proxy
             .ok_or_else(|| Status::invalid_argument("proxy: missing"))?;
+        auth::may_announce(&caller, &proxy).inspect_err(|s| refused(s, "AnnounceProxy"))?;
         if proxy.proxy_id.is_empty() || proxy.proxy_id.contains('/') || proxy.proxy_id.len() > 253 {
             return Err(Status::invalid_argument(
                 "proxy.proxy_id: must be 1-253 characters without '/'",
@@ -231,7 +304,12 @@ impl Registry for RegistryService {
             ..Default::default()
         };
         let resp = self
-            .put_leased(key, status.encode_to_vec(), clamp_ttl(req.ttl_seconds))
+            .put_leased(
+                key,
+                status.encode_to_vec(),
+                clamp_ttl(req.ttl_seconds),
+                &caller,
+            )
             .await?;
         Ok(Response::new(resp))
     }

@@ -4,13 +4,77 @@
 //!
 //! Controllers are stateless replicas in front of one store, so any of them serves any stream;
 //! trying them in turn is all the failover there is.
+//!
+//! Every controller channel of the proxy (identity, discovery, config, registration) is made
+//! here, so [`ControlTls`] applies to all of them: with the mesh's trust anchors given
+//! (`--identity-trust-anchors`), the proxy talks TLS to the controller, accepts it only as
+//! `spiffe://<td>/ns/ferrule-system/sa/ferrule-controller`, and presents its own certificate
+//! once it has one (the bootstrap `Certify` goes without).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use ferrule_channel::{ClientCert, ControllerTls};
+use ferrule_proxy_transport::tls::Credentials;
 use rand::Rng;
+use rustls_pki_types::CertificateDer;
+use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
+
+/// How long a call that needs the proxy's certificate waits for the first one before it
+/// tries without (and is refused, with a status that says why).
+const CERTIFICATE_WAIT: Duration = Duration::from_secs(10);
+
+/// The proxy's credentials as the controller channels see them: the certificate the identity
+/// client keeps current ([`ControlTls::credentials`]).
+#[derive(Debug)]
+struct ProxyCert(Arc<watch::Sender<Option<Arc<Credentials>>>>);
+
+impl ClientCert for ProxyCert {
+    fn current(&self) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        // An expired certificate would fail the handshake; without one the bootstrap call
+        // (a join token) still goes through.
+        self.0
+            .borrow()
+            .as_ref()
+            .filter(|c| c.not_after() > std::time::SystemTime::now())
+            .map(|c| c.certified_key().clone())
+    }
+
+    fn anchors(&self) -> Vec<CertificateDer<'static>> {
+        self.0
+            .borrow()
+            .as_ref()
+            .map(|c| c.anchor_certs().to_vec())
+            .unwrap_or_default()
+    }
+}
+
+/// TLS to the controllers, shared by every channel of one proxy.
+#[derive(Clone, Debug)]
+pub struct ControlTls {
+    tls: ControllerTls,
+    credentials: Arc<watch::Sender<Option<Arc<Credentials>>>>,
+}
+
+impl ControlTls {
+    /// Trusts `anchors` (from a file given at start, never from the controller itself) and
+    /// expects the controller of `trust_domain`.
+    pub fn new(anchors: Vec<CertificateDer<'static>>, trust_domain: &str) -> Result<Self, String> {
+        let expected = ferrule_proto::identity::controller_identity(trust_domain)
+            .map_err(|e| e.to_string())?;
+        let credentials = Arc::new(watch::Sender::new(None));
+        let tls = ControllerTls::new(anchors, expected, Arc::new(ProxyCert(credentials.clone())))
+            .map_err(|e| e.to_string())?;
+        Ok(Self { tls, credentials })
+    }
+
+    /// Where the identity client publishes the proxy's certificate; the channels present it.
+    pub fn credentials(&self) -> Arc<watch::Sender<Option<Arc<Credentials>>>> {
+        self.credentials.clone()
+    }
+}
 
 /// How long a TCP + HTTP/2 connect to one controller may take before the next one is tried.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -53,6 +117,7 @@ pub fn parse_or_log(addresses: &[String], component: &str) -> Option<Controllers
 pub struct Controllers {
     endpoints: Arc<[(String, Endpoint)]>,
     next: Arc<AtomicUsize>,
+    tls: Option<ControlTls>,
 }
 
 impl Controllers {
@@ -86,19 +151,47 @@ impl Controllers {
         Ok(Self {
             endpoints: endpoints.into(),
             next: Arc::new(AtomicUsize::new(0)),
+            tls: None,
         })
+    }
+
+    /// The same controllers, reached over TLS.
+    pub fn with_tls(mut self, tls: Option<ControlTls>) -> Self {
+        self.tls = tls;
+        self
+    }
+
+    /// The TLS the channels use, if any.
+    pub fn tls(&self) -> Option<&ControlTls> {
+        self.tls.as_ref()
     }
 
     /// Connects to one controller, trying each in turn once, starting with the one after the
     /// controller the previous call settled on. Returns the address used and the channel.
+    /// Over TLS, waits (a while) for the proxy's first certificate: every call but the
+    /// bootstrap needs it.
     pub async fn connect(&self) -> Result<(String, Channel), ControlError> {
+        if let Some(tls) = &self.tls {
+            let mut credentials = tls.credentials.subscribe();
+            let _ =
+                tokio::time::timeout(CERTIFICATE_WAIT, credentials.wait_for(Option::is_some)).await;
+        }
+        self.connect_bootstrap().await
+    }
+
+    /// [`Controllers::connect`] without waiting for a certificate: for getting the first one.
+    pub async fn connect_bootstrap(&self) -> Result<(String, Channel), ControlError> {
         let n = self.endpoints.len();
         let start = self.next.load(Ordering::Relaxed);
         let mut last = String::new();
         for i in 0..n {
             let index = (start + i) % n;
             let (address, endpoint) = &self.endpoints[index];
-            match endpoint.connect().await {
+            let connected = match &self.tls {
+                Some(tls) => tls.tls.connect(endpoint.clone()).await,
+                None => endpoint.connect().await,
+            };
+            match connected {
                 Ok(channel) => {
                     // The next caller starts here too: connections stick to a healthy replica.
                     self.next.store(index, Ordering::Relaxed);

@@ -170,7 +170,14 @@ impl Discovery {
     /// controller (every service stays unsynced); validate flags early with
     /// [`Controllers::parse`] to refuse them at startup instead.
     pub fn new(controllers: Vec<String>, proxy: ProxyInfo) -> Self {
-        let controllers = crate::control::parse_or_log(&controllers, "discovery");
+        Self::with_controllers(
+            crate::control::parse_or_log(&controllers, "discovery"),
+            proxy,
+        )
+    }
+
+    /// [`Discovery::new`] with the controllers already parsed (and their TLS set).
+    pub fn with_controllers(controllers: Option<Controllers>, proxy: ProxyInfo) -> Self {
         Self {
             inner: Arc::new(Inner {
                 source: Some(Source {

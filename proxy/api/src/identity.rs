@@ -63,7 +63,12 @@ pub fn spawn(
     shutdown: CancellationToken,
 ) -> Result<MeshTls, String> {
     let key = KeyPair::generate().map_err(|e| format!("making the proxy's key: {e}"))?;
-    let (tx, rx) = watch::channel(None);
+    // Over TLS to the controller, the channels present what is published here.
+    let tx = controllers
+        .tls()
+        .map(|tls| tls.credentials())
+        .unwrap_or_else(|| Arc::new(watch::Sender::new(None)));
+    let rx = tx.subscribe();
     let m = IdentityMetrics::default();
     metrics.register(
         "identity_certificates_renewed",
@@ -98,7 +103,7 @@ struct Client {
     controllers: Controllers,
     settings: IdentitySettings,
     key: Arc<KeyPair>,
-    credentials: watch::Sender<Option<Arc<Credentials>>>,
+    credentials: Arc<watch::Sender<Option<Arc<Credentials>>>>,
     metrics: IdentityMetrics,
     /// Bumped on each credentials change, so a bundle update never overwrites a newer
     /// certificate with an older one.
@@ -170,7 +175,7 @@ impl Client {
         };
         let (address, channel) = self
             .controllers
-            .connect()
+            .connect_bootstrap()
             .await
             .map_err(|e| e.to_string())?;
         let response = tokio::time::timeout(
@@ -243,7 +248,7 @@ impl Client {
     async fn bundle_stream(&self) -> Result<(), String> {
         let (_, channel) = self
             .controllers
-            .connect()
+            .connect_bootstrap()
             .await
             .map_err(|e| e.to_string())?;
         let mut stream = IdentityClient::new(channel)

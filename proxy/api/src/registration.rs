@@ -129,8 +129,20 @@ impl Registration {
         controllers: Vec<String>,
         shutdown: CancellationToken,
     ) -> Self {
+        Self::spawn_with(
+            config,
+            crate::control::parse_or_log(&controllers, "registration"),
+            shutdown,
+        )
+    }
+
+    /// [`Registration::spawn`] with the controllers already parsed (and their TLS set).
+    pub fn spawn_with(
+        config: RegistrationConfig,
+        controllers: Option<Controllers>,
+        shutdown: CancellationToken,
+    ) -> Self {
         let stop = shutdown.child_token();
-        let controllers = crate::control::parse_or_log(&controllers, "registration");
         let (health_tx, app_health) = watch::channel(false);
         let health_rx = match config.gate.clone() {
             Some(gate) => gated(app_health, gate, stop.clone()),

@@ -226,6 +226,12 @@ pub struct CommonArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub identity: IdentityArgs,
+
+    /// TLS to the controllers, made once ([`CommonArgs::control_tls`]) and shared by every
+    /// channel, so they all present the certificate the identity client keeps current.
+    #[arg(skip)]
+    #[serde(skip)]
+    control_tls: std::sync::Arc<std::sync::OnceLock<ferrule_proxy_api::control::ControlTls>>,
 }
 
 /// The proxy's workload identity and mutual TLS (docs/identity.md).
@@ -250,6 +256,14 @@ pub struct IdentityArgs {
     /// The mesh's trust domain (the controller's `--trust-domain`).
     #[arg(long, env = "FERRULE_TRUST_DOMAIN", default_value = ferrule_proto::identity::DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
+
+    /// The mesh's trust anchors (PEM, `trust-anchors.pem` of `ferrule identity init`): the
+    /// proxy then talks TLS to the controller and accepts it only with the controller's
+    /// identity (spiffe://<trust-domain>/ns/ferrule-system/sa/ferrule-controller) chaining to
+    /// them; needed when the controller's API is protected (docs/identity.md). E.g.
+    /// --identity-trust-anchors /var/run/ferrule/trust-anchors.pem
+    #[arg(long, env = "FERRULE_IDENTITY_TRUST_ANCHORS", value_name = "PEM")]
+    pub identity_trust_anchors: Option<std::path::PathBuf>,
 
     /// The workload's service account: the `<sa>` of its identity
     /// `spiffe://<trust-domain>/ns/<namespace>/sa/<sa>`. Default: the service name.
@@ -322,6 +336,52 @@ pub fn parse_ratio(s: &str) -> Result<f64, String> {
 }
 
 impl CommonArgs {
+    /// TLS to the controllers when `--identity-trust-anchors` is given; made at the first
+    /// call and the same for every later one.
+    pub fn control_tls(
+        &self,
+    ) -> Result<Option<ferrule_proxy_api::control::ControlTls>, ConfigError> {
+        let Some(path) = &self.identity.identity_trust_anchors else {
+            return Ok(None);
+        };
+        if let Some(tls) = self.control_tls.get() {
+            return Ok(Some(tls.clone()));
+        }
+        let invalid = |reason: String| ConfigError::Invalid {
+            flag: "--identity-trust-anchors",
+            reason,
+        };
+        let anchors =
+            ferrule_channel::read_certificates(path).map_err(|e| invalid(e.to_string()))?;
+        let tls = ferrule_proxy_api::control::ControlTls::new(anchors, &self.identity.trust_domain)
+            .map_err(invalid)?;
+        Ok(Some(self.control_tls.get_or_init(|| tls).clone()))
+    }
+
+    /// The controllers with their TLS, or an error naming the flag.
+    pub fn parse_controllers(
+        &self,
+    ) -> Result<ferrule_proxy_api::control::Controllers, ConfigError> {
+        let controllers = ferrule_proxy_api::control::Controllers::parse(&self.controllers)
+            .map_err(|e| ConfigError::Invalid {
+                flag: "--controller",
+                reason: e.to_string(),
+            })?;
+        Ok(controllers.with_tls(self.control_tls()?))
+    }
+
+    /// [`CommonArgs::parse_controllers`] for a component that may run without a controller:
+    /// none configured is logged at info, a bad flag at error.
+    pub fn controllers(&self, component: &str) -> Option<ferrule_proxy_api::control::Controllers> {
+        if self.controllers.is_empty() {
+            tracing::info!(component, "no controller configured");
+            return None;
+        }
+        self.parse_controllers()
+            .inspect_err(|error| tracing::error!(component, %error, "no usable controller"))
+            .ok()
+    }
+
     /// `--proxy-id`, else `{name}-{pid}-{random}`, written back so that every later call
     /// returns the same id: call it once, early, and pass the id on.
     pub fn resolve_proxy_id(&mut self, name: &str) -> String {

@@ -23,7 +23,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, AdminState};
 use crate::config::CommonArgs;
-use ferrule_proxy_api::control::{ControlError, Controllers};
+use ferrule_proxy_api::control::ControlError;
 use ferrule_proxy_api::discovery::Discovery;
 use ferrule_proxy_api::policy::{Check, PolicyClient};
 use ferrule_proxy_core::lifecycle::{Drain, Lifecycle};
@@ -120,10 +120,13 @@ pub async fn run(mut args: GatewayArgs) -> Result<(), StartError> {
         .map_err(|e| StartError::Logging(e.to_string()))?;
     let config = GatewayConfig::load(&args.config)?;
     if !args.common.controllers.is_empty() {
-        Controllers::parse(&args.common.controllers)?;
+        args.common.parse_controllers()?;
     }
     let proxy_id = args.common.resolve_proxy_id(&args.name);
-    let discovery = Discovery::new(args.common.controllers.clone(), args.proxy_info(&proxy_id));
+    let discovery = Discovery::with_controllers(
+        args.common.controllers("discovery"),
+        args.proxy_info(&proxy_id),
+    );
     let gateway = Gateway::start(args, config, discovery).await?;
     crate::announce_ready(&gateway.addrs);
     crate::shutdown_on_signals(gateway.shutdown_token()).map_err(StartError::Signal)?;
@@ -175,32 +178,31 @@ impl Gateway {
         let tracker = TaskTracker::new();
         let metrics = Metrics::new();
         let policy_metrics = PolicyMetrics::register(&metrics);
-        let policies =
-            match ferrule_proxy_api::control::parse_or_log(&args.common.controllers, "config") {
-                Some(controllers) => {
-                    // A Gateway resource is acked only if the gateway can build a router from it
-                    // (its key files read, its secrets set).
-                    let name = args.name.clone();
-                    let check: Check = Arc::new(move |set: &PolicySet| match set.gateway(&name) {
-                        Some(spec) => {
-                            let config =
-                                GatewayConfig::from_resource(spec.clone(), &name, set.version());
-                            stack::prepare(config, &env, None)
-                                .map(drop)
-                                .map_err(|e| e.to_string())
-                        }
-                        None => Ok(()),
-                    });
-                    // The services its routes call subscribe as the router builds their stacks.
-                    PolicyClient::spawn_checked(
-                        controllers,
-                        args.proxy_info(&proxy_id),
-                        check,
-                        shutdown.child_token(),
-                    )
-                }
-                None => PolicyClient::fixed(PolicySet::default()),
-            };
+        let policies = match args.common.controllers("config") {
+            Some(controllers) => {
+                // A Gateway resource is acked only if the gateway can build a router from it
+                // (its key files read, its secrets set).
+                let name = args.name.clone();
+                let check: Check = Arc::new(move |set: &PolicySet| match set.gateway(&name) {
+                    Some(spec) => {
+                        let config =
+                            GatewayConfig::from_resource(spec.clone(), &name, set.version());
+                        stack::prepare(config, &env, None)
+                            .map(drop)
+                            .map_err(|e| e.to_string())
+                    }
+                    None => Ok(()),
+                });
+                // The services its routes call subscribe as the router builds their stacks.
+                PolicyClient::spawn_checked(
+                    controllers,
+                    args.proxy_info(&proxy_id),
+                    check,
+                    shutdown.child_token(),
+                )
+            }
+            None => PolicyClient::fixed(PolicySet::default()),
+        };
         ferrule_proxy_api::metrics::register(&metrics, discovery.clone(), Some(policies.clone()));
         let tracer =
             crate::trace::tracer(&args.common, &args.name, "gateway", &proxy_id, &metrics)?;

@@ -19,12 +19,11 @@ pub fn start(
     let Some(settings) = common.identity.settings(account, namespace)? else {
         return Ok(None);
     };
-    let controllers =
-        ferrule_proxy_api::control::Controllers::parse(&common.controllers).map_err(|e| {
-            ConfigError::Invalid {
-                flag: "--controller",
-                reason: format!("identity needs the controller's CA: {e}"),
-            }
+    let controllers = common
+        .parse_controllers()
+        .map_err(|e| ConfigError::Invalid {
+            flag: "--controller",
+            reason: format!("identity needs the controller's CA: {e}"),
         })?;
     let expected = settings.expected.clone();
     let tls =

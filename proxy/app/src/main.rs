@@ -4,7 +4,6 @@
 use anyhow::Context as _;
 use clap::{CommandFactory, FromArgMatches};
 use ferrule_proxy::config::{Config, Mode};
-use ferrule_proxy::control::Controllers;
 use ferrule_proxy::discovery::Discovery;
 use ferrule_proxy::sidecar::Proxy;
 
@@ -45,11 +44,11 @@ async fn sidecar(mut config: Config) -> anyhow::Result<()> {
     ferrule_proxy::logging::init(config.common.log_format)
         .map_err(|e| anyhow::anyhow!("setting up logging: {e}"))?;
     if !config.common.controllers.is_empty() {
-        Controllers::parse(&config.common.controllers).context("--controller")?;
+        config.common.parse_controllers()?;
     }
     let discovery = if config.static_endpoints.is_empty() {
-        Discovery::new(
-            config.common.controllers.clone(),
+        Discovery::with_controllers(
+            config.common.controllers("discovery"),
             config.proxy_info(&proxy_id),
         )
     } else {

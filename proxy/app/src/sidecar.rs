@@ -149,7 +149,7 @@ impl Proxy {
         let proxy_id = config.proxy_id();
         let shutdown = CancellationToken::new();
         let policies = policies.unwrap_or_else(|| {
-            match ferrule_proxy_api::control::parse_or_log(&config.common.controllers, "config") {
+            match config.common.controllers("config") {
                 // Targets subscribe to their policy as they are first used (the configured
                 // upstreams below, at once).
                 Some(controllers) => PolicyClient::spawn(
@@ -389,7 +389,7 @@ impl Proxy {
                     healthy_threshold: config.healthy_threshold,
                     unhealthy_threshold: config.unhealthy_threshold,
                 };
-                Arc::new(Registration::spawn(
+                Arc::new(Registration::spawn_with(
                     RegistrationConfig {
                         proxy: proxy_info.clone(),
                         ports: registered_ports,
@@ -402,7 +402,7 @@ impl Proxy {
                             .as_ref()
                             .map(|(tls, _)| crate::identity::has_certificate(tls, &shutdown)),
                     },
-                    config.common.controllers.clone(),
+                    config.common.controllers("registration"),
                     shutdown.child_token(),
                 ))
             });

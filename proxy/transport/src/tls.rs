@@ -164,6 +164,16 @@ impl Credentials {
         self.anchors == anchors
     }
 
+    /// The certificate chain and key, for presenting to the controller too.
+    pub fn certified_key(&self) -> &Arc<CertifiedKey> {
+        &self.key
+    }
+
+    /// The trust bundle.
+    pub fn anchor_certs(&self) -> &[CertificateDer<'static>] {
+        &self.anchors
+    }
+
     /// The leaf certificate, DER.
     pub fn leaf_der(&self) -> Option<Vec<u8>> {
         self.key.cert.first().map(|c| c.to_vec())

@@ -87,13 +87,22 @@ pub struct Options {
 /// The services whose proxies get an identity: the shop's, the database's and the gateway's.
 pub const IDENTITIES: [&str; 5] = ["user", "order", "payment", POSTGRES_SERVICE, "gateway"];
 
-/// The environment that gives `service`'s proxy its identity (its join token).
+/// The environment that gives `service`'s proxy its identity (its join token) and the trust
+/// anchors it reaches the controller's protected API with.
 fn identity_env(opts: &Options, service: &str) -> Vec<(String, String)> {
-    opts.tokens
+    let token = opts
+        .tokens
         .get(service)
-        .map(|token| ("FERRULE_IDENTITY_TOKEN".to_string(), token.clone()))
-        .into_iter()
-        .collect()
+        .map(|token| ("FERRULE_IDENTITY_TOKEN".to_string(), token.clone()));
+    let anchors = opts.identity.as_ref().map(|dir| {
+        (
+            "FERRULE_IDENTITY_TRUST_ANCHORS".to_string(),
+            dir.join(crate::identity::TRUST_ANCHORS)
+                .display()
+                .to_string(),
+        )
+    });
+    token.into_iter().chain(anchors).collect()
 }
 
 /// The environment that turns tracing on in a proxy.
