@@ -84,7 +84,7 @@ function drawTopology(overview) {
   const defs = el("svg:defs", {},
     el("svg:marker", { id: "arrow", viewBox: "0 0 10 10", refX: "10", refY: "5", markerWidth: "8", markerHeight: "8", orient: "auto-start-reverse" },
       el("svg:path", { d: "M 0 0 L 10 5 L 0 10 z", fill: "#6b7379" })));
-  const edges = overview.edges.filter((e) => pos.has(e.caller) && pos.has(e.callee)).map((e) => {
+  const edges = overview.edges.filter((e) => e.caller !== e.callee && pos.has(e.caller) && pos.has(e.callee)).map((e) => {
     const a = pos.get(e.caller), b = pos.get(e.callee);
     const x1 = a.x + W, y1 = a.y + H / 2, x2 = b.x, y2 = b.y + H / 2;
     const label = `${pct(e.success_rate)} · ${rps(e.rps)} rps`;
@@ -149,7 +149,7 @@ function drawEndpoints(overview) {
 function drawProxies(overview) {
   const current = overview.config_version;
   fillBody(document.getElementById("proxies"), overview.proxies.map((p) => {
-    let config = p.acked_version > 0 ? `v${p.acked_version}` : "not acked";
+    let config = current === 0 ? "no config applied" : p.acked_version > 0 ? `v${p.acked_version}` : "not acked";
     let cls = p.acked_version === current ? "ok" : "warn";
     if (p.nacked_version > 0 && p.nacked_version >= p.acked_version) {
       config += ` (refused v${p.nacked_version}: ${p.nack_reason})`;

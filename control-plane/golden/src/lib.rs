@@ -7,8 +7,9 @@
 //! The numbers come from the proxies' series: `request_total{direction, target_service,
 //! status_code, classification}` and the `response_latency_ms{direction, target_service}`
 //! histogram (see docs/observability.md). A service's numbers are what its sidecars' inbound
-//! side answered; an edge caller→callee is what the caller's proxy sent out to the callee (a
-//! gateway's `gateway` direction counts as outbound). One scrape also carries each endpoint's
+//! side answered (a gateway's: what it answered its clients, its `gateway` direction); an edge
+//! caller→callee is what the caller's proxy sent out to the callee (its `outbound` direction,
+//! a gateway's included). One scrape also carries each endpoint's
 //! breaker state and EWMA latency as the proxy's balancers see them, and the proxy's
 //! certificate expiry.
 
@@ -345,9 +346,16 @@ pub fn compare(
             .map(|(_, m)| &m.series);
         let mut counted_service = false;
         for ((direction, target), counts) in &metrics.series {
+            // A series that never counted a request (registered ahead, e.g. passthrough) is
+            // no row.
+            if counts.success + counts.failure <= 0.0 {
+                continue;
+            }
             let previous = was.and_then(|s| s.get(&(direction.clone(), target.clone())));
             match direction.as_str() {
-                "inbound" => {
+                // What a sidecar's app answered, or what a gateway answered its clients (its
+                // own refusals included).
+                "inbound" | "gateway" => {
                     let entry = services.entry(proxy.service.clone()).or_default();
                     entry.1.add(previous, counts);
                     if !counted_service {
@@ -355,9 +363,14 @@ pub fn compare(
                         counted_service = true;
                     }
                 }
-                "outbound" | "gateway" => {
+                // What the proxy sent to another service; a gateway sends through the same
+                // outbound stack, so its edges are these too.
+                "outbound" => {
                     // `user:http` is an edge to `user`.
                     let callee = target.split(':').next().unwrap_or(target).to_string();
+                    if callee.is_empty() {
+                        continue;
+                    }
                     let entry = edges.entry((proxy.service.clone(), callee)).or_default();
                     entry.1.add(previous, counts);
                     entry.0 += 1;
@@ -468,7 +481,7 @@ identity_certificate_expiry_timestamp_seconds 1800000000
     }
 
     #[test]
-    fn compare_makes_service_rows_and_edges_per_caller() {
+    fn compare_makes_service_rows_and_edges_per_caller_and_skips_silent_series() {
         let proxy = |id: &str, service: &str| ProxyTarget {
             proxy_id: id.into(),
             service: service.into(),
@@ -487,12 +500,17 @@ identity_certificate_expiry_timestamp_seconds 1800000000
         };
         let before = vec![(
             proxy("gw", "gateway"),
-            metrics(&[("gateway", "order", 10.0)]),
+            metrics(&[("gateway", "order", 12.0), ("outbound", "order:http", 10.0)]),
         )];
         let after = vec![
             (
                 proxy("gw", "gateway"),
-                metrics(&[("gateway", "order", 30.0)]),
+                metrics(&[
+                    ("gateway", "order", 34.0),
+                    ("gateway", "", 2.0),
+                    ("outbound", "order:http", 30.0),
+                    ("outbound", "(passthrough)", 0.0),
+                ]),
             ),
             (
                 proxy("o1", "order"),
@@ -513,9 +531,16 @@ identity_certificate_expiry_timestamp_seconds 1800000000
                 ("order -> user".to_string(), 10.0),
             ]
         );
-        assert_eq!(m.services.len(), 1);
-        assert_eq!(m.services[0].path(), "order");
-        assert_eq!(m.services[0].golden.requests, 20.0);
+        // The gateway's row: what it answered its clients (its refusals, target "", included).
+        let services: Vec<(String, f64)> = m
+            .services
+            .iter()
+            .map(|r| (r.path(), r.golden.requests))
+            .collect();
+        assert_eq!(
+            services,
+            [("gateway".to_string(), 24.0), ("order".to_string(), 20.0)]
+        );
     }
 
     #[test]
