@@ -54,29 +54,27 @@ fn browser_present() -> Result<()> {
 }
 
 /// Orders through the gateway until `stop`, so every edge of the shop carries traffic.
-fn keep_ordering(
+async fn keep_ordering(
     gateway: std::net::SocketAddr,
     token: String,
     stop: Arc<AtomicBool>,
-) -> impl Future<Output = Result<u32>> {
-    async move {
-        let mut placed = 0;
-        while !stop.load(Ordering::Relaxed) {
-            let body = json!({"user_id": "123", "items": [{"sku": "book", "quantity": 1, "unit_price_cents": 500}]});
-            let req = http::Request::post(format!("http://{gateway}/api/orders"))
-                .header("host", gateway.to_string())
-                .header("authorization", format!("Bearer {token}"))
-                .header("content-type", "application/json")
-                .body(http_body_util::Full::new(bytes::Bytes::from(
-                    body.to_string(),
-                )))?;
-            let reply = ferrule_harness::http1(gateway, req).await?;
-            ensure!(reply.status == 201, "POST /api/orders: {reply:?}");
-            placed += 1;
-            tokio::time::sleep(ORDER_EVERY).await;
-        }
-        Ok(placed)
+) -> Result<u32> {
+    let mut placed = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let body = json!({"user_id": "123", "items": [{"sku": "book", "quantity": 1, "unit_price_cents": 500}]});
+        let req = http::Request::post(format!("http://{gateway}/api/orders"))
+            .header("host", gateway.to_string())
+            .header("authorization", format!("Bearer {token}"))
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(
+                body.to_string(),
+            )))?;
+        let reply = ferrule_harness::http1(gateway, req).await?;
+        ensure!(reply.status == 201, "POST /api/orders: {reply:?}");
+        placed += 1;
+        tokio::time::sleep(ORDER_EVERY).await;
     }
+    Ok(placed)
 }
 
 #[tokio::test]

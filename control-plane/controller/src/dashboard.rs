@@ -150,10 +150,10 @@ impl Dashboard {
     pub async fn overview(&self) -> ApiAnswer {
         // One scrape at a time: viewers arriving meanwhile wait for it and share it.
         let mut state = self.state.lock().await;
-        if let Some((at, body)) = &state.answer {
-            if at.elapsed() < FRESH {
-                return (http::StatusCode::OK, body.clone());
-            }
+        if let Some((at, body)) = &state.answer
+            && at.elapsed() < FRESH
+        {
+            return (http::StatusCode::OK, body.clone());
         }
         match self.build(&mut state).await {
             Ok(overview) => {
