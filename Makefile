@@ -11,7 +11,8 @@ CARGO = cargo
 # given as an absolute path (a glob is fine) is looked for there instead of on PATH: Debian keeps
 # PostgreSQL's server binaries under /usr/lib/postgresql/<version>/bin, off PATH.
 DEPS = protoc:protobuf-compiler etcd:etcd-server iptables:iptables wrk:wrk h2load:nghttp2-client \
-	/usr/lib/postgresql/*/bin/initdb:postgresql
+	/usr/lib/postgresql/*/bin/initdb:postgresql chromium:chromium python3:python3 \
+	/usr/lib/python3/dist-packages/pip:python3-pip
 # What only `make bench` needs besides: the peers it compares with, perf and curl.
 BENCH_DEPS = nginx:nginx haproxy:haproxy perf:linux-perf curl:curl
 
@@ -27,11 +28,13 @@ help:
 	@echo '               side (bench/results/latest.md and .png; BENCH_* settings in bench/README.md,'
 	@echo '               BENCH_BASELINE_REV=REV adds the proxy built at REV) and bench/config.sh'
 	@echo '               (config propagation: bench/results/config.md), bench/cp-scale.sh (10,000'
-	@echo '               watch streams, 100 proxies: bench/results/config-scale.md)'
+	@echo '               watch streams, 100 proxies: bench/results/config-scale.md) and'
+	@echo '               bench/tracing.sh (tracing off, sampled 0/1/100 %: bench/results/tracing-cost.md)'
 	@echo '  make k8s-validate  validate k8s/ and injected pods against Kubernetes 1.29/1.31/1.33'
 	@echo '  make deps    apt-get install what is missing of: protobuf-compiler, etcd-server,'
-	@echo '               iptables, wrk, nghttp2-client, postgresql (root; otherwise prints the'
-	@echo '               sudo command); make bench also installs nginx, haproxy, linux-perf, curl'
+	@echo '               iptables, wrk, nghttp2-client, postgresql, chromium, python3-pip (root;'
+	@echo '               otherwise prints the sudo command) and the Python package playwright;'
+	@echo '               make bench also installs nginx, haproxy, linux-perf, curl'
 	@echo '  make clean   remove build output'
 	@echo '  make help    this list'
 
@@ -57,6 +60,10 @@ deps:
 	  echo "make deps: installing$$missing"; \
 	  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $$missing; \
 	fi
+	@python3 -c 'import playwright.sync_api' 2>/dev/null || { \
+	  echo 'make deps: installing the Python package playwright (the dashboard test drives chromium with it)'; \
+	  python3 -m pip install --quiet playwright \
+	    || python3 -m pip install --quiet --break-system-packages playwright; }
 	@$(CARGO) nextest --version >/dev/null 2>&1 \
 	  || echo 'make deps: cargo-nextest is not installed; make test falls back to cargo test'
 
@@ -103,7 +110,8 @@ bench: deps
 	bash bench/run.sh
 	bash bench/config.sh
 	bash bench/cp-scale.sh
-	@echo 'make bench: results in bench/results/latest.md, config.md and config-scale.md'
+	bash bench/tracing.sh
+	@echo 'make bench: results in bench/results/latest.md, config.md, config-scale.md and tracing-cost.md'
 
 clean:
 	$(CARGO) clean

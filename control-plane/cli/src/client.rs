@@ -318,6 +318,20 @@ fn transport_reason(err: &(dyn std::error::Error + 'static)) -> String {
     innermost.to_string()
 }
 
+/// Every proxy the controller knows of, with its config acks (`Admin/ListProxies`).
+pub async fn list_proxies(
+    addr: &ControllerAddr,
+) -> anyhow::Result<Vec<ferrule_proto::v1::ProxyStatus>> {
+    let mut admin = ferrule_proto::v1::admin_client::AdminClient::new(connect(addr).await?);
+    let resp = call(
+        addr,
+        "Admin/ListProxies",
+        admin.list_proxies(ferrule_proto::v1::ListProxiesRequest {}),
+    )
+    .await?;
+    Ok(resp.proxies)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -386,18 +400,4 @@ mod tests {
              (Client specified an invalid argument)"
         );
     }
-}
-
-/// Every proxy the controller knows of, with its config acks (`Admin/ListProxies`).
-pub async fn list_proxies(
-    addr: &ControllerAddr,
-) -> anyhow::Result<Vec<ferrule_proto::v1::ProxyStatus>> {
-    let mut admin = ferrule_proto::v1::admin_client::AdminClient::new(connect(addr).await?);
-    let resp = call(
-        addr,
-        "Admin/ListProxies",
-        admin.list_proxies(ferrule_proto::v1::ListProxiesRequest {}),
-    )
-    .await?;
-    Ok(resp.proxies)
 }

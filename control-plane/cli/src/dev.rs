@@ -193,6 +193,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         identity,
         tokens: Default::default(),
         otlp: otlp.clone(),
+        traces_api: receiver.as_ref().map(|r| r.api),
         bin_dir,
         state_dir: state_dir.clone(),
         gateway: args.gateway_addr,
@@ -299,10 +300,11 @@ async fn start(
     within: Duration,
 ) -> anyhow::Result<()> {
     sup.spawn(&plan::controller(opts))?;
-    let controller = sup
+    let addrs = sup
         .ready_line::<ControllerAddrs>("controller", within)
-        .await?
-        .grpc;
+        .await?;
+    let controller = addrs.grpc;
+    sup.set_admin("controller", addrs.admin)?;
     sup.set_addresses(controller, opts.gateway)?;
     // Each proxy's bootstrap credential; it only has to last until the first certificate.
     let opts = &match &opts.identity {

@@ -1,18 +1,20 @@
 //! `ferrule stat`: golden metrics (success rate, requests per second, p50/p95/p99 latency) per
 //! service or per edge caller→callee, from two scrapes of every proxy's `/metrics` a window
-//! apart ([`crate::views`] reads and computes).
+//! apart ([`crate::views`] finds and reads the proxies, `ferrule_golden` computes).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, Write};
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
+pub use ferrule_golden::Row;
+use ferrule_golden::{Golden, Measurement};
 use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::client::ControllerAddr;
 use crate::output::{self, Format, Render, write_table};
-use crate::views::{self, Delta, Golden, ms, percent};
+use crate::views::{self, ms, percent};
 
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:
@@ -46,46 +48,6 @@ pub enum By {
     Path,
 }
 
-/// One row of `stat` or `top`.
-#[derive(Debug, Clone, Serialize)]
-pub struct Row {
-    /// The service (`--by service`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub service: Option<String>,
-    /// The calling service (`--by edge`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub caller: Option<String>,
-    /// The called service (`--by edge`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub callee: Option<String>,
-    /// `GET /users/123` (`--by path`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub route: Option<String>,
-    /// Proxies whose numbers the row sums.
-    pub proxies: usize,
-    #[serde(flatten)]
-    pub golden: Golden,
-}
-
-impl Row {
-    /// `user`, or `order -> user`.
-    pub fn path(&self) -> String {
-        match (&self.caller, &self.callee, &self.service, &self.route) {
-            (Some(caller), Some(callee), _, _) => format!("{caller} -> {callee}"),
-            (_, _, Some(service), Some(route)) => format!("{service} {route}"),
-            (_, _, Some(service), None) => service.clone(),
-            _ => String::new(),
-        }
-    }
-}
-
-/// One measurement of every proxy over a window: rows per service and per edge.
-pub struct Measurement {
-    pub window: Duration,
-    pub services: Vec<Row>,
-    pub edges: Vec<Row>,
-}
-
 /// Scrapes every proxy, waits `window`, scrapes again, and sums the differences.
 pub async fn measure(addr: &ControllerAddr, window: Duration) -> anyhow::Result<Measurement> {
     let proxies = views::proxies(addr).await?;
@@ -98,63 +60,7 @@ pub async fn measure(addr: &ControllerAddr, window: Duration) -> anyhow::Result<
     let started = Instant::now();
     tokio::time::sleep(window).await;
     let after = views::scrape_all(&proxies).await;
-    let window = started.elapsed();
-
-    let mut services: BTreeMap<String, (usize, Delta)> = BTreeMap::new();
-    let mut edges: BTreeMap<(String, String), (usize, Delta)> = BTreeMap::new();
-    for (proxy, series) in &after {
-        let was = before
-            .iter()
-            .find(|(p, _)| p.proxy_id == proxy.proxy_id)
-            .map(|(_, s)| s);
-        let mut counted_service = false;
-        for ((direction, target), counts) in series {
-            let previous = was.and_then(|s| s.get(&(direction.clone(), target.clone())));
-            match direction.as_str() {
-                "inbound" => {
-                    let entry = services.entry(proxy.service.clone()).or_default();
-                    entry.1.add(previous, counts);
-                    if !counted_service {
-                        entry.0 += 1;
-                        counted_service = true;
-                    }
-                }
-                "outbound" | "gateway" => {
-                    // `user:http` is an edge to `user`.
-                    let callee = target.split(':').next().unwrap_or(target).to_string();
-                    let entry = edges.entry((proxy.service.clone(), callee)).or_default();
-                    entry.1.add(previous, counts);
-                    entry.0 += 1;
-                }
-                _ => {}
-            }
-        }
-    }
-    Ok(Measurement {
-        window,
-        services: services
-            .into_iter()
-            .map(|(service, (proxies, delta))| Row {
-                service: Some(service),
-                caller: None,
-                callee: None,
-                route: None,
-                proxies,
-                golden: delta.golden(window),
-            })
-            .collect(),
-        edges: edges
-            .into_iter()
-            .map(|((caller, callee), (proxies, delta))| Row {
-                service: None,
-                caller: Some(caller),
-                callee: Some(callee),
-                route: None,
-                proxies,
-                golden: delta.golden(window),
-            })
-            .collect(),
-    })
+    Ok(ferrule_golden::compare(&before, &after, started.elapsed()))
 }
 
 /// `ferrule stat`'s document.
@@ -249,9 +155,9 @@ async fn measure_paths(addr: &ControllerAddr, window: Duration) -> anyhow::Resul
                     requests,
                     success_rate: (requests > 0.0).then(|| successes / requests),
                     rps: requests / window.as_secs_f64().max(f64::EPSILON),
-                    p50_ms: views::sample_quantile(&latencies, 0.50),
-                    p95_ms: views::sample_quantile(&latencies, 0.95),
-                    p99_ms: views::sample_quantile(&latencies, 0.99),
+                    p50_ms: ferrule_golden::sample_quantile(&latencies, 0.50),
+                    p95_ms: ferrule_golden::sample_quantile(&latencies, 0.95),
+                    p99_ms: ferrule_golden::sample_quantile(&latencies, 0.99),
                 },
             }
         })

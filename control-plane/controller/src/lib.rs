@@ -5,14 +5,15 @@
 //! [`registry`] writes registrations under leases, [`discovery`] fans one store watch per
 //! service out to every subscriber, [`config`] is the configuration centre, [`admin`] answers
 //! the CLI, [`http`] serves `/live`,
-//! `/ready` and `/metrics`, and [`webhook`] the HTTPS injection webhook (`--webhook-addr`);
-//! [`trace`] makes each RPC a trace span when tracing is on; [`auth`] serves the gRPC port over
-//! TLS and decides who may call what when the controller is the mesh CA.
+//! `/ready`, `/metrics` and the web [`dashboard`], and [`webhook`] the HTTPS injection webhook
+//! (`--webhook-addr`); [`trace`] makes each RPC a trace span when tracing is on; [`auth`] serves
+//! the gRPC port over TLS and decides who may call what when the controller is the mesh CA.
 
 pub mod addresses;
 pub mod admin;
 pub mod auth;
 pub mod config;
+pub mod dashboard;
 pub mod discovery;
 pub mod http;
 pub mod identity;
@@ -45,6 +46,9 @@ pub struct Options {
     pub trace: Option<ferrule_trace::ExportConfig>,
     /// How the gRPC API is protected (with a CA only).
     pub auth: auth::AuthOptions,
+    /// The trace API the dashboard lists recent traces from (`ferrule dev up`'s receiver);
+    /// `None`: the dashboard shows no traces.
+    pub traces_api: Option<SocketAddr>,
 }
 
 /// Runs the controller on already-bound listeners until `shutdown` is cancelled.
@@ -168,7 +172,8 @@ pub async fn serve_with(
             }
         }
     };
-    let http_task = http::serve(admin, store, metrics, shutdown.clone());
+    let dashboard = Arc::new(dashboard::Dashboard::new(store.clone(), options.traces_api));
+    let http_task = http::serve(admin, store, metrics, dashboard, shutdown.clone());
     let (grpc_result, http_result) = tokio::join!(grpc_task, http_task);
     grpc_result?;
     http_result?;

@@ -24,7 +24,8 @@ struct Config {
     #[arg(long, env = "FERRULE_GRPC_ADDR", default_value = "127.0.0.1:8086")]
     grpc_addr: SocketAddr,
 
-    /// HTTP listener for /live, /ready and /metrics (port 0: any free port).
+    /// HTTP listener for /live, /ready, /metrics and the web dashboard at / (port 0: any free
+    /// port).
     #[arg(long, env = "FERRULE_ADMIN_ADDR", default_value = "127.0.0.1:9990")]
     admin_addr: SocketAddr,
 
@@ -91,6 +92,13 @@ struct Config {
     /// The share of new traces sampled, 0 to 1 (calls with a trace context follow it).
     #[arg(long, env = "FERRULE_CONTROLLER_TRACE_SAMPLE_RATIO", default_value_t = 1.0, value_parser = parse_ratio)]
     trace_sample_ratio: f64,
+
+    /// The trace API (HTTP/JSON, `GET /traces`) the dashboard lists recent traces from, e.g.
+    /// the one `ferrule dev up`'s own OTLP receiver serves (dev up passes it). Without it the
+    /// dashboard shows no traces.
+    #[arg(long, env = "FERRULE_TRACES_API", value_name = "ADDR")]
+    traces_api: Option<SocketAddr>,
+
     #[command(flatten)]
     webhook: WebhookArgs,
 }
@@ -250,6 +258,7 @@ async fn main() -> anyhow::Result<()> {
         identity,
         trace: export,
         auth,
+        traces_api: config.traces_api,
     };
     ferrule_controller::serve_with(store, grpc, admin, options, shutdown)
         .await

@@ -178,6 +178,13 @@ impl Gateway {
         let tracker = TaskTracker::new();
         let metrics = Metrics::new();
         let policy_metrics = PolicyMetrics::register(&metrics);
+        // Bound first so the controller learns where it answers (`/metrics`, for `ferrule
+        // stat` and the dashboard) with the record its config stream makes.
+        let (admin_listener, admin) = bind("admin", args.common.admin_addr).await?;
+        let mut proxy_info = args.proxy_info(&proxy_id);
+        if !admin.ip().is_unspecified() {
+            proxy_info.admin_address = admin.to_string();
+        }
         let policies = match args.common.controllers("config") {
             Some(controllers) => {
                 // A Gateway resource is acked only if the gateway can build a router from it
@@ -194,12 +201,7 @@ impl Gateway {
                     None => Ok(()),
                 });
                 // The services its routes call subscribe as the router builds their stacks.
-                PolicyClient::spawn_checked(
-                    controllers,
-                    args.proxy_info(&proxy_id),
-                    check,
-                    shutdown.child_token(),
-                )
+                PolicyClient::spawn_checked(controllers, proxy_info, check, shutdown.child_token())
             }
             None => PolicyClient::fixed(PolicySet::default()),
         };
@@ -218,7 +220,6 @@ impl Gateway {
         .map(|(tls, _)| tls);
 
         let listen_addr = args.listen.unwrap_or(file.listen());
-        let (admin_listener, admin) = bind("admin", args.common.admin_addr).await?;
         let (listener, listen) = bind("gateway", listen_addr).await?;
         let addrs = GatewayAddrs { listen, admin };
 

@@ -77,6 +77,9 @@ pub struct Options {
     /// The OTLP/gRPC collector every proxy exports trace spans to (`--otlp`, or `dev up`'s
     /// own receiver).
     pub otlp: Option<String>,
+    /// The JSON API of `dev up`'s own trace receiver, which the controller's dashboard lists
+    /// recent traces from; `None` with `--otlp`.
+    pub traces_api: Option<SocketAddr>,
     /// The mesh CA's files (`<state dir>/identity`), so every hop between proxies is mutual
     /// TLS; `None` with `--no-identity`.
     pub identity: Option<PathBuf>,
@@ -136,6 +139,8 @@ pub struct Spec {
 #[derive(Debug, Clone, Copy, Deserialize)]
 pub struct ControllerAddrs {
     pub grpc: SocketAddr,
+    /// `/ready`, `/metrics` and the web dashboard.
+    pub admin: SocketAddr,
 }
 
 /// The JSON of `shop-<service> ready: ...`.
@@ -171,6 +176,11 @@ pub fn controller(opts: &Options) -> Spec {
                     dir.to_string_lossy().into_owned(),
                 ]
             }))
+            .chain(
+                opts.traces_api
+                    .iter()
+                    .flat_map(|api| ["--traces-api".to_string(), api.to_string()]),
+            )
             .collect(),
         env: opts
             .otlp
@@ -548,6 +558,7 @@ mod tests {
             jwt_secret: "s3cret".into(),
             postgres: None,
             otlp: None,
+            traces_api: None,
             identity: None,
             tokens: Default::default(),
         }

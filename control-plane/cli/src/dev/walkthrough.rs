@@ -1,5 +1,5 @@
-//! What `ferrule dev up` prints once the mesh is ready: the `ready:` line and a short
-//! walkthrough of copy-pasteable commands against the gateway (log in, read a user, create an
+//! What `ferrule dev up` prints once the mesh is ready: the `ready:` line, the dashboard's
+//! URL and a short walkthrough of copy-pasteable commands against the gateway (log in, read a user, create an
 //! order over HTTP and over gRPC, run into the rate limit), then where each proxy's metrics
 //! are and how to see traces.
 //!
@@ -19,9 +19,20 @@ pub fn render(state: &DevState, state_dir: &Path) -> String {
     let ferrule = shown(&state.supervisor.program);
     let controller = state.controller;
     let over = API_RATE_LIMIT + 5;
+    let dashboard = state
+        .processes
+        .iter()
+        .find(|p| p.name == "controller")
+        .and_then(|p| p.admin)
+        .map(|admin| {
+            format!(
+                "\nDashboard (topology, golden metrics, breakers, proxies, traces): http://{admin}/\n"
+            )
+        })
+        .unwrap_or_default();
     let mut out = format!(
         "ready: the shop is up behind the gateway at {gw} ({} processes, logs in {dir}/logs)
-
+{dashboard}
 Try it from another shell:
 
   # log in as alice and keep the token
@@ -139,6 +150,7 @@ mod tests {
             traces: Some("127.0.0.1:5".parse().unwrap()),
             otlp: None,
             processes: vec![
+                record("controller", Some("127.0.0.1:9990")),
                 record("user-1", None),
                 record("user-1-proxy", Some("127.0.0.1:4191")),
                 record("gateway", Some("127.0.0.1:4192")),
@@ -146,9 +158,14 @@ mod tests {
         };
         let text = render(&state, Path::new("/tmp/st"));
         assert!(text.starts_with("ready: "), "{text}");
+        assert!(
+            text.contains("Dashboard (topology, golden metrics, breakers, proxies, traces): http://127.0.0.1:9990/\n"),
+            "{text}"
+        );
         assert!(text.contains("curl -s http://127.0.0.1:8000/api/users/123 -H"));
         assert!(text.contains("  user-1-proxy  http://127.0.0.1:4191/metrics\n"));
         assert!(text.contains("  gateway       http://127.0.0.1:4192/metrics\n"));
+        assert!(text.contains("  controller    http://127.0.0.1:9990/metrics\n"));
         assert!(text.contains("`/bin/x dev down --state-dir /tmp/st`"));
         assert!(text.contains("/bin/x --controller 127.0.0.1:1 get endpoints user\n"));
         assert!(text.contains("$(seq 15)"));
