@@ -6,7 +6,8 @@
 //! service out to every subscriber, [`config`] is the configuration centre, [`admin`] answers
 //! the CLI, [`http`] serves `/live`,
 //! `/ready` and `/metrics`, and [`webhook`] the HTTPS injection webhook (`--webhook-addr`);
-//! [`trace`] makes each RPC a trace span when tracing is on.
+//! [`trace`] makes each RPC a trace span when tracing is on; [`identity`] is the mesh CA and
+//! [`tokenreview`] checks Kubernetes service-account tokens for it.
 
 pub mod addresses;
 pub mod admin;
@@ -17,6 +18,7 @@ pub mod identity;
 pub mod keys;
 pub mod metrics;
 pub mod registry;
+pub mod tokenreview;
 pub mod trace;
 pub mod webhook;
 
