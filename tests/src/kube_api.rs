@@ -136,7 +136,11 @@ impl KubeApi {
 
     /// The token stops being valid (its pod was deleted).
     pub fn revoke(&self, token: &str) {
-        self.state.tokens.lock().expect("not poisoned").remove(token);
+        self.state
+            .tokens
+            .lock()
+            .expect("not poisoned")
+            .remove(token);
     }
 
     /// Every TokenReview received so far.

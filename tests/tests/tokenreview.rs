@@ -51,7 +51,11 @@ fn csr() -> Vec<u8> {
         .to_vec()
 }
 
-async fn certify(controller: &Controller, token: &str, identity: &str) -> Result<CertifyResponse, tonic::Status> {
+async fn certify(
+    controller: &Controller,
+    token: &str,
+    identity: &str,
+) -> Result<CertifyResponse, tonic::Status> {
     let mut client = IdentityClient::connect(controller.url())
         .await
         .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
@@ -90,26 +94,49 @@ async fn a_valid_token_gets_its_service_account_s_identity() -> Result<()> {
     assert_eq!(reviews[0]["apiVersion"], "authentication.k8s.io/v1");
     assert_eq!(reviews[0]["kind"], "TokenReview");
     assert_eq!(reviews[0]["spec"]["token"], token.as_str());
-    assert_eq!(reviews[0]["spec"]["audiences"], serde_json::json!(["ferrule"]));
+    assert_eq!(
+        reviews[0]["spec"]["audiences"],
+        serde_json::json!(["ferrule"])
+    );
 
     // Asking for the identity the token proves is fine; for another, refused.
     certify(&controller, &token, USER).await?;
-    let err = certify(&controller, &token, "spiffe://cluster.local/ns/shop/sa/payment")
-        .await
-        .unwrap_err();
+    let err = certify(
+        &controller,
+        &token,
+        "spiffe://cluster.local/ns/shop/sa/payment",
+    )
+    .await
+    .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err}");
     assert!(err.message().contains(USER), "{err}");
 
     // Join tokens still work beside service-account tokens.
     let mut cmd = std::process::Command::new(binary("ferrule")?);
     cmd.args(["--controller", &controller.grpc.to_string()])
-        .args(["identity", "token", "create", "--service", "payment", "-n", "shop"]);
+        .args([
+            "identity",
+            "token",
+            "create",
+            "--service",
+            "payment",
+            "-n",
+            "shop",
+        ]);
     let out = output(cmd).await?;
-    anyhow::ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    anyhow::ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let join = String::from_utf8(out.stdout)?.trim().to_string();
     let rsp = certify(&controller, &join, "").await?;
     assert_eq!(rsp.identity, "spiffe://cluster.local/ns/shop/sa/payment");
-    assert_eq!(kube.reviews().len(), 3, "a join token is never sent for review");
+    assert_eq!(
+        kube.reviews().len(),
+        3,
+        "a join token is never sent for review"
+    );
     Ok(())
 }
 
@@ -127,7 +154,11 @@ async fn refused_tokens_are_unauthenticated_with_the_reason() -> Result<()> {
     kube.revoke(&revoked);
     let cases = [
         ("unknown token", unknown, "invalid bearer token"),
-        ("another audience", other_audience, "token audiences [\"vault\"]"),
+        (
+            "another audience",
+            other_audience,
+            "token audiences [\"vault\"]",
+        ),
         ("revoked token", revoked, "invalid bearer token"),
     ];
     for (what, token, reason) in &cases {
@@ -212,7 +243,11 @@ async fn an_api_server_down_hung_or_refusing_the_controller_is_unavailable() -> 
     let err = certify(&c, &token, "").await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err}");
     assert!(err.message().contains("did not answer"), "{err}");
-    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
     Ok(())
 }
 
@@ -222,13 +257,24 @@ async fn bad_kubernetes_flags_stop_the_start() -> Result<()> {
     init_ca(ca.path()).await?;
     let start = |args: Vec<String>| async move {
         let mut cmd = std::process::Command::new(binary("ferrule-controller")?);
-        cmd.args(["--store", "memory", "--grpc-addr", ANY_PORT, "--admin-addr", ANY_PORT])
-            .args(args);
+        cmd.args([
+            "--store",
+            "memory",
+            "--grpc-addr",
+            ANY_PORT,
+            "--admin-addr",
+            ANY_PORT,
+        ])
+        .args(args);
         let out = output(cmd).await?;
         anyhow::ensure!(!out.status.success(), "the controller started");
         anyhow::Ok(String::from_utf8_lossy(&out.stderr).into_owned())
     };
-    let stderr = start(vec!["--kubernetes-api".into(), "https://127.0.0.1:1".into()]).await?;
+    let stderr = start(vec![
+        "--kubernetes-api".into(),
+        "https://127.0.0.1:1".into(),
+    ])
+    .await?;
     assert!(stderr.contains("needs --identity-dir"), "{stderr}");
     let dir = ca.path().display().to_string();
     let stderr = start(vec![
@@ -240,7 +286,10 @@ async fn bad_kubernetes_flags_stop_the_start() -> Result<()> {
         "/nonexistent/ca.crt".into(),
     ])
     .await?;
-    assert!(stderr.contains("--kubernetes-ca-file /nonexistent/ca.crt"), "{stderr}");
+    assert!(
+        stderr.contains("--kubernetes-ca-file /nonexistent/ca.crt"),
+        "{stderr}"
+    );
     let stderr = start(vec![
         "--identity-dir".into(),
         dir,
@@ -265,7 +314,10 @@ async fn proxies_bootstrap_from_service_account_token_files() -> Result<()> {
     let tokens = tempfile::tempdir()?;
     let token_file = |sa: &str| -> Result<String> {
         let path = tokens.path().join(sa);
-        std::fs::write(&path, format!("{}\n", kube.issue("default", sa, &["ferrule"])))?;
+        std::fs::write(
+            &path,
+            format!("{}\n", kube.issue("default", sa, &["ferrule"])),
+        )?;
         Ok(path.display().to_string())
     };
 
@@ -292,12 +344,16 @@ async fn proxies_bootstrap_from_service_account_token_files() -> Result<()> {
     // The server accepts only mutual TLS, the client accepts the server only as the identity
     // it registered (web-sa), and the app sees the client's verified identity.
     let web_up = client.upstream("web")?;
-    let reply = eventually(Duration::from_secs(15), "a request through both proxies", || async {
-        http1(web_up, ferrule_harness::get("web", "/who"))
-            .await
-            .ok()
-            .filter(|r| r.status == 200)
-    })
+    let reply = eventually(
+        Duration::from_secs(15),
+        "a request through both proxies",
+        || async {
+            http1(web_up, ferrule_harness::get("web", "/who"))
+                .await
+                .ok()
+                .filter(|r| r.status == 200)
+        },
+    )
     .await?;
     assert_eq!(
         reply.header("x-client-id"),

@@ -17,7 +17,8 @@ use ferrule_inject::InjectConfig;
 use serde_json::{Value, json};
 
 /// `k8s/base`, file by file, in the order of `k8s/base/kustomization.yaml` (a test checks it),
-/// with the webhook's certificate Secret (a placeholder the kustomization leaves out).
+/// with the webhook's certificate and mesh CA Secrets (placeholders the kustomization leaves
+/// out).
 const BASE: &[(&str, &str)] = &[
     (
         "namespace.yaml",
@@ -42,6 +43,9 @@ const BASE: &[(&str, &str)] = &[
         include_str!("../../../k8s/base/webhook.yaml"),
     ),
 ];
+
+/// Files of `k8s/base` the kustomization leaves out: Secrets install fills in.
+const PLACEHOLDERS: &[&str] = &["webhook-tls.yaml", "identity.yaml"];
 
 const NAMESPACE: &str = "ferrule-system";
 /// The name the API server calls the webhook by (its Service), which the certificate names.
@@ -186,7 +190,10 @@ const IDENTITY_FILES: [&str; 3] = [
 
 /// The mesh CA's files, read from `dir` and checked the way the controller loads them, so a
 /// CA that would stop the controller is refused here and not in the cluster.
-fn read_identity(dir: &std::path::Path, trust_domain: &str) -> anyhow::Result<Vec<(&'static str, String)>> {
+fn read_identity(
+    dir: &std::path::Path,
+    trust_domain: &str,
+) -> anyhow::Result<Vec<(&'static str, String)>> {
     let mut files = Vec::new();
     for name in IDENTITY_FILES {
         let path = dir.join(name);
@@ -358,7 +365,9 @@ pub fn install(args: InstallArgs) -> anyhow::Result<()> {
              # the issuer's private key; keep it as you keep that key.\n",
             args.trust_domain
         ),
-        Identity::None => "# Installed with --identity=none: no mesh CA; proxies talk plaintext.\n".into(),
+        Identity::None => {
+            "# Installed with --identity=none: no mesh CA; proxies talk plaintext.\n".into()
+        }
     };
     let header = format!(
         "# Ferrule {} control plane, from `ferrule install` (k8s/base with a new webhook\n\
@@ -827,7 +836,15 @@ fn webhook_checks(kubectl: &Kubectl<'_>) -> anyhow::Result<Vec<Check>> {
 fn identity_checks(kubectl: &Kubectl<'_>) -> anyhow::Result<Vec<Check>> {
     let controller = json_of(
         kubectl,
-        &["-n", NAMESPACE, "get", "deployment", "ferrule-controller", "-o", "json"],
+        &[
+            "-n",
+            NAMESPACE,
+            "get",
+            "deployment",
+            "ferrule-controller",
+            "-o",
+            "json",
+        ],
     )?;
     let secret = kubectl(&[
         "-n",
@@ -945,7 +962,7 @@ mod tests {
         let embedded: Vec<&str> = BASE
             .iter()
             .map(|(f, _)| *f)
-            .filter(|f| *f != "webhook-tls.yaml")
+            .filter(|f| !PLACEHOLDERS.contains(f))
             .collect();
         assert_eq!(
             listed, embedded,
@@ -1038,7 +1055,8 @@ mod tests {
         none.identity = None;
         let err = none.identity().err().unwrap().to_string();
         assert!(
-            err.contains("ferrule identity init --dir ./mesh-ca") && err.contains("--identity=none"),
+            err.contains("ferrule identity init --dir ./mesh-ca")
+                && err.contains("--identity=none"),
             "{err}"
         );
 
@@ -1088,9 +1106,7 @@ mod tests {
 
     #[test]
     fn identity_check() {
-        let deployment = |args: &[&str]| {
-            json!({"spec": {"template": {"spec": {"containers": [{"args": args}]}}}})
-        };
+        let deployment = |args: &[&str]| json!({"spec": {"template": {"spec": {"containers": [{"args": args}]}}}});
         let with_ca = deployment(&["--identity-dir=/var/run/ferrule/identity"]);
         let ca = mesh_ca();
         let b64 = |name: &str| {

@@ -46,6 +46,8 @@ pub const JOIN_TOKENS_PREFIX: &str = "/ferrule/identity/join-tokens/";
 pub const DEFAULT_JOIN_TOKEN_TTL: Duration = Duration::from_secs(3600);
 /// The longest a join token may live: it is a bearer secret.
 pub const MAX_JOIN_TOKEN_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+/// How many certificates of replaced issuers renewals still accept leaves of.
+const MAX_EARLIER_ISSUERS: usize = 4;
 /// Below this share of its lifetime left, the issuer's expiry is warned about.
 const WARN_REMAINING_SHARE: f64 = 0.25;
 
@@ -124,6 +126,9 @@ pub struct CaHandle {
     problem: Arc<Mutex<Option<String>>>,
     leaf_lifetime: Duration,
     token_review: Option<Arc<TokenReviewer>>,
+    /// The issuer chains of the CAs this one replaced (the last few): leaves they signed are
+    /// still renewed while they chain to the current bundle.
+    earlier_issuers: Arc<Mutex<Vec<rustls_pki_types::CertificateDer<'static>>>>,
 }
 
 impl CaHandle {
@@ -135,6 +140,7 @@ impl CaHandle {
             problem: Arc::new(Mutex::new(None)),
             leaf_lifetime: ferrule_ca::DEFAULT_LEAF_LIFETIME,
             token_review: None,
+            earlier_issuers: Arc::default(),
         }
     }
 
@@ -160,6 +166,7 @@ impl CaHandle {
             problem: Arc::new(Mutex::new(None)),
             leaf_lifetime: files.leaf_lifetime,
             token_review,
+            earlier_issuers: Arc::default(),
         };
         handle.check_expiry(&metrics, &mut None);
         tokio::spawn(handle.clone().reload(files, raw, tx, metrics, shutdown));
@@ -189,6 +196,12 @@ impl CaHandle {
             match files.read() {
                 Ok(raw) if raw != loaded => match files.load(&raw) {
                     Ok(ca) => {
+                        if let Some(old) = self.ca() {
+                            let mut earlier = self.earlier_issuers.lock().expect("not poisoned");
+                            earlier.extend(old.chain().iter().cloned());
+                            let excess = earlier.len().saturating_sub(MAX_EARLIER_ISSUERS);
+                            earlier.drain(..excess);
+                        }
                         tracing::info!(
                             anchors = ca.anchors().len(),
                             issuer_expires = %ca.issuer_info().not_after,
@@ -285,11 +298,18 @@ impl IdentityService {
     /// The identity a request's credential proves.
     async fn authenticate(&self, ca: &Ca, req: &CertifyRequest) -> Result<SpiffeId, Status> {
         if !req.current_certificate_der.is_empty() {
+            let earlier = self
+                .ca
+                .earlier_issuers
+                .lock()
+                .expect("not poisoned")
+                .clone();
             return ca
-                .renewal_identity(
+                .renewal_identity_after(
                     &req.current_certificate_der,
                     &req.csr_der,
                     rustls_pki_types::UnixTime::now(),
+                    &earlier,
                 )
                 .map_err(|e| {
                     self.refuse(
