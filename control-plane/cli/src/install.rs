@@ -44,9 +44,6 @@ const BASE: &[(&str, &str)] = &[
     ),
 ];
 
-/// Files of `k8s/base` the kustomization leaves out: Secrets install fills in.
-const PLACEHOLDERS: &[&str] = &["webhook-tls.yaml", "identity.yaml"];
-
 const NAMESPACE: &str = "ferrule-system";
 /// The name the API server calls the webhook by (its Service), which the certificate names.
 const WEBHOOK_HOST: &str = "ferrule-webhook.ferrule-system.svc";
@@ -945,6 +942,9 @@ pub fn check(args: CheckArgs) -> anyhow::Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Files of `k8s/base` the kustomization leaves out: Secrets install fills in.
+    const PLACEHOLDERS: &[&str] = &["webhook-tls.yaml", "identity.yaml"];
 
     #[test]
     fn the_embedded_files_are_the_kustomization_s_resources_in_order() {
