@@ -76,11 +76,31 @@ for c in "$K8S"/components/*/; do
 done
 fi
 if [ -n "${FERRULE:-}" ]; then
-    "$FERRULE" install > "$OUT/install.yaml"
-    "$FERRULE" install --sidecar classic > "$OUT/install-classic.yaml"
+    # install takes the mesh CA `identity init` makes, and never makes one itself.
+    "$FERRULE" identity init --dir "$OUT/mesh-ca" > /dev/null
+    "$FERRULE" install --identity-dir "$OUT/mesh-ca" > "$OUT/install.yaml"
+    "$FERRULE" install --identity-dir "$OUT/mesh-ca" --sidecar classic > "$OUT/install-classic.yaml"
+    "$FERRULE" install --identity=none > "$OUT/install-no-identity.yaml"
+    rm -rf "$OUT/mesh-ca"
+    grep -q 'name: ferrule-identity' "$OUT/install.yaml" || {
+        echo "FAIL: ferrule install printed no identity Secret" >&2; exit 1; }
+    if "$FERRULE" install > /dev/null 2> "$OUT/no-ca.log"; then
+        echo "FAIL: ferrule install without --identity-dir made a control plane" >&2
+        exit 1
+    fi
+    grep -q 'ferrule identity init' "$OUT/no-ca.log" || {
+        echo "FAIL: ferrule install without a CA does not say how to make one:" >&2
+        cat "$OUT/no-ca.log" >&2
+        exit 1
+    }
+    rm -f "$OUT/no-ca.log"
     "$FERRULE" uninstall > "$OUT/uninstall.yaml"
     "$FERRULE" inject "$OUT/shop.yaml" > "$OUT/shop-injected.yaml" 2> "$OUT/inject.log"
     "$FERRULE" inject --classic - < "$OUT/shop.yaml" > "$OUT/shop-injected-classic.yaml" 2>/dev/null
+    "$FERRULE" inject --no-identity - < "$OUT/shop.yaml" > "$OUT/shop-injected-no-identity.yaml" 2>/dev/null
+    # Injected with identity: the projected token reaches the proxy, for the controller's audience.
+    grep -q 'audience: ferrule' "$OUT/shop-injected.yaml" || {
+        echo "FAIL: ferrule inject mounted no service-account token for the proxy" >&2; exit 1; }
     # The shop's apps and database get a proxy; the gateway (a proxy itself) opts out.
     for want in 'deployment/user injected' 'deployment/order injected' \
         'deployment/payment injected' 'statefulset/postgres injected' \

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # End to end on a real Kubernetes: creates a kind cluster, builds the images and loads them
-# into it, installs Ferrule (`ferrule check --pre`, `ferrule install | kubectl apply -f -`,
+# into it, installs Ferrule (`ferrule check --pre`, `ferrule install --identity-dir | kubectl apply -f -`,
 # `ferrule check`), deploys the shop in its injection-labelled namespace, checks that every
 # shop pod got its proxy, runs the shop's walkthrough through the gateway's NodePort, then
 # uninstalls and deletes the cluster.
@@ -64,8 +64,11 @@ kind load docker-image --name "$CLUSTER" "${images[@]}"
 log "ferrule check --pre"
 "$FERRULE" check --pre
 
-log "ferrule install"
-"$FERRULE" install | kubectl apply -f -
+log "ferrule install (with a mesh CA made by ferrule identity init)"
+CA_DIR=$(mktemp -d)
+"$FERRULE" identity init --dir "$CA_DIR/mesh-ca"
+"$FERRULE" install --identity-dir "$CA_DIR/mesh-ca" | kubectl apply -f -
+rm -rf "$CA_DIR"
 kubectl -n ferrule-system rollout status statefulset/ferrule-etcd --timeout=300s
 kubectl -n ferrule-system rollout status deployment/ferrule-controller --timeout=300s
 

@@ -3,7 +3,8 @@
 //! Everything a test starts is owned by a guard ([`Etcd`], [`Process`]) that kills it when the
 //! guard is dropped, also when the test panics. [`backend`] has the test backends proxies sit in
 //! front of; [`netns`] a network namespace for a peer that is not loopback;
-//! [`identity_mesh`] a controller that is the mesh CA and sidecars with identities. Waits are
+//! [`identity_mesh`] a controller that is the mesh CA and sidecars with identities; [`KubeApi`] a
+//! stand-in Kubernetes API server answering TokenReviews. Waits are
 //! event-driven (a ready line is printed, a port answers), async and always bounded.
 //!
 //! No port is guessed where it can be avoided: the controller and the proxy bind port 0
@@ -17,6 +18,7 @@ mod controller;
 pub mod dev_mesh;
 mod etcd;
 pub mod identity_mesh;
+mod kube_api;
 pub mod netns;
 pub mod netns_cluster;
 mod process;
@@ -31,6 +33,7 @@ use anyhow::{Context, bail};
 pub use client::{REQUEST_TIMEOUT, Reply, get, http_get, http1, http2};
 pub use controller::{Controller, admin_cli_args, controller_tls};
 pub use etcd::Etcd;
+pub use kube_api::KubeApi;
 pub use process::Process;
 pub use proxy::{Proxy, ProxyBuilder};
 

@@ -401,16 +401,32 @@ impl Ca {
         csr_der: &[u8],
         now: UnixTime,
     ) -> Result<SpiffeId, RenewalError> {
+        self.renewal_identity_after(current, csr_der, now, &[])
+    }
+
+    /// [`Ca::renewal_identity`] for a certificate that earlier issuers (`earlier`, certificates
+    /// this CA signed with before its issuer was replaced) may have signed: it must still chain
+    /// to an anchor of the current bundle. Without them every proxy's renewal after an issuer
+    /// rotation would be refused until its certificate expired.
+    pub fn renewal_identity_after(
+        &self,
+        current: &[u8],
+        csr_der: &[u8],
+        now: UnixTime,
+        earlier: &[CertificateDer<'static>],
+    ) -> Result<SpiffeId, RenewalError> {
         let csr = parse_csr(csr_der).map_err(|e| RenewalError::Invalid(e.to_string()))?;
         let leaf = CertificateDer::from(current);
         let parsed = rustls::server::ParsedCertificate::try_from(&leaf)
             .map_err(|e| RenewalError::Invalid(e.to_string()))?;
         let roots = self.root_store().map_err(RenewalError::Invalid)?;
         let algorithms = rustls::crypto::ring::default_provider().signature_verification_algorithms;
+        let intermediates: Vec<CertificateDer<'static>> =
+            self.chain.iter().chain(earlier).cloned().collect();
         rustls::client::verify_server_cert_signed_by_trust_anchor(
             &parsed,
             &roots,
-            &self.chain,
+            &intermediates,
             now,
             algorithms.all,
         )

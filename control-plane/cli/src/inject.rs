@@ -11,6 +11,7 @@ const EXAMPLES: &str = "Examples:
   ferrule inject deploy.yaml | kubectl apply -f -
   kubectl get deploy -n shop -o yaml | ferrule inject - | kubectl apply -f -
   ferrule inject --classic job.yaml > job-injected.yaml   # clusters older than 1.29
+  ferrule inject --no-identity deploy.yaml   # for a control plane installed --identity=none
 
 Pods, Deployments, StatefulSets, DaemonSets, ReplicaSets, Jobs and CronJobs are injected
 (multi-document YAML and Lists too); other resources pass through. Workloads annotated
@@ -38,6 +39,20 @@ pub struct InjectArgs {
     /// The controller address injected proxies dial.
     #[arg(long, default_value_t = InjectConfig::default().controller)]
     proxy_controller: String,
+
+    /// Give the proxy no identity: no service-account token volume, so it runs without a
+    /// certificate and talks plaintext (for a control plane installed with --identity=none).
+    #[arg(long)]
+    no_identity: bool,
+
+    /// The audience of the projected service-account token the proxy proves its identity
+    /// with (the controller's --token-audience).
+    #[arg(long, default_value = ferrule_inject::pod::DEFAULT_TOKEN_AUDIENCE, conflicts_with = "no_identity")]
+    token_audience: String,
+
+    /// The mesh's trust domain (the controller's --trust-domain).
+    #[arg(long, default_value = ferrule_proto::identity::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
 }
 
 pub fn run(args: InjectArgs) -> anyhow::Result<()> {
@@ -57,6 +72,8 @@ pub fn run(args: InjectArgs) -> anyhow::Result<()> {
         } else {
             SidecarMode::Native
         },
+        token_audience: (!args.no_identity).then_some(args.token_audience),
+        trust_domain: args.trust_domain,
         ..InjectConfig::default()
     });
     let (out, reports) =

@@ -1,8 +1,10 @@
 //! `ferrule install`, `ferrule uninstall` and `ferrule check`: the control plane on Kubernetes.
 //!
 //! `install` prints the manifests of `k8s/base` (embedded in the binary, in the order of its
-//! kustomization) with a fresh certificate for the injection webhook filled in, for
-//! `| kubectl apply -f -`. `uninstall` prints the same objects in
+//! kustomization) with a fresh certificate for the injection webhook filled in and the mesh CA
+//! from `ferrule identity init`'s directory as the Secret `ferrule-identity`, for
+//! `| kubectl apply -f -`. It never makes a CA itself: without `--identity-dir` it refuses,
+//! unless told `--identity=none` (then the controller is no CA and proxies get no token). `uninstall` prints the same objects in
 //! reverse order (the webhook first, so no pod creation waits on a controller going away), for
 //! `| kubectl delete -f -`. `check` asks the cluster through `kubectl` (the CLI has no
 //! Kubernetes client of its own), and each check that fails says how to fix it.
@@ -15,7 +17,8 @@ use ferrule_inject::InjectConfig;
 use serde_json::{Value, json};
 
 /// `k8s/base`, file by file, in the order of `k8s/base/kustomization.yaml` (a test checks it),
-/// with the webhook's certificate Secret (a placeholder the kustomization leaves out).
+/// with the webhook's certificate and mesh CA Secrets (placeholders the kustomization leaves
+/// out).
 const BASE: &[(&str, &str)] = &[
     (
         "namespace.yaml",
@@ -26,6 +29,10 @@ const BASE: &[(&str, &str)] = &[
     (
         "webhook-tls.yaml",
         include_str!("../../../k8s/base/webhook-tls.yaml"),
+    ),
+    (
+        "identity.yaml",
+        include_str!("../../../k8s/base/identity.yaml"),
     ),
     (
         "controller.yaml",
@@ -42,20 +49,24 @@ const NAMESPACE: &str = "ferrule-system";
 const WEBHOOK_HOST: &str = "ferrule-webhook.ferrule-system.svc";
 
 const INSTALL_EXAMPLES: &str = "Examples:
-  ferrule install | kubectl apply -f -
-  ferrule install --sidecar classic | kubectl apply -f -     # clusters older than 1.29
-  ferrule install --proxy-image registry.example/ferrule/proxy:0.1.0 \\
+  ferrule identity init --dir ./mesh-ca          # once per mesh; keep anchor.key offline
+  ferrule install --identity-dir ./mesh-ca | kubectl apply -f -
+  ferrule install --identity-dir ./mesh-ca --sidecar classic | kubectl apply -f -   # < 1.29
+  ferrule install --identity=none | kubectl apply -f -     # no mesh CA: proxies talk plaintext
+  ferrule install --identity-dir ./mesh-ca --proxy-image registry.example/ferrule/proxy:0.1.0 \\
       --controller-image registry.example/ferrule/controller:0.1.0 > ferrule.yaml
 
 Prints the control plane (namespace ferrule-system: a 3-member etcd, the controller with the
-injection webhook, RBAC) with a new self-signed certificate for the webhook, made now. Running
-it again makes a new certificate; applying that replaces the old one. Then label a namespace
-for injection: kubectl label namespace NAME ferrule.io/inject=enabled.
+injection webhook and the mesh CA, RBAC) with a new self-signed certificate for the webhook,
+made now, and the mesh CA of --identity-dir as the Secret ferrule-identity (trust-anchors.pem,
+issuer.pem, issuer.key; never anchor.key). The controller checks injected proxies' projected
+service-account tokens with a TokenReview and gives each the identity
+spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>; proxies talk mutual TLS.
+Running it again makes a new webhook certificate; applying that replaces the old one. Then label
+a namespace for injection: kubectl label namespace NAME ferrule.io/inject=enabled.
 
-Identity is not installed yet: the mesh CA and mTLS between proxies exist (docs/identity.md),
-but this does not yet make a trust anchor and issuer Secret, and the controller does not yet
-accept service-account tokens, so injected proxies talk plaintext HTTP/2 to each other. See
-docs/kubernetes.md.";
+A mesh CA is never made silently: without --identity-dir install refuses (--identity=none
+installs without one). See docs/kubernetes.md and docs/identity.md.";
 
 const UNINSTALL_EXAMPLES: &str = "Examples:
   ferrule uninstall | kubectl delete -f -
@@ -86,6 +97,21 @@ pub struct InstallArgs {
     /// Kubernetes 1.29+) or `classic` (a regular container, older clusters).
     #[arg(long, default_value = "native", value_parser = ["native", "classic"])]
     sidecar: String,
+
+    /// The mesh CA to install: a directory `ferrule identity init` wrote (trust-anchors.pem,
+    /// issuer.pem, issuer.key). Required unless --identity=none.
+    #[arg(long, value_name = "DIR", conflicts_with = "identity")]
+    identity_dir: Option<std::path::PathBuf>,
+
+    /// `none`: install without a mesh CA (no Secret; injected proxies get no identity and talk
+    /// plaintext). The only value; give --identity-dir for a mesh with mutual TLS.
+    #[arg(long, value_name = "none", value_parser = ["none"])]
+    identity: Option<String>,
+
+    /// The mesh's trust domain; the CA's issuer must be made for it (`ferrule identity init
+    /// --trust-domain`). The controller passes it on to the proxies it injects.
+    #[arg(long, default_value = ferrule_proto::identity::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
 }
 
 #[derive(Debug, clap::Args)]
@@ -152,11 +178,79 @@ fn webhook_tls() -> anyhow::Result<WebhookTls> {
     })
 }
 
-/// The install manifests with the certificate, images and sidecar mode filled in.
-fn install_resources(args: &InstallArgs, tls: &WebhookTls) -> anyhow::Result<Vec<Value>> {
+/// The Secret `ferrule-identity` holds these files of `ferrule identity init`'s directory.
+const IDENTITY_FILES: [&str; 3] = [
+    crate::identity::TRUST_ANCHORS,
+    crate::identity::ISSUER_CERT,
+    crate::identity::ISSUER_KEY,
+];
+
+/// The mesh CA's files, read from `dir` and checked the way the controller loads them, so a
+/// CA that would stop the controller is refused here and not in the cluster.
+fn read_identity(
+    dir: &std::path::Path,
+    trust_domain: &str,
+) -> anyhow::Result<Vec<(&'static str, String)>> {
+    let mut files = Vec::new();
+    for name in IDENTITY_FILES {
+        let path = dir.join(name);
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "--identity-dir: reading {} (make a mesh CA with `ferrule identity init --dir {}`)",
+                path.display(),
+                dir.display()
+            )
+        })?;
+        files.push((name, text));
+    }
+    ferrule_ca::Ca::from_pem(
+        trust_domain,
+        files[0].1.as_bytes(),
+        files[1].1.as_bytes(),
+        &files[2].1,
+    )
+    .with_context(|| {
+        format!(
+            "--identity-dir {}: the files do not make a mesh CA for trust domain {trust_domain}",
+            dir.display()
+        )
+    })?;
+    Ok(files)
+}
+
+/// What `install` was told about identity.
+enum Identity {
+    /// The mesh CA's files, by their names in the Secret.
+    Ca(Vec<(&'static str, String)>),
+    /// `--identity=none`.
+    None,
+}
+
+impl InstallArgs {
+    fn identity(&self) -> anyhow::Result<Identity> {
+        match (&self.identity_dir, &self.identity) {
+            (Some(dir), _) => Ok(Identity::Ca(read_identity(dir, &self.trust_domain)?)),
+            (None, Some(_)) => Ok(Identity::None),
+            (None, None) => anyhow::bail!(
+                "ferrule install needs the mesh CA the controller signs proxies' certificates                  with, and never makes one silently. Make one and keep it (anchor.key makes the                  next issuer):\n  ferrule identity init --dir ./mesh-ca\n  ferrule install                  --identity-dir ./mesh-ca | kubectl apply -f -\nor install without mutual TLS:                  ferrule install --identity=none"
+            ),
+        }
+    }
+}
+
+/// Controller flags that only a controller with a mesh CA gets.
+const IDENTITY_ARGS: &[&str] = &["--identity-dir=", "--kubernetes-api=", "--token-audience="];
+
+/// The install manifests with the certificate, images, sidecar mode and mesh CA filled in.
+fn install_resources(
+    args: &InstallArgs,
+    tls: &WebhookTls,
+    identity: &Identity,
+) -> anyhow::Result<Vec<Value>> {
     let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
     let mut resources = base_resources()?;
     let (mut secret, mut webhook, mut controller) = (false, false, false);
+    let mut identity_secret = false;
     for r in &mut resources {
         let kind = r["kind"].as_str().unwrap_or_default().to_string();
         let name = r["metadata"]["name"]
@@ -188,17 +282,65 @@ fn install_resources(args: &InstallArgs, tls: &WebhookTls) -> anyhow::Result<Vec
                 });
                 container_args.push(json!(format!("--proxy-image={}", args.proxy_image)));
                 container_args.push(json!(format!("--sidecar={}", args.sidecar)));
+                container_args.push(json!(format!("--trust-domain={}", args.trust_domain)));
+                if let Identity::None = identity {
+                    container_args.retain(|a| {
+                        let a = a.as_str().unwrap_or_default();
+                        !IDENTITY_ARGS.iter().any(|p| a.starts_with(p))
+                    });
+                    without_identity_volume(r)?;
+                }
                 controller = true;
+            }
+            ("Secret", "ferrule-identity") => {
+                if let Identity::Ca(files) = identity {
+                    r["data"] = files
+                        .iter()
+                        .map(|(name, text)| (name.to_string(), json!(b64(text))))
+                        .collect::<serde_json::Map<_, _>>()
+                        .into();
+                }
+                identity_secret = true;
             }
             _ => {}
         }
     }
     anyhow::ensure!(
-        secret && webhook && controller,
-        "the embedded manifests lack the webhook Secret, the webhook configuration or the \
-         controller Deployment"
+        secret && webhook && controller && identity_secret,
+        "the embedded manifests lack the webhook Secret, the webhook configuration, the \
+         controller Deployment or the identity Secret"
     );
+    if let Identity::None = identity {
+        resources.retain(|r| !(r["kind"] == "Secret" && r["metadata"]["name"] == IDENTITY_SECRET));
+    }
     Ok(resources)
+}
+
+/// The Secret the controller's `--identity-dir` is mounted from.
+const IDENTITY_SECRET: &str = "ferrule-identity";
+
+/// Removes the identity Secret's volume and mount from the controller Deployment `r`.
+fn without_identity_volume(r: &mut Value) -> anyhow::Result<()> {
+    let spec = r
+        .pointer_mut("/spec/template/spec")
+        .context("the embedded controller Deployment has no pod spec")?;
+    let volume = spec["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|v| v["secret"]["secretName"] == IDENTITY_SECRET)
+        .and_then(|v| v["name"].as_str())
+        .map(str::to_string)
+        .context("the embedded controller Deployment does not mount the identity Secret")?;
+    if let Some(volumes) = spec["volumes"].as_array_mut() {
+        volumes.retain(|v| v["name"] != volume.as_str());
+    }
+    for container in spec["containers"].as_array_mut().into_iter().flatten() {
+        if let Some(mounts) = container["volumeMounts"].as_array_mut() {
+            mounts.retain(|m| m["name"] != volume.as_str());
+        }
+    }
+    Ok(())
 }
 
 fn to_yaml(resources: &[Value], header: &str) -> String {
@@ -211,12 +353,22 @@ fn to_yaml(resources: &[Value], header: &str) -> String {
 }
 
 pub fn install(args: InstallArgs) -> anyhow::Result<()> {
+    let identity = args.identity()?;
     let tls = webhook_tls().context("making the webhook certificate")?;
-    let resources = install_resources(&args, &tls)?;
+    let resources = install_resources(&args, &tls, &identity)?;
+    let identity_note = match identity {
+        Identity::Ca(_) => format!(
+            "# The mesh CA (trust domain {}) is in the Secret ferrule-identity: this output holds\n\
+             # the issuer's private key; keep it as you keep that key.\n",
+            args.trust_domain
+        ),
+        Identity::None => {
+            "# Installed with --identity=none: no mesh CA; proxies talk plaintext.\n".into()
+        }
+    };
     let header = format!(
         "# Ferrule {} control plane, from `ferrule install` (k8s/base with a new webhook\n\
-         # certificate). Apply with: kubectl apply -f -\n\
-         # Identity is not installed yet: no trust anchor or issuer (docs/kubernetes.md).\n",
+         # certificate). Apply with: kubectl apply -f -\n{identity_note}",
         ferrule_inject::pod::VERSION
     );
     print_all(&to_yaml(&resources, &header))
@@ -464,12 +616,91 @@ fn check_proxies(pods: &Value, namespaces: &Value) -> Vec<Check> {
                 .into(),
         ));
     }
-    out.push(Check::Warn(
-        "proxy certificates are not checked: install does not set up identity in a cluster yet"
-            .into(),
-        "nothing to do".into(),
-    ));
     out
+}
+
+/// Below this much issuer lifetime left, `check` warns (Linkerd's check says 60 days too).
+const ISSUER_WARN_SECONDS: i64 = 60 * 24 * 3600;
+
+/// The mesh CA: the controller has one, its Secret exists and holds a CA that loads, and the
+/// issuer is not about to expire. `secret` is `None` when there is no such Secret.
+fn check_identity(deployment: &Value, secret: Option<&Value>, now: i64) -> Vec<Check> {
+    let args: Vec<&str> = deployment
+        .pointer("/spec/template/spec/containers/0/args")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    let arg = |flag: &str| args.iter().find_map(|a| a.strip_prefix(flag));
+    let fix = "ferrule identity init --dir ./mesh-ca, then ferrule install --identity-dir \
+               ./mesh-ca | kubectl apply -f - (docs/kubernetes.md)";
+    if arg("--identity-dir=").is_none() {
+        return vec![Check::Warn(
+            "the controller has no mesh CA (installed with --identity=none): proxies have no \
+             identity and talk plaintext"
+                .into(),
+            fix.into(),
+        )];
+    }
+    let Some(secret) = secret else {
+        return vec![Check::Fail(
+            format!("the Secret {IDENTITY_SECRET} is missing: the controller cannot start"),
+            fix.into(),
+        )];
+    };
+    let mut files = Vec::new();
+    for name in IDENTITY_FILES {
+        let text = secret["data"][name]
+            .as_str()
+            .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+            .and_then(|b| String::from_utf8(b).ok())
+            .filter(|t| !t.trim().is_empty());
+        let Some(text) = text else {
+            return vec![Check::Fail(
+                format!("the Secret {IDENTITY_SECRET} has no {name}: the controller cannot start"),
+                fix.into(),
+            )];
+        };
+        files.push(text);
+    }
+    let trust_domain =
+        arg("--trust-domain=").unwrap_or(ferrule_proto::identity::DEFAULT_TRUST_DOMAIN);
+    let ca = match ferrule_ca::Ca::from_pem(
+        trust_domain,
+        files[0].as_bytes(),
+        files[1].as_bytes(),
+        &files[2],
+    ) {
+        Ok(ca) => ca,
+        Err(e) => {
+            return vec![Check::Fail(
+                format!("the Secret {IDENTITY_SECRET} holds no usable mesh CA: {e}"),
+                "replace it with the files of ferrule identity init (docs/identity.md)".into(),
+            )];
+        }
+    };
+    let expires = ca.issuer_info().not_after;
+    let left = expires.unix_timestamp() - now;
+    let what = format!(
+        "mesh CA: {} trust anchor(s), trust domain {trust_domain}, issuer valid until {expires}",
+        ca.anchors().len()
+    );
+    let rotate = "rotate the issuer: ferrule identity issuer, then replace the Secret's \
+                  issuer.pem and issuer.key (docs/identity.md, Rotation)";
+    if left <= 0 {
+        vec![Check::Fail(
+            format!("{what}: the issuer has expired, no certificate can be issued"),
+            rotate.into(),
+        )]
+    } else if left < ISSUER_WARN_SECONDS {
+        vec![Check::Warn(
+            format!("{what}: less than 60 days left"),
+            rotate.into(),
+        )]
+    } else {
+        vec![Check::Pass(what)]
+    }
 }
 
 type CheckFn = fn(&Kubectl<'_>) -> anyhow::Result<Vec<Check>>;
@@ -599,6 +830,40 @@ fn webhook_checks(kubectl: &Kubectl<'_>) -> anyhow::Result<Vec<Check>> {
     Ok(check_webhook(&config, &endpoints))
 }
 
+fn identity_checks(kubectl: &Kubectl<'_>) -> anyhow::Result<Vec<Check>> {
+    let controller = json_of(
+        kubectl,
+        &[
+            "-n",
+            NAMESPACE,
+            "get",
+            "deployment",
+            "ferrule-controller",
+            "-o",
+            "json",
+        ],
+    )?;
+    let secret = kubectl(&[
+        "-n",
+        NAMESPACE,
+        "get",
+        "secret",
+        IDENTITY_SECRET,
+        "--ignore-not-found",
+        "-o",
+        "json",
+    ])?;
+    let secret: Option<Value> = if secret.trim().is_empty() {
+        None
+    } else {
+        Some(serde_json::from_str(&secret).context("kubectl get secret printed no JSON")?)
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    Ok(check_identity(&controller, secret.as_ref(), now))
+}
+
 fn proxy_checks(kubectl: &Kubectl<'_>) -> anyhow::Result<Vec<Check>> {
     let pods = json_of(kubectl, &["get", "pods", "--all-namespaces", "-o", "json"])?;
     let namespaces = json_of(kubectl, &["get", "namespaces", "-o", "json"])?;
@@ -619,6 +884,7 @@ fn run_checks(pre: bool, kubectl: &Kubectl<'_>) -> Vec<Check> {
             ("etcd", etcd_checks),
             ("controller", controller_checks),
             ("webhook", webhook_checks),
+            ("identity", identity_checks),
             ("proxies", proxy_checks),
         ]
     };
@@ -677,6 +943,9 @@ pub fn check(args: CheckArgs) -> anyhow::Result<bool> {
 mod tests {
     use super::*;
 
+    /// Files of `k8s/base` the kustomization leaves out: Secrets install fills in.
+    const PLACEHOLDERS: &[&str] = &["webhook-tls.yaml", "identity.yaml"];
+
     #[test]
     fn the_embedded_files_are_the_kustomization_s_resources_in_order() {
         let path = concat!(
@@ -693,7 +962,7 @@ mod tests {
         let embedded: Vec<&str> = BASE
             .iter()
             .map(|(f, _)| *f)
-            .filter(|f| *f != "webhook-tls.yaml")
+            .filter(|f| !PLACEHOLDERS.contains(f))
             .collect();
         assert_eq!(
             listed, embedded,
@@ -701,18 +970,49 @@ mod tests {
         );
     }
 
-    #[test]
-    fn install_fills_in_the_certificate_images_and_mode() {
-        let args = InstallArgs {
+    fn args(identity_dir: Option<&std::path::Path>) -> InstallArgs {
+        InstallArgs {
             proxy_image: "r/proxy:1".into(),
             controller_image: "r/controller:1".into(),
             sidecar: "classic".into(),
-        };
+            identity_dir: identity_dir.map(Into::into),
+            identity: identity_dir.is_none().then(|| "none".into()),
+            trust_domain: "cluster.local".into(),
+        }
+    }
+
+    fn mesh_ca() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        crate::identity::create_ca(
+            dir.path(),
+            "cluster.local",
+            std::time::Duration::from_secs(10 * 365 * 86400),
+            std::time::Duration::from_secs(365 * 86400),
+            false,
+        )
+        .unwrap();
+        dir
+    }
+
+    #[test]
+    fn install_fills_in_the_certificate_images_and_mode() {
+        let ca = mesh_ca();
+        let args = args(Some(ca.path()));
         let tls = webhook_tls().unwrap();
-        let resources = install_resources(&args, &tls).unwrap();
+        let identity = args.identity().unwrap();
+        let resources = install_resources(&args, &tls, &identity).unwrap();
         let find = |kind: &str| resources.iter().find(|r| r["kind"] == kind).unwrap();
+        let secret = |name: &str| {
+            resources
+                .iter()
+                .find(|r| r["kind"] == "Secret" && r["metadata"]["name"] == name)
+                .unwrap()
+        };
         let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
-        assert_eq!(find("Secret")["data"]["tls.crt"], json!(b64(&tls.cert_pem)));
+        assert_eq!(
+            secret("ferrule-webhook-tls")["data"]["tls.crt"],
+            json!(b64(&tls.cert_pem))
+        );
         let hooks = find("MutatingWebhookConfiguration")["webhooks"].clone();
         assert_eq!(hooks.as_array().unwrap().len(), 2);
         for hook in hooks.as_array().unwrap() {
@@ -726,6 +1026,21 @@ mod tests {
             "{args}"
         );
         assert_eq!(args.matches("--proxy-image").count(), 1, "{args}");
+        assert!(
+            args.contains("--identity-dir=") && args.contains("--kubernetes-api="),
+            "{args}"
+        );
+
+        // The mesh CA's three files, never the anchor's key.
+        let data = &secret("ferrule-identity")["data"];
+        for name in IDENTITY_FILES {
+            let file = std::fs::read_to_string(ca.path().join(name)).unwrap();
+            assert_eq!(data[name], json!(b64(&file)), "{name}");
+        }
+        assert_eq!(data.as_object().unwrap().len(), 3, "{data}");
+        assert!(!resources.iter().any(|r| r.to_string().contains(&b64(
+            &std::fs::read_to_string(ca.path().join(crate::identity::ANCHOR_KEY)).unwrap()
+        ))));
 
         assert_eq!(tls.cert_pem.matches("BEGIN CERTIFICATE").count(), 1);
         assert!(tls.key_pem.contains("PRIVATE KEY"));
@@ -735,13 +1050,110 @@ mod tests {
     }
 
     #[test]
+    fn without_a_mesh_ca_install_refuses_unless_told_none() {
+        let mut none = args(None);
+        none.identity = None;
+        let err = none.identity().err().unwrap().to_string();
+        assert!(
+            err.contains("ferrule identity init --dir ./mesh-ca")
+                && err.contains("--identity=none"),
+            "{err}"
+        );
+
+        let empty = tempfile::tempdir().unwrap();
+        let err = format!("{:#}", args(Some(empty.path())).identity().err().unwrap());
+        assert!(err.contains("trust-anchors.pem"), "{err}");
+
+        // A CA of another trust domain would stop the controller: refused here.
+        let ca = mesh_ca();
+        let mut other = args(Some(ca.path()));
+        other.trust_domain = "example.org".into();
+        let err = format!("{:#}", other.identity().err().unwrap());
+        assert!(err.contains("example.org"), "{err}");
+
+        // --identity=none: no Secret, and a controller that is no CA.
+        let args = args(None);
+        let identity = args.identity().unwrap();
+        let resources = install_resources(&args, &webhook_tls().unwrap(), &identity).unwrap();
+        assert!(
+            !resources
+                .iter()
+                .any(|r| r["metadata"]["name"] == "ferrule-identity")
+        );
+        let deployment = resources
+            .iter()
+            .find(|r| r["kind"] == "Deployment")
+            .unwrap();
+        let text = deployment.to_string();
+        assert!(
+            !text.contains("identity") && !text.contains("--kubernetes-api"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn uninstall_deletes_the_webhook_first_and_the_namespace_last() {
         let r = uninstall_resources().unwrap();
         assert_eq!(r.first().unwrap()["kind"], "MutatingWebhookConfiguration");
         assert_eq!(r.last().unwrap()["kind"], "Namespace");
         assert_eq!(r.len(), base_resources().unwrap().len());
-        let secret = r.iter().find(|o| o["kind"] == "Secret").unwrap();
-        assert_eq!(secret["data"]["tls.key"], "", "no key is made for deleting");
+        for secret in r.iter().filter(|o| o["kind"] == "Secret") {
+            for (_, value) in secret["data"].as_object().unwrap() {
+                assert_eq!(value, "", "no key is made for deleting");
+            }
+        }
+    }
+
+    #[test]
+    fn identity_check() {
+        let deployment = |args: &[&str]| json!({"spec": {"template": {"spec": {"containers": [{"args": args}]}}}});
+        let with_ca = deployment(&["--identity-dir=/var/run/ferrule/identity"]);
+        let ca = mesh_ca();
+        let b64 = |name: &str| {
+            base64::engine::general_purpose::STANDARD
+                .encode(std::fs::read_to_string(ca.path().join(name)).unwrap())
+        };
+        let secret = json!({"data": {
+            "trust-anchors.pem": b64("trust-anchors.pem"),
+            "issuer.pem": b64("issuer.pem"),
+            "issuer.key": b64("issuer.key"),
+        }});
+        let now = 1_800_000_000;
+        let real_now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        match &check_identity(&with_ca, Some(&secret), real_now)[..] {
+            [Check::Pass(what)] => assert!(what.contains("1 trust anchor"), "{what}"),
+            other => panic!("{other:?}"),
+        }
+        // The issuer is valid for a year: near its end, a warning; after, a failure.
+        let year = 365 * 86400;
+        assert!(matches!(
+            &check_identity(&with_ca, Some(&secret), real_now + year - 30 * 86400)[..],
+            [Check::Warn(..)]
+        ));
+        assert!(matches!(
+            &check_identity(&with_ca, Some(&secret), real_now + year + 86400)[..],
+            [Check::Fail(what, _)] if what.contains("expired")
+        ));
+        match &check_identity(&with_ca, None, now)[..] {
+            [Check::Fail(what, fix)] => {
+                assert!(what.contains("ferrule-identity is missing"), "{what}");
+                assert!(fix.contains("ferrule identity init"), "{fix}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut half = secret.clone();
+        half["data"]["issuer.key"] = json!("");
+        assert!(matches!(
+            &check_identity(&with_ca, Some(&half), now)[..],
+            [Check::Fail(what, _)] if what.contains("issuer.key")
+        ));
+        assert!(matches!(
+            &check_identity(&deployment(&[]), None, now)[..],
+            [Check::Warn(what, _)] if what.contains("--identity=none")
+        ));
     }
 
     #[test]

@@ -9,10 +9,12 @@
 //! notifications, because a Secret volume swaps a symlink that inotify watchers miss, and
 //! because a missed event must never leave an expired issuer in use.
 //!
-//! Credentials ([`Credential`]): a join token made by `CreateJoinToken` (stored as a SHA-256
-//! hash under `/ferrule/identity/join-tokens/`, with a lease so it vanishes when it expires),
-//! or the proxy's current certificate for a renewal. The identity in the certificate is the
-//! one the credential proves, never one the CSR names.
+//! Credentials: a join token made by `CreateJoinToken` (stored as a SHA-256 hash under
+//! `/ferrule/identity/join-tokens/`, with a lease so it vanishes when it expires), a
+//! Kubernetes service-account token checked by the API server ([`crate::tokenreview`], when
+//! `--kubernetes-api` is given; any token without the join-token prefix is taken for one), or
+//! the proxy's current certificate for a renewal. The identity in the certificate is the one
+//! the credential proves, never one the CSR names.
 
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -36,6 +38,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::metrics::Metrics;
+use crate::tokenreview::{ReviewError, TokenReviewer};
 
 /// Where join tokens live in the store, by the hex SHA-256 of the token.
 pub const JOIN_TOKENS_PREFIX: &str = "/ferrule/identity/join-tokens/";
@@ -43,6 +46,8 @@ pub const JOIN_TOKENS_PREFIX: &str = "/ferrule/identity/join-tokens/";
 pub const DEFAULT_JOIN_TOKEN_TTL: Duration = Duration::from_secs(3600);
 /// The longest a join token may live: it is a bearer secret.
 pub const MAX_JOIN_TOKEN_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+/// How many certificates of replaced issuers renewals still accept leaves of.
+const MAX_EARLIER_ISSUERS: usize = 4;
 /// Below this share of its lifetime left, the issuer's expiry is warned about.
 const WARN_REMAINING_SHARE: f64 = 0.25;
 
@@ -57,6 +62,8 @@ pub struct CaFiles {
     pub check_interval: Duration,
     /// Lifetime of the workload certificates the CA signs.
     pub leaf_lifetime: Duration,
+    /// Where Kubernetes service-account tokens are checked; `None`: join tokens only.
+    pub token_review: Option<crate::tokenreview::TokenReviewConfig>,
 }
 
 impl CaFiles {
@@ -69,6 +76,7 @@ impl CaFiles {
             issuer_key: dir.join("issuer.key"),
             check_interval: Duration::from_secs(10),
             leaf_lifetime: ferrule_ca::DEFAULT_LEAF_LIFETIME,
+            token_review: None,
         }
     }
 
@@ -76,7 +84,16 @@ impl CaFiles {
     /// not fit together says so before it announces itself ready.
     pub fn check(&self) -> anyhow::Result<()> {
         let raw = self.read().map_err(anyhow::Error::msg)?;
-        self.load(&raw).map(drop).map_err(anyhow::Error::msg)
+        self.load(&raw).map(drop).map_err(anyhow::Error::msg)?;
+        self.token_reviewer().map(drop)
+    }
+
+    fn token_reviewer(&self) -> anyhow::Result<Option<Arc<TokenReviewer>>> {
+        self.token_review
+            .clone()
+            .map(|config| TokenReviewer::new(config).map(Arc::new))
+            .transpose()
+            .map_err(anyhow::Error::msg)
     }
 
     fn read(&self) -> Result<(Vec<u8>, Vec<u8>, String), String> {
@@ -108,6 +125,10 @@ pub struct CaHandle {
     current: watch::Receiver<Option<Arc<Ca>>>,
     problem: Arc<Mutex<Option<String>>>,
     leaf_lifetime: Duration,
+    token_review: Option<Arc<TokenReviewer>>,
+    /// The issuer chains of the CAs this one replaced (the last few): leaves they signed are
+    /// still renewed while they chain to the current bundle.
+    earlier_issuers: Arc<Mutex<Vec<rustls_pki_types::CertificateDer<'static>>>>,
 }
 
 impl CaHandle {
@@ -118,6 +139,8 @@ impl CaHandle {
             current,
             problem: Arc::new(Mutex::new(None)),
             leaf_lifetime: ferrule_ca::DEFAULT_LEAF_LIFETIME,
+            token_review: None,
+            earlier_issuers: Arc::default(),
         }
     }
 
@@ -130,6 +153,7 @@ impl CaHandle {
     ) -> anyhow::Result<Self> {
         let raw = files.read().map_err(anyhow::Error::msg)?;
         let ca = files.load(&raw).map_err(anyhow::Error::msg)?;
+        let token_review = files.token_reviewer()?;
         tracing::info!(
             trust_domain = ca.trust_domain(),
             anchors = ca.anchors().len(),
@@ -141,6 +165,8 @@ impl CaHandle {
             current,
             problem: Arc::new(Mutex::new(None)),
             leaf_lifetime: files.leaf_lifetime,
+            token_review,
+            earlier_issuers: Arc::default(),
         };
         handle.check_expiry(&metrics, &mut None);
         tokio::spawn(handle.clone().reload(files, raw, tx, metrics, shutdown));
@@ -176,6 +202,12 @@ impl CaHandle {
             match files.read() {
                 Ok(raw) if raw != loaded => match files.load(&raw) {
                     Ok(ca) => {
+                        if let Some(old) = self.ca() {
+                            let mut earlier = self.earlier_issuers.lock().expect("not poisoned");
+                            earlier.extend(old.chain().iter().cloned());
+                            let excess = earlier.len().saturating_sub(MAX_EARLIER_ISSUERS);
+                            earlier.drain(..excess);
+                        }
                         tracing::info!(
                             anchors = ca.anchors().len(),
                             issuer_expires = %ca.issuer_info().not_after,
@@ -272,11 +304,18 @@ impl IdentityService {
     /// The identity a request's credential proves.
     async fn authenticate(&self, ca: &Ca, req: &CertifyRequest) -> Result<SpiffeId, Status> {
         if !req.current_certificate_der.is_empty() {
+            let earlier = self
+                .ca
+                .earlier_issuers
+                .lock()
+                .expect("not poisoned")
+                .clone();
             return ca
-                .renewal_identity(
+                .renewal_identity_after(
                     &req.current_certificate_der,
                     &req.csr_der,
                     rustls_pki_types::UnixTime::now(),
+                    &earlier,
                 )
                 .map_err(|e| {
                     self.refuse(
@@ -294,12 +333,7 @@ impl IdentityService {
             ));
         }
         if !req.token.starts_with(JOIN_TOKEN_PREFIX) {
-            return Err(self.refuse(
-                "unknown_token_kind",
-                Status::unauthenticated(format!(
-                    "the token is not a join token (they start with {JOIN_TOKEN_PREFIX:?}); this controller does not check Kubernetes service-account tokens"
-                )),
-            ));
+            return self.review_kubernetes_token(ca, &req.token).await;
         }
         let key = format!(
             "{JOIN_TOKENS_PREFIX}{}",
@@ -321,6 +355,34 @@ impl IdentityService {
         }
         SpiffeId::new(ca.trust_domain(), &token.namespace, &token.service)
             .map_err(|e| Status::internal(format!("stored join token names a bad identity: {e}")))
+    }
+}
+
+impl IdentityService {
+    /// The identity a Kubernetes service-account token proves, as the API server says.
+    async fn review_kubernetes_token(&self, ca: &Ca, token: &str) -> Result<SpiffeId, Status> {
+        let Some(reviewer) = &self.ca.token_review else {
+            return Err(self.refuse(
+                "unknown_token_kind",
+                Status::unauthenticated(format!(
+                    "the token is not a join token (they start with {JOIN_TOKEN_PREFIX:?}), and this controller does not check Kubernetes service-account tokens (--kubernetes-api)"
+                )),
+            ));
+        };
+        let account = reviewer.review(token).await.map_err(|e| match e {
+            ReviewError::Refused(why) => self.refuse("bad_token", Status::unauthenticated(why)),
+            ReviewError::Unavailable(why) => {
+                self.refuse("kubernetes_unavailable", Status::unavailable(why))
+            }
+        })?;
+        SpiffeId::new(ca.trust_domain(), &account.namespace, &account.name).map_err(|e| {
+            self.refuse(
+                "bad_token",
+                Status::unauthenticated(format!(
+                    "the service account the token proves is no workload identity: {e}"
+                )),
+            )
+        })
     }
 }
 

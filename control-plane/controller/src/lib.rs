@@ -7,7 +7,8 @@
 //! the CLI, [`http`] serves `/live`,
 //! `/ready`, `/metrics` and the web [`dashboard`], and [`webhook`] the HTTPS injection webhook
 //! (`--webhook-addr`); [`trace`] makes each RPC a trace span when tracing is on; [`auth`] serves
-//! the gRPC port over TLS and decides who may call what when the controller is the mesh CA.
+//! the gRPC port over TLS and decides who may call what when the controller is the mesh CA;
+//! [`identity`] is the mesh CA and [`tokenreview`] checks Kubernetes service-account tokens for it.
 
 pub mod addresses;
 pub mod admin;
@@ -20,6 +21,7 @@ pub mod identity;
 pub mod keys;
 pub mod metrics;
 pub mod registry;
+pub mod tokenreview;
 pub mod trace;
 pub mod webhook;
 

@@ -101,6 +101,8 @@ struct Config {
 
     #[command(flatten)]
     webhook: WebhookArgs,
+    #[command(flatten)]
+    kubernetes: ferrule_controller::tokenreview::TokenReviewArgs,
 }
 
 /// The injection webhook's flags (off unless `--webhook-addr` is given).
@@ -134,7 +136,9 @@ struct WebhookArgs {
 }
 
 impl WebhookArgs {
-    fn injector(&self) -> Injector {
+    /// `token_audience`: the audience of the service-account token injected proxies get,
+    /// when this controller checks such tokens (otherwise they get none and no identity).
+    fn injector(&self, token_audience: Option<String>, trust_domain: &str) -> Injector {
         Injector::new(InjectConfig {
             proxy_image: self.proxy_image.clone(),
             controller: self.proxy_controller.clone(),
@@ -143,6 +147,8 @@ impl WebhookArgs {
             } else {
                 SidecarMode::Native
             },
+            token_audience,
+            trust_domain: trust_domain.to_string(),
             ..InjectConfig::default()
         })
     }
@@ -178,8 +184,14 @@ async fn main() -> anyhow::Result<()> {
         let mut files = ferrule_controller::identity::CaFiles::in_dir(dir, &config.trust_domain);
         files.leaf_lifetime = config.identity_leaf_lifetime;
         files.check_interval = config.identity_check_interval;
+        files.token_review = config.kubernetes.config();
         files
     });
+    if identity.is_none() && config.kubernetes.kubernetes_api.is_some() {
+        anyhow::bail!(
+            "--kubernetes-api checks tokens for the mesh CA: it needs --identity-dir as well"
+        );
+    }
     if let Some(files) = &identity {
         files
             .check()
@@ -236,7 +248,11 @@ async fn main() -> anyhow::Result<()> {
             ],
         });
     let webhook_task = webhook.map(|(listener, tls)| {
-        let injector = Arc::new(config.webhook.injector());
+        let audience = identity
+            .as_ref()
+            .and_then(|files| files.token_review.as_ref())
+            .map(|review| review.audience.clone());
+        let injector = Arc::new(config.webhook.injector(audience, &config.trust_domain));
         tokio::spawn(ferrule_controller::webhook::serve(
             listener,
             tls,

@@ -13,10 +13,17 @@
 //!
 //! The proxy is configured through environment variables (the contract with `ferrule-proxy`):
 //! `FERRULE_CONTROLLER`, `FERRULE_PROXY_TRANSPARENT=true`, `FERRULE_PROXY_NAMESPACE` and
-//! `FERRULE_PROXY_SERVICE_ACCOUNT` from the downward API (the identity the proxy will ask a
+//! `FERRULE_PROXY_SERVICE_ACCOUNT` from the downward API (the identity the proxy asks a
 //! certificate for), `FERRULE_PROXY_ID` (`<pod>.<namespace>`), `FERRULE_PROXY_ADVERTISE_IP`
 //! (the pod IP), `FERRULE_PROXY_SERVICE`, `FERRULE_PROXY_APP_PORTS` (the app containers' TCP
 //! ports, by their names) and `FERRULE_PROXY_OPAQUE_PORTS`.
+//!
+//! With identity ([`InjectConfig::token_audience`]), the pod also gets a projected
+//! service-account token for that audience (a volume the kubelet refreshes), mounted
+//! read-only into the proxy only, `FERRULE_TRUST_DOMAIN`, and `FERRULE_IDENTITY_TOKEN_FILE`
+//! naming the token: the proxy's
+//! bootstrap credential, which the controller checks with a TokenReview. The app's containers
+//! never see it.
 //!
 //! The app's probes are left as they are: the kubelet's probe connections are redirected to
 //! the proxy's inbound listener like any other, and it forwards them to the app's port, so an
@@ -42,6 +49,16 @@ pub const DEFAULT_OPAQUE_PORTS: &[u16] = &[25, 587, 3306, 5432, 6379, 11211];
 pub const PROXY_CONTAINER: &str = "ferrule-proxy";
 pub const INIT_CONTAINER: &str = "ferrule-init";
 const XTABLES_VOLUME: &str = "ferrule-init-xtables";
+/// The projected service-account token volume, and where the proxy finds the token.
+pub const TOKEN_VOLUME: &str = "ferrule-identity-token";
+pub const TOKEN_DIR: &str = "/var/run/secrets/ferrule.io/identity";
+pub const TOKEN_FILE: &str = "/var/run/secrets/ferrule.io/identity/token";
+/// The audience of the proxies' tokens unless configured otherwise (the controller's
+/// `--token-audience`).
+pub const DEFAULT_TOKEN_AUDIENCE: &str = "ferrule";
+/// How long a projected token is valid; the kubelet replaces it at 80 % of that. The proxy
+/// needs it only for its first certificate (renewals prove the identity with the current one).
+pub const TOKEN_EXPIRATION_SECONDS: u32 = 24 * 3600;
 
 /// How the proxy runs beside the app.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -65,6 +82,13 @@ pub struct InjectConfig {
     pub mode: SidecarMode,
     /// Written to `ferrule.io/proxy-version`.
     pub proxy_version: String,
+    /// With identity: the audience of the projected service-account token the proxy gets as
+    /// its bootstrap credential. `None`: no token, the proxy runs without identity (for a
+    /// controller that is no CA or does not check service-account tokens).
+    pub token_audience: Option<String>,
+    /// The mesh's trust domain (the controller's `--trust-domain`), passed to the proxy as
+    /// `FERRULE_TRUST_DOMAIN` with the token: the identity it asks for is in it.
+    pub trust_domain: String,
 }
 
 /// The version of this build: the default image tag and `ferrule.io/proxy-version`.
@@ -81,6 +105,8 @@ impl Default for InjectConfig {
             ),
             mode: SidecarMode::Native,
             proxy_version: VERSION.into(),
+            token_audience: Some(DEFAULT_TOKEN_AUDIENCE.into()),
+            trust_domain: ferrule_proto::identity::DEFAULT_TRUST_DOMAIN.into(),
         }
     }
 }
@@ -249,10 +275,22 @@ impl Injector {
                 json!(marker.1),
             )),
         }
-        let volume = json!({ "name": XTABLES_VOLUME, "emptyDir": {} });
+        let mut volumes = vec![json!({ "name": XTABLES_VOLUME, "emptyDir": {} })];
+        if let Some(audience) = &self.config.token_audience {
+            volumes.push(json!({
+                "name": TOKEN_VOLUME,
+                "projected": { "sources": [{ "serviceAccountToken": {
+                    "audience": audience,
+                    "expirationSeconds": TOKEN_EXPIRATION_SECONDS,
+                    "path": "token",
+                } }] },
+            }));
+        }
         match spec.get("volumes") {
-            Some(Value::Array(_)) => ops.push(add("/spec/volumes/-", volume)),
-            _ => ops.push(add("/spec/volumes", json!([volume]))),
+            Some(Value::Array(_)) => {
+                ops.extend(volumes.into_iter().map(|v| add("/spec/volumes/-", v)))
+            }
+            _ => ops.push(add("/spec/volumes", Value::Array(volumes))),
         }
         match (init_containers, mode) {
             (None, SidecarMode::Native) => {
@@ -340,6 +378,10 @@ impl Injector {
         }
         env.push(json!({ "name": "FERRULE_PROXY_OPAQUE_PORTS", "value": join(&opaque) }));
         env.push(json!({ "name": "FERRULE_PROXY_LOG_FORMAT", "value": "json" }));
+        if self.config.token_audience.is_some() {
+            env.push(json!({ "name": "FERRULE_IDENTITY_TOKEN_FILE", "value": TOKEN_FILE }));
+            env.push(json!({ "name": "FERRULE_TRUST_DOMAIN", "value": self.config.trust_domain }));
+        }
 
         let probe = |path: &str, period: u32, failures: u32| {
             json!({
@@ -374,6 +416,10 @@ impl Injector {
                 "seccompProfile": { "type": "RuntimeDefault" },
             },
         });
+        if self.config.token_audience.is_some() {
+            proxy["volumeMounts"] =
+                json!([{ "name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": true }]);
+        }
         if mode == SidecarMode::Native {
             proxy["restartPolicy"] = json!("Always");
             // Up to two minutes for the first controller connection before the kubelet

@@ -201,3 +201,49 @@ fn injecting_twice_changes_nothing() {
         reports[0]
     );
 }
+
+/// With identity (the default), the projected service-account token reaches the proxy alone;
+/// without, nothing of it is added.
+#[test]
+fn the_service_account_token_is_the_proxy_s_alone() {
+    let yaml = std::fs::read_to_string(golden_dir().join("input/deployment.yaml")).unwrap();
+    let (out, _) = manifest::inject(&injector(), &yaml).unwrap();
+    let (_, pod) = pods(&out).remove(0);
+    let volume = pod["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == ferrule_inject::pod::TOKEN_VOLUME)
+        .expect("a token volume");
+    assert_eq!(
+        volume["projected"]["sources"][0]["serviceAccountToken"],
+        json!({ "audience": "ferrule", "expirationSeconds": 86400, "path": "token" })
+    );
+    let proxy = pod["spec"]["initContainers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == ferrule_inject::pod::PROXY_CONTAINER)
+        .unwrap();
+    assert!(
+        proxy["env"].as_array().unwrap().contains(
+            &json!({ "name": "FERRULE_IDENTITY_TOKEN_FILE", "value": ferrule_inject::pod::TOKEN_FILE })
+        ),
+        "{proxy}"
+    );
+    assert_eq!(proxy["volumeMounts"][0]["readOnly"], json!(true));
+    for app in pod["spec"]["containers"].as_array().unwrap() {
+        assert!(
+            !app.to_string().contains(ferrule_inject::pod::TOKEN_VOLUME),
+            "an app container sees the token: {app}"
+        );
+    }
+
+    let plain = Injector::new(InjectConfig {
+        token_audience: None,
+        ..InjectConfig::default()
+    });
+    let (out, _) = manifest::inject(&plain, &yaml).unwrap();
+    assert!(!out.contains("ferrule-identity-token"), "{out}");
+    assert!(!out.contains("FERRULE_IDENTITY_TOKEN_FILE"), "{out}");
+}

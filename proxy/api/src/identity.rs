@@ -2,7 +2,8 @@
 //! before it expires, and the trust bundle, followed live.
 //!
 //! * The key is made here at start (ECDSA P-256) and never leaves the process.
-//! * The first certificate is asked for with the bootstrap credential (a join token); each
+//! * The first certificate is asked for with the bootstrap credential (a join token, or a
+//!   Kubernetes service-account token the controller checks with the API server); each
 //!   renewal proves the identity with the current certificate and a CSR of the same key, so
 //!   a short-lived join token only has to last until the first certificate.
 //! * Renewal starts at about 70 % of the certificate's lifetime, with jitter so a fleet does
@@ -10,10 +11,14 @@
 //!   has, retries with backoff, counts the failures and logs why; only an expired certificate
 //!   stops mutual TLS (peers refuse it), and the logs say so.
 //! * The trust bundle comes with each certificate and from the controller's
-//!   `WatchTrustBundle` stream, so added or removed anchors apply without a restart.
+//!   `WatchTrustBundle` stream, so added or removed anchors apply without a restart. Once the
+//!   stream has delivered a bundle, that one wins over the bundle a certificate came with: a
+//!   Certify answer signed just before the controller reloaded its files carries the old
+//!   bundle, and the stream (which announces each change once) would never correct it. That
+//!   would drop an anchor just added until the next renewal, and with it every peer whose new
+//!   certificate chains to it (a rotation's step 3, docs/identity.md).
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use ferrule_proto::v1::{CertifyRequest, WatchTrustBundleRequest, identity_client::IdentityClient};
@@ -41,9 +46,24 @@ const CERTIFY_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct IdentitySettings {
     /// Bootstrap credential for the first certificate.
     pub token: String,
+    /// The file `token` was read from: read again whenever the token is needed (the kubelet
+    /// replaces a projected service-account token before it expires), `token` being the
+    /// fallback while the file cannot be read.
+    pub token_file: Option<std::path::PathBuf>,
     /// The identity the proxy expects to be given (`spiffe://...`); the CA refuses instead of
     /// issuing another. Empty: whatever the token proves.
     pub expected: String,
+}
+
+impl IdentitySettings {
+    fn bootstrap_token(&self) -> String {
+        self.token_file
+            .as_ref()
+            .and_then(|path| std::fs::read_to_string(path).ok())
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
+            .unwrap_or_else(|| self.token.clone())
+    }
 }
 
 /// Counters of the identity client, on `/metrics`.
@@ -91,7 +111,7 @@ pub fn spawn(
         key: Arc::new(key),
         credentials: tx,
         metrics: m,
-        bundle_version: Arc::new(AtomicU64::new(0)),
+        streamed_bundle: Arc::new(Mutex::new(None)),
     };
     tokio::spawn(client.clone().renew_loop(shutdown.clone()));
     tokio::spawn(client.follow_bundle(shutdown));
@@ -105,9 +125,10 @@ struct Client {
     key: Arc<KeyPair>,
     credentials: Arc<watch::Sender<Option<Arc<Credentials>>>>,
     metrics: IdentityMetrics,
-    /// Bumped on each credentials change, so a bundle update never overwrites a newer
-    /// certificate with an older one.
-    bundle_version: Arc<AtomicU64>,
+    /// The last bundle the controller's stream delivered (`None` before the first). Its lock
+    /// is held while credentials are replaced, so a certificate and a bundle arriving at once
+    /// never overwrite each other with older state.
+    streamed_bundle: Arc<Mutex<Option<Vec<CertificateDer<'static>>>>>,
 }
 
 impl Client {
@@ -168,7 +189,7 @@ impl Client {
             token: if current_cert.is_some() {
                 String::new()
             } else {
-                self.settings.token.clone()
+                self.settings.bootstrap_token()
             },
             csr_der: self.csr()?,
             current_certificate_der: current_cert.unwrap_or_default(),
@@ -199,13 +220,22 @@ impl Client {
                 .into_iter()
                 .map(CertificateDer::from),
         );
-        let anchors: Vec<CertificateDer<'static>> = response
-            .trust_anchors_der
-            .into_iter()
-            .map(CertificateDer::from)
-            .collect();
-        let credentials = Credentials::new(chain, self.key.serialize_der(), &anchors)
-            .map_err(|e| format!("the certificate the CA sent is unusable: {e}"))?;
+        let credentials = {
+            let streamed = self.streamed_bundle.lock().expect("not poisoned");
+            let anchors: Vec<CertificateDer<'static>> = match streamed.as_ref() {
+                Some(bundle) => bundle.clone(),
+                None => response
+                    .trust_anchors_der
+                    .into_iter()
+                    .map(CertificateDer::from)
+                    .collect(),
+            };
+            let credentials = Credentials::new(chain, self.key.serialize_der(), &anchors)
+                .map(Arc::new)
+                .map_err(|e| format!("the certificate the CA sent is unusable: {e}"))?;
+            self.credentials.send_replace(Some(credentials.clone()));
+            credentials
+        };
         let not_after = credentials.not_after();
         let renewed = current.is_some();
         tracing::info!(
@@ -219,8 +249,6 @@ impl Client {
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs() as i64),
         );
-        self.bundle_version.fetch_add(1, Ordering::Relaxed);
-        self.credentials.send_replace(Some(Arc::new(credentials)));
         Ok(not_after
             .duration_since(SystemTime::now())
             .unwrap_or_default())
@@ -266,7 +294,8 @@ impl Client {
                 .into_iter()
                 .map(CertificateDer::from)
                 .collect();
-            let version = self.bundle_version.load(Ordering::Relaxed);
+            let mut streamed = self.streamed_bundle.lock().expect("not poisoned");
+            *streamed = Some(anchors.clone());
             let Some(current) = self.credentials.borrow().clone() else {
                 continue;
             };
@@ -274,11 +303,10 @@ impl Client {
                 continue;
             }
             match current.with_anchors(&anchors) {
-                Ok(updated) if self.bundle_version.load(Ordering::Relaxed) == version => {
+                Ok(updated) => {
                     tracing::info!(anchors = anchors.len(), "trust bundle changed");
                     self.credentials.send_replace(Some(Arc::new(updated)));
                 }
-                Ok(_) => {}
                 Err(error) => {
                     tracing::warn!(%error, "unusable trust bundle from the controller; keeping the one in use")
                 }

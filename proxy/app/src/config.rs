@@ -249,7 +249,7 @@ pub struct IdentityArgs {
     pub identity_token: Option<String>,
 
     /// File holding the bootstrap token (a Kubernetes projected service-account token, or a
-    /// join token), read when the first certificate is asked for.
+    /// join token), read at start and again whenever a certificate is asked for with it.
     #[arg(long, env = "FERRULE_IDENTITY_TOKEN_FILE")]
     pub identity_token_file: Option<std::path::PathBuf>,
 
@@ -310,6 +310,11 @@ impl IdentityArgs {
                 })?;
         Ok(Some(ferrule_proxy_api::identity::IdentitySettings {
             token,
+            token_file: self
+                .identity_token
+                .is_none()
+                .then(|| self.identity_token_file.clone())
+                .flatten(),
             expected: expected.to_string(),
         }))
     }

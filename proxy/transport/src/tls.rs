@@ -225,6 +225,12 @@ impl MeshTls {
             .with_cert_resolver(Arc::new(current));
         // Between proxies only; inner protocols are detected after the handshake.
         server.alpn_protocols = vec![];
+        // No session resumption, either side: a resumed handshake skips certificate
+        // verification, so a peer would stay accepted after its anchor left the bundle (a
+        // rotation's last step, or a compromised anchor) and with a certificate that has
+        // expired since. Linkerd's proxy disables it for the same reason.
+        server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        server.send_tls13_tickets = 0;
         Self {
             credentials,
             clients: Arc::default(),
@@ -258,6 +264,8 @@ impl MeshTls {
                     .dangerous()
                     .with_custom_certificate_verifier(Arc::new(verifier))
                     .with_client_cert_resolver(Arc::new(current));
+                let mut config = config;
+                config.resumption = rustls::client::Resumption::disabled();
                 Arc::new(config)
             })
             .clone()
