@@ -50,12 +50,12 @@ struct Config {
     /// With a CA: `required` (every gRPC call needs the credential its RPC asks for: a
     /// proxy's certificate, or the admin certificate or token; docs/identity.md) or `off`
     /// (TLS and plaintext served, no caller checked: a step while callers get their
-    /// credentials; the default for now). Without --identity-dir the API is plaintext and
-    /// open whatever this says. E.g. --api-auth required
+    /// credentials). Without --identity-dir the API is plaintext and open whatever this
+    /// says. E.g. --api-auth off
     #[arg(
         long,
         env = "FERRULE_API_AUTH",
-        default_value = "off",
+        default_value = "required",
         value_name = "required|off"
     )]
     api_auth: ferrule_controller::auth::ApiAuth,
