@@ -50,12 +50,12 @@ struct Config {
     /// With a CA: `required` (every gRPC call needs the credential its RPC asks for: a
     /// proxy's certificate, or the admin certificate or token; docs/identity.md) or `off`
     /// (TLS and plaintext served, no caller checked: a step while callers get their
-    /// credentials). Without --identity-dir the API is plaintext and open whatever this
-    /// says. E.g. --api-auth off
+    /// credentials; the default for now). Without --identity-dir the API is plaintext and
+    /// open whatever this says. E.g. --api-auth required
     #[arg(
         long,
         env = "FERRULE_API_AUTH",
-        default_value = "required",
+        default_value = "off",
         value_name = "required|off"
     )]
     api_auth: ferrule_controller::auth::ApiAuth,
