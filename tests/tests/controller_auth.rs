@@ -434,7 +434,7 @@ async fn the_admin_certificate_and_the_admin_token_may_apply_config() -> Result<
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("admin token is not this controller's")
-            && stderr.contains("unauthenticated"),
+            && stderr.contains("valid authentication credentials"),
         "{stderr}"
     );
     // Without credentials (and no dev mesh to find them in), the CLI says what it needs.
