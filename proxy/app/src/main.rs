@@ -7,8 +7,8 @@ use ferrule_proxy::config::{Config, Mode};
 use ferrule_proxy::discovery::Discovery;
 use ferrule_proxy::sidecar::Proxy;
 
-/// mimalloc instead of glibc's malloc: a proxy allocates and frees small buffers, futures and
-/// header maps per request, the pattern glibc's arenas handle worst (bench/results/threads.md).
+/// With `--features mimalloc`, mimalloc instead of the system allocator: cheaper per request at
+/// saturation, more resident memory (bench/results/threads.md).
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
