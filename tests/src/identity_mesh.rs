@@ -137,7 +137,7 @@ pub async fn init_ca(dir: &Path) -> Result<()> {
     let out = output(cmd).await?;
     anyhow::ensure!(
         out.status.success(),
-        "{}",
+        "ferrule identity init: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(())

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use ferrule_channel::{ControllerTls, StaticCert};
+use ferrule_harness::identity_mesh::init_ca;
 use ferrule_harness::{ANY_PORT, Controller, binary, output};
 use ferrule_proto::v1::{
     CertifyRequest, CreateJoinTokenRequest, DeregisterRequest, Endpoint, ListEndpointsRequest,
@@ -22,21 +23,9 @@ use rustls_pki_types::CertificateDer;
 use tonic::Code;
 use tonic::transport::{Channel, Endpoint as Target};
 
-async fn init(dir: &Path) -> Result<()> {
-    let mut cmd = std::process::Command::new(binary("ferrule")?);
-    cmd.args(["identity", "init", "--dir"]).arg(dir);
-    let out = output(cmd).await?;
-    anyhow::ensure!(
-        out.status.success(),
-        "identity init: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
-}
-
 /// A controller that is a CA, with its API protected.
 async fn protected(dir: &Path) -> Result<Controller> {
-    init(dir).await?;
+    init_ca(dir).await?;
     Controller::start_with(
         "memory",
         ANY_PORT.parse()?,
@@ -337,7 +326,7 @@ async fn a_certificate_of_another_ca_is_refused_by_the_handshake() -> Result<()>
     let dir = tempfile::tempdir()?;
     let controller = protected(dir.path()).await?;
     let other = tempfile::tempdir()?;
-    init(other.path()).await?;
+    init_ca(other.path()).await?;
     // The other mesh's admin certificate, presented to this controller.
     let foreign = ferrule_channel::read_certified_key(
         &other.path().join("admin.pem"),
@@ -471,7 +460,7 @@ async fn the_control_plane_identities_are_never_issued_to_workloads() -> Result<
 #[tokio::test]
 async fn api_auth_off_serves_tls_and_checks_nobody() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    init(dir.path()).await?;
+    init_ca(dir.path()).await?;
     let controller = Controller::start_with(
         "memory",
         ANY_PORT.parse()?,

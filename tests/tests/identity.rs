@@ -8,6 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use ferrule_harness::identity_mesh::init_ca;
 use ferrule_harness::{ANY_PORT, Controller, Etcd, binary, eventually, output};
 use ferrule_proto::identity::identity_of_certificate;
 use ferrule_proto::v1::{
@@ -30,18 +31,6 @@ async fn run(cmd: std::process::Command) -> Result<String> {
         bail!("{shown} failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     Ok(String::from_utf8(out.stdout)?)
-}
-
-async fn init(dir: &Path) -> Result<()> {
-    let mut cmd = std::process::Command::new(binary("ferrule")?);
-    cmd.args(["identity", "init", "--dir"]).arg(dir);
-    let out = output(cmd).await?;
-    anyhow::ensure!(
-        out.status.success(),
-        "identity init: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
 }
 
 async fn ca_controller(etcd: &Etcd, dir: &Path) -> Result<Controller> {
@@ -103,7 +92,7 @@ const USER: &str = "spiffe://cluster.local/ns/shop/sa/user";
 async fn join_token_csr_and_renewal() -> Result<()> {
     let etcd = Etcd::start().await?;
     let dir = tempfile::tempdir()?;
-    init(dir.path()).await?;
+    init_ca(dir.path()).await?;
     let controller = ca_controller(&etcd, dir.path()).await?;
     let token = token(&controller, "user", "1h").await?;
     assert!(token.starts_with("ferrule-join-"), "{token}");
@@ -166,7 +155,7 @@ async fn join_token_csr_and_renewal() -> Result<()> {
 async fn bad_requests_are_refused_and_the_ca_keeps_serving() -> Result<()> {
     let etcd = Etcd::start().await?;
     let dir = tempfile::tempdir()?;
-    init(dir.path()).await?;
+    init_ca(dir.path()).await?;
     let controller = ca_controller(&etcd, dir.path()).await?;
     let token = token(&controller, "user", "1h").await?;
     let key = KeyPair::generate()?;
@@ -282,7 +271,7 @@ async fn bad_requests_are_refused_and_the_ca_keeps_serving() -> Result<()> {
 async fn an_expired_join_token_is_refused() -> Result<()> {
     let etcd = Etcd::start().await?;
     let dir = tempfile::tempdir()?;
-    init(dir.path()).await?;
+    init_ca(dir.path()).await?;
     let controller = ca_controller(&etcd, dir.path()).await?;
     let token = token(&controller, "user", "1s").await?;
     let key = KeyPair::generate()?;
@@ -305,7 +294,7 @@ async fn an_expired_join_token_is_refused() -> Result<()> {
 async fn changed_files_are_reloaded_and_broken_ones_are_not() -> Result<()> {
     let etcd = Etcd::start().await?;
     let dir = tempfile::tempdir()?;
-    init(dir.path()).await?;
+    init_ca(dir.path()).await?;
     let controller = ca_controller(&etcd, dir.path()).await?;
     let mut identity = client(&controller).await?;
     let before = identity
@@ -357,7 +346,7 @@ async fn changed_files_are_reloaded_and_broken_ones_are_not() -> Result<()> {
 
     // A second anchor in the bundle reaches watchers without a restart.
     let other = tempfile::tempdir()?;
-    init(other.path()).await?;
+    init_ca(other.path()).await?;
     let bundle = format!(
         "{}{}",
         std::fs::read_to_string(dir.path().join("trust-anchors.pem"))?,

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use ferrule_harness::backend::HttpBackend;
+use ferrule_harness::identity_mesh::init_ca;
 use ferrule_harness::{
     ANY_PORT, Controller, Etcd, KubeApi, Proxy, binary, eventually, http1, output, refusing_addr,
 };
@@ -20,18 +21,6 @@ use rcgen::{CertificateParams, KeyPair};
 use tonic::Code;
 
 const USER: &str = "spiffe://cluster.local/ns/shop/sa/user";
-
-async fn init_ca(dir: &Path) -> Result<()> {
-    let mut cmd = std::process::Command::new(binary("ferrule")?);
-    cmd.args(["identity", "init", "--dir"]).arg(dir);
-    let out = output(cmd).await?;
-    anyhow::ensure!(
-        out.status.success(),
-        "identity init: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
-}
 
 /// A CA controller whose service-account tokens are checked at `kube` (with `extra` flags).
 async fn controller(etcd: &Etcd, ca: &Path, kube: &[String], extra: &[&str]) -> Result<Controller> {
