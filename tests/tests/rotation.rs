@@ -39,17 +39,13 @@ async fn ferrule(args: &[&str], paths: &[&Path]) -> Result<String> {
 }
 
 async fn token(controller: &Controller, service: &str) -> Result<String> {
-    let grpc = controller.grpc.to_string();
-    let args = [
-        "--controller",
-        &grpc,
-        "identity",
-        "token",
-        "create",
-        "--service",
-        service,
-    ];
-    Ok(ferrule(&args, &[]).await?.trim().to_string())
+    let mut cmd = controller.cli()?;
+    cmd.args(["identity", "token", "create", "--service", service]);
+    let out = output(cmd).await?;
+    if !out.status.success() {
+        bail!("token create: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8(out.stdout)?.trim().to_string())
 }
 
 /// The sum of a proxy's `identity_certificates_renewed_total` samples.
@@ -92,23 +88,17 @@ async fn next_bundle(stream: &mut tonic::Streaming<TrustBundle>) -> Result<Trust
 /// Waits until the controller signs with an issuer other than `old` and reports no problem
 /// with its files; returns the new issuer's fingerprint.
 async fn issuer_replaced(controller: &Controller, old: &str) -> Result<String> {
-    let url = controller.url();
     eventually(
         Duration::from_secs(10),
         "the new issuer to be loaded",
-        || {
-            let url = url.clone();
-            async move {
-                let status = IdentityClient::connect(url)
-                    .await
-                    .ok()?
-                    .status(IdentityStatusRequest {})
-                    .await
-                    .ok()?
-                    .into_inner();
-                let issuer = status.issuer?.fingerprint;
-                (issuer != old && status.problem.is_empty()).then_some(issuer)
-            }
+        || async move {
+            let status = IdentityClient::new(controller.channel().await.ok()?)
+                .status(IdentityStatusRequest {})
+                .await
+                .ok()?
+                .into_inner();
+            let issuer = status.issuer?.fingerprint;
+            (issuer != old && status.problem.is_empty()).then_some(issuer)
         },
     )
     .await
@@ -119,6 +109,10 @@ async fn issuer_replaced(controller: &Controller, old: &str) -> Result<String> {
 fn install_issuer(from: &Path, ca: &Path) -> Result<()> {
     std::fs::copy(from.join("issuer.key"), ca.join("issuer.key"))?;
     std::fs::copy(from.join("issuer.pem"), ca.join("issuer.pem"))?;
+    // The admin's certificate of the new issuer: the old one stops chaining once the old
+    // anchor is removed (the harness's `channel()` and `cli()` read them from here).
+    std::fs::copy(from.join("admin.key"), ca.join("admin.key"))?;
+    std::fs::copy(from.join("admin.pem"), ca.join("admin.pem"))?;
     Ok(())
 }
 
@@ -252,7 +246,7 @@ async fn anchor_and_issuer_rotation_under_load_fail_no_request() -> Result<()> {
         let controller = &controller;
         async move {
             let proxy = Proxy::builder(&format!("{service}-proxy"))
-                .args(["--controller", &controller.grpc.to_string()])
+                .args(controller.proxy_args())
                 .args(["--service", service, "--app-addr", &app.to_string()])
                 .args(["--register-ttl", "3s", "--health-interval", "200ms"])
                 .args([
@@ -275,7 +269,7 @@ async fn anchor_and_issuer_rotation_under_load_fail_no_request() -> Result<()> {
     )
     .await?;
     let client = Proxy::builder("client-proxy")
-        .args(["--controller", &controller.grpc.to_string()])
+        .args(controller.proxy_args())
         .args(["--endpoint-wait", "5s", "--service-account", "client"])
         .args(["--identity-token", &token(&controller, "client").await?])
         .upstream("web")
@@ -294,7 +288,7 @@ async fn anchor_and_issuer_rotation_under_load_fail_no_request() -> Result<()> {
     .await?;
     let proxies = [&web_proxy, &raw_proxy, &client];
 
-    let mut identity = IdentityClient::connect(controller.url()).await?;
+    let mut identity = IdentityClient::new(controller.channel().await?);
     let mut bundles = identity
         .watch_trust_bundle(WatchTrustBundleRequest {})
         .await?

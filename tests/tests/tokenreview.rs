@@ -45,9 +45,12 @@ async fn certify(
     token: &str,
     identity: &str,
 ) -> Result<CertifyResponse, tonic::Status> {
-    let mut client = IdentityClient::connect(controller.url())
-        .await
-        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let mut client = IdentityClient::new(
+        controller
+            .anonymous_channel()
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?,
+    );
     client
         .certify(CertifyRequest {
             token: token.to_string(),
@@ -101,17 +104,16 @@ async fn a_valid_token_gets_its_service_account_s_identity() -> Result<()> {
     assert!(err.message().contains(USER), "{err}");
 
     // Join tokens still work beside service-account tokens.
-    let mut cmd = std::process::Command::new(binary("ferrule")?);
-    cmd.args(["--controller", &controller.grpc.to_string()])
-        .args([
-            "identity",
-            "token",
-            "create",
-            "--service",
-            "payment",
-            "-n",
-            "shop",
-        ]);
+    let mut cmd = controller.cli()?;
+    cmd.args([
+        "identity",
+        "token",
+        "create",
+        "--service",
+        "payment",
+        "-n",
+        "shop",
+    ]);
     let out = output(cmd).await?;
     anyhow::ensure!(
         out.status.success(),
@@ -312,7 +314,7 @@ async fn proxies_bootstrap_from_service_account_token_files() -> Result<()> {
 
     let web = HttpBackend::start("web-1").await?;
     let server = Proxy::builder("web-proxy")
-        .args(["--controller", &controller.grpc.to_string()])
+        .args(controller.proxy_args())
         .args(["--service", "web", "--app-addr", &web.addr.to_string()])
         .args(["--service-account", "web-sa", "--require-mtls"])
         .args(["--identity-token-file", &token_file("web-sa")?])
@@ -321,7 +323,7 @@ async fn proxies_bootstrap_from_service_account_token_files() -> Result<()> {
         .await?;
     server.wait_ready(Duration::from_secs(15)).await?;
     let client = Proxy::builder("client-proxy")
-        .args(["--controller", &controller.grpc.to_string()])
+        .args(controller.proxy_args())
         .args(["--endpoint-wait", "5s", "--service-account", "client"])
         .args(["--identity-token-file", &token_file("client")?])
         .upstream("web")

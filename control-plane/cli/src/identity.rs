@@ -60,6 +60,10 @@ enum IdentityCommand {
     Init(InitArgs),
     /// Make a new issuer signed by an existing trust anchor (issuer rotation).
     ///
+    /// Writes issuer.pem and issuer.key, and admin.pem and admin.key: a new admin client
+    /// certificate signed by the new issuer (the old one stops working once its issuer's anchor
+    /// leaves the bundle).
+    ///
     /// Example: ferrule identity issuer --anchor-dir ./mesh-ca --out-dir ./next-issuer
     Issuer(IssuerArgs),
     /// Join tokens: bootstrap credentials for workloads outside Kubernetes.
@@ -287,18 +291,23 @@ fn issuer(args: IssuerArgs) -> anyhow::Result<()> {
         &args.trust_domain,
         args.issuer_lifetime,
     )?;
+    // The admin's certificate lives as long as its issuer: a new one comes with each issuer.
+    let admin = admin_credentials(&args.trust_domain, &read(TRUST_ANCHORS)?, &issuer)?;
     std::fs::create_dir_all(&args.out_dir)
         .with_context(|| format!("creating {}", args.out_dir.display()))?;
-    refuse_overwrite(
-        &args.out_dir,
-        [ISSUER_CERT, ISSUER_KEY].into_iter(),
-        args.force,
-    )?;
-    write_file(&args.out_dir.join(ISSUER_CERT), &issuer.cert_pem, false)?;
-    write_file(&args.out_dir.join(ISSUER_KEY), &issuer.key_pem, true)?;
+    let files = [
+        (ISSUER_CERT, &issuer.cert_pem, false),
+        (ISSUER_KEY, &issuer.key_pem, true),
+        (ADMIN_CERT, &admin.cert_pem, false),
+        (ADMIN_KEY, &admin.key_pem, true),
+    ];
+    refuse_overwrite(&args.out_dir, files.iter().map(|f| f.0), args.force)?;
+    for (name, text, secret) in files {
+        write_file(&args.out_dir.join(name), text, secret)?;
+    }
     println!(
-        "new issuer written to {}: copy {ISSUER_CERT} and {ISSUER_KEY} over the controller's; it reloads them by itself",
-        args.out_dir.display()
+        "new issuer written to {dir}: copy {ISSUER_KEY}, then {ISSUER_CERT}, over the controller's; it reloads them by itself\n  {ADMIN_CERT}, {ADMIN_KEY}  your admin credentials signed by the new issuer: use them once the old anchor is gone",
+        dir = args.out_dir.display()
     );
     Ok(())
 }

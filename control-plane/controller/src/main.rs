@@ -55,7 +55,7 @@ struct Config {
     #[arg(
         long,
         env = "FERRULE_API_AUTH",
-        default_value = "off",
+        default_value = "required",
         value_name = "required|off"
     )]
     api_auth: ferrule_controller::auth::ApiAuth,

@@ -190,6 +190,10 @@ impl ControllerTls {
             .with_custom_certificate_verifier(Arc::new(verifier))
             .with_client_cert_resolver(Arc::new(Resolver(client)));
         config.alpn_protocols = vec![b"h2".to_vec()];
+        // No session resumption: a resumed session keeps the client certificate of the first
+        // handshake, so a proxy that asked for its certificate over a session without one
+        // would stay anonymous on every later connection.
+        config.resumption = rustls::client::Resumption::disabled();
         Ok(Self {
             config: Arc::new(config),
             expected,
