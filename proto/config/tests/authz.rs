@@ -3,38 +3,18 @@
 
 use ferrule_config::{
     AuthorizationPolicySpec, AuthzMode, ConfigError, DefaultPolicy, IdentityPattern, Kind,
-    Resource, Spec, ValidationErrors, validate,
+    Resource, Spec,
 };
 use proptest::prelude::*;
+
+mod common;
+
+use common::{assert_refused, errors};
 
 fn doc(namespace: &str, name: &str, spec: &str) -> String {
     format!(
         "apiVersion: ferrule.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: {name}\n  namespace: {namespace}\nspec:\n{spec}"
     )
-}
-
-/// The (field, reason) pairs `validate` reports for `text` (which must parse).
-fn errors(text: &str) -> Vec<(String, String)> {
-    let batch = Resource::parse_documents(text).unwrap_or_else(|e| panic!("{e}\n{text}"));
-    match validate(&batch, None) {
-        Ok(()) => Vec::new(),
-        Err(ValidationErrors(errors)) => errors.into_iter().map(|e| (e.field, e.reason)).collect(),
-    }
-}
-
-fn assert_refused(text: &str, field: &str, reason: &str) {
-    let errs = errors(text);
-    assert_eq!(
-        errs.len(),
-        1,
-        "expected one error on {field}, got {errs:?}\n{text}"
-    );
-    assert_eq!(errs[0].0, field, "{errs:?}");
-    assert!(
-        errs[0].1.contains(reason),
-        "{:?} lacks {reason:?}",
-        errs[0].1
-    );
 }
 
 /// The field and reason of a document that does not parse.

@@ -3,7 +3,10 @@
 
 use std::collections::BTreeSet;
 
-use ferrule_config::{FieldError, Kind, Resource, Spec, ValidationErrors, validate};
+mod common;
+
+use common::{assert_refused, assert_valid, errors, errors_with, parse};
+use ferrule_config::{FieldError, Kind, Spec, validate};
 
 fn policy(spec: &str) -> String {
     format!(
@@ -15,42 +18,6 @@ fn route(rule: &str) -> String {
     format!(
         "apiVersion: ferrule.io/v1\nkind: HTTPRoute\nmetadata:\n  name: split\nspec:\n  service: user\n  rules:\n{rule}"
     )
-}
-
-fn parse(text: &str) -> Vec<Resource> {
-    Resource::parse_documents(text).unwrap_or_else(|e| panic!("{e}\n{text}"))
-}
-
-/// The (field, reason) pairs `validate` reports for `text`.
-fn errors_with(text: &str, known: Option<&BTreeSet<String>>) -> Vec<(String, String)> {
-    match validate(&parse(text), known) {
-        Ok(()) => Vec::new(),
-        Err(ValidationErrors(errors)) => errors.into_iter().map(|e| (e.field, e.reason)).collect(),
-    }
-}
-
-fn errors(text: &str) -> Vec<(String, String)> {
-    errors_with(text, None)
-}
-
-/// Asserts exactly one error, on `field`, whose reason contains `reason`.
-fn assert_refused(text: &str, field: &str, reason: &str) {
-    let errs = errors(text);
-    assert_eq!(
-        errs.len(),
-        1,
-        "expected one error on {field}, got {errs:?}\n{text}"
-    );
-    assert_eq!(errs[0].0, field, "{errs:?}");
-    assert!(
-        errs[0].1.contains(reason),
-        "reason {:?} lacks {reason:?}",
-        errs[0].1
-    );
-}
-
-fn assert_valid(text: &str) {
-    assert_eq!(errors(text), Vec::<(String, String)>::new(), "{text}");
 }
 
 #[test]
