@@ -6,11 +6,12 @@
 # It is bench/config.sh's measurement at a larger size: the same tests/src/bin/config-bench.rs
 # (apply -> snapshot on every stream, apply -> every real proxy acked, the controller's VmRSS
 # and VmHWM), plus the controller's CPU time, read here from /proc/PID/stat while it runs.
-# Not measured yet: 10,000 *registered endpoints* (config-bench announces proxies and opens
-# Config streams; a registration load needs a Registry/Discovery mode in config-bench).
+# CP_SCALE_ENDPOINTS (10,000) endpoints are registered first and stay registered throughout,
+# with a discovery watcher on one of their services (config-bench --endpoints).
 #
 # Loopback only; config-bench bounds the run (--deadline) and kills what it started.
 # Environment: CP_SCALE_STREAMS [10000], CP_SCALE_PROXIES [100], CP_SCALE_ROUNDS [10],
+# CP_SCALE_ENDPOINTS [10000],
 # CARGO_TARGET_DIR.
 set -euo pipefail
 
@@ -21,6 +22,7 @@ export CARGO_TARGET_DIR="$TARGET_DIR"
 STREAMS="${CP_SCALE_STREAMS:-10000}"
 PROXIES="${CP_SCALE_PROXIES:-100}"
 ROUNDS="${CP_SCALE_ROUNDS:-10}"
+ENDPOINTS="${CP_SCALE_ENDPOINTS:-10000}"
 OUT="$ROOT/bench/results/config-scale.md"
 WORK="$(mktemp -d)"
 BENCH_PID=""
@@ -42,7 +44,7 @@ cargo build --quiet --release -p ferrule-cli --bin ferrule
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 "$TARGET_DIR/release/config-bench" --streams "$STREAMS" --proxies "$PROXIES" \
-    --rounds "$ROUNDS" --round-timeout 60 --deadline 600 --out "$WORK/config-bench.md" \
+    --rounds "$ROUNDS" --endpoints "$ENDPOINTS" --round-timeout 60 --deadline 600 --out "$WORK/config-bench.md" \
     >"$WORK/config-bench.log" 2>&1 &
 BENCH_PID=$!
 
@@ -70,14 +72,13 @@ if [ "$status" -ne 0 ]; then
 fi
 
 {
-    echo "# Control-plane scale: $STREAMS watch streams, $PROXIES real proxies"
+    echo "# Control-plane scale: $ENDPOINTS endpoints, $STREAMS watch streams, $PROXIES real proxies"
     echo
     echo "\`bash bench/cp-scale.sh\` ($(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs, load average"
     echo "$(cut -d' ' -f1-3 /proc/loadavg)): tests/src/bin/config-bench.rs with \`--streams $STREAMS"
-    echo "--proxies $PROXIES --rounds $ROUNDS\`, as bench/config.sh runs it at 1,000 / 10. The"
+    echo "--proxies $PROXIES --rounds $ROUNDS --endpoints $ENDPOINTS\`, as bench/config.sh runs it at 1,000 / 10. The"
     echo "controller used $(awk -v t="$last_ticks" -v h="$CLK_TCK" 'BEGIN {printf "%.1f", t / h}') CPU-seconds over the whole run (utime+stime from"
     echo "/proc/PID/stat, last read before it exited; setup of every stream and proxy included)."
-    echo "Not measured here yet: 10,000 registered endpoints (see the script's header)."
     echo
     # config-bench's own report, its title demoted one level.
     sed '1s/^# /## /' "$WORK/config-bench.md"

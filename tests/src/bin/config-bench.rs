@@ -12,6 +12,10 @@
 //!   shared in-process app) and the same rounds, each applied with the real `ferrule apply -f`
 //!   and timed from that command exiting, polling `Admin/ListProxies` until every proxy acked.
 //!   A build whose proxies do not subscribe to config is reported as skipped.
+//! * **Registered endpoints** (`--endpoints N`, 0 by default): before the load test's streams
+//!   open, N endpoints are registered with `Registry/Register` (timed), and a `Discovery/Watch`
+//!   on one of their services is opened; once the rounds are done, new endpoints of that
+//!   service are registered one at a time and timed until the watcher's delta shows them.
 //!
 //! The controller's resident memory (`VmRSS`, peak `VmHWM` from `/proc/PID/status`) is sampled
 //! around the load test. Results go to `--out` as markdown and to stdout. Every process started
@@ -30,15 +34,17 @@ use ferrule_harness::backend::HttpBackend;
 use ferrule_harness::{ANY_PORT, Process, Proxy, binary};
 use ferrule_proto::v1::admin_client::AdminClient;
 use ferrule_proto::v1::config_client::ConfigClient;
+use ferrule_proto::v1::discovery_client::DiscoveryClient;
 use ferrule_proto::v1::registry_client::RegistryClient;
 use ferrule_proto::v1::{
-    Ack, AnnounceProxyRequest, ApplyConfigRequest, ConfigRequest, ListProxiesRequest, ProxyInfo,
-    Resource, Subscribe, config_request,
+    Ack, AnnounceProxyRequest, ApplyConfigRequest, ConfigRequest, DiscoveryUpdate, Endpoint,
+    ListProxiesRequest, ProxyInfo, RegisterRequest, Resource, Subscribe, WatchRequest,
+    config_request, discovery_update,
 };
 use futures::{StreamExt, TryStreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// How the bench runs; every default is here.
 #[derive(Debug, Parser)]
@@ -59,6 +65,14 @@ struct Args {
     /// Bound on the whole run.
     #[arg(long, default_value = "110", value_parser = parse_secs)]
     deadline: Duration,
+    /// Endpoints registered (`Registry/Register`, spread over `--endpoint-services` services)
+    /// before the streams open, and kept registered through the load test; with a discovery
+    /// watcher on one of their services.
+    #[arg(long, default_value_t = 0)]
+    endpoints: usize,
+    /// How many services the `--endpoints` are spread over.
+    #[arg(long, default_value_t = 100)]
+    endpoint_services: usize,
     /// Markdown results file.
     #[arg(long, default_value = "bench/results/config.md")]
     out: PathBuf,
@@ -73,6 +87,10 @@ fn parse_secs(s: &str) -> Result<Duration, std::num::ParseFloatError> {
 const POLL: Duration = Duration::from_millis(5);
 /// Announce TTL for the load test's proxies: longer than the run, so no keep-alive is needed.
 const ANNOUNCE_TTL_SECONDS: u32 = 300;
+/// Registration TTL of the `--endpoints`: longer than the run, so no keep-alive is needed.
+const ENDPOINT_TTL_SECONDS: u32 = 900;
+/// Registrations timed against the discovery watcher once everything is open.
+const DISCOVERY_PROBES: usize = 20;
 /// Load-test streams announced or connected at once.
 const SETUP_CONCURRENCY: usize = 64;
 
@@ -139,7 +157,7 @@ impl BenchController {
 
     async fn channel(&self) -> anyhow::Result<Channel> {
         let url = self.url();
-        Endpoint::from_shared(url.clone())?
+        tonic::transport::Endpoint::from_shared(url.clone())?
             .connect()
             .await
             .with_context(|| format!("connect to the controller at {url}"))
@@ -394,9 +412,152 @@ struct LoadResult {
     /// Apply round trips.
     apply: Vec<Duration>,
     setup: Duration,
+    /// With `--endpoints`: what registering them and watching them cost.
+    endpoints: Option<EndpointsResult>,
     idle: Memory,
     connected: Memory,
     after: Memory,
+}
+
+struct EndpointsResult {
+    count: usize,
+    services: usize,
+    /// `Registry/Register` round trips, one per endpoint.
+    register: Vec<Duration>,
+    /// All of them, `SETUP_CONCURRENCY` at a time.
+    total: Duration,
+    /// Every endpoint registered, no stream open yet.
+    registered: Memory,
+    /// `Discovery/Watch` on one service: call -> its first snapshot, and how many it held.
+    first_snapshot: Duration,
+    snapshot_size: usize,
+    /// With everything open: a new endpoint's `Register` returned -> the watcher's delta.
+    register_to_delta: Vec<Duration>,
+}
+
+/// An endpoint of the `--endpoints` load: service `svc-(i mod services)`, a distinct
+/// address (never dialled: only the registry holds it).
+fn bench_endpoint(i: usize, services: usize) -> Endpoint {
+    Endpoint {
+        service: format!("svc-{}", i % services),
+        port_name: "http".into(),
+        address: format!("127.{}.{}.{}", 1 + i / 62_500, (i / 250) % 250, 1 + i % 250),
+        port: 8080,
+        namespace: "default".into(),
+        weight: 1,
+        ..Default::default()
+    }
+}
+
+/// Registers `args.endpoints` endpoints, then opens a discovery watch on `svc-0` and waits
+/// for its first snapshot; returns the watch for [`probe_discovery`].
+async fn register_endpoints(
+    args: &Args,
+    controller: &BenchController,
+    control: &Channel,
+) -> anyhow::Result<(EndpointsResult, tonic::Streaming<DiscoveryUpdate>)> {
+    eprintln!(
+        "config-bench: registering {} endpoints over {} services",
+        args.endpoints, args.endpoint_services
+    );
+    let registry = RegistryClient::new(control.clone());
+    let started = Instant::now();
+    let register: Vec<Duration> = futures::stream::iter(0..args.endpoints)
+        .map(|i| {
+            let mut registry = registry.clone();
+            let endpoint = bench_endpoint(i, args.endpoint_services);
+            async move {
+                let sent = Instant::now();
+                registry
+                    .register(RegisterRequest {
+                        endpoint: Some(endpoint),
+                        ttl_seconds: ENDPOINT_TTL_SECONDS,
+                    })
+                    .await
+                    .with_context(|| format!("Registry/Register endpoint {i}"))?;
+                anyhow::Ok(sent.elapsed())
+            }
+        })
+        .buffer_unordered(SETUP_CONCURRENCY)
+        .try_collect()
+        .await?;
+    let total = started.elapsed();
+    let registered = controller.memory()?;
+    let asked = Instant::now();
+    let mut watch = DiscoveryClient::new(controller.channel().await?)
+        .watch(WatchRequest {
+            service: "svc-0".into(),
+            proxy: None,
+            namespace: "default".into(),
+        })
+        .await
+        .context("Discovery/Watch svc-0")?
+        .into_inner();
+    let first = tokio::time::timeout(args.round_timeout, watch.message())
+        .await
+        .context("no discovery snapshot in time")??
+        .context("the discovery stream ended")?;
+    let first_snapshot = asked.elapsed();
+    let Some(discovery_update::Kind::Snapshot(snapshot)) = first.kind else {
+        bail!("the first discovery update was no snapshot: {first:?}");
+    };
+    Ok((
+        EndpointsResult {
+            count: args.endpoints,
+            services: args.endpoint_services,
+            register,
+            total,
+            registered,
+            first_snapshot,
+            snapshot_size: snapshot.endpoints.len(),
+            register_to_delta: Vec::new(),
+        },
+        watch,
+    ))
+}
+
+/// Registers `DISCOVERY_PROBES` new endpoints of `svc-0` one at a time and times each from
+/// `Register` returning to the watcher's delta that adds it.
+async fn probe_discovery(
+    args: &Args,
+    control: &Channel,
+    watch: &mut tonic::Streaming<DiscoveryUpdate>,
+    result: &mut EndpointsResult,
+) -> anyhow::Result<()> {
+    let mut registry = RegistryClient::new(control.clone());
+    for probe in 0..DISCOVERY_PROBES {
+        // Indices past the load's, in svc-0 (multiples of the service count).
+        let endpoint = bench_endpoint(
+            (args.endpoints + probe + 1) * args.endpoint_services,
+            args.endpoint_services,
+        );
+        let address = endpoint.address.clone();
+        registry
+            .register(RegisterRequest {
+                endpoint: Some(endpoint),
+                ttl_seconds: ENDPOINT_TTL_SECONDS,
+            })
+            .await
+            .with_context(|| format!("Registry/Register probe {probe}"))?;
+        let returned = Instant::now();
+        let deadline = tokio::time::Instant::now() + args.round_timeout;
+        loop {
+            let update = tokio::time::timeout_at(deadline, watch.message())
+                .await
+                .with_context(|| format!("probe {probe}: no delta for {address} in time"))??
+                .context("the discovery stream ended")?;
+            let added = match update.kind {
+                Some(discovery_update::Kind::Delta(d)) => d.added,
+                Some(discovery_update::Kind::Snapshot(s)) => s.endpoints,
+                None => Vec::new(),
+            };
+            if added.iter().any(|e| e.address == address) {
+                result.register_to_delta.push(returned.elapsed());
+                break;
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn load_test(args: &Args) -> anyhow::Result<LoadResult> {
@@ -405,6 +566,11 @@ async fn load_test(args: &Args) -> anyhow::Result<LoadResult> {
     let idle = controller.memory()?;
     let control = controller.channel().await?;
     let mut admin = AdminClient::new(control.clone());
+    let mut endpoints = if args.endpoints > 0 {
+        Some(register_endpoints(args, &controller, &control).await?)
+    } else {
+        None
+    };
     let ids: Vec<String> = (0..args.streams).map(|i| format!("load-{i}")).collect();
     let service = |i: usize| format!("svc-{}", i % 10);
 
@@ -455,6 +621,7 @@ async fn load_test(args: &Args) -> anyhow::Result<LoadResult> {
         all_acked: Vec::new(),
         apply: Vec::new(),
         setup,
+        endpoints: None,
         idle,
         connected,
         after: connected,
@@ -484,6 +651,12 @@ async fn load_test(args: &Args) -> anyhow::Result<LoadResult> {
         result
             .all_acked
             .push(acks.into_iter().max().unwrap_or_default());
+    }
+    if let Some((mut registered, mut watch)) = endpoints.take() {
+        probe_discovery(args, &control, &mut watch, &mut registered)
+            .await
+            .context("discovery probes")?;
+        result.endpoints = Some(registered);
     }
     result.after = controller.memory()?;
     tasks.abort_all();
@@ -612,10 +785,10 @@ fn markdown(
     writeln!(w, "# Config propagation benchmark\n")?;
     writeln!(
         w,
-        "`bash bench/config.sh` (`config-bench --streams {} --proxies {} --rounds {}`), {} CPUs, \
+        "`config-bench --streams {} --proxies {} --rounds {} --endpoints {}`, {} CPUs, \
          loopback only: the controller (release build, `--store memory`, `RUST_LOG=warn`), the \
          proxies and the load generator share the same machine and CPUs.\n",
-        args.streams, args.proxies, args.rounds, cpus
+        args.streams, args.proxies, args.rounds, args.endpoints, cpus
     )?;
     writeln!(
         w,
@@ -667,17 +840,57 @@ fn markdown(
         load.early,
         load.per_stream.len()
     )?;
+    if let Some(e) = &load.endpoints {
+        writeln!(
+            w,
+            "### {} registered endpoints\n\nRegistered before the streams opened ({} services, \
+             {} at a time) and kept through the run: {} in all ({:.0} registrations/s). A \
+             `Discovery/Watch` on one service got its first snapshot ({} endpoints) {} after \
+             the call. With every stream open, {} further endpoints of that service were \
+             registered one at a time.\n",
+            e.count,
+            e.services,
+            SETUP_CONCURRENCY,
+            ms(e.total),
+            e.count as f64 / e.total.as_secs_f64().max(1e-9),
+            e.snapshot_size,
+            ms(e.first_snapshot),
+            e.register_to_delta.len(),
+        )?;
+        writeln!(w, "| measure | p50 / p99 / max |")?;
+        writeln!(w, "| --- | --- |")?;
+        writeln!(
+            w,
+            "| `Registry/Register` round trip ({} samples) | {} |",
+            e.register.len(),
+            spread(&e.register)
+        )?;
+        writeln!(
+            w,
+            "| `Register` returned -> the watcher's delta ({} samples) | {} |\n",
+            e.register_to_delta.len(),
+            spread(&e.register_to_delta)
+        )?;
+    }
     writeln!(w, "Controller memory (`/proc/PID/status`):\n")?;
     writeln!(w, "| when | VmRSS | VmHWM (peak) |")?;
     writeln!(w, "| --- | --- | --- |")?;
-    for (when, m) in [
-        ("started, no streams".to_string(), load.idle),
-        (
-            format!("{} streams open, initial snapshot sent", load.streams),
-            load.connected,
-        ),
-        (format!("after {} rounds", args.rounds), load.after),
-    ] {
+    for (when, m) in [("started, no streams".to_string(), load.idle)]
+        .into_iter()
+        .chain(load.endpoints.as_ref().map(|e| {
+            (
+                format!("{} endpoints registered, no streams", e.count),
+                e.registered,
+            )
+        }))
+        .chain([
+            (
+                format!("{} streams open, initial snapshot sent", load.streams),
+                load.connected,
+            ),
+            (format!("after {} rounds", args.rounds), load.after),
+        ])
+    {
         writeln!(w, "| {when} | {} | {} |", mib(m.rss_kib), mib(m.hwm_kib))?;
     }
     writeln!(w)?;
