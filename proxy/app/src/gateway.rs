@@ -146,6 +146,7 @@ impl GatewayArgs {
             mode: "gateway".into(),
             version: env!("CARGO_PKG_VERSION").into(),
             admin_address: String::new(),
+            certificate: None,
         }
     }
 }
