@@ -147,16 +147,17 @@ pub fn report(chain: &[&[u8]], anchors: &[&[u8]]) -> Result<ProxyCertificate, St
 /// top of the chain itself).
 #[cfg(feature = "x509")]
 fn anchor_of(chain: &[&[u8]], anchors: &[&[u8]]) -> Option<String> {
-    let top_der = chain.last()?;
+    let top_der: &[u8] = chain.last()?;
     let (_, top) = x509_parser::parse_x509_certificate(top_der).ok()?;
     anchors
         .iter()
+        .copied()
         .find(|anchor| {
             *anchor == top_der
                 || x509_parser::parse_x509_certificate(anchor)
                     .is_ok_and(|(_, a)| top.verify_signature(Some(a.public_key())).is_ok())
         })
-        .map(|anchor| fingerprint(anchor))
+        .map(fingerprint)
 }
 
 #[cfg(test)]

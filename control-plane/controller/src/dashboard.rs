@@ -484,6 +484,28 @@ mod tests {
     }
 
     #[test]
+    fn certificates_are_judged_against_the_bundle_with_the_fields_check_reads() {
+        let cert = ferrule_proto::v1::ProxyCertificate {
+            identity: "spiffe://cluster.local/ns/default/sa/user".into(),
+            not_before: 1_000,
+            not_after: 2_000,
+            anchor_fingerprint: "ab".repeat(32),
+        };
+        // `ferrule check` (control-plane/cli/src/install.rs) reads `problem` by these codes.
+        let view = serde_json::to_value(CertificateView::of(&cert, &["cd".repeat(32)], 1_500))
+            .unwrap();
+        assert_eq!(view["problem"], "unknown_anchor");
+        assert_eq!(view["not_after"], 2_000);
+        assert!(view["fix"].as_str().unwrap().contains("anchor"), "{view}");
+        let view =
+            serde_json::to_value(CertificateView::of(&cert, &["ab".repeat(32)], 1_500)).unwrap();
+        assert!(view["problem"].is_null(), "{view}");
+        let view =
+            serde_json::to_value(CertificateView::of(&cert, &["ab".repeat(32)], 2_000)).unwrap();
+        assert_eq!(view["problem"], "expired");
+    }
+
+    #[test]
     fn history_forgets_old_points_and_keeps_the_busiest_rows() {
         let mut history = BTreeMap::new();
         record(

@@ -552,8 +552,11 @@ impl Registrar {
                 ttl_seconds: ttl_seconds(self.config.ttl),
                 lease_id: lease.id,
             };
-            let call = session.client.clone().announce_proxy(request);
-            match session.unary("AnnounceProxy", call).await {
+            let mut client = session.client.clone();
+            match session
+                .unary("AnnounceProxy", client.announce_proxy(request))
+                .await
+            {
                 Ok(response) => {
                     tracing::debug!(lease = response.lease_id, "proxy announced again");
                     if response.lease_id != lease.id {
