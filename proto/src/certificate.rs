@@ -98,7 +98,10 @@ pub fn certificate_problem(
     if cert.not_after <= now {
         return Some(CertificateProblem::Expired);
     }
-    if !bundle.iter().any(|f| f.eq_ignore_ascii_case(&cert.anchor_fingerprint)) {
+    if !bundle
+        .iter()
+        .any(|f| f.eq_ignore_ascii_case(&cert.anchor_fingerprint))
+    {
         return Some(CertificateProblem::UnknownAnchor);
     }
     let lifetime = (cert.not_after - cert.not_before).max(1) as f64;

@@ -556,10 +556,7 @@ async fn identity_status_shows_each_proxy_s_certificate_and_follows_renewals() -
         "renewed certificates in identity status",
         || async {
             let now = seen(status_json(&mesh).await.ok()?)?;
-            services
-                .iter()
-                .all(|s| now[*s] > first[*s])
-                .then_some(())
+            services.iter().all(|s| now[*s] > first[*s]).then_some(())
         },
     )
     .await
@@ -581,7 +578,10 @@ async fn identity_status_shows_each_proxy_s_certificate_and_follows_renewals() -
             "{overview:#}"
         );
         assert_eq!(&cert["anchor_fingerprint"], anchor, "{overview:#}");
-        assert!(cert["not_after"].as_i64() > Some(unix_now()), "{overview:#}");
+        assert!(
+            cert["not_after"].as_i64() > Some(unix_now()),
+            "{overview:#}"
+        );
     }
     Ok(())
 }

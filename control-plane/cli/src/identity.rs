@@ -536,14 +536,19 @@ impl Render for Status {
                     p.service.clone(),
                     identity,
                     p.not_after.clone().unwrap_or_default(),
-                    p.anchor_fingerprint.as_deref().map(short).unwrap_or_default(),
+                    p.anchor_fingerprint
+                        .as_deref()
+                        .map(short)
+                        .unwrap_or_default(),
                     problem,
                 ]
             })
             .collect();
         output::write_table(
             out,
-            &["PROXY", "SERVICE", "IDENTITY", "EXPIRES", "ANCHOR", "PROBLEM"],
+            &[
+                "PROXY", "SERVICE", "IDENTITY", "EXPIRES", "ANCHOR", "PROBLEM",
+            ],
             &rows,
         )
     }
@@ -625,8 +630,14 @@ mod tests {
             ProxyCert::of(&proxy("d", None), &bundle, now),
         ];
         assert_eq!(views[0].service, "user.shop");
-        assert_eq!(views[0].anchor_fingerprint.as_deref(), Some(anchor.as_str()));
-        assert_eq!(views[0].not_after.as_deref(), Some(rfc3339(now + 1000).as_str()));
+        assert_eq!(
+            views[0].anchor_fingerprint.as_deref(),
+            Some(anchor.as_str())
+        );
+        assert_eq!(
+            views[0].not_after.as_deref(),
+            Some(rfc3339(now + 1000).as_str())
+        );
         let problems: Vec<Option<&str>> = views.iter().map(|v| v.problem.as_deref()).collect();
         assert_eq!(
             problems,
@@ -646,10 +657,22 @@ mod tests {
         let mut out = Vec::new();
         doc.write_human(&mut out).unwrap();
         let text = String::from_utf8(out).unwrap();
-        let lines: Vec<&str> = text.lines().skip_while(|l| !l.starts_with("PROXY")).collect();
-        assert!(lines[0].contains("ANCHOR") && lines[0].contains("PROBLEM"), "{text}");
-        assert!(lines[1].contains("abababababababab") && lines[1].ends_with('-'), "{text}");
-        assert!(lines[2].ends_with("chains to an anchor not in the trust bundle"), "{text}");
+        let lines: Vec<&str> = text
+            .lines()
+            .skip_while(|l| !l.starts_with("PROXY"))
+            .collect();
+        assert!(
+            lines[0].contains("ANCHOR") && lines[0].contains("PROBLEM"),
+            "{text}"
+        );
+        assert!(
+            lines[1].contains("abababababababab") && lines[1].ends_with('-'),
+            "{text}"
+        );
+        assert!(
+            lines[2].ends_with("chains to an anchor not in the trust bundle"),
+            "{text}"
+        );
         assert!(lines[3].ends_with("no certificate yet"), "{text}");
         assert!(lines[4].contains("(no identity)"), "{text}");
     }

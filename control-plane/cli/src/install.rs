@@ -1249,11 +1249,20 @@ mod tests {
                 Check::Fail(anchor, anchor_fix),
                 Check::Warn(soon, _),
             ] => {
-                assert!(expired.contains("expired") && expired.contains("p1") && expired.contains("p4"), "{expired}");
+                assert!(
+                    expired.contains("expired") && expired.contains("p1") && expired.contains("p4"),
+                    "{expired}"
+                );
                 assert!(fix.contains("identity_renewal_failures"), "{fix}");
-                assert!(anchor.contains("anchor not in the trust bundle") && anchor.contains("p2"), "{anchor}");
+                assert!(
+                    anchor.contains("anchor not in the trust bundle") && anchor.contains("p2"),
+                    "{anchor}"
+                );
                 assert!(anchor_fix.contains("rotation"), "{anchor_fix}");
-                assert!(soon.contains("expires soon") && soon.contains("p3"), "{soon}");
+                assert!(
+                    soon.contains("expires soon") && soon.contains("p3"),
+                    "{soon}"
+                );
             }
             other => panic!("{other:?}"),
         }
@@ -1288,9 +1297,14 @@ mod tests {
         let asked = asked.into_inner();
         let deployments = asked.iter().filter(|a| a.contains("deployment")).count();
         assert_eq!(deployments, 1, "{asked:#?}");
-        assert!(asked.contains(&format!("get --raw {OVERVIEW}")), "{asked:#?}");
         assert!(
-            checks.iter().any(|c| matches!(c, Check::Fail(what, _) if what.contains("expired"))),
+            asked.contains(&format!("get --raw {OVERVIEW}")),
+            "{asked:#?}"
+        );
+        assert!(
+            checks
+                .iter()
+                .any(|c| matches!(c, Check::Fail(what, _) if what.contains("expired"))),
             "{checks:?}"
         );
     }

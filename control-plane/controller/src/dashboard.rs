@@ -492,8 +492,8 @@ mod tests {
             anchor_fingerprint: "ab".repeat(32),
         };
         // `ferrule check` (control-plane/cli/src/install.rs) reads `problem` by these codes.
-        let view = serde_json::to_value(CertificateView::of(&cert, &["cd".repeat(32)], 1_500))
-            .unwrap();
+        let view =
+            serde_json::to_value(CertificateView::of(&cert, &["cd".repeat(32)], 1_500)).unwrap();
         assert_eq!(view["problem"], "unknown_anchor");
         assert_eq!(view["not_after"], 2_000);
         assert!(view["fix"].as_str().unwrap().contains("anchor"), "{view}");

@@ -194,7 +194,8 @@ pub fn validate_certificate(cert: &ProxyCertificate, caller: &Caller) -> Result<
         ));
     }
     let fp = &cert.anchor_fingerprint;
-    if !fp.is_empty() && !(fp.len() == 64 && fp.chars().all(|c| c.is_ascii_hexdigit())) {
+    let hex_sha256 = fp.len() == 64 && fp.chars().all(|c| c.is_ascii_hexdigit());
+    if !fp.is_empty() && !hex_sha256 {
         return Err(invalid(
             "anchor_fingerprint",
             format!("{fp:?} is not a hex SHA-256 (64 hex digits)"),
@@ -501,7 +502,11 @@ mod tests {
             assert_eq!(status.code(), tonic::Code::InvalidArgument);
             assert!(status.message().starts_with(field), "{}", status.message());
         }
-        let payment = Caller::Workload("spiffe://cluster.local/ns/default/sa/payment".parse().unwrap());
+        let payment = Caller::Workload(
+            "spiffe://cluster.local/ns/default/sa/payment"
+                .parse()
+                .unwrap(),
+        );
         let status = validate_certificate(&good, &payment).unwrap_err();
         assert_eq!(status.code(), tonic::Code::PermissionDenied);
     }

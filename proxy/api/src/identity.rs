@@ -28,11 +28,11 @@ use ferrule_proto::v1::{
 };
 use ferrule_proxy_core::metrics::Metrics;
 use ferrule_proxy_transport::tls::{Credentials, MeshTls};
-use rustls::sign::CertifiedKey;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use rand::Rng;
 use rcgen::{CertificateParams, DnType, KeyPair};
+use rustls::sign::CertifiedKey;
 use rustls_pki_types::CertificateDer;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;

@@ -567,7 +567,10 @@ impl Registrar {
                     self.reannounce = false;
                 }
                 Err(CallError::Status { status, .. }) if status.code() == tonic::Code::NotFound => {
-                    tracing::info!(lease = lease.id, "announcement's lease is gone; announcing afresh");
+                    tracing::info!(
+                        lease = lease.id,
+                        "announcement's lease is gone; announcing afresh"
+                    );
                     self.announce = None;
                 }
                 Err(error) => return Err(error),
