@@ -2,7 +2,8 @@
 //!
 //! The proxy and the controller know each other only through this crate: the generated
 //! `ferrule.v1` gRPC code ([`v1`]), the default ports ([`ports`]), and how an endpoint is keyed
-//! and a service is named ([`names`]). Neither plane imports the other.
+//! and a service is named ([`names`]), and how a proxy's certificate is reported and judged
+//! ([`certificate`]). Neither plane imports the other.
 
 pub mod v1 {
     //! Generated from `proto/ferrule/v1/*.proto`.
@@ -10,6 +11,7 @@ pub mod v1 {
     tonic::include_proto!("ferrule.v1");
 }
 
+pub mod certificate;
 pub mod identity;
 pub mod names;
 

@@ -2,13 +2,16 @@
 //! `ferrule identity token create` a join token, and a CSR sent with it comes back signed for
 //! the identity the token proves, never another; renewals need the current certificate and the
 //! same key; bad input of every kind is refused with a clear status and leaves the controller
-//! serving; changed files are reloaded, broken ones are not and say so.
+//! serving; changed files are reloaded, broken ones are not and say so. `ferrule identity
+//! status` lists each proxy's certificate and follows its renewals.
 
+use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, bail};
-use ferrule_harness::identity_mesh::init_ca;
+use ferrule_harness::backend::HttpBackend;
+use ferrule_harness::identity_mesh::{IdentityMesh, init_ca};
 use ferrule_harness::{ANY_PORT, Controller, Etcd, binary, eventually, output};
 use ferrule_proto::identity::identity_of_certificate;
 use ferrule_proto::v1::{
@@ -450,4 +453,135 @@ fn unix_now() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs() as i64
+}
+
+/// `ferrule identity status -o json` against `mesh`'s controller.
+async fn status_json(mesh: &IdentityMesh) -> Result<serde_json::Value> {
+    let out = mesh.ferrule(&["identity", "status", "-o", "json"]).await?;
+    anyhow::ensure!(
+        out.status.success(),
+        "identity status: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// Each of `services`' certificate expiry as `identity status` lists it, once every one of
+/// them shows its own identity, an expiry in the future, the current anchor and no problem
+/// but "expires soon": the CA backdates `not_before` by a minute for clock skew, so a 6 s
+/// leaf has less than 10 % of its nominal lifetime left from the start.
+fn healthy_expiries(
+    status: &serde_json::Value,
+    services: &[&str],
+) -> Option<BTreeMap<String, SystemTime>> {
+    let anchor = status["trust_anchors"][0]["fingerprint"].as_str()?;
+    let proxies = status["proxies"].as_array()?;
+    let mut expiries = BTreeMap::new();
+    for service in services {
+        let proxy = proxies.iter().find(|p| p["service"] == *service)?;
+        let identity = format!("spiffe://cluster.local/ns/default/sa/{service}");
+        let not_after = humantime::parse_rfc3339(proxy["not_after"].as_str()?).ok()?;
+        let healthy = proxy["identity"] == identity.as_str()
+            && proxy["anchor_fingerprint"] == anchor
+            && (proxy["problem"].is_null() || proxy["problem"] == "expires_soon")
+            && not_after > SystemTime::now();
+        if !healthy {
+            return None;
+        }
+        expiries.insert(service.to_string(), not_after);
+    }
+    Some(expiries)
+}
+
+#[tokio::test]
+async fn identity_status_shows_each_proxy_s_certificate_and_follows_renewals() -> Result<()> {
+    let etcd = Etcd::start().await?;
+    let ca_dir = tempfile::tempdir()?;
+    init_ca(ca_dir.path()).await?;
+    // Leaves of 6 s: each proxy renews about every 4 s.
+    let controller = Controller::start_with(
+        &etcd.url(),
+        ANY_PORT.parse()?,
+        &[
+            "--identity-dir",
+            ca_dir.path().to_str().context("utf-8 path")?,
+            "--identity-leaf-lifetime",
+            "6s",
+        ],
+    )
+    .await?;
+    let mesh = IdentityMesh {
+        etcd,
+        controller,
+        ca_dir,
+    };
+    let web = HttpBackend::start("web-1").await?;
+    let api = HttpBackend::start("api-1").await?;
+    let _web_proxy = mesh
+        .server("web", web.addr, &["--health-path", "/health"])
+        .await?;
+    let _api_proxy = mesh
+        .server("api", api.addr, &["--health-path", "/health"])
+        .await?;
+    let services = ["api", "web"];
+
+    // The last answer, to show when a wait fails.
+    let last = std::sync::Mutex::new(serde_json::Value::Null);
+    let seen = |status: serde_json::Value| {
+        let expiries = healthy_expiries(&status, &services);
+        *last.lock().unwrap() = status;
+        expiries
+    };
+    let first = eventually(
+        Duration::from_secs(20),
+        "both proxies' certificates in identity status",
+        || async { seen(status_json(&mesh).await.ok()?) },
+    )
+    .await
+    .with_context(|| format!("last status: {:#}", last.lock().unwrap()))?;
+    let status = status_json(&mesh).await?;
+    assert_eq!(
+        status["proxies"].as_array().map(Vec::len),
+        Some(2),
+        "{status:#}"
+    );
+    assert_eq!(
+        status["trust_anchors"][0]["fingerprint"], status["issuer_anchor"],
+        "{status:#}"
+    );
+
+    // Each renewal is announced again: the expiry shown moves forward.
+    eventually(
+        Duration::from_secs(20),
+        "renewed certificates in identity status",
+        || async {
+            let now = seen(status_json(&mesh).await.ok()?)?;
+            services.iter().all(|s| now[*s] > first[*s]).then_some(())
+        },
+    )
+    .await
+    .with_context(|| format!("first {first:?}, last status: {:#}", last.lock().unwrap()))?;
+
+    // The dashboard's overview carries the same, judged against the same bundle.
+    let overview: serde_json::Value =
+        serde_json::from_str(&admin_get(&mesh.controller, "/api/v1/overview").await?)?;
+    let anchor = &status["trust_anchors"][0]["fingerprint"];
+    for service in services {
+        let proxy = overview["proxies"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["service"] == service))
+            .with_context(|| format!("{service} in the overview: {overview:#}"))?;
+        let cert = &proxy["certificate"];
+        assert_eq!(
+            cert["identity"],
+            format!("spiffe://cluster.local/ns/default/sa/{service}").as_str(),
+            "{overview:#}"
+        );
+        assert_eq!(&cert["anchor_fingerprint"], anchor, "{overview:#}");
+        assert!(
+            cert["not_after"].as_i64() > Some(unix_now()),
+            "{overview:#}"
+        );
+    }
+    Ok(())
 }

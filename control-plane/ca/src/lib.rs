@@ -197,14 +197,8 @@ impl CertInfo {
     }
 }
 
-/// Hex SHA-256 of `der`.
-pub fn fingerprint(der: &[u8]) -> String {
-    ring::digest::digest(&ring::digest::SHA256, der)
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
+/// Hex SHA-256 of `der` (shared with the proxies, which report their anchor by it).
+pub use ferrule_proto::certificate::fingerprint;
 
 /// The CA the controller signs with: the trust bundle and the issuer.
 pub struct Ca {

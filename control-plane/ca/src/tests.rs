@@ -195,6 +195,30 @@ fn a_bundle_may_hold_several_anchors() {
 }
 
 #[test]
+fn a_proxy_reports_the_anchor_its_chain_goes_up_to() {
+    let old = mesh(30 * DAY);
+    let new = mesh(30 * DAY);
+    let (_, der) = csr(&[]);
+    let leaf = new.ca.sign(&der, &id("user"), DAY, now()).unwrap();
+    let chain: Vec<&[u8]> = std::iter::once(leaf.as_ref())
+        .chain(new.ca.chain().iter().map(|c| c.as_ref()))
+        .collect();
+    // A rotation's bundle: the old anchor and the new one, in either order.
+    let anchors: Vec<&[u8]> = vec![old.ca.anchors()[0].as_ref(), new.ca.anchors()[0].as_ref()];
+    let report = ferrule_proto::certificate::report(&chain, &anchors).unwrap();
+    assert_eq!(report.identity, id("user").to_string());
+    assert_eq!(report.anchor_fingerprint, new.ca.issuer_anchor());
+    assert_ne!(report.anchor_fingerprint, old.ca.issuer_anchor());
+    let (_, cert) = X509Certificate::from_der(&leaf).unwrap();
+    assert_eq!(report.not_after, cert.validity().not_after.timestamp());
+    assert_eq!(report.not_before, cert.validity().not_before.timestamp());
+    // Only the old anchor known: the proxy cannot tell, and says so with no fingerprint.
+    let unknown = ferrule_proto::certificate::report(&chain, &anchors[..1]).unwrap();
+    assert_eq!(unknown.anchor_fingerprint, "");
+    assert!(ferrule_proto::certificate::report(&[b"junk".as_slice()], &anchors).is_err());
+}
+
+#[test]
 fn renewal_proves_the_identity_of_the_current_certificate() {
     let m = mesh(30 * DAY);
     let (key, der) = csr(&[]);

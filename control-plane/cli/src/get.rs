@@ -527,6 +527,7 @@ mod tests {
                 mode: "sidecar".into(),
                 version: "0.1.0".into(),
                 admin_address: "127.0.0.1:4191".into(),
+                certificate: None,
             }),
             acked_version: acked,
             nacked_version: nacked,

@@ -6,7 +6,9 @@
 //!   a client certificate for `spiffe://<td>/ns/ferrule-system/sa/ferrule-admin` and a token.
 //! * `issuer` makes a new issuer from an existing anchor (issuer rotation).
 //! * `token create` asks the controller for a join token for one service.
-//! * `status` shows the CA's anchors and issuer, with expiry.
+//! * `status` shows the CA's anchors and issuer, with expiry, and each proxy's certificate
+//!   (as the proxy reported it with its announce): identity, expiry, the anchor it chains to,
+//!   and what is wrong with it (`ferrule_proto::certificate`).
 
 use std::fs::OpenOptions;
 use std::io::{self, Write};
@@ -16,6 +18,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
+use ferrule_proto::certificate::{CertificateProblem, certificate_problem};
 use ferrule_proto::identity::DEFAULT_TRUST_DOMAIN;
 use ferrule_proto::v1::{
     CreateJoinTokenRequest, IdentityStatusRequest, identity_client::IdentityClient,
@@ -68,7 +71,14 @@ enum IdentityCommand {
     Issuer(IssuerArgs),
     /// Join tokens: bootstrap credentials for workloads outside Kubernetes.
     Token(TokenArgs),
-    /// Show the mesh CA: trust anchors, the issuer and when it expires.
+    /// Show the mesh CA: trust anchors, the issuer and when it expires, and each proxy's
+    /// certificate.
+    ///
+    /// For every proxy: its identity, when its certificate expires, the anchor it chains to
+    /// (the first 16 hex digits of the fingerprint) and a problem, if any: no certificate
+    /// yet, expired, expires soon (less than 10 % of its lifetime left: renewal is failing),
+    /// or chains to an anchor not in the trust bundle. During a trust anchor rotation, remove
+    /// the old anchor only once every proxy shows the new one.
     ///
     /// Example: ferrule identity status -o json
     Status,
@@ -399,6 +409,47 @@ struct Status {
     /// Fingerprint of the anchor the issuer chains to.
     issuer_anchor: String,
     problem: Option<String>,
+    /// Every proxy the controller knows of, with its certificate.
+    proxies: Vec<ProxyCert>,
+}
+
+/// One proxy's certificate as `identity status` shows it.
+#[derive(Debug, Serialize, PartialEq)]
+struct ProxyCert {
+    proxy_id: String,
+    /// Qualified: `service` or `service.namespace`.
+    service: String,
+    /// False for a proxy that runs without identity (it reports no certificate).
+    identity_enabled: bool,
+    /// The SPIFFE id the certificate carries; `None` before the first certificate.
+    identity: Option<String>,
+    not_before: Option<String>,
+    not_after: Option<String>,
+    /// Fingerprint of the anchor the certificate chains to.
+    anchor_fingerprint: Option<String>,
+    /// `no_certificate`, `expired`, `unknown_anchor` or `expires_soon`.
+    problem: Option<String>,
+}
+
+impl ProxyCert {
+    /// `status`'s view of `proxy` against the trust bundle `bundle` (anchor fingerprints) at
+    /// `now` (unix seconds).
+    fn of(proxy: &ferrule_proto::v1::ProxyInfo, bundle: &[String], now: i64) -> Self {
+        let cert = proxy.certificate.as_ref();
+        let known = cert.filter(|c| !c.identity.is_empty());
+        Self {
+            proxy_id: proxy.proxy_id.clone(),
+            service: ferrule_proto::names::qualified(&proxy.namespace, &proxy.service),
+            identity_enabled: cert.is_some(),
+            identity: known.map(|c| c.identity.clone()),
+            not_before: known.map(|c| rfc3339(c.not_before)),
+            not_after: known.map(|c| rfc3339(c.not_after)),
+            anchor_fingerprint: known
+                .map(|c| c.anchor_fingerprint.clone())
+                .filter(|f| !f.is_empty()),
+            problem: certificate_problem(cert, bundle, now).map(|p| p.code().to_string()),
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -438,7 +489,6 @@ impl Render for Status {
             return Ok(());
         }
         writeln!(out, "trust domain: {}", self.trust_domain)?;
-        let short = |f: &str| f.get(..16).unwrap_or(f).to_string();
         let mut rows = Vec::new();
         for anchor in &self.trust_anchors {
             let used = if anchor.fingerprint == self.issuer_anchor {
@@ -471,8 +521,51 @@ impl Render for Status {
         if let Some(problem) = &self.problem {
             writeln!(out, "problem: {problem}")?;
         }
-        Ok(())
+        writeln!(out)?;
+        if self.proxies.is_empty() {
+            return writeln!(out, "no proxies");
+        }
+        let rows: Vec<Vec<String>> = self
+            .proxies
+            .iter()
+            .map(|p| {
+                let identity = match (&p.identity, p.identity_enabled) {
+                    (Some(id), _) => id.clone(),
+                    (None, true) => String::new(),
+                    (None, false) => "(no identity)".into(),
+                };
+                let problem = p
+                    .problem
+                    .as_deref()
+                    .and_then(CertificateProblem::from_code)
+                    .map(|p| p.to_string())
+                    .unwrap_or_default();
+                vec![
+                    p.proxy_id.clone(),
+                    p.service.clone(),
+                    identity,
+                    p.not_after.clone().unwrap_or_default(),
+                    p.anchor_fingerprint
+                        .as_deref()
+                        .map(short)
+                        .unwrap_or_default(),
+                    problem,
+                ]
+            })
+            .collect();
+        output::write_table(
+            out,
+            &[
+                "PROXY", "SERVICE", "IDENTITY", "EXPIRES", "ANCHOR", "PROBLEM",
+            ],
+            &rows,
+        )
     }
+}
+
+/// The first 16 hex digits of a fingerprint, as tables show it.
+fn short(fingerprint: &str) -> String {
+    fingerprint.get(..16).unwrap_or(fingerprint).to_string()
 }
 
 async fn status(addr: &ControllerAddr, format: Format) -> anyhow::Result<()> {
@@ -483,7 +576,21 @@ async fn status(addr: &ControllerAddr, format: Format) -> anyhow::Result<()> {
         identity.status(IdentityStatusRequest {}),
     )
     .await?;
+    let bundle: Vec<String> = rsp
+        .trust_anchors
+        .iter()
+        .map(|a| a.fingerprint.clone())
+        .collect();
+    let now = ferrule_proto::certificate::unix_now();
+    let mut proxies: Vec<ProxyCert> = client::list_proxies(addr)
+        .await?
+        .iter()
+        .filter_map(|status| status.proxy.as_ref())
+        .map(|proxy| ProxyCert::of(proxy, &bundle, now))
+        .collect();
+    proxies.sort_by(|a, b| (&a.service, &a.proxy_id).cmp(&(&b.service, &b.proxy_id)));
     let doc = Status {
+        proxies,
         enabled: rsp.enabled,
         trust_domain: rsp.trust_domain,
         trust_anchors: rsp.trust_anchors.into_iter().map(Cert::from).collect(),
@@ -492,4 +599,90 @@ async fn status(addr: &ControllerAddr, format: Format) -> anyhow::Result<()> {
         problem: (!rsp.problem.is_empty()).then_some(rsp.problem),
     };
     output::render(&doc, format, &mut io::stdout().lock())
+}
+
+#[cfg(test)]
+mod tests {
+    use ferrule_proto::v1::{ProxyCertificate, ProxyInfo};
+
+    use super::*;
+
+    fn proxy(id: &str, certificate: Option<ProxyCertificate>) -> ProxyInfo {
+        ProxyInfo {
+            proxy_id: id.into(),
+            service: "user".into(),
+            namespace: "shop".into(),
+            certificate,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn each_proxy_shows_its_certificate_and_problem() {
+        let anchor = "ab".repeat(32);
+        let bundle = vec![anchor.clone()];
+        let now = 1_000_000;
+        let good = ProxyCertificate {
+            identity: "spiffe://cluster.local/ns/shop/sa/user".into(),
+            not_before: now - 100,
+            not_after: now + 1000,
+            anchor_fingerprint: anchor.clone(),
+        };
+        let old_anchor = ProxyCertificate {
+            anchor_fingerprint: "cd".repeat(32),
+            ..good.clone()
+        };
+        let views = [
+            ProxyCert::of(&proxy("a", Some(good)), &bundle, now),
+            ProxyCert::of(&proxy("b", Some(old_anchor)), &bundle, now),
+            ProxyCert::of(&proxy("c", Some(ProxyCertificate::default())), &bundle, now),
+            ProxyCert::of(&proxy("d", None), &bundle, now),
+        ];
+        assert_eq!(views[0].service, "user.shop");
+        assert_eq!(
+            views[0].anchor_fingerprint.as_deref(),
+            Some(anchor.as_str())
+        );
+        assert_eq!(
+            views[0].not_after.as_deref(),
+            Some(rfc3339(now + 1000).as_str())
+        );
+        let problems: Vec<Option<&str>> = views.iter().map(|v| v.problem.as_deref()).collect();
+        assert_eq!(
+            problems,
+            [None, Some("unknown_anchor"), Some("no_certificate"), None]
+        );
+        assert!(!views[3].identity_enabled && views[3].identity.is_none());
+
+        let doc = Status {
+            enabled: true,
+            trust_domain: "cluster.local".into(),
+            trust_anchors: Vec::new(),
+            issuer: None,
+            issuer_anchor: anchor.clone(),
+            problem: None,
+            proxies: views.into(),
+        };
+        let mut out = Vec::new();
+        doc.write_human(&mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text
+            .lines()
+            .skip_while(|l| !l.starts_with("PROXY"))
+            .collect();
+        assert!(
+            lines[0].contains("ANCHOR") && lines[0].contains("PROBLEM"),
+            "{text}"
+        );
+        assert!(
+            lines[1].contains("abababababababab") && lines[1].ends_with('-'),
+            "{text}"
+        );
+        assert!(
+            lines[2].ends_with("chains to an anchor not in the trust bundle"),
+            "{text}"
+        );
+        assert!(lines[3].ends_with("no certificate yet"), "{text}");
+        assert!(lines[4].contains("(no identity)"), "{text}");
+    }
 }

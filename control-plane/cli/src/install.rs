@@ -77,9 +77,12 @@ uninstalling; deleting the namespace ferrule-system also deletes etcd's volumes 
 
 const CHECK_EXAMPLES: &str = "Examples:
   ferrule check --pre      # before install: cluster version, permissions, other injectors
-  ferrule check            # after install: control plane, webhook, injected proxies
+  ferrule check            # after install: control plane, mesh CA, webhook, injected proxies
+                           # and their certificates
 
-Asks the cluster through kubectl (its current context; --kubectl to use another binary).
+Asks the cluster through kubectl (its current context; --kubectl to use another binary);
+proxies' certificates come from the controller's overview through the API server's service
+proxy (kubectl get --raw .../services/ferrule-controller:admin/proxy/api/v1/overview).
 Exit status 1 when a check fails; each failure says how to fix it.";
 
 #[derive(Debug, clap::Args)]
@@ -782,6 +785,7 @@ fn etcd_checks(kubectl: &Kubectl<'_>) -> anyhow::Result<Vec<Check>> {
     )])
 }
 
+/// The controller's readiness and its mesh CA, from one read of its Deployment.
 fn controller_checks(kubectl: &Kubectl<'_>) -> anyhow::Result<Vec<Check>> {
     let controller = json_of(
         kubectl,
@@ -795,13 +799,15 @@ fn controller_checks(kubectl: &Kubectl<'_>) -> anyhow::Result<Vec<Check>> {
             "json",
         ],
     )?;
-    Ok(vec![check_ready(
+    let mut checks = vec![check_ready(
         "controller (deployment ferrule-controller)",
         &controller,
         1,
         "kubectl -n ferrule-system logs deploy/ferrule-controller (an empty ferrule-webhook-tls \
          Secret stops it: install with `ferrule install`)",
-    )])
+    )];
+    checks.extend(identity_checks(kubectl, &controller)?);
+    Ok(checks)
 }
 
 fn webhook_checks(kubectl: &Kubectl<'_>) -> anyhow::Result<Vec<Check>> {
@@ -830,19 +836,8 @@ fn webhook_checks(kubectl: &Kubectl<'_>) -> anyhow::Result<Vec<Check>> {
     Ok(check_webhook(&config, &endpoints))
 }
 
-fn identity_checks(kubectl: &Kubectl<'_>) -> anyhow::Result<Vec<Check>> {
-    let controller = json_of(
-        kubectl,
-        &[
-            "-n",
-            NAMESPACE,
-            "get",
-            "deployment",
-            "ferrule-controller",
-            "-o",
-            "json",
-        ],
-    )?;
+/// The mesh CA of the controller whose Deployment is `controller`.
+fn identity_checks(kubectl: &Kubectl<'_>, controller: &Value) -> anyhow::Result<Vec<Check>> {
     let secret = kubectl(&[
         "-n",
         NAMESPACE,
@@ -858,10 +853,79 @@ fn identity_checks(kubectl: &Kubectl<'_>) -> anyhow::Result<Vec<Check>> {
     } else {
         Some(serde_json::from_str(&secret).context("kubectl get secret printed no JSON")?)
     };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
-    Ok(check_identity(&controller, secret.as_ref(), now))
+    let now = ferrule_proto::certificate::unix_now();
+    Ok(check_identity(controller, secret.as_ref(), now))
+}
+
+/// The controller's dashboard overview, through the API server's service proxy (no
+/// port-forward: what the user's kubectl may read, `ferrule check` reads).
+const OVERVIEW: &str =
+    "/api/v1/namespaces/ferrule-system/services/ferrule-controller:admin/proxy/api/v1/overview";
+
+fn certificate_checks(kubectl: &Kubectl<'_>) -> anyhow::Result<Vec<Check>> {
+    let overview = json_of(kubectl, &["get", "--raw", OVERVIEW])?;
+    Ok(check_certificates(&overview))
+}
+
+/// Proxies' certificates as they reported them, judged by the controller against the trust
+/// bundle in force (`proxies[].certificate.problem` of the overview): expired ones and ones
+/// chaining to an anchor not in the bundle fail, ones near expiry or still without a
+/// certificate warn.
+fn check_certificates(overview: &Value) -> Vec<Check> {
+    use ferrule_proto::certificate::CertificateProblem;
+
+    let Some(proxies) = overview["proxies"].as_array() else {
+        return vec![Check::Fail(
+            "the controller's overview lists no proxies (is it a Ferrule controller of this \
+             version?)"
+                .into(),
+            "kubectl -n ferrule-system logs deploy/ferrule-controller".into(),
+        )];
+    };
+    let mut with_certificate = 0;
+    let mut problems: Vec<(CertificateProblem, Vec<String>)> = Vec::new();
+    for proxy in proxies {
+        let certificate = &proxy["certificate"];
+        if certificate.is_null() {
+            continue; // No identity: nothing to judge.
+        }
+        with_certificate += 1;
+        let Some(problem) = certificate["problem"]
+            .as_str()
+            .and_then(CertificateProblem::from_code)
+        else {
+            continue;
+        };
+        let name = format!(
+            "{} ({})",
+            proxy["proxy_id"].as_str().unwrap_or_default(),
+            proxy["service"].as_str().unwrap_or_default()
+        );
+        match problems.iter_mut().find(|(p, _)| *p == problem) {
+            Some((_, names)) => names.push(name),
+            None => problems.push((problem, vec![name])),
+        }
+    }
+    if problems.is_empty() {
+        return vec![Check::Pass(format!(
+            "{with_certificate} proxy certificate(s) valid and chaining to the trust bundle"
+        ))];
+    }
+    problems
+        .into_iter()
+        .map(|(problem, names)| {
+            let what = format!("proxy certificate(s) {problem}: {names:?}");
+            let fix = problem.fix().to_string();
+            match problem {
+                CertificateProblem::Expired | CertificateProblem::UnknownAnchor => {
+                    Check::Fail(what, fix)
+                }
+                CertificateProblem::ExpiresSoon | CertificateProblem::NoCertificate => {
+                    Check::Warn(what, fix)
+                }
+            }
+        })
+        .collect()
 }
 
 fn proxy_checks(kubectl: &Kubectl<'_>) -> anyhow::Result<Vec<Check>> {
@@ -884,8 +948,8 @@ fn run_checks(pre: bool, kubectl: &Kubectl<'_>) -> Vec<Check> {
             ("etcd", etcd_checks),
             ("controller", controller_checks),
             ("webhook", webhook_checks),
-            ("identity", identity_checks),
             ("proxies", proxy_checks),
+            ("proxy certificates", certificate_checks),
         ]
     };
     let mut checks = Vec::new();
@@ -1154,6 +1218,95 @@ mod tests {
             &check_identity(&deployment(&[]), None, now)[..],
             [Check::Warn(what, _)] if what.contains("--identity=none")
         ));
+    }
+
+    #[test]
+    fn proxy_certificates_check() {
+        let overview = |certs: &[Value]| {
+            let proxies: Vec<Value> = certs
+                .iter()
+                .enumerate()
+                .map(|(i, c)| json!({"proxy_id": format!("p{i}"), "service": "user.shop", "certificate": c}))
+                .collect();
+            json!({ "proxies": proxies })
+        };
+        let fine = json!({"identity": "spiffe://cluster.local/ns/shop/sa/user", "not_after": 2_000_000_000, "problem": null});
+        let problem = |code: &str| json!({"identity": "spiffe://cluster.local/ns/shop/sa/user", "problem": code});
+        match &check_certificates(&overview(&[fine.clone(), Value::Null]))[..] {
+            [Check::Pass(what)] => assert!(what.starts_with("1 proxy certificate"), "{what}"),
+            other => panic!("{other:?}"),
+        }
+        let checks = check_certificates(&overview(&[
+            fine,
+            problem("expired"),
+            problem("unknown_anchor"),
+            problem("expires_soon"),
+            problem("expired"),
+        ]));
+        match &checks[..] {
+            [
+                Check::Fail(expired, fix),
+                Check::Fail(anchor, anchor_fix),
+                Check::Warn(soon, _),
+            ] => {
+                assert!(
+                    expired.contains("expired") && expired.contains("p1") && expired.contains("p4"),
+                    "{expired}"
+                );
+                assert!(fix.contains("identity_renewal_failures"), "{fix}");
+                assert!(
+                    anchor.contains("anchor not in the trust bundle") && anchor.contains("p2"),
+                    "{anchor}"
+                );
+                assert!(anchor_fix.contains("rotation"), "{anchor_fix}");
+                assert!(
+                    soon.contains("expires soon") && soon.contains("p3"),
+                    "{soon}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            &check_certificates(&json!({"error": "reading the store"}))[..],
+            [Check::Fail(..)]
+        ));
+    }
+
+    #[test]
+    fn post_install_checks_read_the_controller_deployment_once() {
+        let asked = std::cell::RefCell::new(Vec::new());
+        let kubectl = |args: &[&str]| -> anyhow::Result<String> {
+            let line = args.join(" ");
+            asked.borrow_mut().push(line.clone());
+            let answer = if line.starts_with("version") {
+                json!({"serverVersion": {"major": "1", "minor": "31"}})
+            } else if line.contains("deployment") || line.contains("statefulset") {
+                json!({"status": {"readyReplicas": 3}, "spec": {"template": {"spec": {"containers": [{"args": []}]}}}})
+            } else if line.contains("mutatingwebhookconfiguration") {
+                json!({"webhooks": [{"clientConfig": {"caBundle": "LS0t"}}]})
+            } else if line.contains("endpoints") {
+                json!({"subsets": [{"addresses": [{"ip": "10.0.0.1"}]}]})
+            } else if line.starts_with("get --raw") {
+                json!({"proxies": [{"proxy_id": "p", "service": "user", "certificate": {"problem": "expired"}}]})
+            } else {
+                json!({"items": []})
+            };
+            Ok(answer.to_string())
+        };
+        let checks = run_checks(false, &kubectl);
+        let asked = asked.into_inner();
+        let deployments = asked.iter().filter(|a| a.contains("deployment")).count();
+        assert_eq!(deployments, 1, "{asked:#?}");
+        assert!(
+            asked.contains(&format!("get --raw {OVERVIEW}")),
+            "{asked:#?}"
+        );
+        assert!(
+            checks
+                .iter()
+                .any(|c| matches!(c, Check::Fail(what, _) if what.contains("expired"))),
+            "{checks:?}"
+        );
     }
 
     #[test]

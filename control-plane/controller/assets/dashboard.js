@@ -155,13 +155,21 @@ function drawProxies(overview) {
       config += ` (refused v${p.nacked_version}: ${p.nack_reason})`;
       cls = "bad";
     }
-    const cert = p.certificate_expiry ? until(p.certificate_expiry) : p.scrape_error ? "unreadable" : "no identity";
+    // The certificate the proxy reported wins over the expiry read from its metrics.
+    const c = p.certificate;
+    let cert = p.certificate_expiry ? until(p.certificate_expiry) : p.scrape_error ? "unreadable" : "no identity";
+    let certCls = p.scrape_error ? "bad" : "";
+    if (c) cert = c.identity ? until(c.not_after) : "no certificate yet";
+    if (c && c.problem) certCls = c.problem === "expires_soon" ? "warn" : "bad";
+    const certTitle = c && c.problem ? `${c.problem_text}: ${c.fix}` : (c && c.identity) || "";
+    const anchor = c && c.anchor_fingerprint ? c.anchor_fingerprint.slice(0, 16) : "–";
     return el("tr", { "data-proxy": p.proxy_id, title: p.scrape_error || `seen ${ago(p.last_seen)}` },
       el("td", {}, p.proxy_id),
       el("td", {}, p.service),
       el("td", {}, p.mode),
       el("td", { class: cls }, config),
-      el("td", { class: p.scrape_error ? "bad" : "" }, cert));
+      el("td", { class: c && c.problem === "unknown_anchor" ? "bad" : "", title: c ? c.anchor_fingerprint : "" }, anchor),
+      el("td", { class: certCls, title: certTitle, "data-problem": (c && c.problem) || "" }, cert));
   }));
 }
 

@@ -2,7 +2,9 @@
 //! compiled into the binary, no CDN) and the JSON it polls.
 //!
 //! * `GET /api/v1/overview`: the config version; every announced proxy with the version it
-//!   acked (or refused) and its certificate's expiry; golden metrics per service and per edge
+//!   acked (or refused), its certificate's expiry, and the certificate it reported (identity,
+//!   validity, the anchor it chains to, and its problem against the trust bundle in force,
+//!   judged by `ferrule_proto::certificate` as `ferrule identity status` does); golden metrics per service and per edge
 //!   caller→callee with a short history for sparklines; each endpoint's breaker state and EWMA
 //!   latency as each calling proxy sees it; and the proxies that could not be read.
 //! * `GET /api/v1/traces`, `GET /api/v1/traces/<id>`: the recent traces of the trace source
@@ -22,12 +24,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use ferrule_ca::Ca;
 use ferrule_golden::{Golden, ProxyMetrics, ProxyTarget, Row};
+use ferrule_proto::certificate::{CertificateProblem, certificate_problem};
 use ferrule_proto::v1::admin_server::Admin;
 use ferrule_proto::v1::{GetConfigRequest, ListProxiesRequest};
 use ferrule_store::Store;
 use serde::Serialize;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, watch};
 
 use crate::admin::AdminService;
 
@@ -55,6 +59,8 @@ pub const CSS: &str = include_str!("../assets/dashboard.css");
 pub struct Dashboard {
     admin: AdminService,
     traces: Option<SocketAddr>,
+    /// The CA in force, for the trust bundle proxies' certificates are judged against.
+    ca: Option<watch::Receiver<Option<Arc<Ca>>>>,
     state: Mutex<State>,
 }
 
@@ -117,9 +123,43 @@ struct ProxyView {
     last_seen: i64,
     /// Unix seconds; absent without identity (or when the proxy could not be read).
     certificate_expiry: Option<f64>,
+    /// The certificate the proxy reported; absent for a proxy without identity.
+    certificate: Option<CertificateView>,
     /// Why its `/metrics` could not be read this time.
     #[serde(skip_serializing_if = "Option::is_none")]
     scrape_error: Option<String>,
+}
+
+/// A proxy's reported certificate, with what is wrong with it.
+#[derive(Debug, Serialize)]
+struct CertificateView {
+    /// The SPIFFE id; empty before the first certificate.
+    identity: String,
+    /// Unix seconds (0 before the first certificate).
+    not_before: i64,
+    not_after: i64,
+    /// Hex SHA-256 of the anchor it chains to; empty when the proxy could not tell.
+    anchor_fingerprint: String,
+    /// `no_certificate`, `expired`, `unknown_anchor` or `expires_soon`.
+    problem: Option<&'static str>,
+    /// The problem for people, and what to do about it.
+    problem_text: Option<String>,
+    fix: Option<&'static str>,
+}
+
+impl CertificateView {
+    fn of(cert: &ferrule_proto::v1::ProxyCertificate, bundle: &[String], now: i64) -> Self {
+        let problem: Option<CertificateProblem> = certificate_problem(Some(cert), bundle, now);
+        Self {
+            identity: cert.identity.clone(),
+            not_before: cert.not_before,
+            not_after: cert.not_after,
+            anchor_fingerprint: cert.anchor_fingerprint.clone(),
+            problem: problem.map(CertificateProblem::code),
+            problem_text: problem.map(|p| p.to_string()),
+            fix: problem.map(CertificateProblem::fix),
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -142,8 +182,32 @@ impl Dashboard {
         Self {
             admin: AdminService::new(store),
             traces,
+            ca: None,
             state: Mutex::new(State::default()),
         }
+    }
+
+    /// Judges proxies' certificates against the trust bundle of `ca` (the controller's CA, as
+    /// it reloads; `None` inside while it runs without one).
+    pub fn with_ca(mut self, ca: watch::Receiver<Option<Arc<Ca>>>) -> Self {
+        self.ca = Some(ca);
+        self
+    }
+
+    /// Fingerprints of the anchors in the trust bundle in force (none without a CA).
+    fn bundle(&self) -> Vec<String> {
+        let Some(ca) = &self.ca else {
+            return Vec::new();
+        };
+        let ca = ca.borrow();
+        ca.as_ref()
+            .map(|ca| {
+                ca.anchors()
+                    .iter()
+                    .map(|a| ferrule_ca::fingerprint(a))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// `GET /api/v1/overview`.
@@ -224,6 +288,8 @@ impl Dashboard {
             .iter()
             .map(|(p, m)| (p.proxy_id.as_str(), m))
             .collect();
+        let bundle = self.bundle();
+        let now_unix = ferrule_proto::certificate::unix_now();
         let proxy_views = proxies
             .iter()
             .filter_map(|status| {
@@ -242,6 +308,10 @@ impl Dashboard {
                     certificate_expiry: by_id
                         .get(p.proxy_id.as_str())
                         .and_then(|m| m.certificate_expiry),
+                    certificate: p
+                        .certificate
+                        .as_ref()
+                        .map(|c| CertificateView::of(c, &bundle, now_unix)),
                     scrape_error: errors.remove(&p.proxy_id),
                 })
             })
@@ -411,6 +481,28 @@ mod tests {
                 p99_ms: None,
             },
         }
+    }
+
+    #[test]
+    fn certificates_are_judged_against_the_bundle_with_the_fields_check_reads() {
+        let cert = ferrule_proto::v1::ProxyCertificate {
+            identity: "spiffe://cluster.local/ns/default/sa/user".into(),
+            not_before: 1_000,
+            not_after: 2_000,
+            anchor_fingerprint: "ab".repeat(32),
+        };
+        // `ferrule check` (control-plane/cli/src/install.rs) reads `problem` by these codes.
+        let view =
+            serde_json::to_value(CertificateView::of(&cert, &["cd".repeat(32)], 1_500)).unwrap();
+        assert_eq!(view["problem"], "unknown_anchor");
+        assert_eq!(view["not_after"], 2_000);
+        assert!(view["fix"].as_str().unwrap().contains("anchor"), "{view}");
+        let view =
+            serde_json::to_value(CertificateView::of(&cert, &["ab".repeat(32)], 1_500)).unwrap();
+        assert!(view["problem"].is_null(), "{view}");
+        let view =
+            serde_json::to_value(CertificateView::of(&cert, &["ab".repeat(32)], 2_000)).unwrap();
+        assert_eq!(view["problem"], "expired");
     }
 
     #[test]

@@ -129,6 +129,7 @@ pub async fn serve_with(
         None => ferrule_trace::Tracer::default(),
     };
     let hub = discovery::Hub::new(store.clone(), metrics.clone());
+    let dashboard_ca = ca.subscribe();
     let admin_addr: SocketAddr = admin.local_addr()?;
     tracing::info!(grpc = %grpc_addr, admin = %admin_addr, store = %store.describe(), "controller serving");
 
@@ -174,7 +175,9 @@ pub async fn serve_with(
             }
         }
     };
-    let dashboard = Arc::new(dashboard::Dashboard::new(store.clone(), options.traces_api));
+    let dashboard = Arc::new(
+        dashboard::Dashboard::new(store.clone(), options.traces_api).with_ca(dashboard_ca),
+    );
     let http_task = http::serve(admin, store, metrics, dashboard, shutdown.clone());
     let (grpc_result, http_result) = tokio::join!(grpc_task, http_task);
     grpc_result?;

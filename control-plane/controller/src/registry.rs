@@ -3,6 +3,10 @@
 //! A registration is a key under the registrant's lease: it lives while the registrant keeps
 //! the lease alive (through any replica, since leases live in the store) and disappears when
 //! the lease expires or is revoked.
+//!
+//! A proxy's announcement carries its certificate (`ProxyInfo.certificate`); the proxy
+//! announces again under the same lease whenever it renews, and the record keeps the config
+//! acks recorded on it meanwhile.
 
 use std::net::IpAddr;
 use std::pin::Pin;
@@ -14,7 +18,8 @@ use ferrule_proto::names::{
 };
 use ferrule_proto::v1::{
     AnnounceProxyRequest, DeregisterRequest, DeregisterResponse, Endpoint, KeepAliveRequest,
-    KeepAliveResponse, ProxyStatus, RegisterRequest, RegisterResponse, registry_server::Registry,
+    KeepAliveResponse, ProxyCertificate, ProxyStatus, RegisterRequest, RegisterResponse,
+    registry_server::Registry,
 };
 use ferrule_store::{Store, StoreError};
 use futures::{Stream, StreamExt};
@@ -148,6 +153,53 @@ pub fn validate_endpoint(ep: &Endpoint) -> Result<(), Status> {
             "endpoint.port: {} is not a port number (1-65535)",
             ep.port
         )));
+    }
+    Ok(())
+}
+
+/// Refuses a certificate report that could not be shown or judged, naming the field. A
+/// workload may report only a certificate of its own identity.
+pub fn validate_certificate(cert: &ProxyCertificate, caller: &Caller) -> Result<(), Status> {
+    let invalid = |field: &str, reason: String| {
+        Status::invalid_argument(format!("proxy.certificate.{field}: {reason}"))
+    };
+    if cert.identity.is_empty() {
+        // No certificate yet: nothing else may be said.
+        if cert.not_before != 0 || cert.not_after != 0 || !cert.anchor_fingerprint.is_empty() {
+            return Err(invalid(
+                "identity",
+                "empty (no certificate yet) but the validity or anchor is set".into(),
+            ));
+        }
+        return Ok(());
+    }
+    let id: ferrule_proto::identity::SpiffeId = cert
+        .identity
+        .parse()
+        .map_err(|e: ferrule_proto::identity::IdentityError| invalid("identity", e.to_string()))?;
+    if let Caller::Workload(caller_id) = caller
+        && *caller_id != id
+    {
+        return Err(Status::permission_denied(format!(
+            "proxy.certificate.identity: {caller_id} may report only its own certificate, not one of {id}"
+        )));
+    }
+    if cert.not_after <= cert.not_before {
+        return Err(invalid(
+            "not_after",
+            format!(
+                "{} is not after not_before {}",
+                cert.not_after, cert.not_before
+            ),
+        ));
+    }
+    let fp = &cert.anchor_fingerprint;
+    let hex_sha256 = fp.len() == 64 && fp.chars().all(|c| c.is_ascii_hexdigit());
+    if !fp.is_empty() && !hex_sha256 {
+        return Err(invalid(
+            "anchor_fingerprint",
+            format!("{fp:?} is not a hex SHA-256 (64 hex digits)"),
+        ));
     }
     Ok(())
 }
@@ -297,21 +349,56 @@ impl Registry for RegistryService {
                 "proxy.proxy_id: must be 1-253 characters without '/'",
             ));
         }
+        if let Some(cert) = &proxy.certificate {
+            validate_certificate(cert, &caller).inspect_err(|s| refused(s, "AnnounceProxy"))?;
+        }
         let key = keys::proxy(&proxy.proxy_id);
+        // The config acks recorded on the proxy's record so far stay (announcing again after a
+        // renewal must not blank them in `ferrule get proxies`).
+        let previous = match self.store.get(&key).await.map_err(store_status)? {
+            Some(kv) => ProxyStatus::decode(kv.value.as_slice()).unwrap_or_default(),
+            None => ProxyStatus::default(),
+        };
         let status = ProxyStatus {
             proxy: Some(proxy),
             last_seen: now_unix(),
-            ..Default::default()
+            acked_version: previous.acked_version,
+            nacked_version: previous.nacked_version,
+            nack_reason: previous.nack_reason,
         };
-        let resp = self
-            .put_leased(
-                key,
-                status.encode_to_vec(),
-                clamp_ttl(req.ttl_seconds),
-                &caller,
-            )
-            .await?;
-        Ok(Response::new(resp))
+        let ttl = clamp_ttl(req.ttl_seconds);
+        if req.lease_id == 0 {
+            let resp = self
+                .put_leased(key, status.encode_to_vec(), ttl, &caller)
+                .await?;
+            return Ok(Response::new(resp));
+        }
+        // Announcing again: the record is rewritten under the lease the caller holds.
+        let lease = req.lease_id;
+        if !lease_owned(&*self.store, &caller, lease).await? {
+            let status = Status::not_found(format!(
+                "lease_id: lease {lease} is not one this caller holds (expired, or granted to another caller); announce with lease_id 0"
+            ));
+            refused(&status, "AnnounceProxy");
+            return Err(status);
+        }
+        // Refreshing first finds a lease that is gone (NOT_FOUND) on every store alike.
+        let ttl_seconds = self
+            .store
+            .keep_alive(lease)
+            .await
+            .map_err(store_status)?
+            .as_secs() as u32;
+        let revision = self
+            .store
+            .put(&key, status.encode_to_vec(), Some(lease))
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(RegisterResponse {
+            lease_id: lease,
+            ttl_seconds,
+            revision,
+        }))
     }
 }
 
@@ -367,6 +454,61 @@ mod tests {
             assert_eq!(status.code(), tonic::Code::InvalidArgument);
             assert!(status.message().starts_with(field), "{}", status.message());
         }
+    }
+
+    #[test]
+    fn validates_certificate_reports_naming_the_field() {
+        let good = ProxyCertificate {
+            identity: "spiffe://cluster.local/ns/default/sa/user".into(),
+            not_before: 100,
+            not_after: 200,
+            anchor_fingerprint: "0f".repeat(32),
+        };
+        let unchecked = Caller::Unchecked;
+        assert!(validate_certificate(&good, &unchecked).is_ok());
+        assert!(validate_certificate(&ProxyCertificate::default(), &unchecked).is_ok());
+        let cases = [
+            (
+                ProxyCertificate {
+                    identity: "user".into(),
+                    ..good.clone()
+                },
+                "proxy.certificate.identity",
+            ),
+            (
+                ProxyCertificate {
+                    not_after: 100,
+                    ..good.clone()
+                },
+                "proxy.certificate.not_after",
+            ),
+            (
+                ProxyCertificate {
+                    anchor_fingerprint: "xyz".into(),
+                    ..good.clone()
+                },
+                "proxy.certificate.anchor_fingerprint",
+            ),
+            (
+                ProxyCertificate {
+                    not_after: 5,
+                    ..ProxyCertificate::default()
+                },
+                "proxy.certificate.identity",
+            ),
+        ];
+        for (bad, field) in cases {
+            let status = validate_certificate(&bad, &unchecked).unwrap_err();
+            assert_eq!(status.code(), tonic::Code::InvalidArgument);
+            assert!(status.message().starts_with(field), "{}", status.message());
+        }
+        let payment = Caller::Workload(
+            "spiffe://cluster.local/ns/default/sa/payment"
+                .parse()
+                .unwrap(),
+        );
+        let status = validate_certificate(&good, &payment).unwrap_err();
+        assert_eq!(status.code(), tonic::Code::PermissionDenied);
     }
 
     #[test]

@@ -17,17 +17,22 @@
 //!   bundle, and the stream (which announces each change once) would never correct it. That
 //!   would drop an anchor just added until the next renewal, and with it every peer whose new
 //!   certificate chains to it (a rotation's step 3, docs/identity.md).
+//! * [`reports`] turns the certificate in use into what the proxy announces to the controller
+//!   (identity, validity, the anchor it chains to), for `ferrule identity status`.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use ferrule_proto::v1::{CertifyRequest, WatchTrustBundleRequest, identity_client::IdentityClient};
+use ferrule_proto::v1::{
+    CertifyRequest, ProxyCertificate, WatchTrustBundleRequest, identity_client::IdentityClient,
+};
 use ferrule_proxy_core::metrics::Metrics;
 use ferrule_proxy_transport::tls::{Credentials, MeshTls};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use rand::Rng;
 use rcgen::{CertificateParams, DnType, KeyPair};
+use rustls::sign::CertifiedKey;
 use rustls_pki_types::CertificateDer;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -313,6 +318,60 @@ impl Client {
             }
         }
         Err("the controller closed the stream".into())
+    }
+}
+
+/// What the proxy reports of its certificate, following `tls` until `shutdown`: empty (no
+/// certificate yet) until the first one, then a new report at each renewal or bundle change
+/// that changes what is reported.
+pub fn reports(tls: &MeshTls, shutdown: CancellationToken) -> watch::Receiver<ProxyCertificate> {
+    let mut credentials = tls.watch();
+    let (tx, rx) = watch::channel(ProxyCertificate::default());
+    tokio::spawn(async move {
+        loop {
+            let current = credentials.borrow_and_update().clone();
+            if let Some(current) = current {
+                let next = report(&current, &tx.borrow());
+                tx.send_if_modified(|old| {
+                    let changed = *old != next;
+                    *old = next;
+                    changed
+                });
+            }
+            tokio::select! {
+                changed = credentials.changed() => if changed.is_err() { return },
+                () = shutdown.cancelled() => return,
+            }
+        }
+    });
+    rx
+}
+
+/// The report for `credentials`. A certificate keeps the anchor found for it when a later
+/// bundle no longer holds that anchor: it still chains there, which is what the controller
+/// needs to see (its anchor left the bundle before the proxy renewed).
+fn report(credentials: &Credentials, previous: &ProxyCertificate) -> ProxyCertificate {
+    let key: &CertifiedKey = credentials.certified_key();
+    let chain: Vec<&[u8]> = key.cert.iter().map(|c| c.as_ref()).collect();
+    let anchors: Vec<&[u8]> = credentials
+        .anchor_certs()
+        .iter()
+        .map(|c| c.as_ref())
+        .collect();
+    match ferrule_proto::certificate::report(&chain, &anchors) {
+        Ok(mut report) => {
+            let same_certificate = report.identity == previous.identity
+                && report.not_before == previous.not_before
+                && report.not_after == previous.not_after;
+            if report.anchor_fingerprint.is_empty() && same_certificate {
+                report.anchor_fingerprint = previous.anchor_fingerprint.clone();
+            }
+            report
+        }
+        Err(error) => {
+            tracing::warn!(%error, "cannot read the proxy's own certificate for its report");
+            previous.clone()
+        }
     }
 }
 

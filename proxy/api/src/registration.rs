@@ -11,6 +11,10 @@
 //! if need be: leases live in the shared store, so they stay valid across replicas. On
 //! shutdown every lease is revoked, bounded by 2 s.
 //!
+//! With identity, the announcement carries the proxy's certificate (identity, validity, the
+//! anchor it chains to) and is made again, under the same lease, whenever that changes (each
+//! renewal), so `ferrule identity status` shows every proxy's current certificate.
+//!
 //! The HTTP check goes to the port named `http`, else the first port hinted HTTP/1, else the
 //! first port.
 //!
@@ -26,7 +30,7 @@ use bytes::Bytes;
 use ferrule_proto::v1::registry_client::RegistryClient;
 use ferrule_proto::v1::{
     AnnounceProxyRequest, DeregisterRequest, Endpoint, KeepAliveRequest, KeepAliveResponse,
-    ProtocolHint, ProxyInfo, RegisterRequest, RegisterResponse,
+    ProtocolHint, ProxyCertificate, ProxyInfo, RegisterRequest, RegisterResponse,
 };
 use http_body_util::Empty;
 use hyper_util::client::legacy::Client;
@@ -97,6 +101,9 @@ pub struct RegistrationConfig {
     /// Registers only while this is true as well as the app is healthy (the proxy holds a
     /// certificate, so peers that find the endpoint can complete mutual TLS with it).
     pub gate: Option<watch::Receiver<bool>>,
+    /// The proxy's certificate as reported with the announcement (see
+    /// [`crate::identity::reports`]); `None` without identity. Each change is announced again.
+    pub certificate: Option<watch::Receiver<ProxyCertificate>>,
 }
 
 /// What `/ready` and metrics read; see [`Registration::status`].
@@ -168,6 +175,7 @@ impl Registration {
             controllers,
             session: None,
             announce: None,
+            reannounce: false,
             healthy: false,
             backoff: Backoff::new(BACKOFF_BASE, BACKOFF_MAX),
             retry_at: None,
@@ -425,6 +433,8 @@ struct Registrar {
     /// One per configured port, in order.
     leases: Vec<Option<Lease>>,
     announce: Option<Lease>,
+    /// The announced record is out of date (the certificate changed): announce again.
+    reannounce: bool,
     healthy: bool,
     backoff: Backoff,
     retry_at: Option<Instant>,
@@ -442,6 +452,10 @@ impl Registrar {
         let mut keepalive = tokio::time::interval_at(Instant::now() + period, period);
         keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut health_open = true;
+        let mut certificate = self.config.certificate.take();
+        if let Some(report) = &mut certificate {
+            self.config.proxy.certificate = Some(report.borrow_and_update().clone());
+        }
         self.reconcile().await;
         loop {
             self.publish();
@@ -460,6 +474,19 @@ impl Registrar {
                     health_open = changed.is_ok();
                     self.healthy = *health.borrow_and_update();
                     self.reconcile().await;
+                }
+                changed = changed_or_pending(certificate.as_mut()) => {
+                    let Some(report) = certificate.as_mut() else { continue };
+                    if changed.is_err() {
+                        certificate = None; // The identity client stopped; keep the last.
+                        continue;
+                    }
+                    self.config.proxy.certificate = Some(report.borrow_and_update().clone());
+                    self.reannounce = true;
+                    // While a retry is scheduled the session is down; the retry announces.
+                    if self.retry_at.is_none() {
+                        self.reconcile().await;
+                    }
                 }
                 _ = keepalive.tick() => self.send_keepalives(),
                 response = next_response(responses) => self.on_keepalive(response).await,
@@ -519,10 +546,41 @@ impl Registrar {
         }
         self.ensure_session().await?;
         let session = self.session.as_ref().ok_or(CallError::NoControllers)?;
+        if let Some(lease) = self.announce.filter(|_| self.reannounce) {
+            let request = AnnounceProxyRequest {
+                proxy: Some(self.config.proxy.clone()),
+                ttl_seconds: ttl_seconds(self.config.ttl),
+                lease_id: lease.id,
+            };
+            let mut client = session.client.clone();
+            match session
+                .unary("AnnounceProxy", client.announce_proxy(request))
+                .await
+            {
+                Ok(response) => {
+                    tracing::debug!(lease = response.lease_id, "proxy announced again");
+                    if response.lease_id != lease.id {
+                        // A controller that predates re-announcing granted a new lease; the
+                        // old one expires unrefreshed.
+                        self.announce = Some(Lease::granted(&response, Instant::now()));
+                    }
+                    self.reannounce = false;
+                }
+                Err(CallError::Status { status, .. }) if status.code() == tonic::Code::NotFound => {
+                    tracing::info!(
+                        lease = lease.id,
+                        "announcement's lease is gone; announcing afresh"
+                    );
+                    self.announce = None;
+                }
+                Err(error) => return Err(error),
+            }
+        }
         if self.announce.is_none() {
             let request = AnnounceProxyRequest {
                 proxy: Some(self.config.proxy.clone()),
                 ttl_seconds: ttl_seconds(self.config.ttl),
+                lease_id: 0,
             };
             let response = session
                 .unary(
@@ -532,6 +590,7 @@ impl Registrar {
                 .await?;
             tracing::info!(lease = response.lease_id, controller = %session.controller, "proxy announced");
             self.announce = Some(Lease::granted(&response, Instant::now()));
+            self.reannounce = false;
         }
         if self.healthy {
             for (i, port) in self.config.ports.iter().enumerate() {
@@ -739,6 +798,16 @@ fn gated(
     rx
 }
 
+/// The next change of `rx`, or never without one.
+async fn changed_or_pending<T>(
+    rx: Option<&mut watch::Receiver<T>>,
+) -> Result<(), watch::error::RecvError> {
+    match rx {
+        Some(rx) => rx.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn sleep_until_some(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
@@ -874,7 +943,17 @@ mod tests {
             request: Request<AnnounceProxyRequest>,
         ) -> Result<Response<RegisterResponse>, Status> {
             let request = request.into_inner();
-            let response = self.grant(request.ttl_seconds);
+            let response = if request.lease_id == 0 {
+                self.grant(request.ttl_seconds)
+            } else if self.leases.lock().unwrap().contains(&request.lease_id) {
+                RegisterResponse {
+                    lease_id: request.lease_id,
+                    ttl_seconds: request.ttl_seconds,
+                    revision: 0,
+                }
+            } else {
+                return Err(Status::not_found("no such lease"));
+            };
             let _ = self.events.send(Event::Announce(
                 request.proxy.unwrap_or_default(),
                 response.lease_id,
@@ -1009,6 +1088,7 @@ mod tests {
             },
             identity: String::new(),
             gate: None,
+            certificate: None,
         }
     }
 
@@ -1045,6 +1125,39 @@ mod tests {
             .expect("follows the health")
             .expect("still followed");
         stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_new_certificate_is_announced_again_under_the_same_lease() {
+        let mut controller = start_controller().await;
+        let (app, _, _) = start_app().await;
+        let shutdown = CancellationToken::new();
+        let (report_tx, report) = watch::channel(ProxyCertificate::default());
+        let mut cfg = config(app, HealthCheckKind::Tcp, Duration::from_secs(30));
+        cfg.certificate = Some(report);
+        let _registration =
+            Registration::spawn(cfg, vec![controller.addr.clone()], shutdown.clone());
+        let announce = |e| match e {
+            Event::Announce(proxy, lease) => Some((proxy, lease)),
+            _ => None,
+        };
+        let (first, lease) = controller.expect("AnnounceProxy", announce).await;
+        assert_eq!(
+            first.certificate,
+            Some(ProxyCertificate::default()),
+            "with identity, the first announce says: no certificate yet"
+        );
+        let renewed = ProxyCertificate {
+            identity: "spiffe://cluster.local/ns/default/sa/user".into(),
+            not_before: 100,
+            not_after: 200,
+            anchor_fingerprint: "ab".repeat(32),
+        };
+        report_tx.send_replace(renewed.clone());
+        let (again, same) = controller.expect("AnnounceProxy again", announce).await;
+        assert_eq!(again.certificate, Some(renewed));
+        assert_eq!(same, lease, "the record is rewritten under its lease");
+        shutdown.cancel();
     }
 
     #[tokio::test]

@@ -623,6 +623,7 @@ impl Config {
             version: env!("CARGO_PKG_VERSION").to_string(),
             // Known once the admin listener is bound (`sidecar.rs`).
             admin_address: String::new(),
+            certificate: None,
         }
     }
 

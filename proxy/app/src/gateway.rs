@@ -146,6 +146,7 @@ impl GatewayArgs {
             mode: "gateway".into(),
             version: env!("CARGO_PKG_VERSION").into(),
             admin_address: String::new(),
+            certificate: None,
         }
     }
 }
@@ -185,6 +186,8 @@ impl Gateway {
         if !admin.ip().is_unspecified() {
             proxy_info.admin_address = admin.to_string();
         }
+        // Announced with its certificate once it has an identity (below).
+        let announced = proxy_info.clone();
         let policies = match args.common.controllers("config") {
             Some(controllers) => {
                 // A Gateway resource is acked only if the gateway can build a router from it
@@ -218,6 +221,15 @@ impl Gateway {
             &shutdown,
         )?
         .map(|(tls, _)| tls);
+        let announcement = match (&tls, args.common.controllers("registration")) {
+            (Some(tls), Some(controllers)) => Some(crate::identity::announce(
+                announced,
+                tls,
+                Some(controllers),
+                &shutdown,
+            )),
+            _ => None,
+        };
 
         let listen_addr = args.listen.unwrap_or(file.listen());
         let (listener, listen) = bind("gateway", listen_addr).await?;
@@ -310,7 +322,11 @@ impl Gateway {
                 tracker,
                 grace: args.common.shutdown_grace,
             },
-            async {},
+            async move {
+                if let Some(announcement) = &announcement {
+                    announcement.deregister().await;
+                }
+            },
         );
         tracing::info!(%proxy_id, listen = %addrs.listen, "gateway started");
         Ok(Gateway {

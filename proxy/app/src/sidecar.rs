@@ -377,7 +377,10 @@ impl Proxy {
             true => SocketAddr::new(config.advertise_ip, addrs.admin.port()).to_string(),
             false => addrs.admin.to_string(),
         };
-        let registration = (!registered_ports.is_empty() && !config.common.controllers.is_empty())
+        // A sidecar with no app port of its own registers nothing, but with an identity it
+        // still announces itself, so its certificate shows in `ferrule identity status`.
+        let fronts_app = !registered_ports.is_empty();
+        let registration = ((fronts_app || tls.is_some()) && !config.common.controllers.is_empty())
             .then(|| {
                 let health = HealthCheck {
                     kind: match &config.health_path {
@@ -401,6 +404,9 @@ impl Proxy {
                         gate: tls
                             .as_ref()
                             .map(|(tls, _)| crate::identity::has_certificate(tls, &shutdown)),
+                        certificate: tls.as_ref().map(|(tls, _)| {
+                            ferrule_proxy_api::identity::reports(tls, shutdown.child_token())
+                        }),
                     },
                     config.common.controllers("registration"),
                     shutdown.child_token(),
@@ -418,7 +424,8 @@ impl Proxy {
             metrics: metrics.clone(),
             discovery,
             needs_discovery: !config.upstreams.is_empty() && !config.common.controllers.is_empty(),
-            registration: registration.clone(),
+            // `/ready` waits for registration only where there is something to register.
+            registration: registration.clone().filter(|_| fronts_app),
             config: config_json,
             gateway: None,
             policies: Some(policies),

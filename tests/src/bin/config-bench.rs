@@ -317,6 +317,7 @@ fn proxy_info(id: &str, service: String) -> ProxyInfo {
         mode: "sidecar".into(),
         version: "config-bench".into(),
         admin_address: String::new(),
+        certificate: None,
     }
 }
 
@@ -585,6 +586,7 @@ async fn load_test(args: &Args) -> anyhow::Result<LoadResult> {
                     .announce_proxy(AnnounceProxyRequest {
                         proxy: Some(info),
                         ttl_seconds: ANNOUNCE_TTL_SECONDS,
+                        lease_id: 0,
                     })
                     .await
                     .with_context(|| format!("Registry/AnnounceProxy {id}"))
