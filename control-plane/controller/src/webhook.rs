@@ -314,25 +314,25 @@ mod tests {
         std::fs::write(&path, &one).unwrap();
         let injectors = Injectors::new(InjectConfig::default(), Some(path.clone())).unwrap();
         assert_eq!(
-            anchors_env(&injectors.current().await).as_deref(),
+            anchors_env(&*injectors.current().await).as_deref(),
             Some(one.as_str())
         );
 
         let both = format!("{one}{two}");
         std::fs::write(&path, &both).unwrap();
         assert_eq!(
-            anchors_env(&injectors.current().await).as_deref(),
+            anchors_env(&*injectors.current().await).as_deref(),
             Some(both.as_str())
         );
 
         std::fs::write(&path, "being replaced").unwrap();
         assert_eq!(
-            anchors_env(&injectors.current().await).as_deref(),
+            anchors_env(&*injectors.current().await).as_deref(),
             Some(both.as_str())
         );
         std::fs::remove_file(&path).unwrap();
         assert_eq!(
-            anchors_env(&injectors.current().await).as_deref(),
+            anchors_env(&*injectors.current().await).as_deref(),
             Some(both.as_str())
         );
 
@@ -352,6 +352,6 @@ mod tests {
         );
 
         let none = Injectors::new(InjectConfig::default(), None).unwrap();
-        assert_eq!(anchors_env(&none.current().await), None);
+        assert_eq!(anchors_env(&*none.current().await), None);
     }
 }

@@ -274,6 +274,7 @@ pub struct IdentityArgs {
         env = "FERRULE_IDENTITY_TRUST_ANCHORS_PEM",
         value_name = "PEM_TEXT",
         conflicts_with = "identity_trust_anchors",
+        allow_hyphen_values = true,
         hide_env_values = true
     )]
     #[serde(skip)]
