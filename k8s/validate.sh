@@ -124,7 +124,7 @@ if [ -n "${FERRULE:-}" ]; then
     done
     # Bad input: a clear error naming the annotation, and a failing exit status.
     bad='{"apiVersion":"v1","kind":"Pod","metadata":{"name":"p","annotations":{"ferrule.io/inject":"yes"}},"spec":{"containers":[{"name":"a","image":"b"}]}}'
-    if printf '%s\n' "$bad" | "$FERRULE" inject - > /dev/null 2> "$OUT/bad.log"; then
+    if printf '%s\n' "$bad" | "$FERRULE" inject --no-identity - > /dev/null 2> "$OUT/bad.log"; then
         echo "FAIL: ferrule inject accepted ferrule.io/inject: yes" >&2
         exit 1
     fi
