@@ -141,7 +141,7 @@ impl Cluster {
         self.processes.push(etcd);
         waited?;
 
-        // The mesh CA, so every hop between sidecars is mutual TLS and the API is protected.
+        // The mesh CA, so every hop between sidecars is mutual TLS.
         let identity = self.dir.path().join("identity");
         let mut init = std::process::Command::new(binary("ferrule")?);
         init.args(["identity", "init", "--dir"]).arg(&identity);
@@ -158,9 +158,6 @@ impl Cluster {
             .args(["--admin-addr", "127.0.0.1:0"])
             .arg("--identity-dir")
             .arg(&identity)
-            // As the cluster's controller will run: every caller proves who it is, so the
-            // sidecars' anchors (given as injection gives them) and certificates are needed.
-            .args(["--api-auth", "required"])
             .env("RUST_LOG", "info,ferrule_controller=debug");
         self.spawn_ready("ferrule-controller", cmd).await?;
         Ok(format!("http://{NODE_IP}:{CONTROLLER_PORT}"))
