@@ -81,7 +81,6 @@ if [ -n "${FERRULE:-}" ]; then
     "$FERRULE" install --identity-dir "$OUT/mesh-ca" > "$OUT/install.yaml"
     "$FERRULE" install --identity-dir "$OUT/mesh-ca" --sidecar classic > "$OUT/install-classic.yaml"
     "$FERRULE" install --identity=none > "$OUT/install-no-identity.yaml"
-    rm -rf "$OUT/mesh-ca"
     grep -q 'name: ferrule-identity' "$OUT/install.yaml" || {
         echo "FAIL: ferrule install printed no identity Secret" >&2; exit 1; }
     if "$FERRULE" install > /dev/null 2> "$OUT/no-ca.log"; then
@@ -95,16 +94,28 @@ if [ -n "${FERRULE:-}" ]; then
     }
     rm -f "$OUT/no-ca.log"
     "$FERRULE" uninstall > "$OUT/uninstall.yaml"
-    "$FERRULE" inject "$OUT/shop.yaml" > "$OUT/shop-injected.yaml" 2> "$OUT/inject.log"
-    "$FERRULE" inject --classic - < "$OUT/shop.yaml" > "$OUT/shop-injected-classic.yaml" 2>/dev/null
+    "$FERRULE" inject --identity-dir "$OUT/mesh-ca" "$OUT/shop.yaml" > "$OUT/shop-injected.yaml" 2> "$OUT/inject.log"
+    "$FERRULE" inject --trust-anchors "$OUT/mesh-ca/trust-anchors.pem" --classic - < "$OUT/shop.yaml" \
+        > "$OUT/shop-injected-classic.yaml" 2>/dev/null
     "$FERRULE" inject --no-identity - < "$OUT/shop.yaml" > "$OUT/shop-injected-no-identity.yaml" 2>/dev/null
-    # Injected with identity: the projected token reaches the proxy, for the controller's audience.
+    # With identity on and no anchors, inject refuses and says where to get them.
+    if "$FERRULE" inject "$OUT/shop.yaml" > /dev/null 2> "$OUT/no-anchors.log"; then
+        echo "FAIL: ferrule inject gave proxies identity without trust anchors" >&2; exit 1
+    fi
+    grep -q -- '--trust-anchors FILE' "$OUT/no-anchors.log" || {
+        echo "FAIL: ferrule inject without anchors does not say how to give them:" >&2
+        cat "$OUT/no-anchors.log" >&2; exit 1; }
+    rm -rf "$OUT/mesh-ca" "$OUT/no-anchors.log"
+    # Injected with identity: the projected token reaches the proxy, for the controller's
+    # audience, and the trust anchors it verifies the controller with.
     grep -q 'audience: ferrule' "$OUT/shop-injected.yaml" || {
         echo "FAIL: ferrule inject mounted no service-account token for the proxy" >&2; exit 1; }
-    # The shop's apps and database get a proxy; the gateway (a proxy itself) opts out.
+    grep -q 'FERRULE_IDENTITY_TRUST_ANCHORS_PEM' "$OUT/shop-injected.yaml" || {
+        echo "FAIL: ferrule inject gave the proxies no trust anchors" >&2; exit 1; }
+    # The shop's apps and database get a proxy; the gateway (a proxy itself) its identity only.
     for want in 'deployment/user injected' 'deployment/order injected' \
         'deployment/payment injected' 'statefulset/postgres injected' \
-        'deployment/gateway skipped: ferrule.io/inject is disabled'; do
+        'deployment/gateway injected'; do
         grep -qxF "$want" "$OUT/inject.log" || {
             echo "FAIL: ferrule inject of k8s/shop did not report '$want':" >&2
             cat "$OUT/inject.log" >&2
@@ -113,7 +124,7 @@ if [ -n "${FERRULE:-}" ]; then
     done
     # Bad input: a clear error naming the annotation, and a failing exit status.
     bad='{"apiVersion":"v1","kind":"Pod","metadata":{"name":"p","annotations":{"ferrule.io/inject":"yes"}},"spec":{"containers":[{"name":"a","image":"b"}]}}'
-    if printf '%s\n' "$bad" | "$FERRULE" inject - > /dev/null 2> "$OUT/bad.log"; then
+    if printf '%s\n' "$bad" | "$FERRULE" inject --no-identity - > /dev/null 2> "$OUT/bad.log"; then
         echo "FAIL: ferrule inject accepted ferrule.io/inject: yes" >&2
         exit 1
     fi

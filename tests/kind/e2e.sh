@@ -79,13 +79,15 @@ for d in user payment order gateway; do
     kubectl -n shop rollout status "deployment/$d" --timeout=300s
 done
 
-log "every shop pod but the gateway has its proxy"
+log "every shop pod but the gateway has its proxy; every proxy, the gateway too, has the anchors"
 for pod in $(kubectl -n shop get pods -o name); do
     containers=$(kubectl -n shop get "$pod" -o jsonpath='{.spec.initContainers[*].name}')
+    env=$(kubectl -n shop get "$pod" -o jsonpath='{.spec.initContainers[*].env[*].name} {.spec.containers[*].env[*].name}')
     case "$pod" in
-        pod/gateway-*) [[ "$containers" != *ferrule-proxy* ]] || fail "$pod (the gateway) was injected" ;;
+        pod/gateway-*) [[ "$containers" != *ferrule-proxy* ]] || fail "$pod (the gateway) got a sidecar" ;;
         *) [[ "$containers" == *ferrule-init*ferrule-proxy* ]] || fail "$pod has no proxy: init containers '$containers'" ;;
     esac
+    [[ "$env" == *FERRULE_IDENTITY_TRUST_ANCHORS_PEM* ]] || fail "$pod has no trust anchors"
 done
 
 log "ferrule check"

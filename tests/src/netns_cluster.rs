@@ -261,8 +261,16 @@ impl Cluster {
 
     /// Starts `pod`'s sidecar in transparent mode as [`PROXY_UID`] with the default listeners
     /// (outbound 4140, inbound 4143, admin 4191) and `args`, and waits until its `/ready`
-    /// answers 200 (every app port registered).
+    /// answers 200 (every app port registered). It gets the mesh's trust anchors the way an
+    /// injected pod does: as PEM text in `FERRULE_IDENTITY_TRUST_ANCHORS_PEM`.
     pub async fn sidecar(&mut self, pod: &Pod, args: &[&str]) -> anyhow::Result<()> {
+        let anchors = self
+            .dir
+            .path()
+            .join("identity")
+            .join(crate::controller::TRUST_ANCHORS);
+        let anchors = std::fs::read_to_string(&anchors)
+            .with_context(|| format!("reading {}", anchors.display()))?;
         let mut cmd = self.in_ns(&pod.ns, "setpriv");
         cmd.args([
             &format!("--reuid={PROXY_UID}"),
@@ -272,14 +280,9 @@ impl Cluster {
         ])
         .arg(&self.proxy_bin)
         .args(["--transparent", "--advertise-ip", &pod.ip.to_string()])
-        // The controller's API is protected: the sidecar trusts it through the mesh's anchors.
-        .arg("--identity-trust-anchors")
-        .arg(
-            self.dir
-                .path()
-                .join("identity")
-                .join(crate::controller::TRUST_ANCHORS),
-        )
+        // The controller's API is protected: the sidecar trusts it through the mesh's anchors,
+        // given as an injected pod gets them (PEM text in the environment).
+        .env("FERRULE_IDENTITY_TRUST_ANCHORS_PEM", anchors)
         .args(args)
         .env("RUST_LOG", "info,ferrule_proxy=debug");
         self.spawn_ready(&format!("{}-proxy", pod.name), cmd)

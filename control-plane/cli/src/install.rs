@@ -241,8 +241,14 @@ impl InstallArgs {
     }
 }
 
-/// Controller flags that only a controller with a mesh CA gets.
-const IDENTITY_ARGS: &[&str] = &["--identity-dir=", "--kubernetes-api=", "--token-audience="];
+/// Controller flags that only a controller with a mesh CA gets (`--api-san`: the names of the
+/// certificate it serves its API with).
+const IDENTITY_ARGS: &[&str] = &[
+    "--identity-dir=",
+    "--kubernetes-api=",
+    "--token-audience=",
+    "--api-san=",
+];
 
 /// The install manifests with the certificate, images, sidecar mode and mesh CA filled in.
 fn install_resources(
@@ -1094,6 +1100,11 @@ mod tests {
             args.contains("--identity-dir=") && args.contains("--kubernetes-api="),
             "{args}"
         );
+        // The Service names proxies dial, for TLS clients that check DNS names.
+        assert!(
+            args.contains("ferrule-controller.ferrule-system.svc,"),
+            "{args}"
+        );
 
         // The mesh CA's three files, never the anchor's key.
         let data = &secret("ferrule-identity")["data"];
@@ -1150,7 +1161,9 @@ mod tests {
             .unwrap();
         let text = deployment.to_string();
         assert!(
-            !text.contains("identity") && !text.contains("--kubernetes-api"),
+            !text.contains("identity")
+                && !text.contains("--kubernetes-api")
+                && !text.contains("--api-san"),
             "{text}"
         );
     }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use ferrule_inject::{InjectConfig, Injector, SidecarMode};
+use ferrule_inject::{InjectConfig, SidecarMode};
 use ferrule_store::StoreUrl;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -138,8 +138,8 @@ struct WebhookArgs {
 impl WebhookArgs {
     /// `token_audience`: the audience of the service-account token injected proxies get,
     /// when this controller checks such tokens (otherwise they get none and no identity).
-    fn injector(&self, token_audience: Option<String>, trust_domain: &str) -> Injector {
-        Injector::new(InjectConfig {
+    fn config(&self, token_audience: Option<String>, trust_domain: &str) -> InjectConfig {
+        InjectConfig {
             proxy_image: self.proxy_image.clone(),
             controller: self.proxy_controller.clone(),
             mode: if self.sidecar == "classic" {
@@ -150,7 +150,7 @@ impl WebhookArgs {
             token_audience,
             trust_domain: trust_domain.to_string(),
             ..InjectConfig::default()
-        })
+        }
     }
 }
 
@@ -247,19 +247,26 @@ async fn main() -> anyhow::Result<()> {
                 ),
             ],
         });
-    let webhook_task = webhook.map(|(listener, tls)| {
-        let audience = identity
-            .as_ref()
-            .and_then(|files| files.token_review.as_ref())
-            .map(|review| review.audience.clone());
-        let injector = Arc::new(config.webhook.injector(audience, &config.trust_domain));
-        tokio::spawn(ferrule_controller::webhook::serve(
-            listener,
-            tls,
-            injector,
-            shutdown.clone(),
-        ))
-    });
+    let webhook_task = match webhook {
+        Some((listener, tls)) => {
+            let audience = identity
+                .as_ref()
+                .and_then(|files| files.token_review.as_ref())
+                .map(|review| review.audience.clone());
+            // Injected proxies verify the controller with the CA's bundle, read as it is when
+            // each pod is created.
+            let anchors = identity.as_ref().map(|files| files.trust_anchors.clone());
+            let inject = config.webhook.config(audience, &config.trust_domain);
+            let injectors = ferrule_controller::webhook::Injectors::new(inject, anchors)?;
+            Some(tokio::spawn(ferrule_controller::webhook::serve(
+                listener,
+                tls,
+                Arc::new(injectors),
+                shutdown.clone(),
+            )))
+        }
+        None => None,
+    };
     let auth = ferrule_controller::auth::AuthOptions {
         mode: config.api_auth,
         names: config.api_sans.clone(),

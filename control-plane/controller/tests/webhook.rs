@@ -33,6 +33,11 @@ async fn start() -> anyhow::Result<Webhook> {
     let dir = tempfile::Builder::new()
         .prefix("ferrule-webhook-")
         .tempdir()?;
+    start_in(dir, &[]).await
+}
+
+/// The controller with its webhook, its files in `dir`, with `extra` flags.
+async fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> anyhow::Result<Webhook> {
     let certified = rcgen::generate_simple_self_signed(vec![
         "localhost".to_string(),
         "ferrule-webhook.ferrule-system.svc".to_string(),
@@ -57,6 +62,7 @@ async fn start() -> anyhow::Result<Webhook> {
     .arg("--webhook-key")
     .arg(&key)
     .args(["--proxy-image", "ferrule/proxy:webhook-test"])
+    .args(extra)
     .env("RUST_LOG", "info");
     let mut process = Process::spawn(
         "ferrule-controller",
@@ -305,5 +311,57 @@ async fn bad_requests_get_clear_answers_over_https() -> anyhow::Result<()> {
     assert_eq!(status, 200);
     let (status, _) = webhook.request("POST", "/mutate", Vec::new()).await?;
     assert_eq!(status, 404);
+    Ok(())
+}
+
+/// The proxy container's value of `name` in the pod `answer`'s patch makes of [`user_review`].
+fn proxy_env(review: &Value, answer: &Value, name: &str) -> anyhow::Result<Option<String>> {
+    let patch = ferrule_inject::review::decode_patch(answer).context("the patch decodes")?;
+    let mut pod = review["request"]["object"].clone();
+    json_patch_apply(&mut pod, patch)?;
+    Ok(pod["spec"]["initContainers"][1]["env"]
+        .as_array()
+        .context("the proxy's env")?
+        .iter()
+        .find(|e| e["name"] == name)
+        .and_then(|e| e["value"].as_str())
+        .map(str::to_string))
+}
+
+/// With a mesh CA, injected proxies get the CA's trust bundle as it is when their pod is
+/// created: after an anchor is added to the bundle file (a rotation's first step), the next
+/// pod gets both.
+#[tokio::test]
+async fn injected_proxies_get_the_current_trust_anchors() -> anyhow::Result<()> {
+    let dir = tempfile::Builder::new()
+        .prefix("ferrule-webhook-")
+        .tempdir()?;
+    let (ca, next) = (dir.path().join("mesh-ca"), dir.path().join("next-ca"));
+    ferrule_harness::identity_mesh::init_ca(&ca).await?;
+    ferrule_harness::identity_mesh::init_ca(&next).await?;
+    let anchors = ca.join("trust-anchors.pem");
+    let first = std::fs::read_to_string(&anchors)?;
+    let ca_arg = ca.display().to_string();
+    let webhook = start_in(dir, &["--identity-dir", &ca_arg]).await?;
+
+    let review = user_review(json!({}));
+    let answer = webhook.review(&review).await?;
+    let env = proxy_env(&review, &answer, ferrule_inject::pod::TRUST_ANCHORS_ENV)?;
+    assert_eq!(
+        env,
+        Some(ferrule_inject::anchors::certificates_pem(&first)?),
+        "{answer}"
+    );
+
+    let added = format!(
+        "{first}{}",
+        std::fs::read_to_string(next.join("trust-anchors.pem"))?
+    );
+    std::fs::write(&anchors, &added)?;
+    let answer = webhook.review(&review).await?;
+    let env = proxy_env(&review, &answer, ferrule_inject::pod::TRUST_ANCHORS_ENV)?
+        .context("anchors after the change")?;
+    assert_eq!(env, ferrule_inject::anchors::certificates_pem(&added)?);
+    assert_eq!(env.matches("BEGIN CERTIFICATE").count(), 2, "{env}");
     Ok(())
 }

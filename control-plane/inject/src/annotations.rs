@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use crate::pod::{InjectError, SidecarMode};
 
-/// `enabled` or `disabled`: whether the pod gets a proxy.
+/// `enabled`, `disabled` or `identity`: whether the pod gets a proxy ([`Inject`]).
 pub const INJECT: &str = "ferrule.io/inject";
 /// `native` (default) or `classic`: how the proxy runs next to the app.
 pub const SIDECAR: &str = "ferrule.io/sidecar";
@@ -34,11 +34,24 @@ const KNOWN: &[&str] = &[
     PROXY_VERSION,
 ];
 
+/// The values of `ferrule.io/inject`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inject {
+    /// `enabled`: the proxy beside the app (the default in a labelled namespace).
+    Enabled,
+    /// `disabled`: left alone.
+    Disabled,
+    /// `identity`: the pod is a Ferrule proxy itself (the shop's gateway): its one container
+    /// gets what an injected proxy gets to have an identity (token, trust domain, trust
+    /// anchors, namespace, service account), and no sidecar nor iptables rules.
+    Identity,
+}
+
 /// What the annotations ask for.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Annotations {
-    /// `Some(false)` for `ferrule.io/inject: disabled`.
-    pub inject: Option<bool>,
+    /// `ferrule.io/inject`, when set.
+    pub inject: Option<Inject>,
     pub sidecar: Option<SidecarMode>,
     pub opaque_ports: BTreeSet<u16>,
     pub skip_inbound_ports: BTreeSet<u16>,
@@ -73,9 +86,16 @@ impl Annotations {
             match key.as_str() {
                 INJECT => {
                     out.inject = Some(match value {
-                        "enabled" => true,
-                        "disabled" => false,
-                        _ => return Err(unknown_value(INJECT, value, "enabled or disabled")),
+                        "enabled" => Inject::Enabled,
+                        "disabled" => Inject::Disabled,
+                        "identity" => Inject::Identity,
+                        _ => {
+                            return Err(unknown_value(
+                                INJECT,
+                                value,
+                                "enabled, disabled or identity",
+                            ));
+                        }
                     })
                 }
                 SIDECAR => {
@@ -188,13 +208,15 @@ mod tests {
             "other.io/x": "kept out",
         })))
         .unwrap();
-        assert_eq!(a.inject, Some(true));
+        assert_eq!(a.inject, Some(Inject::Enabled));
         assert_eq!(a.sidecar, Some(SidecarMode::Classic));
         assert_eq!(a.opaque_ports, BTreeSet::from([5432, 6379]));
         assert_eq!(a.skip_inbound_ports, BTreeSet::from([9000, 9001, 9002]));
         assert_eq!(a.skip_outbound_ports, BTreeSet::from([25]));
         assert_eq!(a.service.as_deref(), Some("user"));
         assert!(a.unknown.is_empty());
+        let a = Annotations::parse(Some(&json!({"ferrule.io/inject": "identity"}))).unwrap();
+        assert_eq!(a.inject, Some(Inject::Identity));
     }
 
     #[test]

@@ -9,8 +9,10 @@
 //! controller's webhook serves it over HTTPS), and [`manifest`] rewrites YAML offline for
 //! `ferrule inject` by applying the very same patch to each pod template it finds. The
 //! contract with the proxy (its environment variables) and with `ferrule-proxy init` (its
-//! flags) is written down in [`pod`] and in docs/kubernetes.md.
+//! flags) is written down in [`pod`] and in docs/kubernetes.md. [`anchors`] turns a trust
+//! bundle file into the PEM text proxies get to verify the controller with.
 
+pub mod anchors;
 pub mod annotations;
 pub mod manifest;
 pub mod pod;

@@ -23,7 +23,18 @@
 //! read-only into the proxy only, `FERRULE_TRUST_DOMAIN`, and `FERRULE_IDENTITY_TOKEN_FILE`
 //! naming the token: the proxy's
 //! bootstrap credential, which the controller checks with a TokenReview. The app's containers
-//! never see it.
+//! never see it. With trust anchors ([`InjectConfig::trust_anchors_pem`]: the webhook passes
+//! the controller's current bundle, `ferrule inject` the one it was given) the proxy gets
+//! them as PEM text in `FERRULE_IDENTITY_TRUST_ANCHORS_PEM`, to verify the controller with
+//! (a ConfigMap in `ferrule-system` could not be mounted from other namespaces). They are
+//! fixed when the pod is created: after an anchor rotation, pods made before it keep the
+//! anchors they were given (docs/kubernetes.md, "Trust anchors").
+//!
+//! `ferrule.io/inject: identity` is for a pod that is a Ferrule proxy itself (the shop's
+//! gateway): its one container gets only the identity parts (the token volume and mount,
+//! `FERRULE_IDENTITY_TOKEN_FILE`, `FERRULE_TRUST_DOMAIN`, the anchors, and
+//! `FERRULE_PROXY_NAMESPACE` and `FERRULE_PROXY_SERVICE_ACCOUNT` unless it sets them) and the
+//! marker annotation; no sidecar, no rules.
 //!
 //! The app's probes are left as they are: the kubelet's probe connections are redirected to
 //! the proxy's inbound listener like any other, and it forwards them to the app's port, so an
@@ -35,7 +46,7 @@ use std::collections::BTreeSet;
 use ferrule_proto::ports;
 use serde_json::{Value, json};
 
-use crate::annotations::{self, Annotations};
+use crate::annotations::{self, Annotations, Inject};
 
 /// UID the proxy runs as; the iptables rules let its own traffic out unredirected.
 pub const PROXY_UID: u32 = 2102;
@@ -53,6 +64,8 @@ const XTABLES_VOLUME: &str = "ferrule-init-xtables";
 pub const TOKEN_VOLUME: &str = "ferrule-identity-token";
 pub const TOKEN_DIR: &str = "/var/run/secrets/ferrule.io/identity";
 pub const TOKEN_FILE: &str = "/var/run/secrets/ferrule.io/identity/token";
+/// The environment variable that carries the trust anchors (PEM) to the proxy.
+pub const TRUST_ANCHORS_ENV: &str = "FERRULE_IDENTITY_TRUST_ANCHORS_PEM";
 /// The audience of the proxies' tokens unless configured otherwise (the controller's
 /// `--token-audience`).
 pub const DEFAULT_TOKEN_AUDIENCE: &str = "ferrule";
@@ -89,6 +102,11 @@ pub struct InjectConfig {
     /// The mesh's trust domain (the controller's `--trust-domain`), passed to the proxy as
     /// `FERRULE_TRUST_DOMAIN` with the token: the identity it asks for is in it.
     pub trust_domain: String,
+    /// The mesh's trust anchors (PEM), passed to the proxy as
+    /// `FERRULE_IDENTITY_TRUST_ANCHORS_PEM` so that it verifies the controller it dials.
+    /// `None`: the proxy gets none and talks plaintext to the controller (a control plane
+    /// without a mesh CA). Callers check the PEM; this crate passes it on as it is.
+    pub trust_anchors_pem: Option<String>,
 }
 
 /// The version of this build: the default image tag and `ferrule.io/proxy-version`.
@@ -107,6 +125,7 @@ impl Default for InjectConfig {
             proxy_version: VERSION.into(),
             token_audience: Some(DEFAULT_TOKEN_AUDIENCE.into()),
             trust_domain: ferrule_proto::identity::DEFAULT_TRUST_DOMAIN.into(),
+            trust_anchors_pem: None,
         }
     }
 }
@@ -121,6 +140,9 @@ pub enum Skip {
     /// It shares the node's network namespace: rules written there would capture the node's
     /// traffic.
     HostNetwork,
+    /// `ferrule.io/inject: identity`, and injection gives no identity (a control plane
+    /// installed with `--identity=none`, `ferrule inject --no-identity`).
+    NoIdentity,
 }
 
 impl std::fmt::Display for Skip {
@@ -129,6 +151,7 @@ impl std::fmt::Display for Skip {
             Skip::Disabled => "ferrule.io/inject is disabled",
             Skip::AlreadyInjected => "already injected",
             Skip::HostNetwork => "hostNetwork pods are never injected (the iptables rules would capture the node's traffic)",
+            Skip::NoIdentity => "ferrule.io/inject is identity, and injection gives no identity (the control plane has no mesh CA)",
         })
     }
 }
@@ -214,7 +237,7 @@ impl Injector {
             return Err(malformed("spec.volumes", "is not a list"));
         }
 
-        if annotations.inject == Some(false) {
+        if annotations.inject == Some(Inject::Disabled) {
             return Ok(Outcome::Skip(Skip::Disabled));
         }
         let ours = |c: &Value| {
@@ -228,6 +251,9 @@ impl Injector {
             || init_containers.is_some_and(|c| c.iter().any(ours))
         {
             return Ok(Outcome::Skip(Skip::AlreadyInjected));
+        }
+        if annotations.inject == Some(Inject::Identity) {
+            return self.identity_only(metadata, spec, containers, &annotations);
         }
         if spec.get("hostNetwork").and_then(Value::as_bool) == Some(true) {
             return Ok(Outcome::Skip(Skip::HostNetwork));
@@ -257,41 +283,10 @@ impl Injector {
 
         let proxy = self.proxy_container(mode, service.as_deref(), &app_ports, &annotations);
         let init = self.init_container(&annotations);
-        let mut ops = Vec::new();
-        let marker = (
-            annotations::PROXY_VERSION,
-            self.config.proxy_version.clone(),
-        );
-        match metadata {
-            None => ops.push(add(
-                "/metadata",
-                json!({ "annotations": { marker.0: marker.1 } }),
-            )),
-            Some(m) if m.get("annotations").is_none_or(Value::is_null) => {
-                ops.push(add("/metadata/annotations", json!({ marker.0: marker.1 })))
-            }
-            Some(_) => ops.push(add(
-                &format!("/metadata/annotations/{}", escape(marker.0)),
-                json!(marker.1),
-            )),
-        }
+        let mut ops = vec![self.marker(metadata)];
         let mut volumes = vec![json!({ "name": XTABLES_VOLUME, "emptyDir": {} })];
-        if let Some(audience) = &self.config.token_audience {
-            volumes.push(json!({
-                "name": TOKEN_VOLUME,
-                "projected": { "sources": [{ "serviceAccountToken": {
-                    "audience": audience,
-                    "expirationSeconds": TOKEN_EXPIRATION_SECONDS,
-                    "path": "token",
-                } }] },
-            }));
-        }
-        match spec.get("volumes") {
-            Some(Value::Array(_)) => {
-                ops.extend(volumes.into_iter().map(|v| add("/spec/volumes/-", v)))
-            }
-            _ => ops.push(add("/spec/volumes", Value::Array(volumes))),
-        }
+        volumes.extend(self.token_volume());
+        add_to_list(&mut ops, spec.get("volumes"), "/spec/volumes", volumes);
         match (init_containers, mode) {
             (None, SidecarMode::Native) => {
                 ops.push(add("/spec/initContainers", json!([init, proxy])));
@@ -312,6 +307,159 @@ impl Injector {
         let patch = serde_json::from_value(Value::Array(ops))
             .expect("the ops built above are valid JSON Patch operations");
         Ok(Outcome::Inject { patch, warnings })
+    }
+
+    /// `ferrule.io/inject: identity`: the pod's one container (a Ferrule proxy itself) gets
+    /// the identity parts of the sidecar's patch, and nothing else.
+    fn identity_only(
+        &self,
+        metadata: Option<&Value>,
+        spec: &serde_json::Map<String, Value>,
+        containers: &[Value],
+        annotations: &Annotations,
+    ) -> Result<Outcome, InjectError> {
+        let Some(token_volume) = self.token_volume() else {
+            return Ok(Outcome::Skip(Skip::NoIdentity));
+        };
+        if containers.len() != 1 {
+            return Err(InjectError::BadAnnotation {
+                annotation: annotations::INJECT,
+                value: "identity".into(),
+                reason: format!(
+                    "the pod has {} containers; identity is for a pod whose one container is a \
+                     Ferrule proxy (such as the gateway), so no app ever sees the token: use \
+                     enabled for an app",
+                    containers.len()
+                ),
+            });
+        }
+        let container = &containers[0];
+        let existing = list(container, "env", "spec.containers[0].env")?;
+        let sets = |name: &str| existing.iter().any(|e| e["name"] == name);
+        // The pod's namespace and service account, unless the manifest tells the proxy
+        // already (the shop's gateway does, to have its namespace without identity too).
+        let mut env: Vec<Value> = [
+            ("FERRULE_PROXY_NAMESPACE", "metadata.namespace"),
+            ("FERRULE_PROXY_SERVICE_ACCOUNT", "spec.serviceAccountName"),
+        ]
+        .into_iter()
+        .filter(|(name, _)| !sets(name))
+        .map(|(name, path)| json!({ "name": name, "valueFrom": field_ref(path) }))
+        .collect();
+        // What only the control plane knows is never left to the manifest.
+        for var in self.identity_env() {
+            let name = var["name"].as_str().unwrap_or_default();
+            if sets(name) {
+                return Err(malformed(
+                    "spec.containers[0].env",
+                    format!(
+                        "sets {name}, which ferrule.io/inject: identity sets from the control \
+                         plane; remove it"
+                    ),
+                ));
+            }
+            env.push(var);
+        }
+        list(container, "volumeMounts", "spec.containers[0].volumeMounts")?;
+
+        let mut warnings: Vec<String> = annotations
+            .unknown
+            .iter()
+            .map(|a| format!("annotation {a} is not one Ferrule knows; it was ignored"))
+            .collect();
+        let sidecar_only = [
+            (annotations::SIDECAR, annotations.sidecar.is_some()),
+            (
+                annotations::OPAQUE_PORTS,
+                !annotations.opaque_ports.is_empty(),
+            ),
+            (
+                annotations::SKIP_INBOUND_PORTS,
+                !annotations.skip_inbound_ports.is_empty(),
+            ),
+            (
+                annotations::SKIP_OUTBOUND_PORTS,
+                !annotations.skip_outbound_ports.is_empty(),
+            ),
+            (annotations::SERVICE, annotations.service.is_some()),
+        ];
+        for (annotation, set) in sidecar_only {
+            if set {
+                warnings.push(format!(
+                    "annotation {annotation} does nothing with ferrule.io/inject: identity (no \
+                     sidecar is added); it was ignored"
+                ));
+            }
+        }
+
+        let mut ops = vec![self.marker(metadata)];
+        add_to_list(
+            &mut ops,
+            spec.get("volumes"),
+            "/spec/volumes",
+            vec![token_volume],
+        );
+        add_to_list(
+            &mut ops,
+            container.get("env"),
+            "/spec/containers/0/env",
+            env,
+        );
+        add_to_list(
+            &mut ops,
+            container.get("volumeMounts"),
+            "/spec/containers/0/volumeMounts",
+            vec![token_mount()],
+        );
+        let patch = serde_json::from_value(Value::Array(ops))
+            .expect("the ops built above are valid JSON Patch operations");
+        Ok(Outcome::Inject { patch, warnings })
+    }
+
+    /// The `ferrule.io/proxy-version` marker, added to whatever metadata the pod has.
+    fn marker(&self, metadata: Option<&Value>) -> Value {
+        let (key, value) = (
+            annotations::PROXY_VERSION,
+            self.config.proxy_version.clone(),
+        );
+        match metadata {
+            None => add("/metadata", json!({ "annotations": { key: value } })),
+            Some(m) if m.get("annotations").is_none_or(Value::is_null) => {
+                add("/metadata/annotations", json!({ key: value }))
+            }
+            Some(_) => add(
+                &format!("/metadata/annotations/{}", escape(key)),
+                json!(value),
+            ),
+        }
+    }
+
+    /// With identity, the projected service-account token volume.
+    fn token_volume(&self) -> Option<Value> {
+        self.config.token_audience.as_ref().map(|audience| {
+            json!({
+                "name": TOKEN_VOLUME,
+                "projected": { "sources": [{ "serviceAccountToken": {
+                    "audience": audience,
+                    "expirationSeconds": TOKEN_EXPIRATION_SECONDS,
+                    "path": "token",
+                } }] },
+            })
+        })
+    }
+
+    /// What a proxy needs to get its identity and verify the controller: the token file and
+    /// trust domain (with identity), the trust anchors (when given).
+    fn identity_env(&self) -> Vec<Value> {
+        let mut env = Vec::new();
+        if self.config.token_audience.is_some() {
+            env.push(json!({ "name": "FERRULE_IDENTITY_TOKEN_FILE", "value": TOKEN_FILE }));
+            env.push(json!({ "name": "FERRULE_TRUST_DOMAIN", "value": self.config.trust_domain }));
+        }
+        if let Some(pem) = &self.config.trust_anchors_pem {
+            env.push(json!({ "name": TRUST_ANCHORS_ENV, "value": pem }));
+        }
+        env
     }
 
     /// The mesh service: `ferrule.io/service`, else the `app.kubernetes.io/name` or `app`
@@ -356,15 +504,14 @@ impl Injector {
             .copied()
             .chain(annotations.opaque_ports.iter().copied())
             .collect();
-        let field = |path: &str| json!({ "fieldRef": { "fieldPath": path } });
         let mut env = vec![
             json!({ "name": "FERRULE_CONTROLLER", "value": self.config.controller }),
             json!({ "name": "FERRULE_PROXY_TRANSPARENT", "value": "true" }),
-            json!({ "name": "FERRULE_POD_NAME", "valueFrom": field("metadata.name") }),
-            json!({ "name": "FERRULE_PROXY_NAMESPACE", "valueFrom": field("metadata.namespace") }),
-            json!({ "name": "FERRULE_PROXY_SERVICE_ACCOUNT", "valueFrom": field("spec.serviceAccountName") }),
+            json!({ "name": "FERRULE_POD_NAME", "valueFrom": field_ref("metadata.name") }),
+            json!({ "name": "FERRULE_PROXY_NAMESPACE", "valueFrom": field_ref("metadata.namespace") }),
+            json!({ "name": "FERRULE_PROXY_SERVICE_ACCOUNT", "valueFrom": field_ref("spec.serviceAccountName") }),
             json!({ "name": "FERRULE_PROXY_ID", "value": "$(FERRULE_POD_NAME).$(FERRULE_PROXY_NAMESPACE)" }),
-            json!({ "name": "FERRULE_PROXY_ADVERTISE_IP", "valueFrom": field("status.podIP") }),
+            json!({ "name": "FERRULE_PROXY_ADVERTISE_IP", "valueFrom": field_ref("status.podIP") }),
         ];
         if let Some(service) = service {
             env.push(json!({ "name": "FERRULE_PROXY_SERVICE", "value": service }));
@@ -378,10 +525,7 @@ impl Injector {
         }
         env.push(json!({ "name": "FERRULE_PROXY_OPAQUE_PORTS", "value": join(&opaque) }));
         env.push(json!({ "name": "FERRULE_PROXY_LOG_FORMAT", "value": "json" }));
-        if self.config.token_audience.is_some() {
-            env.push(json!({ "name": "FERRULE_IDENTITY_TOKEN_FILE", "value": TOKEN_FILE }));
-            env.push(json!({ "name": "FERRULE_TRUST_DOMAIN", "value": self.config.trust_domain }));
-        }
+        env.extend(self.identity_env());
 
         let probe = |path: &str, period: u32, failures: u32| {
             json!({
@@ -417,8 +561,7 @@ impl Injector {
             },
         });
         if self.config.token_audience.is_some() {
-            proxy["volumeMounts"] =
-                json!([{ "name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": true }]);
+            proxy["volumeMounts"] = json!([token_mount()]);
         }
         if mode == SidecarMode::Native {
             proxy["restartPolicy"] = json!("Always");
@@ -559,6 +702,35 @@ fn tcp_probe_warnings(container: &Value, warnings: &mut Vec<String>) {
 
 fn add(path: &str, value: Value) -> Value {
     json!({ "op": "add", "path": path, "value": value })
+}
+
+/// Adds `items` to the list at `path`, whose current value is `current`: appended one by one
+/// to a list, or the whole list where there is none.
+fn add_to_list(ops: &mut Vec<Value>, current: Option<&Value>, path: &str, items: Vec<Value>) {
+    match current {
+        Some(Value::Array(_)) => {
+            ops.extend(items.into_iter().map(|v| add(&format!("{path}/-"), v)))
+        }
+        _ => ops.push(add(path, Value::Array(items))),
+    }
+}
+
+/// `object[key]` as a list (absent or null: empty), or an error naming `field`.
+fn list<'a>(object: &'a Value, key: &str, field: &str) -> Result<&'a [Value], InjectError> {
+    match object.get(key) {
+        None | Some(Value::Null) => Ok(&[]),
+        Some(Value::Array(items)) => Ok(items),
+        Some(_) => Err(malformed(field, "is not a list")),
+    }
+}
+
+fn field_ref(path: &str) -> Value {
+    json!({ "fieldRef": { "fieldPath": path } })
+}
+
+/// The token volume, read-only where the proxy looks for it.
+fn token_mount() -> Value {
+    json!({ "name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": true })
 }
 
 /// Escapes a JSON Pointer token (RFC 6901).

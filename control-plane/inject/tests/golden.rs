@@ -13,10 +13,15 @@ use ferrule_inject::review::{decode_patch, review};
 use ferrule_inject::{InjectConfig, Injector};
 use serde_json::{Value, json};
 
+/// A mesh's trust anchor (`ferrule identity init`'s trust-anchors.pem, certificate only),
+/// fixed so the golden files are.
+const ANCHORS: &str = include_str!("golden/trust-anchors.pem");
+
 fn injector() -> Injector {
     Injector::new(InjectConfig {
         proxy_image: "ferrule/proxy:golden".into(),
         proxy_version: "golden".into(),
+        trust_anchors_pem: Some(ANCHORS.into()),
         ..InjectConfig::default()
     })
 }
@@ -187,6 +192,84 @@ fn opted_out_is_left_alone() {
 #[test]
 fn list_job_cronjob_daemonset() {
     run_golden("list.yaml");
+}
+
+#[test]
+fn gateway_gets_an_identity_only() {
+    run_golden("gateway-identity.yaml");
+}
+
+/// The trust anchors reach the proxy alone, as PEM text the proxy reads
+/// (`FERRULE_IDENTITY_TRUST_ANCHORS_PEM`); without anchors nothing of them is added.
+#[test]
+fn the_trust_anchors_reach_the_proxy() {
+    let yaml = std::fs::read_to_string(golden_dir().join("input/deployment.yaml")).unwrap();
+    let (out, _) = manifest::inject(&injector(), &yaml).unwrap();
+    let (_, pod) = pods(&out).remove(0);
+    let proxy = pod["spec"]["initContainers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == ferrule_inject::pod::PROXY_CONTAINER)
+        .unwrap();
+    assert!(
+        proxy["env"]
+            .as_array()
+            .unwrap()
+            .contains(&json!({ "name": ferrule_inject::pod::TRUST_ANCHORS_ENV, "value": ANCHORS })),
+        "{proxy}"
+    );
+    for app in pod["spec"]["containers"].as_array().unwrap() {
+        assert!(!app.to_string().contains("TRUST_ANCHORS"), "{app}");
+    }
+
+    let without = Injector::new(InjectConfig::default());
+    let (out, _) = manifest::inject(&without, &yaml).unwrap();
+    assert!(
+        !out.contains(ferrule_inject::pod::TRUST_ANCHORS_ENV),
+        "{out}"
+    );
+}
+
+/// `ferrule.io/inject: identity` is for a pod that is one proxy: a second container (an app
+/// that would see the token) is refused naming the annotation; without identity the pod is
+/// left alone; an env var the patch sets is not silently overridden.
+#[test]
+fn identity_only_needs_one_container_and_identity() {
+    let pod = |containers: Value| {
+        json!({
+            "metadata": { "annotations": { "ferrule.io/inject": "identity" } },
+            "spec": { "containers": containers },
+        })
+    };
+    let one = pod(json!([{ "name": "gateway", "image": "ferrule/proxy:0.1.0" }]));
+    let two = pod(json!([
+        { "name": "gateway", "image": "ferrule/proxy:0.1.0" },
+        { "name": "app", "image": "app:1" },
+    ]));
+    let e = injector().plan(&two).unwrap_err().to_string();
+    assert!(
+        e.contains("ferrule.io/inject") && e.contains("2 containers"),
+        "{e}"
+    );
+    let plain = Injector::new(InjectConfig {
+        token_audience: None,
+        ..InjectConfig::default()
+    });
+    assert_eq!(
+        plain.plan(&one).unwrap(),
+        ferrule_inject::Outcome::Skip(ferrule_inject::Skip::NoIdentity)
+    );
+    let clash = pod(json!([{
+        "name": "gateway",
+        "image": "ferrule/proxy:0.1.0",
+        "env": [{ "name": "FERRULE_TRUST_DOMAIN", "value": "other.org" }],
+    }]));
+    let e = injector().plan(&clash).unwrap_err().to_string();
+    assert!(
+        e.contains("spec.containers[0].env") && e.contains("FERRULE_TRUST_DOMAIN"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -95,7 +95,10 @@ fn an_unknown_annotation_value_is_denied_naming_it() {
     ))));
     assert!(message.contains("ferrule.io/inject"), "{message}");
     assert!(message.contains("\"yes\""), "{message}");
-    assert!(message.contains("enabled or disabled"), "{message}");
+    assert!(
+        message.contains("enabled, disabled or identity"),
+        "{message}"
+    );
     assert!(message.contains("shop/web-*"), "names the pod: {message}");
 }
 

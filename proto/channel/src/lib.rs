@@ -79,6 +79,28 @@ pub fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, Ch
     Ok(certs)
 }
 
+/// Every certificate of PEM text that came from somewhere other than a file (trust anchors
+/// given in an environment variable); `source` names it in errors. Additive twin of
+/// [`read_certificates`], for callers that hold the PEM already.
+pub fn certificates_from_pem(
+    pem: &[u8],
+    source: &str,
+) -> Result<Vec<CertificateDer<'static>>, ChannelError> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ChannelError::Pem {
+            path: source.to_string(),
+            reason: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(ChannelError::Pem {
+            path: source.to_string(),
+            reason: "holds no certificate".into(),
+        });
+    }
+    Ok(certs)
+}
+
 /// A certificate chain and its key from PEM files, for presenting as a client.
 pub fn read_certified_key(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, ChannelError> {
     let chain = read_certificates(cert)?;

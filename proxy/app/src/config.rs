@@ -265,6 +265,21 @@ pub struct IdentityArgs {
     #[arg(long, env = "FERRULE_IDENTITY_TRUST_ANCHORS", value_name = "PEM")]
     pub identity_trust_anchors: Option<std::path::PathBuf>,
 
+    /// The same trust anchors as PEM text instead of a file: how injected pods get them (the
+    /// webhook puts the controller's bundle into FERRULE_IDENTITY_TRUST_ANCHORS_PEM, as Linkerd
+    /// does). Read once at start; the proxy also trusts anchors the controller's bundle stream
+    /// adds later. E.g. FERRULE_IDENTITY_TRUST_ANCHORS_PEM="$(cat trust-anchors.pem)"
+    #[arg(
+        long,
+        env = "FERRULE_IDENTITY_TRUST_ANCHORS_PEM",
+        value_name = "PEM_TEXT",
+        conflicts_with = "identity_trust_anchors",
+        allow_hyphen_values = true,
+        hide_env_values = true
+    )]
+    #[serde(skip)]
+    pub identity_trust_anchors_pem: Option<String>,
+
     /// The workload's service account: the `<sa>` of its identity
     /// `spiffe://<trust-domain>/ns/<namespace>/sa/<sa>`. Default: the service name.
     #[arg(long, env = "FERRULE_PROXY_SERVICE_ACCOUNT")]
@@ -341,23 +356,31 @@ pub fn parse_ratio(s: &str) -> Result<f64, String> {
 }
 
 impl CommonArgs {
-    /// TLS to the controllers when `--identity-trust-anchors` is given; made at the first
-    /// call and the same for every later one.
+    /// TLS to the controllers when `--identity-trust-anchors` (or its PEM-text twin
+    /// `--identity-trust-anchors-pem`) is given; made at the first call and the same for every
+    /// later one.
     pub fn control_tls(
         &self,
     ) -> Result<Option<ferrule_proxy_api::control::ControlTls>, ConfigError> {
-        let Some(path) = &self.identity.identity_trust_anchors else {
-            return Ok(None);
-        };
         if let Some(tls) = self.control_tls.get() {
             return Ok(Some(tls.clone()));
         }
-        let invalid = |reason: String| ConfigError::Invalid {
-            flag: "--identity-trust-anchors",
-            reason,
+        let (flag, anchors) = match (
+            &self.identity.identity_trust_anchors,
+            &self.identity.identity_trust_anchors_pem,
+        ) {
+            (Some(path), _) => (
+                "--identity-trust-anchors",
+                ferrule_channel::read_certificates(path),
+            ),
+            (None, Some(pem)) => (
+                "--identity-trust-anchors-pem (FERRULE_IDENTITY_TRUST_ANCHORS_PEM)",
+                ferrule_channel::certificates_from_pem(pem.as_bytes(), "the PEM text"),
+            ),
+            (None, None) => return Ok(None),
         };
-        let anchors =
-            ferrule_channel::read_certificates(path).map_err(|e| invalid(e.to_string()))?;
+        let invalid = |reason: String| ConfigError::Invalid { flag, reason };
+        let anchors = anchors.map_err(|e| invalid(e.to_string()))?;
         let tls = ferrule_proxy_api::control::ControlTls::new(anchors, &self.identity.trust_domain)
             .map_err(invalid)?;
         Ok(Some(self.control_tls.get_or_init(|| tls).clone()))
@@ -749,6 +772,44 @@ mod tests {
             ])
             .is_err()
         );
+    }
+
+    /// The anchors as PEM text (how injected pods get them) make the same controller TLS as
+    /// the file; bad text is refused naming the flag, and the two ways exclude each other.
+    #[test]
+    fn trust_anchors_as_pem_text() {
+        let anchor = rcgen::generate_simple_self_signed(vec!["anchor.test".to_string()]).unwrap();
+        let pem = anchor.cert.pem();
+        assert!(parse(&[]).common.control_tls().unwrap().is_none());
+        let c = parse(&["--identity-trust-anchors-pem", pem.as_str()]);
+        assert!(c.common.control_tls().unwrap().is_some());
+
+        let refused = |text: &str| {
+            parse(&["--identity-trust-anchors-pem", text])
+                .common
+                .control_tls()
+                .unwrap_err()
+                .to_string()
+        };
+        let e = refused("not a certificate");
+        assert!(
+            e.contains("--identity-trust-anchors-pem") && e.contains("holds no certificate"),
+            "{e}"
+        );
+        let e = refused("-----BEGIN CERTIFICATE-----\n!!!\n-----END CERTIFICATE-----\n");
+        assert!(e.starts_with("--identity-trust-anchors-pem"), "{e}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("trust-anchors.pem");
+        std::fs::write(&file, &pem).unwrap();
+        let both = Config::try_parse_from([
+            "ferrule-proxy",
+            "--identity-trust-anchors",
+            file.to_str().unwrap(),
+            "--identity-trust-anchors-pem",
+            pem.as_str(),
+        ]);
+        assert!(both.is_err(), "the file and the PEM text are exclusive");
     }
 
     #[test]

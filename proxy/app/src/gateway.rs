@@ -47,10 +47,16 @@ pub struct GatewayArgs {
     #[arg(long, env = "FERRULE_GATEWAY_CONFIG")]
     pub config: PathBuf,
 
-    /// The gateway's name: the `Gateway` resource it follows (namespace default) and the
+    /// The gateway's name: the `Gateway` resource it follows (in --namespace) and the
     /// service it shows as in `ferrule status`.
     #[arg(long, env = "FERRULE_GATEWAY_NAME", default_value = "gateway", value_parser = parse_name)]
     pub name: String,
+
+    /// The namespace the gateway runs in: that of its `Gateway` resource and the `<ns>` of its
+    /// identity spiffe://<trust-domain>/ns/<ns>/sa/<sa>. In Kubernetes its pod's namespace
+    /// (injection sets FERRULE_PROXY_NAMESPACE), e.g. --namespace shop.
+    #[arg(long, env = "FERRULE_PROXY_NAMESPACE", default_value = ferrule_config::DEFAULT_NAMESPACE, value_parser = parse_namespace)]
+    pub namespace: String,
 
     /// Overrides the file's `listen`.
     #[arg(long, env = "FERRULE_GATEWAY_LISTEN")]
@@ -62,6 +68,11 @@ pub struct GatewayArgs {
 
 fn parse_name(s: &str) -> Result<String, String> {
     validate_service(s).map_err(|e| e.to_string())?;
+    Ok(s.to_string())
+}
+
+fn parse_namespace(s: &str) -> Result<String, String> {
+    ferrule_proto::names::validate_namespace(s).map_err(|e| e.to_string())?;
     Ok(s.to_string())
 }
 
@@ -135,13 +146,13 @@ pub async fn run(mut args: GatewayArgs) -> Result<(), StartError> {
 }
 
 impl GatewayArgs {
-    /// Who this gateway is, as told to the controller: its name as the service, mode
-    /// "gateway".
+    /// Who this gateway is, as told to the controller: its name as the service in its
+    /// namespace, mode "gateway".
     pub fn proxy_info(&self, proxy_id: &str) -> ProxyInfo {
         ProxyInfo {
             proxy_id: proxy_id.to_string(),
             service: self.name.clone(),
-            namespace: ferrule_config::DEFAULT_NAMESPACE.into(),
+            namespace: self.namespace.clone(),
             address: String::new(),
             mode: "gateway".into(),
             version: env!("CARGO_PKG_VERSION").into(),
@@ -211,12 +222,12 @@ impl Gateway {
         ferrule_proxy_api::metrics::register(&metrics, discovery.clone(), Some(policies.clone()));
         let tracer =
             crate::trace::tracer(&args.common, &args.name, "gateway", &proxy_id, &metrics)?;
-        // The gateway's identity (its name stands in for the service account): it speaks
-        // mutual TLS to the sidecars behind it.
+        // The gateway's identity (its name stands in for the service account unless
+        // --service-account says otherwise): it speaks mutual TLS to the sidecars behind it.
         let tls = crate::identity::start(
             &args.common,
             &args.name,
-            ferrule_config::DEFAULT_NAMESPACE,
+            &args.namespace,
             &metrics,
             &shutdown,
         )?
