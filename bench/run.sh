@@ -40,6 +40,7 @@
 #   ferrule-proxy as the baseline, instead of a REV]  BENCH_VARIANTS [unset]  BENCH_STREAM_MESSAGES [10]
 #   BENCH_IDLE_CONNS [1000]
 #   BENCH_RESULTS_DIR [bench/results] (where the report, samples and chart go)
+#   BENCH_SKIP_BUILD [unset] (set: run the release binaries already in CARGO_TARGET_DIR)
 #   CARGO_TARGET_DIR [./target]; matplotlib is installed into the venv $CARGO_TARGET_DIR/venv
 #   (for the chart).
 set -euo pipefail
@@ -96,12 +97,17 @@ else
     log "matplotlib could not be installed: the report will have no chart"
 fi
 
-log "building (release)..."
-cargo build --quiet --release -p ferrule-proxy --bin ferrule-proxy --example bench_backend \
-    --example bench_load
-# The mTLS pair's controller (mesh CA and discovery) and the CLI that makes its files and tokens.
-if [[ " $PATHS " == *" ferrule-mtls "* ]]; then
-    cargo build --quiet --release -p ferrule-controller -p ferrule-cli --bins
+if [ -n "${BENCH_SKIP_BUILD:-}" ]; then
+    log "not building (BENCH_SKIP_BUILD): the release binaries in $TARGET_DIR as they are"
+else
+    log "building (release)..."
+    cargo build --quiet --release -p ferrule-proxy --bin ferrule-proxy --example bench_backend \
+        --example bench_load
+    # The mTLS pair's controller (mesh CA and discovery) and the CLI that makes its files and
+    # tokens.
+    if [[ " $PATHS " == *" ferrule-mtls "* ]]; then
+        cargo build --quiet --release -p ferrule-controller -p ferrule-cli --bins
+    fi
 fi
 PROXY="$TARGET_DIR/release/ferrule-proxy"
 BACKEND_BIN="$TARGET_DIR/release/examples/bench_backend"

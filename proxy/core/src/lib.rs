@@ -6,7 +6,8 @@
 //! [`detect`]ion; [`observe`] is the first layer of every HTTP stack (metrics, access log);
 //! [`metrics`] the core's own families and the registry other crates add theirs to;
 //! [`lifecycle`] the shutdown order; [`logging`] the subscriber; [`trace`] the server span of
-//! each request and the trace context every hop passes on.
+//! each request and the trace context every hop passes on; [`shared`] calls one stored
+//! service for many requests without a clone per request.
 
 pub mod body;
 pub mod context;
@@ -20,5 +21,6 @@ pub mod metrics;
 pub mod observe;
 pub mod reason;
 pub mod server;
+pub mod shared;
 pub mod tap;
 pub mod trace;

@@ -21,7 +21,6 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tower::ServiceExt;
 use tower::util::BoxCloneSyncService;
 use tracing::Instrument;
 
@@ -31,6 +30,7 @@ use crate::context::RequestContext;
 use crate::detect::detect;
 use crate::errors::{ProxyError, Reason};
 use crate::metrics::{DetectResult, Direction, Metrics, TargetMetrics};
+use crate::shared::Shared;
 
 /// A listener's whole HTTP request path, errors already rendered as responses.
 pub type HttpStack = BoxCloneSyncService<Request<BoxBody>, Response<BoxBody>, Infallible>;
@@ -190,12 +190,15 @@ pub async fn serve_http<I>(
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    // One stack per connection, called in place while it is ready (see `shared`): no clone
+    // of every layer and no box of its own per request. The future stays a `BoxFuture`: a
+    // type with the stack's projections in it trips rustc's `Send` inference in the
+    // callers' async fns (rust-lang/rust#64552).
+    let stack = Shared::new(stack);
     let svc = service_fn(move |req: Request<Incoming>| {
         let mut req = req.map(body::boxed);
         let span = RequestContext::attach(&mut req, &meta);
-        let rsp: BoxFuture<'static, Result<Response<BoxBody>, Infallible>> =
-            Box::pin(stack.clone().oneshot(req).instrument(span));
-        rsp
+        stack.call_boxed(req).instrument(span)
     });
     let io = TokioIo::new(io);
     let result = match version {

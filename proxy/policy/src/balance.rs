@@ -377,6 +377,14 @@ impl Balancer {
         self.pick_admitted(wait, &|_| true).await
     }
 
+    /// [`Balancer::pick_admitted`] without waiting: the pick when an endpoint is available
+    /// now, else `None` (and `pick_admitted` says why, or waits). Most picks are made here,
+    /// without a future.
+    pub fn pick_now(&self, admit: &dyn Fn(&str) -> bool) -> Option<Pick> {
+        let endpoints = self.shared.endpoints.borrow().endpoints.clone();
+        self.try_pick(&endpoints, admit).ok()
+    }
+
     /// Like [`Balancer::pick`], among the endpoints (by [`EndpointTarget::key`]) that `admit`
     /// accepts; fails at once with [`BalanceError::Ejected`] when it accepts none of those
     /// that are up.
@@ -737,6 +745,29 @@ mod tests {
         assert!(!waiting.is_finished());
         tx.send_replace(endpoints(vec![ep(9)]));
         assert_eq!(waiting.await.unwrap().unwrap(), 9);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pick_now_picks_what_pick_would_without_waiting_and_nothing_else() {
+        let (tx, b) = balancer(&[1, 2], Algorithm::RoundRobin);
+        let first = b.pick_now(&|_| true).expect("an endpoint is available");
+        assert_eq!(b.counts(), (2, 2));
+        // The pick counts like pick's: round robin moves on, the load is held until released.
+        let second = b.pick_now(&|_| true).unwrap();
+        assert_ne!(first.endpoint().port(), second.endpoint().port());
+        first.record_success();
+        second.record_success();
+        // Only admitted endpoints, and none when none is: pick would wait, pick_now does not.
+        assert_eq!(
+            b.pick_now(&|key| key.ends_with(":2"))
+                .unwrap()
+                .endpoint()
+                .port(),
+            2
+        );
+        assert!(b.pick_now(&|_| false).is_none());
+        tx.send_replace(endpoints(vec![]));
+        assert!(b.pick_now(&|_| true).is_none());
     }
 
     #[tokio::test(start_paused = true)]

@@ -22,7 +22,9 @@ use ferrule_proxy_core::body::{self, BoxBody};
 use ferrule_proxy_core::metrics::Direction;
 use ferrule_proxy_transport::client::{ClientConfig, ClientError, Clients, Dst, Protocol};
 use ferrule_proxy_transport::metrics::PoolMetrics;
-use ferrule_proxy_transport::pool::{HTTP1_HANDSHAKES_PER_KEY, Identity, PoolProtocol};
+use ferrule_proxy_transport::pool::{
+    HTTP1_HANDSHAKES_PER_KEY, Identity, MAX_IDLE_HTTP1_PER_KEY, PoolProtocol,
+};
 
 /// The bound of every wait in these tests.
 const BOUND: Duration = Duration::from_secs(10);
@@ -213,6 +215,53 @@ async fn an_http1_burst_opens_at_most_a_connection_per_request_and_then_reuses_t
         server.accepts(),
         opened,
         "sequential requests reuse the idle ones"
+    );
+}
+
+/// The server side of a pair at saturation: more requests at once than the old idle cap (32),
+/// each answered, then the next burst. Connections still streaming their response when they
+/// were given back counted against that cap, so every one beyond it was closed and the next
+/// burst reconnected (a fifth of the requests in the bench made a new connection). Now the
+/// second burst reuses every connection of the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_above_the_old_idle_cap_keeps_its_connections_for_the_next() {
+    const CALLERS: usize = 64;
+    const { assert!(CALLERS <= MAX_IDLE_HTTP1_PER_KEY) };
+    let server = Server::start().await;
+    let (clients, _) = clients(Direction::Inbound, Duration::from_secs(60));
+    let burst = || {
+        // Every caller holds its response until all have one: CALLERS connections at once.
+        let all_answered = Arc::new(tokio::sync::Barrier::new(CALLERS));
+        let mut callers = tokio::task::JoinSet::new();
+        for _ in 0..CALLERS {
+            let clients = clients.clone();
+            let addr = server.addr;
+            let all_answered = all_answered.clone();
+            callers.spawn(async move {
+                let conn = clients.connect(addr, Protocol::Http1).await.unwrap();
+                let rsp = conn
+                    .send(Request::get("/").body(body::empty()).unwrap())
+                    .await
+                    .unwrap();
+                all_answered.wait().await;
+                rsp.into_body().collect().await.unwrap().to_bytes()
+            });
+        }
+        callers.join_all()
+    };
+    let first = timeout(BOUND, burst()).await.unwrap();
+    assert!(first.iter().all(|b| b == "ok"));
+    assert_eq!(
+        server.accepts(),
+        CALLERS,
+        "one connection per request at once"
+    );
+    let second = timeout(BOUND, burst()).await.unwrap();
+    assert!(second.iter().all(|b| b == "ok"));
+    assert_eq!(
+        server.accepts(),
+        CALLERS,
+        "the second burst reuses them all"
     );
 }
 

@@ -101,6 +101,12 @@ impl BalanceTarget {
         }
     }
 
+    /// [`BalanceTarget::pick`] when it needs no wait.
+    fn pick_now(&self, endpoints: &NewEndpoint) -> Option<Pick> {
+        endpoints.track(&self.endpoints.borrow().endpoints);
+        self.balancer.pick_now(&|key| endpoints.available(key))
+    }
+
     /// Picks an endpoint that `endpoints` says can take a request, waiting as described in
     /// the module doc.
     async fn pick(&self, endpoints: &NewEndpoint) -> Result<Pick, BalanceError> {
@@ -152,6 +158,11 @@ impl Service<Request<BoxBody>> for Balance {
             match &mut self.state {
                 State::Picked(_) => return Poll::Ready(Ok(())),
                 State::Idle => {
+                    // Only a pick that has to wait boxes a future.
+                    if let Some(pick) = self.target.pick_now(&self.endpoints) {
+                        self.state = State::Picked(pick);
+                        continue;
+                    }
                     let (target, endpoints) = (self.target.clone(), self.endpoints.clone());
                     self.state =
                         State::Picking(Box::pin(async move { target.pick(&endpoints).await }));

@@ -1,7 +1,7 @@
 //! The concrete level: one backend service, after the logical level chose it (the service the
 //! app called, or a backend of a traffic split).
 //!
-//! One stack per concrete target and config version, built by [`Concrete::stack`] from one
+//! One stack per concrete target and config version, built by [`Concrete::call`] from one
 //! layer per behaviour, in the order a request meets them:
 //!
 //! 1. [`rate_limit`]: the service's local `rateLimit`; `poll_ready` takes a token or fails at
@@ -19,9 +19,10 @@
 //!
 //! The logical level reaches a concrete stack through [`ConcreteRouter`], its last layer: the
 //! backend is only known per request (a split chooses it), so the router takes the chosen
-//! backend's stack for the request's config version and drives it with `oneshot`. Each
-//! attempt thus gets its own clone of the stack and waits in the stack's `poll_ready` (for
-//! a token, a slot, an endpoint) under the per-try and request timeouts above it.
+//! backend's stack for the request's config version ([`Concrete::call`]). An attempt the
+//! stack is ready for at once is called on the stored stack; one that has to wait (for a
+//! token, a slot, an endpoint) takes that instance along and waits in its `poll_ready`, under
+//! the per-try and request timeouts above it, while a fresh clone is stored for the next.
 //!
 //! The stateful policy pieces (token bucket, concurrency limit, breakers) live in
 //! [`GuardsCell`]s of the [`Concrete`], so a new config version builds a new stack around the
@@ -41,8 +42,8 @@ use std::time::Duration;
 
 use ferrule_proto::names::ServiceRef;
 use http::{Request, Response};
+use tower::ServiceBuilder;
 use tower::util::BoxCloneSyncService;
-use tower::{ServiceBuilder, ServiceExt};
 
 use super::endpoint::{EndpointConnector, NewEndpoint};
 use super::logical::Routed;
@@ -50,16 +51,21 @@ use ferrule_proxy_api::discovery::Discovery;
 use ferrule_proxy_core::body::BoxBody;
 use ferrule_proxy_core::errors::ProxyError;
 use ferrule_proxy_core::idle_cache::IdleCache;
+use ferrule_proxy_core::shared::call_ready_boxed;
 use ferrule_proxy_policy::balance::{Algorithm, Balancer};
 use ferrule_proxy_policy::breaker::{ConcurrencyLimit, FailureAccrual};
 use ferrule_proxy_policy::metrics::PolicyMetrics;
 use ferrule_proxy_policy::ratelimit::RateLimiter;
 use ferrule_proxy_policy::{GuardsCell, PolicySet};
+use futures::future::BoxFuture;
 
 pub use balance::{BalanceTarget, CONNECT_ATTEMPTS};
 
 /// The HTTP stack of one concrete service under one config version.
 pub type ConcreteStack = BoxCloneSyncService<Request<BoxBody>, Response<BoxBody>, ProxyError>;
+
+/// The future of one attempt through a concrete stack ([`Concrete::call`]).
+pub type ConcreteCall = BoxFuture<'static, Result<Response<BoxBody>, ProxyError>>;
 
 /// One backend service: what its stacks are built from, and the stack of the newest config
 /// version a request asked for.
@@ -76,19 +82,29 @@ pub struct Concrete {
 }
 
 impl Concrete {
-    /// The service's stack for a request that started under `set`. A request of an older
-    /// version than the newest one seen (a retry that outlived a config change) gets the
-    /// newest stack: the pieces it holds are its own either way.
-    pub fn stack(&self, set: &PolicySet) -> ConcreteStack {
+    /// Sends `req`, which started under `set`, through the service's stack for that config
+    /// version. A request of an older version than the newest one seen (a retry that
+    /// outlived a config change) gets the newest stack: the pieces it holds are its own
+    /// either way. The stored stack is called itself when it is ready at once (an endpoint
+    /// picked, no limit to wait for), without a clone (see [`ferrule_proxy_core::shared`]);
+    /// a request that has to wait takes that instance along and waits in its own future.
+    pub fn call(&self, set: &PolicySet, req: Request<BoxBody>) -> ConcreteCall {
         let mut cached = self.stack.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((version, stack)) = &*cached
-            && *version >= set.version()
+        call_ready_boxed(self.current(&mut cached, set), req)
+    }
+
+    fn current<'a>(
+        &self,
+        cached: &'a mut Option<(i64, ConcreteStack)>,
+        set: &PolicySet,
+    ) -> &'a mut ConcreteStack {
+        if cached
+            .as_ref()
+            .is_none_or(|(version, _)| *version < set.version())
         {
-            return stack.clone();
+            *cached = Some((set.version(), self.build(set)));
         }
-        let stack = self.build(set);
-        *cached = Some((set.version(), stack.clone()));
-        stack
+        &mut cached.as_mut().expect("just filled").1
     }
 
     /// rate limit → concurrency limit → balancer → (per endpoint) failure accrual →
@@ -125,7 +141,7 @@ pub struct ConcreteRouter;
 impl tower::Service<Routed> for ConcreteRouter {
     type Response = Response<BoxBody>;
     type Error = ProxyError;
-    type Future = futures::future::BoxFuture<'static, Result<Response<BoxBody>, ProxyError>>;
+    type Future = ConcreteCall;
 
     fn poll_ready(
         &mut self,
@@ -138,7 +154,7 @@ impl tower::Service<Routed> for ConcreteRouter {
 
     fn call(&mut self, routed: Routed) -> Self::Future {
         let Routed { req, params } = routed;
-        Box::pin(params.backend.stack(&params.set).oneshot(req))
+        params.backend.call(&params.set, req)
     }
 }
 
