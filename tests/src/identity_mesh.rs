@@ -20,15 +20,17 @@ pub struct IdentityMesh {
 
 impl IdentityMesh {
     pub async fn start() -> Result<Self> {
+        Self::start_with(&[]).await
+    }
+
+    /// [`IdentityMesh::start`] with more controller flags (`--identity-leaf-lifetime 6s`).
+    pub async fn start_with(controller_args: &[&str]) -> Result<Self> {
         let etcd = Etcd::start().await?;
         let ca_dir = tempfile::tempdir()?;
         init_ca(ca_dir.path()).await?;
-        let controller = Controller::start_with(
-            &etcd.url(),
-            ANY_PORT.parse()?,
-            &["--identity-dir", ca_dir.path().to_str().context("utf-8")?],
-        )
-        .await?;
+        let mut args = vec!["--identity-dir", ca_dir.path().to_str().context("utf-8")?];
+        args.extend_from_slice(controller_args);
+        let controller = Controller::start_with(&etcd.url(), ANY_PORT.parse()?, &args).await?;
         Ok(Self {
             etcd,
             controller,

@@ -495,26 +495,8 @@ fn healthy_expiries(
 
 #[tokio::test]
 async fn identity_status_shows_each_proxy_s_certificate_and_follows_renewals() -> Result<()> {
-    let etcd = Etcd::start().await?;
-    let ca_dir = tempfile::tempdir()?;
-    init_ca(ca_dir.path()).await?;
     // Leaves of 6 s: each proxy renews about every 4 s.
-    let controller = Controller::start_with(
-        &etcd.url(),
-        ANY_PORT.parse()?,
-        &[
-            "--identity-dir",
-            ca_dir.path().to_str().context("utf-8 path")?,
-            "--identity-leaf-lifetime",
-            "6s",
-        ],
-    )
-    .await?;
-    let mesh = IdentityMesh {
-        etcd,
-        controller,
-        ca_dir,
-    };
+    let mesh = IdentityMesh::start_with(&["--identity-leaf-lifetime", "6s"]).await?;
     let web = HttpBackend::start("web-1").await?;
     let api = HttpBackend::start("api-1").await?;
     let _web_proxy = mesh

@@ -64,24 +64,11 @@ pub fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, Ch
         path: shown.clone(),
         source,
     })?;
-    let certs = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| ChannelError::Pem {
-            path: shown.clone(),
-            reason: e.to_string(),
-        })?;
-    if certs.is_empty() {
-        return Err(ChannelError::Pem {
-            path: shown,
-            reason: "holds no certificate".into(),
-        });
-    }
-    Ok(certs)
+    certificates_from_pem(&pem, &shown)
 }
 
-/// Every certificate of PEM text that came from somewhere other than a file (trust anchors
-/// given in an environment variable); `source` names it in errors. Additive twin of
-/// [`read_certificates`], for callers that hold the PEM already.
+/// Every certificate of PEM text (a file's, or trust anchors given in an environment
+/// variable); `source` names where it came from in errors.
 pub fn certificates_from_pem(
     pem: &[u8],
     source: &str,
