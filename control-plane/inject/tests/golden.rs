@@ -51,6 +51,16 @@ fn check(name: &str, actual: &str) {
     );
 }
 
+/// The injected proxy (a native sidecar: an init container) of `pod`.
+fn proxy_container(pod: &Value) -> &Value {
+    pod["spec"]["initContainers"]
+        .as_array()
+        .expect("init containers")
+        .iter()
+        .find(|c| c["name"] == ferrule_inject::pod::PROXY_CONTAINER)
+        .expect("the proxy container")
+}
+
 /// Every pod (template) in a document stream, with the namespace it would be created in.
 fn pods(yaml: &str) -> Vec<(String, Value)> {
     fn walk(doc: &Value, out: &mut Vec<(String, Value)>) {
@@ -206,12 +216,7 @@ fn the_trust_anchors_reach_the_proxy() {
     let yaml = std::fs::read_to_string(golden_dir().join("input/deployment.yaml")).unwrap();
     let (out, _) = manifest::inject(&injector(), &yaml).unwrap();
     let (_, pod) = pods(&out).remove(0);
-    let proxy = pod["spec"]["initContainers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == ferrule_inject::pod::PROXY_CONTAINER)
-        .unwrap();
+    let proxy = proxy_container(&pod);
     assert!(
         proxy["env"]
             .as_array()
@@ -302,12 +307,7 @@ fn the_service_account_token_is_the_proxy_s_alone() {
         volume["projected"]["sources"][0]["serviceAccountToken"],
         json!({ "audience": "ferrule", "expirationSeconds": 86400, "path": "token" })
     );
-    let proxy = pod["spec"]["initContainers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == ferrule_inject::pod::PROXY_CONTAINER)
-        .unwrap();
+    let proxy = proxy_container(&pod);
     assert!(
         proxy["env"].as_array().unwrap().contains(
             &json!({ "name": "FERRULE_IDENTITY_TOKEN_FILE", "value": ferrule_inject::pod::TOKEN_FILE })
