@@ -30,7 +30,7 @@ use crate::errors::{ERROR_HEADER, Reason};
 use crate::metrics::Direction;
 
 /// The endpoint that answered an outbound request, in the response's extensions (set by the
-/// endpoint level, read by the attempt's client span).
+/// endpoint level when tracing is on, read by the attempt's client span).
 #[derive(Debug, Clone, Copy)]
 pub struct PeerEndpoint(pub std::net::SocketAddr);
 

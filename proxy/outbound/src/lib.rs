@@ -126,7 +126,7 @@ impl Outbound {
                 endpoint_wait: config.endpoint_wait,
             },
             discovery.clone(),
-            EndpointConnector::new(clients.clone()),
+            EndpointConnector::new(clients.clone()).report_peer(config.tracer.is_enabled()),
             policy_metrics.clone(),
             config.target_idle,
         );

@@ -149,6 +149,9 @@ struct State {
     /// The discovery set `slots` was built from (compared by pointer).
     applied: Option<Arc<[EndpointTarget]>>,
     slots: Vec<Slot>,
+    /// The indexes of the slots a pick may choose from, kept between picks so that a pick
+    /// allocates nothing.
+    available: Vec<usize>,
 }
 
 struct Slot {
@@ -297,18 +300,22 @@ impl State {
         now: Instant,
         admit: &dyn Fn(&str) -> bool,
     ) -> Result<usize, Blocked> {
-        let up: Vec<usize> = (0..self.slots.len())
-            .filter(|&i| self.slots[i].load.available(now))
-            .collect();
-        let available: Vec<usize> = up
-            .iter()
-            .copied()
-            .filter(|&i| admit(&self.slots[i].endpoint.key))
-            .collect();
+        let mut available = std::mem::take(&mut self.available);
+        available.clear();
+        let mut up = false;
+        for (i, slot) in self.slots.iter().enumerate() {
+            if slot.load.available(now) {
+                up = true;
+                if admit(&slot.endpoint.key) {
+                    available.push(i);
+                }
+            }
+        }
         if available.is_empty() {
+            self.available = available;
             return Err(Blocked {
                 empty: self.slots.is_empty(),
-                ejected: !up.is_empty(),
+                ejected: up,
                 retry_at: self.slots.iter().filter_map(|s| s.load.down_until()).min(),
             });
         }
@@ -318,7 +325,7 @@ impl State {
                 / f64::from(self.slots[i].weight)
         };
         let mut rng = rand::rng();
-        Ok(match algorithm {
+        let chosen = match algorithm {
             Algorithm::PeakEwma if available.len() == 1 => available[0],
             Algorithm::PeakEwma => {
                 let a = rng.random_range(0..available.len());
@@ -352,7 +359,9 @@ impl State {
                 self.slots[best].current -= total;
                 best
             }
-        })
+        };
+        self.available = available;
+        Ok(chosen)
     }
 }
 

@@ -62,7 +62,9 @@ pub struct FailureAccrual {
 #[derive(Debug)]
 struct Accrual {
     config: EffectiveCircuitBreaker,
-    endpoints: HashMap<String, Endpoint>,
+    /// Keyed by the endpoint's key, shared with the [`Attempt`]s in flight: admitting a
+    /// request allocates nothing.
+    endpoints: HashMap<Arc<str>, Endpoint>,
 }
 
 #[derive(Debug)]
@@ -164,14 +166,17 @@ fn fresh_window(config: &EffectiveCircuitBreaker, now: Instant) -> Option<Window
 }
 
 impl Accrual {
-    fn endpoint(&mut self, key: &str, now: Instant) -> &mut Endpoint {
-        let config = &self.config;
-        let endpoint = self
-            .endpoints
-            .entry(key.to_string())
-            .or_insert_with(|| Endpoint::new(config, now));
+    /// The state of `key` (an endpoint not known yet starts closed), with the map's own key.
+    fn endpoint(&mut self, key: &str, now: Instant) -> (Arc<str>, &mut Endpoint) {
+        if !self.endpoints.contains_key(key) {
+            let endpoint = Endpoint::new(&self.config, now);
+            self.endpoints.insert(Arc::from(key), endpoint);
+        }
+        let (key, _) = self.endpoints.get_key_value(key).expect("inserted above");
+        let key = key.clone();
+        let endpoint = self.endpoints.get_mut(&key).expect("inserted above");
         endpoint.refresh(now);
-        endpoint
+        (key, endpoint)
     }
 
     /// Whether one more endpoint may be ejected under `maxEjectionPercent`.
@@ -243,7 +248,7 @@ impl Accrual {
 #[must_use = "report the outcome with success() or failure()"]
 pub struct Attempt {
     accrual: Arc<Mutex<Accrual>>,
-    endpoint: String,
+    endpoint: Arc<str>,
     probe: bool,
     reported: bool,
 }
@@ -308,9 +313,9 @@ impl FailureAccrual {
         for key in keys {
             let endpoint = accrual
                 .endpoints
-                .remove(&key)
+                .remove(key.as_str())
                 .unwrap_or_else(|| Endpoint::new(&accrual.config, now));
-            kept.insert(key, endpoint);
+            kept.insert(Arc::from(key), endpoint);
         }
         accrual.endpoints = kept;
     }
@@ -319,7 +324,7 @@ impl FailureAccrual {
     /// flight. For the balancer to skip ejected endpoints without claiming the probe.
     pub fn is_available(&self, endpoint: &str) -> bool {
         let mut accrual = lock(&self.inner);
-        let endpoint = accrual.endpoint(endpoint, Instant::now());
+        let (_, endpoint) = accrual.endpoint(endpoint, Instant::now());
         matches!(
             endpoint.phase,
             Phase::Closed | Phase::HalfOpen { probing: false }
@@ -330,7 +335,7 @@ impl FailureAccrual {
     /// its probe in flight). An endpoint not known yet starts closed.
     pub fn try_acquire(&self, endpoint: &str) -> Option<Attempt> {
         let mut accrual = lock(&self.inner);
-        let state = accrual.endpoint(endpoint, Instant::now());
+        let (endpoint, state) = accrual.endpoint(endpoint, Instant::now());
         let probe = match state.phase {
             Phase::Closed => false,
             Phase::HalfOpen { probing: false } => {
@@ -341,7 +346,7 @@ impl FailureAccrual {
         };
         Some(Attempt {
             accrual: self.inner.clone(),
-            endpoint: endpoint.to_string(),
+            endpoint,
             probe,
             reported: false,
         })
@@ -356,7 +361,7 @@ impl FailureAccrual {
             .iter_mut()
             .map(|(key, e)| {
                 e.refresh(now);
-                (key.clone(), e.state())
+                (key.to_string(), e.state())
             })
             .collect();
         states.sort_by(|a, b| a.0.cmp(&b.0));

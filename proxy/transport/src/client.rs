@@ -193,7 +193,13 @@ impl Clients {
             let mut checkout = self
                 .pool
                 .checkout(&key, idle_timeout, || {
-                    handshake(&key, self.tls.as_ref(), self.config.connect_timeout)
+                    // Boxed: a handshake (TCP, TLS, HTTP) is rare and its future large; inline
+                    // it would make every request's future that size.
+                    Box::pin(handshake(
+                        &key,
+                        self.tls.as_ref(),
+                        self.config.connect_timeout,
+                    ))
                 })
                 .await?;
             // HTTP/1 carries one request at a time: wait until hyper has finished with the

@@ -10,13 +10,14 @@
 //! (nothing sent, or the connection broke), is a failure; any other response a success. A
 //! request dropped before its outcome counts as neither and frees the probe.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use ferrule_proxy_core::body::BoxBody;
 use ferrule_proxy_core::errors::is_endpoint_failure;
 use ferrule_proxy_policy::breaker::{Attempt, FailureAccrual};
-use futures::future::BoxFuture;
 use http::Response;
 use tower::Service;
 
@@ -51,11 +52,11 @@ impl<S: Clone> Clone for Accrual<S> {
 impl<S, Req> Service<Req> for Accrual<S>
 where
     S: Service<Req, Response = Response<BoxBody>, Error = EndpointError>,
-    S::Future: Send + 'static,
+    S::Future: Unpin,
 {
     type Response = Response<BoxBody>;
     type Error = EndpointError;
-    type Future = BoxFuture<'static, Result<Response<BoxBody>, EndpointError>>;
+    type Future = Recorded<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), EndpointError>> {
         if self.attempt.is_none() {
@@ -72,15 +73,36 @@ where
             .attempt
             .take()
             .expect("Accrual::call without poll_ready reporting ready first");
-        let response = self.inner.call(req);
-        Box::pin(async move {
-            let result = response.await;
+        Recorded {
+            response: self.inner.call(req),
+            attempt: Some(attempt),
+        }
+    }
+}
+
+/// The inner service's future, its outcome recorded on the breaker when it ends (a named
+/// future rather than a boxed one: no allocation per request).
+pub struct Recorded<F> {
+    response: F,
+    /// Taken when the outcome is recorded; dropped unrecorded, it frees a probe.
+    attempt: Option<Attempt>,
+}
+
+impl<F> Future for Recorded<F>
+where
+    F: Future<Output = Result<Response<BoxBody>, EndpointError>> + Unpin,
+{
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let result = ready!(Pin::new(&mut self.response).poll(cx));
+        if let Some(attempt) = self.attempt.take() {
             match &result {
                 Ok(rsp) if !is_endpoint_failure(rsp) => attempt.success(),
                 _ => attempt.failure(),
             }
-            result
-        })
+        }
+        Poll::Ready(result)
     }
 }
 

@@ -15,7 +15,6 @@
 //! HTTP/1 connections of their own. A plain endpoint gets the request in the version the client
 //! spoke. This is where mTLS to meshed peers will be added.
 
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -33,11 +32,24 @@ use ferrule_proxy_transport::pool::Identity;
 #[derive(Clone)]
 pub struct EndpointConnector {
     clients: Clients,
+    /// Whether responses carry [`PeerEndpoint`](ferrule_proxy_core::trace::PeerEndpoint),
+    /// the endpoint that answered, for the attempt's trace span. Off unless tracing is on:
+    /// the extension costs two allocations per response.
+    report_peer: bool,
 }
 
 impl EndpointConnector {
     pub fn new(clients: Clients) -> Self {
-        Self { clients }
+        Self {
+            clients,
+            report_peer: false,
+        }
+    }
+
+    /// Marks every response with the endpoint that answered (for tracing).
+    pub fn report_peer(mut self, on: bool) -> Self {
+        self.report_peer = on;
+        self
     }
 
     /// Connects to `ep` for a request that needs `protocol` (see [`Protocol::of`]); nothing
@@ -89,16 +101,12 @@ impl EndpointConnector {
     }
 }
 
-/// The connection service of one endpoint: connect, prepare, send. Cheap to clone: each
-/// request's future holds a clone.
+/// The connection service of one endpoint: connect, prepare, send. Built per attempt from
+/// reference counts only (no allocation); each request's future holds a clone.
 #[derive(Clone)]
-pub struct Connect(Arc<ConnectTarget>);
-
-struct ConnectTarget {
+pub struct Connect {
     connector: EndpointConnector,
     target: EndpointTarget,
-    /// The identity the endpoint must prove, as the pool keys it (made once, not per request).
-    identity: Option<Identity>,
     /// How long a new connection may stay unused (the service's `timeouts.idle`).
     idle_timeout: Duration,
 }
@@ -109,12 +117,11 @@ impl Connect {
         target: EndpointTarget,
         idle_timeout: Duration,
     ) -> Self {
-        Self(Arc::new(ConnectTarget {
+        Self {
             connector,
-            identity: target.identity.clone().map(Identity::new),
             target,
             idle_timeout,
-        }))
+        }
     }
 }
 
@@ -128,18 +135,15 @@ impl Service<Request<BoxBody>> for Connect {
     }
 
     fn call(&mut self, mut req: Request<BoxBody>) -> Self::Future {
-        let this = self.0.clone();
+        let this = self.clone();
         Box::pin(async move {
             let version = req.version();
             let protocol = Protocol::of(&req);
+            // The identity the endpoint must prove, as the pool keys it.
+            let identity = this.target.identity.clone().map(Identity::new);
             let conn = match this
                 .connector
-                .connect(
-                    &this.target,
-                    this.identity.clone(),
-                    protocol,
-                    this.idle_timeout,
-                )
+                .connect(&this.target, identity, protocol, this.idle_timeout)
                 .await
             {
                 Ok(conn) => conn,
@@ -153,9 +157,10 @@ impl Service<Request<BoxBody>> for Connect {
             this.connector.prepare(&this.target, &mut req);
             match conn.send(req).await {
                 Ok(mut rsp) => {
-                    // Which endpoint answered, for the attempt's trace span.
-                    rsp.extensions_mut()
-                        .insert(ferrule_proxy_core::trace::PeerEndpoint(this.target.addr));
+                    if this.connector.report_peer {
+                        rsp.extensions_mut()
+                            .insert(ferrule_proxy_core::trace::PeerEndpoint(this.target.addr));
+                    }
                     Ok(rsp)
                 }
                 // Undo what this endpoint's connection changed, for the next endpoint.
