@@ -26,11 +26,13 @@ pub const MAX_REPLAY_BYTES: usize = 64 * 1024;
 /// Wraps `body` for its first attempt. Returns the body to send and the handle that gives
 /// replays of it.
 pub fn replayable(body: BoxBody, cap: usize) -> (BoxBody, Replay) {
+    // Most requests have no body: nothing to record, nothing to wrap, no allocation.
+    if body.is_end_stream() {
+        return (body, Replay { shared: None });
+    }
     let mut recorded = Recorded::default();
     if body.size_hint().lower() > cap as u64 {
         recorded.state = State::Unusable;
-    } else if body.is_end_stream() {
-        recorded.state = State::Complete;
     }
     let shared = Arc::new(Mutex::new(recorded));
     let recording = Recording {
@@ -40,20 +42,26 @@ pub fn replayable(body: BoxBody, cap: usize) -> (BoxBody, Replay) {
     };
     (
         ferrule_proxy_core::body::boxed(recording),
-        Replay { shared },
+        Replay {
+            shared: Some(shared),
+        },
     )
 }
 
 /// Gives copies of a body recorded by [`replayable`].
 #[derive(Clone, Debug)]
 pub struct Replay {
-    shared: Arc<Mutex<Recorded>>,
+    /// `None` for a body that was empty from the start.
+    shared: Option<Arc<Mutex<Recorded>>>,
 }
 
 impl Replay {
     /// The body again, if its first attempt read all of it within the cap.
     pub fn body(&self) -> Option<BoxBody> {
-        let recorded = lock(&self.shared);
+        let Some(shared) = &self.shared else {
+            return Some(ferrule_proxy_core::body::empty());
+        };
+        let recorded = lock(shared);
         if recorded.state != State::Complete {
             return None;
         }
