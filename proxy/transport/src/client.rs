@@ -3,9 +3,9 @@
 //! [`Clients`] is one side's connection pool (the app-facing one of the inbound side, or the
 //! peer-facing one of the outbound side; see [`crate::pool`] for how it keys, shares and
 //! forgets connections). HTTP/2 gets one multiplexed connection per key, reused by every
-//! request; HTTP/1 gets a small pool of keep-alive connections per key; upgrades (`Upgrade`,
-//! `CONNECT`) get a fresh HTTP/1 connection each, spliced to the client's once both sides have
-//! switched. Connecting is a step of its own ([`Clients::connect`]) so a caller can try another
+//! request, and spoken with `h2` directly (see `crate::http2`); HTTP/1 gets a small pool of
+//! keep-alive connections per key; upgrades (`Upgrade`, `CONNECT`) get a fresh HTTP/1
+//! connection each, spliced to the client's once both sides have switched. Connecting is a step of its own ([`Clients::connect`]) so a caller can try another
 //! endpoint when it fails: nothing of the request has been sent yet. A [`Dst`] with an
 //! identity gets mutual TLS (when the pool has [`MeshTls`]) and the peer must prove that
 //! identity.
@@ -20,20 +20,18 @@ use std::time::Duration;
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use http::{Method, Request, Response, StatusCode, Version, header};
 use http_body::{Body, Frame, SizeHint};
-use hyper::client::conn::{TrySendError, http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper::client::conn::{TrySendError, http1};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use ferrule_proxy_core::body::{self, BoxBody};
+use ferrule_proxy_core::body::{self, BoxBody, BoxError};
 use ferrule_proxy_core::headers;
 use ferrule_proxy_core::metrics::Direction;
 
+use crate::http2;
 use crate::metrics::PoolMetrics;
 use crate::pool::{Checkout, Driver, Identity, Lease, Pool, PoolKey, PoolProtocol, Sender};
 use crate::tls::{MeshTls, TlsError};
-
-const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
-const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why a connection could not be made or a request not sent. Cloneable: a failed handshake is
 /// handed to every caller that waited for it.
@@ -59,6 +57,22 @@ pub enum ClientError {
     Request {
         addr: SocketAddr,
         source: Arc<hyper::Error>,
+    },
+    #[error("HTTP/2 handshake with {addr}: {source}")]
+    Http2Handshake {
+        addr: SocketAddr,
+        source: Arc<h2::Error>,
+    },
+    #[error("HTTP/2 request to {addr}: {source}")]
+    Http2 {
+        addr: SocketAddr,
+        source: Arc<h2::Error>,
+    },
+    /// The request's own body failed before anything of the request was sent.
+    #[error("request to {addr}: reading the request body: {source}")]
+    RequestBody {
+        addr: SocketAddr,
+        source: Arc<dyn std::error::Error + Send + Sync>,
     },
 }
 
@@ -286,26 +300,18 @@ async fn handshake(
 ) -> Result<(Sender, Driver), ClientError> {
     let addr = key.addr;
     let made = async {
-        let io = TokioIo::new(stream(addr, key.identity.as_ref(), tls).await?);
+        let io = stream(addr, key.identity.as_ref(), tls).await?;
         Ok(match key.protocol {
             PoolProtocol::Http2 => {
-                let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-                    .timer(TokioTimer::new())
-                    // One connection carries every request to the key: notice a peer that
-                    // vanished without closing it. Pings are not use: an idle connection
-                    // still closes after its idle timeout.
-                    .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
-                    .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT)
-                    .handshake(io)
-                    .await
-                    .map_err(|source| handshake_error(addr, source))?;
-                (Sender::Http2(sender), Box::pin(conn) as Driver)
+                let (sender, driver) = http2::handshake(io, addr).await?;
+                (Sender::Http2(sender), driver)
             }
             PoolProtocol::Http1 => {
-                let (sender, conn) = http1::handshake(io)
+                let (sender, conn) = http1::handshake(TokioIo::new(io))
                     .await
                     .map_err(|source| handshake_error(addr, source))?;
-                (Sender::Http1(sender), Box::pin(conn) as Driver)
+                let driver = async { conn.await.map_err(BoxError::from) };
+                (Sender::Http1(sender), Box::pin(driver) as Driver)
             }
         })
     };
@@ -369,16 +375,11 @@ impl Conn {
                     lease,
                     ..
                 } = checkout;
-                let rsp = match sender {
-                    Sender::Http2(mut sender) => {
+                match sender {
+                    Sender::Http2(sender) => {
                         fit_http2(&mut req, addr);
-                        if let Err(source) = sender.ready().await {
-                            return Err(SendError::unsent(addr, source, req));
-                        }
-                        sender
-                            .try_send_request(req)
-                            .await
-                            .map_err(|e| SendError::from_try(addr, e))?
+                        let rsp = sender.send(req, addr).await?;
+                        rsp.map(|body| body::boxed(Leased::new(body, lease)))
                     }
                     Sender::Http1(mut sender) => {
                         fit_http1(&mut req);
@@ -387,10 +388,9 @@ impl Conn {
                             .await
                             .map_err(|e| SendError::from_try(addr, e))?;
                         pool.release(key, id, sender, &lease);
-                        rsp
+                        rsp.map(|body| body::boxed(Leased::new(body, lease)))
                     }
-                };
-                rsp.map(|body| body::boxed(Leased::new(body, lease)))
+                }
             }
             Kind::Upgrade(mut sender) => {
                 fit_http1(&mut req);
@@ -467,16 +467,6 @@ pub struct SendError {
 }
 
 impl SendError {
-    fn unsent(addr: SocketAddr, source: hyper::Error, req: Request<BoxBody>) -> Self {
-        Self {
-            error: ClientError::Request {
-                addr,
-                source: Arc::new(source),
-            },
-            unsent: Some(req),
-        }
-    }
-
     fn from_try(addr: SocketAddr, mut e: TrySendError<Request<BoxBody>>) -> Self {
         let unsent = e.take_message();
         Self {

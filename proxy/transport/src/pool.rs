@@ -38,14 +38,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
-use ferrule_proxy_core::body::BoxBody;
+use ferrule_proxy_core::body::{BoxBody, BoxError};
 use ferrule_proxy_core::metrics::Direction;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http1;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use crate::client::ClientError;
+use crate::http2::Http2Sender;
 use crate::metrics::PoolMetrics;
 
 /// HTTP/1 handshakes to one key in flight at once.
@@ -112,7 +113,7 @@ pub struct PoolKey {
 /// The sending half of a pooled connection.
 pub(crate) enum Sender {
     Http1(http1::SendRequest<BoxBody>),
-    Http2(http2::SendRequest<BoxBody>),
+    Http2(Http2Sender),
 }
 
 impl Sender {
@@ -125,7 +126,7 @@ impl Sender {
 }
 
 /// The connection's other half, driven by the pool until the connection closes.
-pub(crate) type Driver = Pin<Box<dyn Future<Output = Result<(), hyper::Error>> + Send>>;
+pub(crate) type Driver = Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send>>;
 
 /// How a connection is used: its driver closes it once `in_flight` has been 0 for
 /// `idle_timeout`.
