@@ -10,7 +10,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response};
 use http_body::Frame;
-use http_body_util::{BodyExt, channel::Channel};
+use http_body_util::BodyExt;
+use http_body_util::channel::{Channel, Sender};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -176,9 +177,18 @@ async fn bodies_larger_than_the_windows_stream_under_flow_control() {
     assert_eq!(ended.recv().await.unwrap(), Ok(CHUNK * CHUNKS));
 }
 
-#[tokio::test]
-async fn dropping_the_response_resets_a_streaming_request() {
-    let (addr, mut ended) = echo_server().await;
+/// A request whose body is still streaming: "one" sent and echoed back, the body open.
+struct Streaming {
+    /// Keeps the pool (and the connection) alive for the test.
+    _clients: Clients,
+    tx: Sender<Bytes, BoxError>,
+    rsp: BoxBody,
+    /// The server's report of how the request ended.
+    ended: mpsc::UnboundedReceiver<Result<usize, String>>,
+}
+
+async fn streaming_request() -> Streaming {
+    let (addr, ended) = echo_server().await;
     let clients = clients();
     let (mut tx, req_body) = Channel::<Bytes, BoxError>::new(1);
     tx.send_data(Bytes::from_static(b"one")).await.unwrap();
@@ -186,12 +196,33 @@ async fn dropping_the_response_resets_a_streaming_request() {
         .await
         .into_body();
     next_frame(&mut rsp).await.unwrap();
-    drop(rsp);
+    Streaming {
+        _clients: clients,
+        tx,
+        rsp,
+        ended,
+    }
+}
+
+/// Waits for the server's report on the request and asserts it did not see the body end.
+async fn assert_reset(ended: &mut mpsc::UnboundedReceiver<Result<usize, String>>) {
     let outcome = timeout(BOUND, ended.recv()).await.unwrap().unwrap();
     assert!(
         outcome.is_err(),
         "the server saw the request end: {outcome:?}"
     );
+}
+
+#[tokio::test]
+async fn dropping_the_response_resets_a_streaming_request() {
+    let Streaming {
+        _clients,
+        mut tx,
+        rsp,
+        mut ended,
+    } = streaming_request().await;
+    drop(rsp);
+    assert_reset(&mut ended).await;
     // The caller's side of the body is told too.
     assert!(
         timeout(BOUND, tx.send_data(Bytes::from_static(b"two")))
@@ -203,20 +234,14 @@ async fn dropping_the_response_resets_a_streaming_request() {
 
 #[tokio::test]
 async fn a_failing_request_body_resets_the_stream() {
-    let (addr, mut ended) = echo_server().await;
-    let clients = clients();
-    let (mut tx, req_body) = Channel::<Bytes, BoxError>::new(1);
-    tx.send_data(Bytes::from_static(b"one")).await.unwrap();
-    let mut rsp = send(&clients, addr, body::boxed(req_body))
-        .await
-        .into_body();
-    next_frame(&mut rsp).await.unwrap();
+    let Streaming {
+        _clients,
+        tx,
+        mut rsp,
+        mut ended,
+    } = streaming_request().await;
     tx.abort(io::Error::other("the client went away").into());
-    let outcome = timeout(BOUND, ended.recv()).await.unwrap().unwrap();
-    assert!(
-        outcome.is_err(),
-        "the server saw the request end: {outcome:?}"
-    );
+    assert_reset(&mut ended).await;
     let end = timeout(BOUND, rsp.frame()).await.unwrap();
     assert!(
         !matches!(end, Some(Ok(ref f)) if f.is_data()),
