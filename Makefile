@@ -14,7 +14,7 @@ DEPS = protoc:protobuf-compiler etcd:etcd-server iptables:iptables wrk:wrk h2loa
 	/usr/lib/postgresql/*/bin/initdb:postgresql chromium:chromium python3:python3 \
 	/usr/lib/python3/dist-packages/pip:python3-pip
 # What only `make bench` needs besides: the peers it compares with, perf and curl.
-BENCH_DEPS = nginx:nginx haproxy:haproxy perf:linux-perf curl:curl
+BENCH_DEPS = nginx:nginx haproxy:haproxy perf:linux-perf curl:curl valgrind:valgrind
 
 help:
 	@echo 'Ferrule make targets:'
@@ -30,11 +30,13 @@ help:
 	@echo '               (config propagation: bench/results/config.md), bench/cp-scale.sh (10,000'
 	@echo '               watch streams, 100 proxies: bench/results/config-scale.md) and'
 	@echo '               bench/tracing.sh (tracing off, sampled 0/1/100 %: bench/results/tracing-cost.md)'
+	@echo '               and bench/cost.sh (instructions and allocations per request of each sidecar,'
+	@echo '               valgrind: bench/results/cost-client-h1.txt, cost-server-h1.txt)'
 	@echo '  make k8s-validate  validate k8s/ and injected pods against Kubernetes 1.29/1.31/1.33'
 	@echo '  make deps    apt-get install what is missing of: protobuf-compiler, etcd-server,'
 	@echo '               iptables, wrk, nghttp2-client, postgresql, chromium, python3-pip (root;'
 	@echo '               otherwise prints the sudo command) and the Python package playwright;'
-	@echo '               make bench also installs nginx, haproxy, linux-perf, curl'
+	@echo '               make bench also installs nginx, haproxy, linux-perf, curl, valgrind'
 	@echo '  make clean   remove build output'
 	@echo '  make help    this list'
 
@@ -111,7 +113,9 @@ bench: deps
 	bash bench/config.sh
 	bash bench/cp-scale.sh
 	bash bench/tracing.sh
-	@echo 'make bench: results in bench/results/latest.md, config.md, config-scale.md and tracing-cost.md'
+	bash bench/cost.sh
+	COST_SIDE=server bash bench/cost.sh
+	@echo 'make bench: results in bench/results/latest.md, config.md, config-scale.md, tracing-cost.md and cost-*.txt'
 
 clean:
 	$(CARGO) clean
