@@ -27,16 +27,8 @@ case $SIDE in client | server) ;; *) echo "COST_SIDE is client or server, not $S
 case $SCENARIO in h1 | h2 | grpc) ;; *) echo "COST_SCENARIO is h1, h2 or grpc, not $SCENARIO" >&2; exit 1 ;; esac
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 export CARGO_TARGET_DIR="$TARGET_DIR" RUST_LOG=warn
-WORK="$(mktemp -d)"
-PIDS=()
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+# $WORK, $PIDS and the cleanup on exit.
+source "$ROOT/bench/lib.sh"
 
 for tool in valgrind callgrind_control h2load curl; do
     command -v "$tool" >/dev/null || { echo "cost.sh needs $tool (Debian: valgrind nghttp2-client curl)" >&2; exit 1; }

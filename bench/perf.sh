@@ -31,16 +31,8 @@ TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 export CARGO_TARGET_DIR="$TARGET_DIR" RUST_LOG=warn
 OUT="$ROOT/bench/results/perf-$SIDE.txt"
 DATA_DIR="$TARGET_DIR/perf"
-WORK="$(mktemp -d)"
-PIDS=()
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+# $WORK, $PIDS and the cleanup on exit.
+source "$ROOT/bench/lib.sh"
 
 for tool in perf wrk h2load curl; do
     command -v "$tool" >/dev/null || { echo "perf.sh needs $tool (make deps)" >&2; exit 1; }

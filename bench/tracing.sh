@@ -28,17 +28,8 @@ export CARGO_TARGET_DIR="$TARGET_DIR"
 RESULTS="${BENCH_RESULTS_DIR:-$ROOT/bench/results}"
 STARTED_AT="$(date -u '+%Y-%m-%d %H:%M UTC')"
 LOADAVG_AT_START="$(cut -d' ' -f1-3 /proc/loadavg)"
-WORK="$(mktemp -d)"
-PIDS=()
-
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+# $WORK, $PIDS and the cleanup on exit.
+source "$ROOT/bench/lib.sh"
 
 log() { echo "bench/tracing: $*" >&2; }
 
