@@ -17,8 +17,9 @@ pub const ORIG_PROTO_HTTP1: &str = "HTTP/1.1";
 /// the app; any value a client sent is removed first, so an app can trust it.
 pub const CLIENT_ID: HeaderName = HeaderName::from_static("ferrule-client-id");
 
-/// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [HeaderName; 6] = [
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1). A static, not a
+/// const: it is read for every header of every message.
+static HOP_BY_HOP: [HeaderName; 6] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),

@@ -168,13 +168,19 @@ fn fresh_window(config: &EffectiveCircuitBreaker, now: Instant) -> Option<Window
 impl Accrual {
     /// The state of `key` (an endpoint not known yet starts closed), with the map's own key.
     fn endpoint(&mut self, key: &str, now: Instant) -> (Arc<str>, &mut Endpoint) {
-        if !self.endpoints.contains_key(key) {
-            let endpoint = Endpoint::new(&self.config, now);
-            self.endpoints.insert(Arc::from(key), endpoint);
-        }
-        let (key, _) = self.endpoints.get_key_value(key).expect("inserted above");
-        let key = key.clone();
-        let endpoint = self.endpoints.get_mut(&key).expect("inserted above");
+        let key = match self.endpoints.get_key_value(key) {
+            Some((known, _)) => known.clone(),
+            None => {
+                let key: Arc<str> = Arc::from(key);
+                let endpoint = Endpoint::new(&self.config, now);
+                self.endpoints.insert(key.clone(), endpoint);
+                key
+            }
+        };
+        let endpoint = self
+            .endpoints
+            .get_mut(&key)
+            .expect("known or inserted above");
         endpoint.refresh(now);
         (key, endpoint)
     }

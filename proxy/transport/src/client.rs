@@ -5,10 +5,10 @@
 //! forgets connections). HTTP/2 gets one multiplexed connection per key, reused by every
 //! request, and spoken with `h2` directly (see `crate::http2`); HTTP/1 gets a small pool of
 //! keep-alive connections per key; upgrades (`Upgrade`, `CONNECT`) get a fresh HTTP/1
-//! connection each, spliced to the client's once both sides have switched. Connecting is a step of its own ([`Clients::connect`]) so a caller can try another
-//! endpoint when it fails: nothing of the request has been sent yet. A [`Dst`] with an
-//! identity gets mutual TLS (when the pool has [`MeshTls`]) and the peer must prove that
-//! identity.
+//! connection each, spliced to the client's once both sides have switched. Connecting is a
+//! step of its own ([`Clients::connect`]) so a caller can try another endpoint when it
+//! fails: nothing of the request has been sent yet. A [`Dst`] with an identity gets mutual
+//! TLS (when the pool has [`MeshTls`]) and the peer must prove that identity.
 
 use std::io;
 use std::net::SocketAddr;

@@ -109,18 +109,51 @@ fn trailers() -> HeaderMap {
     trailers
 }
 
-#[tokio::test]
-async fn a_bidirectional_stream_flows_both_ways_before_either_side_ends() {
-    let (addr, mut ended) = echo_server().await;
+/// A request whose body is still streaming: "one" sent and echoed back, the body open.
+struct Streaming {
+    /// Keeps the pool (and the connection) alive for the test.
+    _clients: Clients,
+    tx: Sender<Bytes, BoxError>,
+    rsp: BoxBody,
+    /// The server's report of how the request ended.
+    ended: mpsc::UnboundedReceiver<Result<usize, String>>,
+}
+
+async fn streaming_request() -> Streaming {
+    let (addr, ended) = echo_server().await;
     let clients = clients();
     let (mut tx, req_body) = Channel::<Bytes, BoxError>::new(1);
     tx.send_data(Bytes::from_static(b"one")).await.unwrap();
     let mut rsp = send(&clients, addr, body::boxed(req_body))
         .await
         .into_body();
-
     let frame = next_frame(&mut rsp).await.unwrap();
     assert_eq!(frame.into_data().unwrap(), "one");
+    Streaming {
+        _clients: clients,
+        tx,
+        rsp,
+        ended,
+    }
+}
+
+/// Waits for the server's report on the request and asserts it did not see the body end.
+async fn assert_reset(ended: &mut mpsc::UnboundedReceiver<Result<usize, String>>) {
+    let outcome = timeout(BOUND, ended.recv()).await.unwrap().unwrap();
+    assert!(
+        outcome.is_err(),
+        "the server saw the request end: {outcome:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_bidirectional_stream_flows_both_ways_before_either_side_ends() {
+    let Streaming {
+        _clients,
+        mut tx,
+        mut rsp,
+        mut ended,
+    } = streaming_request().await;
     tx.send_data(Bytes::from_static(b"two")).await.unwrap();
     let frame = next_frame(&mut rsp).await.unwrap();
     assert_eq!(frame.into_data().unwrap(), "two");
@@ -175,42 +208,6 @@ async fn bodies_larger_than_the_windows_stream_under_flow_control() {
         .unwrap();
     assert_eq!(echoed.to_bytes().len(), CHUNK * CHUNKS);
     assert_eq!(ended.recv().await.unwrap(), Ok(CHUNK * CHUNKS));
-}
-
-/// A request whose body is still streaming: "one" sent and echoed back, the body open.
-struct Streaming {
-    /// Keeps the pool (and the connection) alive for the test.
-    _clients: Clients,
-    tx: Sender<Bytes, BoxError>,
-    rsp: BoxBody,
-    /// The server's report of how the request ended.
-    ended: mpsc::UnboundedReceiver<Result<usize, String>>,
-}
-
-async fn streaming_request() -> Streaming {
-    let (addr, ended) = echo_server().await;
-    let clients = clients();
-    let (mut tx, req_body) = Channel::<Bytes, BoxError>::new(1);
-    tx.send_data(Bytes::from_static(b"one")).await.unwrap();
-    let mut rsp = send(&clients, addr, body::boxed(req_body))
-        .await
-        .into_body();
-    next_frame(&mut rsp).await.unwrap();
-    Streaming {
-        _clients: clients,
-        tx,
-        rsp,
-        ended,
-    }
-}
-
-/// Waits for the server's report on the request and asserts it did not see the body end.
-async fn assert_reset(ended: &mut mpsc::UnboundedReceiver<Result<usize, String>>) {
-    let outcome = timeout(BOUND, ended.recv()).await.unwrap().unwrap();
-    assert!(
-        outcome.is_err(),
-        "the server saw the request end: {outcome:?}"
-    );
 }
 
 #[tokio::test]
