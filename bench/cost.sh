@@ -14,7 +14,9 @@
 # Environment: COST_SIDE [client | server], COST_SCENARIO [h1 | h2 | grpc],
 # COST_REQUESTS [5000], COST_PROXY [unset: the workspace's release build, built first; else
 # that ferrule-proxy binary (then no allocation count unless COST_PROXY_GLIBC is given)],
-# CARGO_TARGET_DIR. Writes the figures to stdout and to bench/results/cost-SIDE-SCENARIO.txt.
+# CARGO_TARGET_DIR, COST_PROFILE [unset; else a file that gets the callgrind profile of the
+# load, for `callgrind_annotate --inclusive=yes FILE`]. Writes the figures to stdout and to
+# bench/results/cost-SIDE-SCENARIO.txt.
 # Loopback only, bounded; everything started here is killed on exit.
 set -euo pipefail
 
@@ -99,6 +101,7 @@ measure() { # TOOL BINARY
         # The dump of the load is the first numbered file.
         for _ in $(seq 1 50); do [ -s "$out.1" ] && break; sleep 0.2; done
         grep '^totals:' "$out.1" | awk '{print $2}'
+        if [ -n "${COST_PROFILE:-}" ]; then cp "$out.1" "$COST_PROFILE"; fi
     fi
     kill -INT "$measured"
     wait "$measured" 2>/dev/null || true

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use ferrule_config::GrpcCode;
 use futures::future::BoxFuture;
-use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, header};
 use tower::{Layer, Service};
 
 use crate::body::{self, BoxBody};
@@ -27,15 +27,14 @@ pub use crate::reason::Reason;
 use crate::reason::grpc_code_for_http;
 
 /// Response header naming the reason of an error made by the proxy.
-pub const ERROR_HEADER: &str = "ferrule-error";
+pub const ERROR_HEADER: HeaderName = HeaderName::from_static("ferrule-error");
 
 /// Response header set when a failure goes back to the app because the retry budget refused
 /// another attempt; its value is [`RETRY_BUDGET_EXHAUSTED`].
-pub const RETRY_HEADER: &str = "ferrule-retry";
+pub const RETRY_HEADER: HeaderName = HeaderName::from_static("ferrule-retry");
 pub const RETRY_BUDGET_EXHAUSTED: &str = "budget_exhausted";
 
-const GRPC_STATUS: &str = "grpc-status";
-const GRPC_MESSAGE: &str = "grpc-message";
+use crate::headers::{GRPC_MESSAGE, GRPC_STATUS};
 
 /// How the caller reads an error the proxy makes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

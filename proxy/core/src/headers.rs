@@ -16,6 +16,10 @@ pub const ORIG_PROTO_HTTP1: &str = "HTTP/1.1";
 /// The client's identity as its mutual TLS certificate proved it, set by the inbound proxy for
 /// the app; any value a client sent is removed first, so an app can trust it.
 pub const CLIENT_ID: HeaderName = HeaderName::from_static("ferrule-client-id");
+/// gRPC's status, in a trailers-only response's head or in the trailers.
+pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+/// gRPC's error message, next to [`GRPC_STATUS`].
+pub const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1). A static, not a
 /// const: it is read for every header of every message.

@@ -64,7 +64,7 @@ pub struct Observe<S> {
 /// A gRPC response whose status will come in trailers.
 fn awaits_grpc_status(rsp: &Response<BoxBody>) -> bool {
     rsp.status().is_success()
-        && !rsp.headers().contains_key("grpc-status")
+        && !rsp.headers().contains_key(crate::headers::GRPC_STATUS)
         && rsp
             .headers()
             .get(http::header::CONTENT_TYPE)
@@ -124,7 +124,7 @@ impl http_body::Body for GrpcStatusBody {
             Some(Ok(frame)) => {
                 if let Some(trailers) = frame.trailers_ref() {
                     let ok = trailers
-                        .get("grpc-status")
+                        .get(crate::headers::GRPC_STATUS)
                         .is_some_and(|s| s.as_bytes() == b"0");
                     this.verdict.record(ok);
                 }
@@ -147,7 +147,7 @@ impl http_body::Body for GrpcStatusBody {
 fn is_success(rsp: &Response<BoxBody>) -> bool {
     let grpc_ok = rsp
         .headers()
-        .get("grpc-status")
+        .get(crate::headers::GRPC_STATUS)
         .is_none_or(|s| s.as_bytes() == b"0");
     !rsp.status().is_server_error() && grpc_ok
 }

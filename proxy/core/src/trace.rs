@@ -109,7 +109,7 @@ pub fn response_attributes(span: &mut Span, rsp: &Response<BoxBody>, kind: SpanK
     span.set("http.response.status_code", status.as_u16());
     let grpc = rsp
         .headers()
-        .get("grpc-status")
+        .get(crate::headers::GRPC_STATUS)
         .and_then(|s| s.to_str().ok())
         .and_then(|s| s.parse::<i64>().ok());
     if let Some(code) = grpc {

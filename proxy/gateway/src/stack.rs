@@ -447,7 +447,7 @@ routes:
         .await;
         assert_eq!(rsp.status().as_u16(), 200);
         assert_eq!(header(&rsp, "grpc-status"), "16");
-        assert_eq!(header(&rsp, ERROR_HEADER), "unauthenticated");
+        assert_eq!(header(&rsp, ERROR_HEADER.as_str()), "unauthenticated");
         // A bad token: UNAUTHENTICATED.
         let rsp = call(
             &router,
@@ -463,7 +463,7 @@ routes:
         )
         .await;
         assert_eq!(header(&rsp, "grpc-status"), "12");
-        assert_eq!(header(&rsp, ERROR_HEADER), "no_route");
+        assert_eq!(header(&rsp, ERROR_HEADER.as_str()), "no_route");
         // The route's bucket holds 2: the third call in a row is RESOURCE_EXHAUSTED.
         let statuses = [
             call(
@@ -499,7 +499,7 @@ routes:
             }
             let rsp = call(&router, req.body(body::empty()).unwrap()).await;
             assert_eq!(rsp.status().as_u16(), 400, "{content_type:?}");
-            assert_eq!(header(&rsp, ERROR_HEADER), "bad_request");
+            assert_eq!(header(&rsp, ERROR_HEADER.as_str()), "bad_request");
             assert!(rsp.headers().get("x-forwarded-to").is_none());
             let body = rsp.into_body().collect().await.unwrap().to_bytes();
             let v: serde_json::Value = serde_json::from_slice(&body).unwrap();

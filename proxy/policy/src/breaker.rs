@@ -22,12 +22,12 @@
 //! unless set); a request beyond both fails at once ([`Overloaded`]) instead of queueing
 //! without bound. [`Acquire`] is one request's wait, polled, for a service's `poll_ready`.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 
 use ferrule_config::EffectiveCircuitBreaker;
+use ferrule_proxy_core::FastMap;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::PollSemaphore;
@@ -64,7 +64,7 @@ struct Accrual {
     config: EffectiveCircuitBreaker,
     /// Keyed by the endpoint's key, shared with the [`Attempt`]s in flight: admitting a
     /// request allocates nothing.
-    endpoints: HashMap<Arc<str>, Endpoint>,
+    endpoints: FastMap<Arc<str>, Endpoint>,
 }
 
 #[derive(Debug)]
@@ -304,7 +304,7 @@ impl FailureAccrual {
         Self {
             inner: Arc::new(Mutex::new(Accrual {
                 config: config.clone(),
-                endpoints: HashMap::new(),
+                endpoints: FastMap::default(),
             })),
         }
     }
@@ -315,7 +315,7 @@ impl FailureAccrual {
     pub fn set_endpoints<I: IntoIterator<Item = String>>(&self, keys: I) {
         let now = Instant::now();
         let mut accrual = lock(&self.inner);
-        let mut kept = HashMap::new();
+        let mut kept = FastMap::default();
         for key in keys {
             let endpoint = accrual
                 .endpoints

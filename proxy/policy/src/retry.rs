@@ -26,7 +26,7 @@ use tokio::time::Instant;
 use super::window::Window;
 
 /// The header (or trailer) carrying a gRPC call's status.
-const GRPC_STATUS: &str = "grpc-status";
+use ferrule_proxy_core::headers::GRPC_STATUS;
 
 /// Why an attempt is retried: for logs and the `reason` label of retry metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

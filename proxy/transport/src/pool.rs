@@ -29,7 +29,6 @@
 //! The work is one timer per connection, and the pool lock taken when it fires or the
 //! connection closes.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -38,6 +37,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
+use ferrule_proxy_core::FastMap;
 use ferrule_proxy_core::body::{BoxBody, BoxError};
 use ferrule_proxy_core::metrics::Direction;
 use hyper::client::conn::http1;
@@ -278,7 +278,7 @@ impl KeyState {
 pub(crate) struct Pool {
     direction: Direction,
     metrics: PoolMetrics,
-    keys: Mutex<HashMap<PoolKey, KeyState>>,
+    keys: Mutex<FastMap<PoolKey, KeyState>>,
     next_id: AtomicU64,
 }
 
@@ -292,7 +292,7 @@ impl Pool {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<PoolKey, KeyState>> {
+    fn lock(&self) -> MutexGuard<'_, FastMap<PoolKey, KeyState>> {
         // Every critical section leaves the map whole (no await, no user code), so a poisoned
         // lock still holds a consistent pool.
         self.keys.lock().unwrap_or_else(PoisonError::into_inner)
@@ -463,7 +463,7 @@ fn idle(conns: &[Pooled]) -> usize {
         .count()
 }
 
-fn forget(keys: &mut HashMap<PoolKey, KeyState>, key: &PoolKey, id: u64) {
+fn forget(keys: &mut FastMap<PoolKey, KeyState>, key: &PoolKey, id: u64) {
     if let Some(state) = keys.get_mut(key) {
         state.conns.retain(|c| c.id != id);
         if state.is_unused() {
