@@ -249,7 +249,7 @@ impl Detail {
             ts_ms: crate::tap::now_ms(),
             direction: layer.direction.as_str(),
             target_service: layer.target.to_string(),
-            request_id: ctx.as_ref().map_or_else(String::new, |c| c.id.clone()),
+            request_id: ctx.as_ref().map_or_else(String::new, |c| c.id.to_string()),
             client: ctx
                 .as_ref()
                 .map_or_else(String::new, |c| c.client.to_string()),
@@ -266,7 +266,7 @@ impl Detail {
                 target: "access",
                 direction = %layer.direction,
                 target_service = %layer.target,
-                request_id = ctx.as_ref().map_or("", |c| c.id.as_str()),
+                request_id = %ctx.as_ref().map_or_else(String::new, |c| c.id.to_string()),
                 client = %ctx.as_ref().map_or_else(String::new, |c| c.client.to_string()),
                 meshed_peer = ctx.as_ref().is_some_and(RequestContext::meshed_peer),
                 %method,

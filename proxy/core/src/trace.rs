@@ -25,7 +25,7 @@ pub use ferrule_trace::context::{self as propagation, Extracted, Formats, SpanCo
 pub use ferrule_trace::{Span, SpanKind, TraceMetrics, Tracer};
 
 use crate::body::BoxBody;
-use crate::context::RequestContext;
+use crate::context::{RequestContext, RequestId};
 use crate::errors::{ERROR_HEADER, Reason};
 use crate::metrics::Direction;
 
@@ -211,7 +211,7 @@ where
                 span.set("client.address", ctx.client.ip().to_string());
             }
             if let Some(context) = span.context() {
-                ctx.id = format!("{}-{}", context.trace_id, context.span_id);
+                ctx.id = RequestId::Trace(format!("{}-{}", context.trace_id, context.span_id));
             }
         }
         inject(&mut req, &span, &parent);

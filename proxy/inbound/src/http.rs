@@ -237,7 +237,7 @@ mod tests {
                 .unwrap()
         };
         let ctx = |peer_identity: Option<&str>| RequestContext {
-            id: "1".into(),
+            id: ferrule_proxy_core::context::RequestId::Random(1),
             direction: Direction::Inbound,
             target: "user".into(),
             client: "127.0.0.1:1".parse().unwrap(),
