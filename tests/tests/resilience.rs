@@ -67,6 +67,8 @@ struct Client {
 struct Reply {
     status: u16,
     backend: String,
+    /// The `x-route` response header, which a route rule may set.
+    route: String,
 }
 
 impl Client {
@@ -87,14 +89,20 @@ impl Client {
             self.sender.ready().await?;
             let rsp = self.sender.send_request(req).await?;
             let status = rsp.status().as_u16();
-            let backend = rsp
-                .headers()
-                .get("x-backend")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default()
-                .to_string();
+            let header = |name: &str| {
+                rsp.headers()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_string()
+            };
+            let (backend, route) = (header("x-backend"), header("x-route"));
             rsp.into_body().collect().await?;
-            Ok(Reply { status, backend })
+            Ok(Reply {
+                status,
+                backend,
+                route,
+            })
         })
         .await
         .context("request timed out")?
@@ -354,6 +362,13 @@ spec:
         - path: {value: /chaos}
       fault:
         abort: {status: 500, percent: 50}
+    - name: slow
+      matches:
+        - path: {value: /slow}
+      fault:
+        delay: {fixed: 300ms}
+      responseHeaders:
+        set: {x-route: slow}
     - name: canary
       backends:
         - {service: web, weight: 90}
@@ -374,6 +389,18 @@ spec:
     let replies = client.many(2000, "GET", "/chaos").await?;
     let aborted = replies.iter().filter(|r| r.status == 500).count() as f64 / 2000.0;
     assert!((0.45..=0.55).contains(&aborted), "{aborted} aborted");
+
+    // A delay fault holds the request, which then goes on; the rule rewrites the response.
+    let started = std::time::Instant::now();
+    let slow = client.send("GET", "/slow").await?;
+    let held = started.elapsed();
+    assert_eq!((slow.status, slow.route.as_str()), (200, "slow"));
+    assert!(held >= Duration::from_millis(300), "held only {held:?}");
+    assert_eq!(
+        client.send("GET", "/").await?.route,
+        "",
+        "only /slow is rewritten"
+    );
 
     // Every proxy acks the version in force, and `ferrule status` says so: the four server
     // proxies and the client proxy, which registers no app and is known by its config stream.

@@ -275,8 +275,14 @@ pub struct Respond<S> {
 
 impl<S> Service<Request<BoxBody>> for Respond<S>
 where
-    S: Service<Request<BoxBody>, Response = Response<BoxBody>, Error = ProxyError>,
-    S::Future: Send + 'static,
+    // The inner future is already boxed (the logical stack, the app forwarder, the gateway's
+    // routes): awaited as it is, no second box around it per request.
+    S: Service<
+            Request<BoxBody>,
+            Response = Response<BoxBody>,
+            Error = ProxyError,
+            Future = BoxFuture<'static, Result<Response<BoxBody>, ProxyError>>,
+        >,
 {
     type Response = Response<BoxBody>;
     type Error = Infallible;
@@ -294,9 +300,7 @@ where
 
     fn call(&mut self, req: Request<BoxBody>) -> Self::Future {
         let format = ErrorFormat::of(req.headers());
-        // Boxed before the async block: a projection type held across an await trips
-        // rustc's Send inference (rust-lang/rust#64552).
-        let fut: BoxFuture<'static, _> = Box::pin(self.inner.call(req));
+        let fut = self.inner.call(req);
         let metrics = self.metrics.clone();
         let direction = self.direction;
         Box::pin(async move {

@@ -154,8 +154,14 @@ fn is_success(rsp: &Response<BoxBody>) -> bool {
 
 impl<S> Service<Request<BoxBody>> for Observe<S>
 where
-    S: Service<Request<BoxBody>, Response = Response<BoxBody>, Error = Infallible>,
-    S::Future: Send + 'static,
+    // The inner future is already boxed (every stack's `Respond`): awaited as it is, no
+    // second box around it per request.
+    S: Service<
+            Request<BoxBody>,
+            Response = Response<BoxBody>,
+            Error = Infallible,
+            Future = BoxFuture<'static, Result<Response<BoxBody>, Infallible>>,
+        >,
 {
     type Response = Response<BoxBody>;
     type Error = Infallible;
@@ -188,9 +194,7 @@ where
                 .flatten(),
         });
         let layer = self.layer.clone();
-        // Boxed before the async block: a projection type held across an await trips
-        // rustc's Send inference (rust-lang/rust#64552).
-        let fut: BoxFuture<'static, _> = Box::pin(self.inner.call(req));
+        let fut = self.inner.call(req);
         Box::pin(async move {
             let rsp = fut.await?;
             let elapsed = start.elapsed();
@@ -295,12 +299,12 @@ mod tests {
         let stack = tower::ServiceBuilder::new()
             .layer(observe.clone())
             .layer(RespondLayer::new(metrics.clone(), Direction::Outbound))
-            .service_fn(|_req: Request<BoxBody>| async {
-                Err::<Response<BoxBody>, _>(ProxyError::new(
-                    Reason::NoEndpoints,
-                    "user",
-                    "no endpoint",
-                ))
+            .service_fn(|_req: Request<BoxBody>| {
+                let failed: futures::future::BoxFuture<'static, _> =
+                    Box::pin(std::future::ready(Err::<Response<BoxBody>, _>(
+                        ProxyError::new(Reason::NoEndpoints, "user", "no endpoint"),
+                    )));
+                failed
             });
         let req = Request::post("/user.Users/Get")
             .header(http::header::CONTENT_TYPE, "application/grpc")

@@ -159,6 +159,9 @@ pub fn build(prepared: Prepared, parts: &StackParts<'_>) -> Router {
         let name = service.to_string();
         let inner = ServiceBuilder::new()
             .layer(RespondLayer::new(parts.metrics.clone(), Direction::Gateway))
+            // Respond awaits a boxed future; the route's filters make a future type of their
+            // own, boxed here once.
+            .layer(BoxCloneSyncService::layer())
             .map_err(move |e| errors::to_proxy_error(&name, e))
             .layer(SizeLimitLayer::new(config.max_request_bytes()))
             .filter(Authenticate::new(verifier.clone(), route.public))
@@ -181,6 +184,7 @@ pub fn build(prepared: Prepared, parts: &StackParts<'_>) -> Router {
     }
     let no_route = ServiceBuilder::new()
         .layer(RespondLayer::new(parts.metrics.clone(), Direction::Gateway))
+        .layer(BoxCloneSyncService::layer())
         .service(tower::service_fn(|req: Request<BoxBody>| async move {
             Err::<Response<BoxBody>, _>(
                 GatewayError::NoRoute(req.uri().path().to_string()).into_proxy_error(""),

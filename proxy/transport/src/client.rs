@@ -527,25 +527,22 @@ fn fit_http2(req: &mut Request<BoxBody>, addr: SocketAddr) {
         return;
     }
     let authority = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .and_then(|h| h.parse::<Authority>().ok())
+        .headers_mut()
+        .remove(header::HOST)
+        .and_then(|h| Authority::try_from(h.as_bytes()).ok())
         .unwrap_or_else(|| {
             addr.to_string()
                 .parse()
                 .expect("a socket address is an authority")
         });
-    let mut parts = req.uri().clone().into_parts();
+    // Taken, not cloned: the parts are put back whole below.
+    let mut parts = std::mem::take(req.uri_mut()).into_parts();
     parts.scheme = Some(Scheme::HTTP);
     parts.authority = Some(authority);
     if parts.path_and_query.is_none() {
         parts.path_and_query = Some(PathAndQuery::from_static("/"));
     }
-    if let Ok(uri) = Uri::from_parts(parts) {
-        *req.uri_mut() = uri;
-    }
-    req.headers_mut().remove(header::HOST);
+    *req.uri_mut() = Uri::from_parts(parts).expect("scheme, authority and path make a URI");
 }
 
 #[cfg(test)]
@@ -573,5 +570,20 @@ mod tests {
         fit_http2(&mut req, "127.0.0.1:1".parse().unwrap());
         assert_eq!(req.uri(), "http://user/a");
         assert!(!req.headers().contains_key(header::HOST));
+    }
+
+    #[test]
+    fn http2_targets_without_a_usable_host_name_the_address() {
+        let addr = "127.0.0.1:4143".parse().unwrap();
+        let mut no_host = Request::get("/a?b=1").body(body::empty()).unwrap();
+        fit_http2(&mut no_host, addr);
+        assert_eq!(no_host.uri(), "http://127.0.0.1:4143/a?b=1");
+        let mut bad_host = Request::get("/")
+            .header(header::HOST, "not a host")
+            .body(body::empty())
+            .unwrap();
+        fit_http2(&mut bad_host, addr);
+        assert_eq!(bad_host.uri(), "http://127.0.0.1:4143/");
+        assert!(!bad_host.headers().contains_key(header::HOST));
     }
 }

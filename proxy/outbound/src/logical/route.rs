@@ -5,12 +5,14 @@
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use ferrule_proto::names::ServiceRef;
 use ferrule_proxy_core::body::BoxBody;
 use ferrule_proxy_core::errors::{ProxyError, Reason};
 use ferrule_proxy_policy::metrics::PolicyMetrics;
 use ferrule_proxy_policy::retry::RetryBudget;
+use ferrule_proxy_policy::route::HeaderRewrite;
 use ferrule_proxy_policy::{GuardsCell, PolicySet};
 use futures::future::BoxFuture;
 use http::{Request, Response};
@@ -77,8 +79,14 @@ pub struct Route<S> {
 
 impl<S> Service<Request<BoxBody>> for Route<S>
 where
-    S: Service<Routed, Response = Response<BoxBody>, Error = ProxyError> + Clone + Send + 'static,
-    S::Future: Send,
+    S: Service<
+            Routed,
+            Response = Response<BoxBody>,
+            Error = ProxyError,
+            Future = BoxFuture<'static, Result<Response<BoxBody>, ProxyError>>,
+        > + Clone
+        + Send
+        + 'static,
 {
     type Response = Response<BoxBody>;
     type Error = ProxyError;
@@ -88,28 +96,60 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<BoxBody>) -> Self::Future {
+    /// Routing is decided here, before any await: a request whose rule injects no delay and
+    /// rewrites no response header is the inner service's future itself, with no future and
+    /// no box of this layer's own.
+    fn call(&mut self, mut req: Request<BoxBody>) -> Self::Future {
+        let Decision {
+            params,
+            delay,
+            abort,
+            response_headers,
+        } = self.layer.decide(&mut req);
+        if delay.is_none() && response_headers.is_none() {
+            return match abort {
+                Some(error) => Box::pin(std::future::ready(Err(error))),
+                None => self.inner.call(Routed { req, params }),
+            };
+        }
         // The inner service was made ready for this call: take it, leave a fresh clone.
         let inner = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, inner);
-        Box::pin(self.layer.clone().route(inner, req))
+        Box::pin(async move {
+            if let Some(delay) = delay {
+                tokio::time::sleep(delay).await;
+            }
+            if let Some(error) = abort {
+                return Err(error);
+            }
+            let mut rsp = inner.oneshot(Routed { req, params }).await?;
+            if let Some(rewrite) = response_headers {
+                rewrite.apply(rsp.headers_mut());
+            }
+            Ok(rsp)
+        })
     }
 }
 
+/// What the matched rule (or the service's policy) decided for one request.
+struct Decision {
+    params: RouteParams,
+    /// An injected delay, waited before anything else.
+    delay: Option<Duration>,
+    /// An injected abort: the answer, after the delay.
+    abort: Option<ProxyError>,
+    response_headers: Option<HeaderRewrite>,
+}
+
 impl RouteLayer {
-    async fn route<S>(
-        self,
-        inner: S,
-        mut req: Request<BoxBody>,
-    ) -> Result<Response<BoxBody>, ProxyError>
-    where
-        S: Service<Routed, Response = Response<BoxBody>, Error = ProxyError> + Send,
-    {
+    /// Matches `req` against the service's rules and applies the rule's request header
+    /// rewrites; the rest of the rule's work is in the returned decision.
+    fn decide(&self, req: &mut Request<BoxBody>) -> Decision {
         let this = &*self.0;
         let set = this.policies.borrow().clone();
         let name = &this.target.name;
         let service = &this.service;
-        let rule = set.routes(service).and_then(|r| r.find(&req));
+        let rule = set.routes(service).and_then(|r| r.find(req));
         let policy = set.policy(service);
         let (retry, request_timeout, per_try_timeout) = match rule {
             Some(rule) => (
@@ -123,22 +163,25 @@ impl RouteLayer {
                 policy.per_try_timeout,
             ),
         };
+        let (mut delay, mut abort) = (None, None);
         if let Some(rule) = rule {
             rule.request_headers().apply(req.headers_mut());
             if let Some(fault) = rule.fault() {
                 let decision = fault.decide(&mut rand::rng());
-                if let Some(delay) = decision.delay {
+                if let Some(d) = decision.delay {
                     this.metrics.fault(name, "delay");
-                    tokio::time::sleep(delay).await;
+                    delay = Some(d);
                 }
                 if let Some(status) = decision.abort {
                     this.metrics.fault(name, "abort");
-                    return Err(ProxyError::new(
-                        Reason::FaultInjected,
-                        name.to_string(),
-                        format!("route {} injected a {status} fault", rule.label()),
-                    )
-                    .with_status(status));
+                    abort = Some(
+                        ProxyError::new(
+                            Reason::FaultInjected,
+                            name.to_string(),
+                            format!("route {} injected a {status} fault", rule.label()),
+                        )
+                        .with_status(status),
+                    );
                 }
             }
         }
@@ -159,7 +202,10 @@ impl RouteLayer {
             }
             None => this.parent.clone(),
         };
-        let response_headers = rule.map(|r| r.response_headers().clone());
+        let response_headers = rule
+            .map(|r| r.response_headers())
+            .filter(|rewrite| !rewrite.is_empty())
+            .cloned();
         let params = RouteParams {
             budget: this.budget.get(&set),
             set: set.clone(),
@@ -169,10 +215,11 @@ impl RouteLayer {
             backend,
             route: rule.map(|r| Arc::from(r.label())),
         };
-        let mut rsp = inner.oneshot(Routed { req, params }).await?;
-        if let Some(rewrite) = response_headers {
-            rewrite.apply(rsp.headers_mut());
+        Decision {
+            params,
+            delay,
+            abort,
+            response_headers,
         }
-        Ok(rsp)
     }
 }
