@@ -293,7 +293,7 @@ impl Gateway {
             serving.clone(),
         ));
         let stack: HttpStack =
-            tower::util::BoxCloneSyncService::new(stack::LiveRouter(router_rx.clone()));
+            ferrule_proxy_core::stack::BoxStack::new(stack::LiveRouter(router_rx.clone()));
 
         tokio::spawn(serve(
             listener,

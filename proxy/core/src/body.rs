@@ -20,6 +20,18 @@ where
     body.map_err(Into::into).boxed_unsync()
 }
 
+/// A request body as hyper's server received it. A body already at its end (a GET, a
+/// `content-length: 0`) becomes [`empty`], which boxes a zero-sized body and allocates
+/// nothing; only a body with something left to read is boxed around hyper's.
+pub fn incoming(body: hyper::body::Incoming) -> BoxBody {
+    use http_body::Body as _;
+    if body.is_end_stream() {
+        empty()
+    } else {
+        boxed(body)
+    }
+}
+
 pub fn full(bytes: impl Into<Bytes>) -> BoxBody {
     Full::new(bytes.into())
         .map_err(|never| match never {})

@@ -7,7 +7,8 @@
 //! [`metrics`] the core's own families and the registry other crates add theirs to;
 //! [`lifecycle`] the shutdown order; [`logging`] the subscriber; [`trace`] the server span of
 //! each request and the trace context every hop passes on; [`shared`] calls one stored
-//! service for many requests without a clone per request; [`FastMap`] is the map for keys
+//! service for many requests without a clone per request; [`stack::BoxStack`] holds a whole
+//! stack behind one type without boxing its futures twice; [`FastMap`] is the map for keys
 //! looked up on every request.
 
 pub mod body;
@@ -23,6 +24,7 @@ pub mod observe;
 pub mod reason;
 pub mod server;
 pub mod shared;
+pub mod stack;
 pub mod tap;
 pub mod trace;
 

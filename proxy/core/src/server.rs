@@ -21,7 +21,6 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tower::util::BoxCloneSyncService;
 use tracing::Instrument;
 
 use crate::body::{self, BoxBody};
@@ -31,9 +30,10 @@ use crate::detect::detect;
 use crate::errors::{ProxyError, Reason};
 use crate::metrics::{DetectResult, Direction, Metrics, TargetMetrics};
 use crate::shared::Shared;
+use crate::stack::BoxStack;
 
 /// A listener's whole HTTP request path, errors already rendered as responses.
-pub type HttpStack = BoxCloneSyncService<Request<BoxBody>, Response<BoxBody>, Infallible>;
+pub type HttpStack = BoxStack<Request<BoxBody>, Response<BoxBody>, Infallible>;
 
 /// Which HTTP server a detected connection gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -196,7 +196,7 @@ pub async fn serve_http<I>(
     // callers' async fns (rust-lang/rust#64552).
     let stack = Shared::new(stack);
     let svc = service_fn(move |req: Request<Incoming>| {
-        let mut req = req.map(body::boxed);
+        let mut req = req.map(body::incoming);
         let span = RequestContext::attach(&mut req, &meta);
         stack.call_boxed(req).instrument(span)
     });

@@ -44,7 +44,7 @@ where
     }
 }
 
-/// [`call_ready`] for a service whose future is already boxed (`BoxCloneSyncService`): that
+/// [`call_ready`] for a service whose future is already boxed (a `BoxStack`): that
 /// future itself when the instance was ready, no second box; only a wait or an error is boxed.
 pub fn call_ready_boxed<S, R, T, E>(svc: &mut S, req: R) -> BoxFuture<'static, Result<T, E>>
 where

@@ -52,6 +52,7 @@ use ferrule_proxy_core::errors::{ErrorFormat, RespondLayer};
 use ferrule_proxy_core::metrics::{Direction, Metrics};
 use ferrule_proxy_core::observe::ObserveLayer;
 use ferrule_proxy_core::server::HttpStack;
+use ferrule_proxy_core::stack::BoxStack;
 use ferrule_proxy_core::trace::{ServerSpanLayer, Tracer};
 use ferrule_proxy_policy::route::PathPrefix;
 
@@ -215,9 +216,9 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
-    let inner = match cors {
-        Some(cors) => BoxCloneSyncService::new(cors.layer(inner)),
-        None => BoxCloneSyncService::new(inner),
+    let inner: HttpStack = match cors {
+        Some(cors) => BoxStack::boxing(cors.layer(inner)),
+        None => BoxStack::boxing(inner),
     };
     let observe = ObserveLayer::new(
         parts.metrics.clone(),
@@ -232,12 +233,11 @@ where
                 None => layer,
             }
         });
-    BoxCloneSyncService::new(
-        ServiceBuilder::new()
-            .option_layer(span)
-            .layer(observe)
-            .service(inner),
-    )
+    let observed = observe.layer(inner);
+    match span {
+        Some(span) => BoxStack::new(span.layer(observed)),
+        None => BoxStack::new(observed),
+    }
 }
 
 /// A `tower::filter` predicate refusing what is not gRPC on a gRPC route (named here); passes
@@ -374,7 +374,7 @@ routes:
         let metrics = Metrics::new();
         let forward = |service: &ServiceRef| -> HttpStack {
             let service = service.to_string();
-            BoxCloneSyncService::new(tower::service_fn(move |req: Request<BoxBody>| {
+            BoxStack::boxing(tower::service_fn(move |req: Request<BoxBody>| {
                 let seen = format!("{service} {}", req.uri().path());
                 async move {
                     Ok::<_, Infallible>(

@@ -18,8 +18,7 @@ use std::task::{Context, Poll};
 
 use futures::future::BoxFuture;
 use http::{HeaderValue, Request, Response, Version};
-use tower::util::BoxCloneSyncService;
-use tower::{Service, ServiceBuilder};
+use tower::{Layer, Service, ServiceBuilder};
 
 use tokio::sync::watch;
 
@@ -30,6 +29,7 @@ use ferrule_proxy_core::headers;
 use ferrule_proxy_core::metrics::{Direction, Metrics};
 use ferrule_proxy_core::observe::ObserveLayer;
 use ferrule_proxy_core::server::HttpStack;
+use ferrule_proxy_core::stack::BoxStack;
 use ferrule_proxy_core::trace::{ServerSpanLayer, Tracer};
 use ferrule_proxy_policy::authz::{Access, Authorizer};
 use ferrule_proxy_policy::metrics::PolicyMetrics;
@@ -119,22 +119,19 @@ pub fn stack(
         name.clone(),
         access_log,
     );
-    BoxCloneSyncService::new(
-        ServiceBuilder::new()
-            .option_layer(ServerSpanLayer::new(
-                tracer,
-                Direction::Inbound,
-                name.clone(),
-            ))
-            .layer(observe)
-            .layer(RespondLayer::new(metrics.clone(), Direction::Inbound))
-            .service(ForwardToApp {
-                name,
-                app_addr,
-                clients,
-                guards,
-            }),
-    )
+    let observed = ServiceBuilder::new()
+        .layer(observe)
+        .layer(RespondLayer::new(metrics.clone(), Direction::Inbound))
+        .service(ForwardToApp {
+            name: name.clone(),
+            app_addr,
+            clients,
+            guards,
+        });
+    match ServerSpanLayer::new(tracer, Direction::Inbound, name) {
+        Some(span) => BoxStack::new(span.layer(observed)),
+        None => BoxStack::new(observed),
+    }
 }
 
 #[derive(Clone)]

@@ -9,13 +9,13 @@
 use std::sync::Arc;
 
 use tower::ServiceBuilder;
-use tower::util::BoxCloneSyncService;
 
 use super::logical::LogicalStack;
 use ferrule_proxy_core::errors::RespondLayer;
 use ferrule_proxy_core::metrics::{Direction, Metrics};
 use ferrule_proxy_core::observe::ObserveLayer;
 use ferrule_proxy_core::server::HttpStack;
+use ferrule_proxy_core::stack::BoxStack;
 
 /// Builds the whole HTTP path of one outbound service named `name`.
 pub fn stack(
@@ -25,7 +25,7 @@ pub fn stack(
     access_log: bool,
 ) -> HttpStack {
     let observe = ObserveLayer::new(metrics.clone(), Direction::Outbound, name, access_log);
-    BoxCloneSyncService::new(
+    BoxStack::new(
         ServiceBuilder::new()
             .layer(observe)
             .layer(RespondLayer::new(metrics.clone(), Direction::Outbound))

@@ -42,8 +42,7 @@ use std::time::Duration;
 
 use ferrule_proto::names::ServiceRef;
 use http::{Request, Response};
-use tower::ServiceBuilder;
-use tower::util::BoxCloneSyncService;
+use tower::Layer;
 
 use super::endpoint::{EndpointConnector, NewEndpoint};
 use super::logical::Routed;
@@ -52,6 +51,7 @@ use ferrule_proxy_core::body::BoxBody;
 use ferrule_proxy_core::errors::ProxyError;
 use ferrule_proxy_core::idle_cache::IdleCache;
 use ferrule_proxy_core::shared::call_ready_boxed;
+use ferrule_proxy_core::stack::BoxStack;
 use ferrule_proxy_policy::balance::{Algorithm, Balancer};
 use ferrule_proxy_policy::breaker::{ConcurrencyLimit, FailureAccrual};
 use ferrule_proxy_policy::metrics::PolicyMetrics;
@@ -62,7 +62,7 @@ use futures::future::BoxFuture;
 pub use balance::{BalanceTarget, CONNECT_ATTEMPTS};
 
 /// The HTTP stack of one concrete service under one config version.
-pub type ConcreteStack = BoxCloneSyncService<Request<BoxBody>, Response<BoxBody>, ProxyError>;
+pub type ConcreteStack = BoxStack<Request<BoxBody>, Response<BoxBody>, ProxyError>;
 
 /// The future of one attempt through a concrete stack ([`Concrete::call`]).
 pub type ConcreteCall = BoxFuture<'static, Result<Response<BoxBody>, ProxyError>>;
@@ -124,12 +124,16 @@ impl Concrete {
         let concurrency = Some(self.concurrency.get(set))
             .filter(ConcurrencyLimit::is_limited)
             .map(|limit| concurrency::ConcurrencyLimitLayer::new(name.clone(), limit));
-        BoxCloneSyncService::new(
-            ServiceBuilder::new()
-                .option_layer(rate_limit)
-                .option_layer(concurrency)
-                .service(balance::Balance::new(self.balance.clone(), endpoints)),
-        )
+        // Built inside out, each limit only when it is set: every layer's future is boxed
+        // already, so the stack passes it through.
+        let mut stack = BoxStack::new(balance::Balance::new(self.balance.clone(), endpoints));
+        if let Some(concurrency) = concurrency {
+            stack = BoxStack::new(concurrency.layer(stack));
+        }
+        if let Some(rate_limit) = rate_limit {
+            stack = BoxStack::new(rate_limit.layer(stack));
+        }
+        stack
     }
 }
 

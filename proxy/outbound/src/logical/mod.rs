@@ -32,6 +32,7 @@ use std::time::Duration;
 use ferrule_proto::names::ServiceRef;
 use ferrule_proxy_core::body::BoxBody;
 use ferrule_proxy_core::errors::ProxyError;
+use ferrule_proxy_core::stack::BoxStack;
 use ferrule_proxy_core::trace::Tracer;
 use ferrule_proxy_policy::metrics::PolicyMetrics;
 use ferrule_proxy_policy::retry::{RetryBudget, RetryPolicy};
@@ -39,12 +40,11 @@ use ferrule_proxy_policy::{GuardsCell, PolicySet};
 use http::{Request, Response};
 use tokio::sync::watch;
 use tower::ServiceBuilder;
-use tower::util::BoxCloneSyncService;
 
 use crate::concrete::{Concrete, ConcreteRouter, Concretes};
 
 /// The logical level of one service: everything below observe/respond.
-pub type LogicalStack = BoxCloneSyncService<Request<BoxBody>, Response<BoxBody>, ProxyError>;
+pub type LogicalStack = BoxStack<Request<BoxBody>, Response<BoxBody>, ProxyError>;
 
 /// What a logical stack is built for.
 #[derive(Clone)]
@@ -79,7 +79,7 @@ pub fn stack(
     tracer: Tracer,
 ) -> LogicalStack {
     let budget = Arc::new(GuardsCell::new(target.service.name()));
-    BoxCloneSyncService::new(
+    BoxStack::new(
         ServiceBuilder::new()
             .layer(route::RouteLayer::new(
                 target.clone(),
