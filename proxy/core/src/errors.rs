@@ -22,6 +22,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, he
 use tower::{Layer, Service};
 
 use crate::body::{self, BoxBody};
+use crate::headers::{GRPC_MESSAGE, GRPC_STATUS};
 use crate::metrics::{Direction, Metrics};
 pub use crate::reason::Reason;
 use crate::reason::grpc_code_for_http;
@@ -33,8 +34,6 @@ pub const ERROR_HEADER: HeaderName = HeaderName::from_static("ferrule-error");
 /// another attempt; its value is [`RETRY_BUDGET_EXHAUSTED`].
 pub const RETRY_HEADER: HeaderName = HeaderName::from_static("ferrule-retry");
 pub const RETRY_BUDGET_EXHAUSTED: &str = "budget_exhausted";
-
-use crate::headers::{GRPC_MESSAGE, GRPC_STATUS};
 
 /// How the caller reads an error the proxy makes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

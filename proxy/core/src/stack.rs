@@ -13,8 +13,9 @@ use std::task::{Context, Poll};
 use futures::future::BoxFuture;
 use tower::{Service, ServiceExt};
 
-/// What [`BoxStack`] keeps: a service with a boxed future that can clone itself.
-trait CloneStack<Req, Rsp, E>:
+/// What [`BoxStack`] keeps: a service with a boxed future that can clone itself. Every
+/// `Clone + Send + Sync + 'static` service whose future is a `BoxFuture` is one.
+pub trait CloneStack<Req, Rsp, E>:
     Service<Req, Response = Rsp, Error = E, Future = BoxFuture<'static, Result<Rsp, E>>> + Send + Sync
 {
     fn clone_stack(&self) -> DynStack<Req, Rsp, E>;
@@ -52,11 +53,7 @@ impl<Req, Rsp, E> BoxStack<Req, Rsp, E> {
     /// A stack whose future is already boxed: its calls are passed through.
     pub fn new<S>(svc: S) -> Self
     where
-        S: Service<Req, Response = Rsp, Error = E, Future = BoxFuture<'static, Result<Rsp, E>>>
-            + Clone
-            + Send
-            + Sync
-            + 'static,
+        S: CloneStack<Req, Rsp, E> + 'static,
     {
         Self(Box::new(svc))
     }

@@ -22,7 +22,7 @@ use tower::{Layer, Service, ServiceExt};
 use super::{LogicalTarget, RouteParams, Routed};
 use crate::concrete::{Concrete, Concretes};
 
-/// Cheap to clone: every request takes a clone of it into its future.
+/// Shared by the stacks built on it; routing reads it in `call`, so no request holds a clone.
 #[derive(Clone)]
 pub struct RouteLayer(Arc<Shared>);
 
