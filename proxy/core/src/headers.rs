@@ -58,11 +58,24 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // Most messages carry none of them: one pass over the few names a message has is cheaper
     // than a hashed lookup for each of the eight names (this runs twice per request per hop).
-    if !headers
-        .keys()
-        .any(|name| name == header::TE || HOP_BY_HOP.contains(name))
-    {
-        return;
+    let (mut hop, mut te) = (false, false);
+    for name in headers.keys() {
+        hop |= HOP_BY_HOP.contains(name);
+        te |= name == header::TE;
+    }
+    if !hop {
+        // Every gRPC request carries `te: trailers` and nothing else of the kind: it stays
+        // as it is, without the removals below.
+        let trailers_only = || {
+            let mut values = headers.get_all(header::TE).iter();
+            values
+                .next()
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"))
+                && values.next().is_none()
+        };
+        if !te || trailers_only() {
+            return;
+        }
     }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -77,13 +90,13 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         }
         headers.remove(name);
     }
+    // Every `TE` line counts: `TE: gzip` then `TE: trailers` is the list `gzip, trailers`.
     let te_trailers = headers
-        .get(header::TE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-        });
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
     headers.remove(header::TE);
     if te_trailers {
         headers.insert(header::TE, http::HeaderValue::from_static("trailers"));
@@ -115,6 +128,29 @@ mod tests {
         h.insert(header::HOST, "user".parse().unwrap());
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 2);
+    }
+
+    #[test]
+    fn te_keeps_only_trailers() {
+        let te = |values: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(header::TE, v.parse().unwrap());
+            }
+            h.insert(header::CONTENT_TYPE, "application/grpc".parse().unwrap());
+            strip_hop_by_hop(&mut h, false);
+            assert_eq!(h[header::CONTENT_TYPE], "application/grpc");
+            let kept: Vec<_> = h.get_all(header::TE).iter().collect();
+            kept.iter()
+                .map(|v| v.to_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(te(&["trailers"]), ["trailers"]);
+        assert_eq!(te(&["Trailers"]), ["Trailers"]);
+        assert_eq!(te(&["gzip, trailers"]), ["trailers"]);
+        assert_eq!(te(&["gzip", "trailers"]), ["trailers"]);
+        assert_eq!(te(&["trailers", "trailers"]), ["trailers"]);
+        assert!(te(&["gzip"]).is_empty());
     }
 
     #[test]
