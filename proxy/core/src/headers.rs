@@ -140,8 +140,8 @@ mod tests {
             h.insert(header::CONTENT_TYPE, "application/grpc".parse().unwrap());
             strip_hop_by_hop(&mut h, false);
             assert_eq!(h[header::CONTENT_TYPE], "application/grpc");
-            let kept: Vec<_> = h.get_all(header::TE).iter().collect();
-            kept.iter()
+            h.get_all(header::TE)
+                .iter()
                 .map(|v| v.to_str().unwrap().to_string())
                 .collect::<Vec<_>>()
         };

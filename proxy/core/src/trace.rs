@@ -28,6 +28,8 @@ use crate::body::BoxBody;
 use crate::context::{RequestContext, RequestId};
 use crate::errors::{ERROR_HEADER, Reason};
 use crate::metrics::Direction;
+use crate::server::HttpStack;
+use crate::stack::{BoxStack, CloneStack};
 
 /// The endpoint that answered an outbound request, in the response's extensions (set by the
 /// endpoint level when tracing is on, read by the attempt's client span).
@@ -146,7 +148,7 @@ pub struct ServerSpanLayer {
 }
 
 impl ServerSpanLayer {
-    /// `None` when tracing is off, for `ServiceBuilder::option_layer`.
+    /// `None` when tracing is off (see [`ServerSpanLayer::stack`]).
     pub fn new(tracer: &Tracer, direction: Direction, service: Arc<str>) -> Option<Self> {
         tracer.is_enabled().then(|| Self {
             tracer: tracer.clone(),
@@ -154,6 +156,19 @@ impl ServerSpanLayer {
             service,
             route: None,
         })
+    }
+
+    /// A listener's whole stack: `inner` under a server span when tracing is on (`span` as
+    /// [`ServerSpanLayer::new`] made it), else `inner` alone; either way its boxed futures
+    /// are passed through.
+    pub fn stack<S>(span: Option<Self>, inner: S) -> HttpStack
+    where
+        S: CloneStack<Request<BoxBody>, Response<BoxBody>, Infallible> + Clone + 'static,
+    {
+        match span {
+            Some(span) => BoxStack::new(span.layer(inner)),
+            None => BoxStack::new(inner),
+        }
     }
 
     /// Names the route every request of this stack took (the gateway's routes).
@@ -181,8 +196,13 @@ pub struct ServerSpan<S> {
 
 impl<S> Service<Request<BoxBody>> for ServerSpan<S>
 where
-    S: Service<Request<BoxBody>, Response = Response<BoxBody>, Error = Infallible>,
-    S::Future: Send + 'static,
+    // The inner future is already boxed (observe's): awaited as it is.
+    S: Service<
+            Request<BoxBody>,
+            Response = Response<BoxBody>,
+            Error = Infallible,
+            Future = BoxFuture<'static, Result<Response<BoxBody>, Infallible>>,
+        >,
 {
     type Response = Response<BoxBody>;
     type Error = Infallible;
@@ -215,8 +235,7 @@ where
             }
         }
         inject(&mut req, &span, &parent);
-        // Boxed before the async block, as in `observe` (rust-lang/rust#64552).
-        let fut: BoxFuture<'static, _> = Box::pin(self.inner.call(req));
+        let fut = self.inner.call(req);
         Box::pin(async move {
             let rsp = fut.await?;
             response_attributes(&mut span, &rsp, SpanKind::Server);

@@ -35,7 +35,6 @@ use futures::future::BoxFuture;
 use http::{Request, Response};
 use tokio::sync::watch;
 use tower::filter::Predicate;
-use tower::util::BoxCloneSyncService;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 use tower_http::cors::CorsLayer;
 
@@ -52,7 +51,7 @@ use ferrule_proxy_core::errors::{ErrorFormat, RespondLayer};
 use ferrule_proxy_core::metrics::{Direction, Metrics};
 use ferrule_proxy_core::observe::ObserveLayer;
 use ferrule_proxy_core::server::HttpStack;
-use ferrule_proxy_core::stack::BoxStack;
+use ferrule_proxy_core::stack::{BoxStack, CloneStack};
 use ferrule_proxy_core::trace::{ServerSpanLayer, Tracer};
 use ferrule_proxy_policy::route::PathPrefix;
 
@@ -158,11 +157,9 @@ pub fn build(prepared: Prepared, parts: &StackParts<'_>) -> Router {
     for route in prepared_routes {
         let service = route.service;
         let name = service.to_string();
-        let inner = ServiceBuilder::new()
-            .layer(RespondLayer::new(parts.metrics.clone(), Direction::Gateway))
-            // Respond awaits a boxed future; the route's filters make a future type of their
-            // own, boxed here once.
-            .layer(BoxCloneSyncService::layer())
+        // Respond awaits a boxed future; the route's filters make a future type of their own,
+        // boxed here once.
+        let filters = ServiceBuilder::new()
             .map_err(move |e| errors::to_proxy_error(&name, e))
             .layer(SizeLimitLayer::new(config.max_request_bytes()))
             .filter(Authenticate::new(verifier.clone(), route.public))
@@ -173,6 +170,8 @@ pub fn build(prepared: Prepared, parts: &StackParts<'_>) -> Router {
                 rewrite: route.rewrite.as_deref().map(Arc::from),
             })
             .service((parts.forward)(&service));
+        let inner = RespondLayer::new(parts.metrics.clone(), Direction::Gateway)
+            .layer(BoxStack::boxing(filters));
         let stack = observed(
             parts,
             &service.to_string(),
@@ -183,14 +182,13 @@ pub fn build(prepared: Prepared, parts: &StackParts<'_>) -> Router {
         tracing::info!(route = %route.name, prefix = route.prefix.as_str(), %service, public = route.public, grpc = route.grpc, "gateway route");
         routes.push((route.prefix, route.rewrite, stack));
     }
-    let no_route = ServiceBuilder::new()
-        .layer(RespondLayer::new(parts.metrics.clone(), Direction::Gateway))
-        .layer(BoxCloneSyncService::layer())
-        .service(tower::service_fn(|req: Request<BoxBody>| async move {
+    let no_route = RespondLayer::new(parts.metrics.clone(), Direction::Gateway).layer(
+        BoxStack::boxing(tower::service_fn(|req: Request<BoxBody>| async move {
             Err::<Response<BoxBody>, _>(
                 GatewayError::NoRoute(req.uri().path().to_string()).into_proxy_error(""),
             )
-        }));
+        })),
+    );
     Router {
         routes: Arc::new(RouteTable::new(routes)),
         no_route: observed(parts, "", None, cors.as_ref(), no_route),
@@ -209,16 +207,12 @@ fn observed<S>(
     inner: S,
 ) -> HttpStack
 where
-    S: Service<Request<BoxBody>, Response = Response<BoxBody>, Error = Infallible>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
+    S: CloneStack<Request<BoxBody>, Response<BoxBody>, Infallible> + Clone + 'static,
 {
+    // CORS makes a future of its own, boxed once; without it the boxed future passes through.
     let inner: HttpStack = match cors {
         Some(cors) => BoxStack::boxing(cors.layer(inner)),
-        None => BoxStack::boxing(inner),
+        None => BoxStack::new(inner),
     };
     let observe = ObserveLayer::new(
         parts.metrics.clone(),
@@ -233,11 +227,7 @@ where
                 None => layer,
             }
         });
-    let observed = observe.layer(inner);
-    match span {
-        Some(span) => BoxStack::new(span.layer(observed)),
-        None => BoxStack::new(observed),
-    }
+    ServerSpanLayer::stack(span, observe.layer(inner))
 }
 
 /// A `tower::filter` predicate refusing what is not gRPC on a gRPC route (named here); passes

@@ -18,7 +18,7 @@ use std::task::{Context, Poll};
 
 use futures::future::BoxFuture;
 use http::{HeaderValue, Request, Response, Version};
-use tower::{Layer, Service, ServiceBuilder};
+use tower::{Service, ServiceBuilder};
 
 use tokio::sync::watch;
 
@@ -29,7 +29,6 @@ use ferrule_proxy_core::headers;
 use ferrule_proxy_core::metrics::{Direction, Metrics};
 use ferrule_proxy_core::observe::ObserveLayer;
 use ferrule_proxy_core::server::HttpStack;
-use ferrule_proxy_core::stack::BoxStack;
 use ferrule_proxy_core::trace::{ServerSpanLayer, Tracer};
 use ferrule_proxy_policy::authz::{Access, Authorizer};
 use ferrule_proxy_policy::metrics::PolicyMetrics;
@@ -128,10 +127,10 @@ pub fn stack(
             clients,
             guards,
         });
-    match ServerSpanLayer::new(tracer, Direction::Inbound, name) {
-        Some(span) => BoxStack::new(span.layer(observed)),
-        None => BoxStack::new(observed),
-    }
+    ServerSpanLayer::stack(
+        ServerSpanLayer::new(tracer, Direction::Inbound, name),
+        observed,
+    )
 }
 
 #[derive(Clone)]

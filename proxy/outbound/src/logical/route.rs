@@ -100,27 +100,36 @@ where
     /// rewrites no response header is the inner service's future itself, with no future and
     /// no box of this layer's own.
     fn call(&mut self, mut req: Request<BoxBody>) -> Self::Future {
-        let Decision {
-            params,
-            delay,
-            abort,
-            response_headers,
-        } = self.layer.decide(&mut req);
-        if delay.is_none() && response_headers.is_none() {
-            return match abort {
-                Some(error) => Box::pin(std::future::ready(Err(error))),
-                None => self.inner.call(Routed { req, params }),
-            };
-        }
+        let (params, delay, response_headers) = match self.layer.decide(&mut req) {
+            Decision::Abort { delay: None, error } => {
+                return Box::pin(std::future::ready(Err(error)));
+            }
+            Decision::Abort {
+                delay: Some(delay),
+                error,
+            } => {
+                return Box::pin(async move {
+                    tokio::time::sleep(delay).await;
+                    Err(error)
+                });
+            }
+            Decision::Forward {
+                params,
+                delay: None,
+                response_headers: None,
+            } => return self.inner.call(Routed { req, params }),
+            Decision::Forward {
+                params,
+                delay,
+                response_headers,
+            } => (params, delay, response_headers),
+        };
         // The inner service was made ready for this call: take it, leave a fresh clone.
         let inner = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, inner);
         Box::pin(async move {
             if let Some(delay) = delay {
                 tokio::time::sleep(delay).await;
-            }
-            if let Some(error) = abort {
-                return Err(error);
             }
             let mut rsp = inner.oneshot(Routed { req, params }).await?;
             if let Some(rewrite) = response_headers {
@@ -131,14 +140,19 @@ where
     }
 }
 
-/// What the matched rule (or the service's policy) decided for one request.
-struct Decision {
-    params: RouteParams,
-    /// An injected delay, waited before anything else.
-    delay: Option<Duration>,
-    /// An injected abort: the answer, after the delay.
-    abort: Option<ProxyError>,
-    response_headers: Option<HeaderRewrite>,
+/// What the matched rule (or the service's policy) decided for one request. A delay is
+/// waited before anything else.
+enum Decision {
+    /// An injected fault answers: no backend is picked.
+    Abort {
+        delay: Option<Duration>,
+        error: ProxyError,
+    },
+    Forward {
+        params: RouteParams,
+        delay: Option<Duration>,
+        response_headers: Option<HeaderRewrite>,
+    },
 }
 
 impl RouteLayer {
@@ -163,7 +177,7 @@ impl RouteLayer {
                 policy.per_try_timeout,
             ),
         };
-        let (mut delay, mut abort) = (None, None);
+        let mut delay = None;
         if let Some(rule) = rule {
             rule.request_headers().apply(req.headers_mut());
             if let Some(fault) = rule.fault() {
@@ -174,14 +188,13 @@ impl RouteLayer {
                 }
                 if let Some(status) = decision.abort {
                     this.metrics.fault(name, "abort");
-                    abort = Some(
-                        ProxyError::new(
-                            Reason::FaultInjected,
-                            name.to_string(),
-                            format!("route {} injected a {status} fault", rule.label()),
-                        )
-                        .with_status(status),
-                    );
+                    let error = ProxyError::new(
+                        Reason::FaultInjected,
+                        name.to_string(),
+                        format!("route {} injected a {status} fault", rule.label()),
+                    )
+                    .with_status(status);
+                    return Decision::Abort { delay, error };
                 }
             }
         }
@@ -215,10 +228,9 @@ impl RouteLayer {
             backend,
             route: rule.map(|r| Arc::from(r.label())),
         };
-        Decision {
+        Decision::Forward {
             params,
             delay,
-            abort,
             response_headers,
         }
     }
